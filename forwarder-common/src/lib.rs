@@ -1,0 +1,318 @@
+//! Map keys, values and constants shared by the XDP/sk_lookup programs and the agent.
+//!
+//! Every type here is `#[repr(C)]`, padded explicitly (no implicit holes, so the
+//! kernel's hashing of keys never sees uninitialised bytes) and `Copy`. With the
+//! `user` feature they implement `aya::Pod` so the agent can read and write them.
+//!
+//! Addresses are always 16 bytes: IPv6 as is, IPv4 as the IPv4-mapped IPv6 address
+//! `::ffff:a.b.c.d` (the same encoding the Simple Proxy Protocol header uses), so one
+//! key type serves both families. Ports are stored in host byte order.
+#![no_std]
+
+/// IP protocol numbers used as `proto` fields.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Capacity of the maps the agent fills from the config.
+pub const MAX_APPS: u32 = 4096;
+pub const MAX_ORIGINS: u32 = 16384;
+pub const MAX_EDGE_ADDRS: u32 = 1024;
+pub const MAX_RULES: u32 = 16384;
+pub const MAX_PORT_ENTRIES: u32 = 1 << 20;
+pub const MAX_INTERFACES: u32 = 64;
+/// Default capacity of the UDP flow table (the agent may size it from config).
+pub const MAX_FLOWS: u32 = 262_144;
+
+/// `PortTarget::app` value of a `pass` entry: hand the packet to the kernel as is.
+pub const APP_PASS: u32 = u32::MAX;
+
+/// Why a packet was dropped; the index into the per-CPU `DROPS` counter array.
+/// The order and names are the metric label values of SPEC §6.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    Malformed = 0,
+    Fragment = 1,
+    Icmp = 2,
+    Protocol = 3,
+    NoApp = 4,
+    Firewall = 5,
+    SppInvalid = 6,
+    NoFlow = 7,
+    TooBig = 8,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 9;
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::Malformed,
+        DropReason::Fragment,
+        DropReason::Icmp,
+        DropReason::Protocol,
+        DropReason::NoApp,
+        DropReason::Firewall,
+        DropReason::SppInvalid,
+        DropReason::NoFlow,
+        DropReason::TooBig,
+    ];
+
+    /// The `reason` label value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Fragment => "fragment",
+            DropReason::Icmp => "icmp",
+            DropReason::Protocol => "protocol",
+            DropReason::NoApp => "no_app",
+            DropReason::Firewall => "firewall",
+            DropReason::SppInvalid => "spp_invalid",
+            DropReason::NoFlow => "no_flow",
+            DropReason::TooBig => "too_big",
+        }
+    }
+}
+
+/// Traffic direction of an app counter: `APP_STATS[app * 2 + direction]`.
+pub const DIR_INGRESS: u32 = 0;
+pub const DIR_EGRESS: u32 = 1;
+
+/// How UDP datagrams of an app are presented to the origin (`AppInfo::proxy`).
+pub const PROXY_OFF: u8 = 0;
+pub const PROXY_V1: u8 = 1;
+pub const PROXY_V2: u8 = 2;
+pub const PROXY_SIMPLE: u8 = 3;
+
+/// Key of `PORTS`: which app (or `pass` entry) owns (protocol, edge address, port).
+/// `edge` is the index the agent gave the edge address in `EDGE_ADDRS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub edge: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortTarget {
+    /// Index into `APPS`, or `APP_PASS`.
+    pub app: u32,
+}
+
+/// Value of `EDGE_ADDRS` (key: the 16-byte address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeAddr {
+    pub index: u32,
+}
+
+/// Value of `APPS[app]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppInfo {
+    /// First edge port of the app; edge port `edge_port_low + k` maps to origin
+    /// port `origin.port_low + k`.
+    pub edge_port_low: u16,
+    pub origin_count: u16,
+    /// Index of the app's first origin in `ORIGINS`; its origins are consecutive.
+    pub origin_first: u32,
+    pub proto: u8,
+    pub proxy: u8,
+    /// 1 when `[[access_rules]]`/`[firewall]` apply to this app.
+    pub ip_firewall: u8,
+    pub _pad: u8,
+}
+
+/// Value of `ORIGINS[i]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginInfo {
+    /// The origin's address.
+    pub addr: [u8; 16],
+    /// The agent's own source address towards this origin (resolved by the agent
+    /// from the routing table at config time, never per packet).
+    pub local: [u8; 16],
+    pub port_low: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+    /// The app this origin belongs to.
+    pub app: u32,
+}
+
+/// Key of `ORIGIN_PORTS`: a (protocol, origin address, origin port) the agent talks to.
+/// Packets *from* such a source are return traffic (SPEC §3 step 2).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OriginPortKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `ORIGIN_PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginPortTarget {
+    pub app: u32,
+}
+
+/// Value of the access-rule LPM tries `RULES_V4` / `RULES_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleVerdict {
+    /// `RULE_ALLOW` or `RULE_BLOCK`.
+    pub action: u32,
+    /// Index into the per-CPU `RULE_HITS` counters.
+    pub rule: u32,
+}
+
+pub const RULE_ALLOW: u32 = 0;
+pub const RULE_BLOCK: u32 = 1;
+
+/// `SETTINGS[0]`: global knobs of the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// `RULE_ALLOW` or `RULE_BLOCK`: verdict when no access rule matches.
+    pub firewall_default: u32,
+    /// Source ports of the agent towards origins for plain-NAT UDP flows.
+    pub nat_port_low: u16,
+    pub nat_port_high: u16,
+}
+
+/// Per-CPU counters of one app in one direction (`APP_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Key of `FLOWS`: one UDP flow, as the client sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client: [u8; 16],
+    pub edge: [u8; 16],
+    pub client_port: u16,
+    pub edge_port: u16,
+}
+
+/// Value of `FLOWS`. Counters are updated with atomic adds from every CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowState {
+    /// `bpf_ktime_get_ns()` of the first and the latest packet either way.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub app: u32,
+    /// Index into `ORIGINS`.
+    pub origin: u32,
+    pub origin_port: u16,
+    /// The agent's source port towards the origin (plain NAT: from `udp_nat_ports`;
+    /// SPP and v2: the edge port).
+    pub local_port: u16,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+}
+
+/// The PROXY v2 header has been sent on this flow (v2 sends it once).
+pub const FLOW_V2_HEADER_SENT: u32 = 1;
+
+/// Key of `NAT_PORTS`: return traffic of a plain-NAT or v2 flow, as the origin sends it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub origin: [u8; 16],
+    pub local: [u8; 16],
+    pub origin_port: u16,
+    pub local_port: u16,
+}
+
+/// Simple Proxy Protocol: header length and magic (SPEC §5).
+pub const SPP_HEADER_LEN: usize = 38;
+pub const SPP_MAGIC: u16 = 0x56EC;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is repr(C), Copy, made only of integers and byte arrays,
+    // with explicit padding fields, so any bit pattern is valid and there are no holes.
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortTarget {}
+    unsafe impl aya::Pod for EdgeAddr {}
+    unsafe impl aya::Pod for AppInfo {}
+    unsafe impl aya::Pod for OriginInfo {}
+    unsafe impl aya::Pod for OriginPortKey {}
+    unsafe impl aya::Pod for OriginPortTarget {}
+    unsafe impl aya::Pod for RuleVerdict {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for NatKey {}
+}
+
+/// Encodes an IPv4 address (network-order octets) as IPv4-mapped IPv6.
+#[inline(always)]
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(size_of::<AppInfo>(), 12);
+        assert_eq!(size_of::<OriginInfo>(), 40);
+        assert_eq!(size_of::<OriginPortKey>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 36);
+        assert_eq!(size_of::<FlowState>(), 64);
+        assert_eq!(size_of::<NatKey>(), 36);
+        assert_eq!(size_of::<Settings>(), 8);
+    }
+
+    #[test]
+    fn drop_reason_labels_follow_the_spec_order() {
+        let labels: [&str; DropReason::COUNT] = DropReason::ALL.map(DropReason::label);
+        assert_eq!(
+            labels,
+            [
+                "malformed",
+                "fragment",
+                "icmp",
+                "protocol",
+                "no_app",
+                "firewall",
+                "spp_invalid",
+                "no_flow",
+                "too_big"
+            ]
+        );
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
+    fn v4_mapped_encoding() {
+        assert_eq!(
+            v4_mapped([192, 0, 2, 10]),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 10]
+        );
+    }
+}
