@@ -1,3 +1,8 @@
 //! The forwarder agent as a library: config, eBPF loading, TCP proxy, control plane.
 
+pub mod agent;
+pub mod config;
 pub mod ebpf;
+pub mod spectrum;
+pub mod stats;
+pub mod wire;

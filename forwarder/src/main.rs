@@ -1,1 +1,57 @@
-fn main(){}
+//! `forwarder` command line (SPEC §7).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "forwarder", version, about = "Kernel-bypass TCP/UDP reverse proxy (XDP + sk_lookup)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the config, attach the datapath, serve until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long open TCP connections may drain on shutdown (e.g. 10s).
+        #[arg(long, default_value = "10s")]
+        drain: String,
+    },
+    /// Validate a config file; exit non-zero with one line per problem.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the running agent's counters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Convert Spectrum API JSON (apps) into `[[apps]]` TOML on stdout.
+    ImportSpectrum { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, drain } => forwarder::agent::run_cli(&config, &drain),
+        Command::CheckConfig { config } => forwarder::config::check_config_cli(&config),
+        Command::Stats { json, watch } => forwarder::stats::stats_cli(json, watch),
+        Command::ImportSpectrum { file } => forwarder::spectrum::import_cli(&file),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

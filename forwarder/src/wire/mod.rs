@@ -1,0 +1,1 @@
+//! Header codecs (being written).
