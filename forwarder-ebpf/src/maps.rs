@@ -1,0 +1,76 @@
+//! Every map of the datapath. The agent fills the config maps; the programs only read
+//! them, and write counters and the UDP flow table.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockMap},
+};
+use forwarder_common::{
+    AppInfo, Counters, DropReason, EdgeAddr, FlowKey, FlowState, MAX_APPS, MAX_EDGE_ADDRS,
+    MAX_FLOWS, MAX_INTERFACES, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES, NatKey, OriginInfo,
+    OriginPortKey, OriginPortTarget, PortKey, PortTarget, RuleVerdict, Settings,
+};
+
+/// Edge addresses (16-byte, IPv4-mapped for IPv4) → their index.
+#[map]
+pub static EDGE_ADDRS: HashMap<[u8; 16], EdgeAddr> =
+    HashMap::with_max_entries(MAX_EDGE_ADDRS, 0);
+
+/// (edge, protocol, port) → app index or `APP_PASS`. Port ranges are expanded by the
+/// agent so that a packet costs one lookup.
+#[map]
+pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::with_max_entries(MAX_PORT_ENTRIES, 0);
+
+#[map]
+pub static APPS: Array<AppInfo> = Array::with_max_entries(MAX_APPS, 0);
+
+#[map]
+pub static ORIGINS: Array<OriginInfo> = Array::with_max_entries(MAX_ORIGINS, 0);
+
+/// (protocol, origin address, origin port) of every origin: packets from these are
+/// return traffic (SPEC §3 step 2).
+#[map]
+pub static ORIGIN_PORTS: HashMap<OriginPortKey, OriginPortTarget> =
+    HashMap::with_max_entries(MAX_PORT_ENTRIES, 0);
+
+/// Access rules, longest prefix match on the client address.
+#[map]
+pub static RULES_V4: LpmTrie<[u8; 4], RuleVerdict> =
+    LpmTrie::with_max_entries(MAX_RULES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+pub static RULES_V6: LpmTrie<[u8; 16], RuleVerdict> =
+    LpmTrie::with_max_entries(MAX_RULES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Drops per reason, indexed by `DropReason`.
+#[map]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT as u32, 0);
+
+/// Per app and direction: `app * 2 + DIR_*`.
+#[map]
+pub static APP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_APPS * 2, 0);
+
+/// Hits per access rule, indexed by `RuleVerdict::rule`.
+#[map]
+pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+/// Packets and bytes seen per ingress interface (ifindex). The agent creates an
+/// entry per attached interface; others are not counted.
+#[map]
+pub static IFACE_STATS: PerCpuHashMap<u32, Counters> =
+    PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// Live UDP flows, keyed as the client sees them.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Return path of UDP flows: (origin, agent's local address and port) → flow.
+#[map]
+pub static NAT_PORTS: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// One listening socket per TCP app, indexed by app (sk_lookup steering).
+#[map]
+pub static TCP_LISTENERS: SockMap = SockMap::with_max_entries(MAX_APPS, 0);

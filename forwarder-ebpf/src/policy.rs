@@ -1,0 +1,122 @@
+//! The ingress decision of SPEC §3, steps 1–9: which packets are ours, which are
+//! dropped and why, which go to the kernel, which go to the UDP fast path.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use forwarder_common::{
+    APP_PASS, AppInfo, DropReason, OriginPortKey, PROTO_TCP, PROTO_UDP, PortKey, RULE_BLOCK,
+};
+
+use crate::{
+    counters::count_rule_hit,
+    maps::{APPS, EDGE_ADDRS, ORIGIN_PORTS, PORTS, RULES_V4, RULES_V6, SETTINGS},
+    parse::{PROTO_ICMP, PROTO_ICMPV6, Packet},
+};
+
+/// What to do with an IP packet.
+pub enum Decision {
+    /// Hand to the kernel untouched.
+    Pass,
+    Drop(DropReason),
+    /// A datagram from an origin towards the agent: the UDP return path decides.
+    UdpReturn { app: u32 },
+    /// A TCP segment for an app: the kernel and the agent's listener take it.
+    TcpApp { app: u32 },
+    /// A datagram for a UDP app: the fast path rewrites and forwards it.
+    UdpApp { app: u32, info: AppInfo },
+}
+
+/// ICMPv6 neighbour discovery (router/neighbour solicitation and advertisement,
+/// redirect) always passes: without it the host loses its neighbours.
+#[inline(always)]
+pub fn is_neighbour_discovery(pkt: &Packet) -> bool {
+    pkt.proto == PROTO_ICMPV6 && !pkt.fragment && (133..=137).contains(&pkt.sport)
+}
+
+#[inline(always)]
+pub fn edge_index(addr: &[u8; 16]) -> Option<u32> {
+    // SAFETY: the value is copied out at once; the agent never shrinks it in place.
+    unsafe { EDGE_ADDRS.get(addr) }.map(|e| e.index)
+}
+
+/// Steps 3–9 for a well-formed packet to edge address `edge`.
+#[inline(always)]
+pub fn decide_edge(pkt: &Packet, edge: u32) -> Decision {
+    if pkt.fragment {
+        return Decision::Drop(DropReason::Fragment);
+    }
+    match pkt.proto {
+        PROTO_TCP | PROTO_UDP => {}
+        PROTO_ICMP => return icmp_verdict(pkt.sport, &[0, 8], &[3, 4, 11, 12]),
+        PROTO_ICMPV6 => return icmp_verdict(pkt.sport, &[128, 129], &[1, 2, 3, 4]),
+        _ => return Decision::Drop(DropReason::Protocol),
+    }
+    // Return traffic of the agent's own origin connections and flows (step 2): the
+    // agent's origin-side address may well be an edge address too.
+    let from = OriginPortKey {
+        addr: pkt.src,
+        port: pkt.sport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(origin) = unsafe { ORIGIN_PORTS.get(&from) } {
+        return if pkt.proto == PROTO_TCP {
+            Decision::Pass
+        } else {
+            Decision::UdpReturn { app: origin.app }
+        };
+    }
+    let key = PortKey {
+        edge,
+        port: pkt.dport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let app = match unsafe { PORTS.get(&key) } {
+        None => return Decision::Drop(DropReason::NoApp),
+        Some(t) if t.app == APP_PASS => return Decision::Pass,
+        Some(t) => t.app,
+    };
+    let Some(info) = APPS.get(app) else {
+        return Decision::Drop(DropReason::NoApp);
+    };
+    if info.ip_firewall != 0 && firewall_blocks(pkt) {
+        return Decision::Drop(DropReason::Firewall);
+    }
+    if pkt.proto == PROTO_TCP {
+        Decision::TcpApp { app }
+    } else {
+        Decision::UdpApp { app, info: *info }
+    }
+}
+
+#[inline(always)]
+fn icmp_verdict(icmp_type: u16, echo: &[u16; 2], errors: &[u16; 4]) -> Decision {
+    if echo.contains(&icmp_type) || errors.contains(&icmp_type) {
+        Decision::Pass
+    } else {
+        Decision::Drop(DropReason::Icmp)
+    }
+}
+
+/// Longest-prefix match of the source over the access rules (the agent resolves
+/// "allow beats block at the same prefix" when it fills the trie); no match falls
+/// back to `[firewall].default`.
+#[inline(always)]
+fn firewall_blocks(pkt: &Packet) -> bool {
+    let verdict = if pkt.family == 4 {
+        RULES_V4.get(Key::new(32, [pkt.src[12], pkt.src[13], pkt.src[14], pkt.src[15]]))
+    } else {
+        RULES_V6.get(Key::new(128, pkt.src))
+    };
+    match verdict {
+        Some(v) => {
+            count_rule_hit(v.rule);
+            v.action == RULE_BLOCK
+        }
+        None => SETTINGS
+            .get(0)
+            .is_some_and(|s| s.firewall_default == RULE_BLOCK),
+    }
+}
