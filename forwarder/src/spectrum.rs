@@ -1,5 +1,410 @@
-//! Spectrum import (being written).
-use std::{path::Path, process::ExitCode};
-pub fn import_cli(_file: &Path) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("import-spectrum: not yet implemented")
+//! `forwarder import-spectrum FILE`: Cloudflare Spectrum API JSON → `[[apps]]` TOML.
+//!
+//! Accepts the API envelope (`{"result": [...], "success": true, ...}`, as returned by
+//! `GET /zones/:zone/spectrum/apps`; `result` may also be one app object), a bare list
+//! of app objects, or one bare app object. Fields map one to one where the meaning is
+//! the same; every other field is reported as ignored — never silently dropped.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use serde_json::{Map, Value};
+
+use crate::config::{self, Config, Problem, RawApp, app_location};
+
+/// The result of an import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Import {
+    /// `[[apps]]` tables, ready to append to a config with an `[agent]` table.
+    pub toml: String,
+    /// Paths of fields that have no meaning here, e.g. `apps[0].dns`, `apps[1].edge_ips.type`.
+    pub ignored: Vec<String>,
+    /// Apps left out of `toml` because they cannot work here, with the reason
+    /// (an app with only `origin_dns`, for example).
+    pub skipped: Vec<String>,
+    /// What `check-config` would say about the imported apps (e.g. a UDP app mixing
+    /// IPv4 and IPv6); empty when they are valid.
+    pub problems: Vec<Problem>,
+}
+
+/// Why a Spectrum field is ignored, by its name (the last part of its path).
+pub fn why_ignored(field: &str) -> &'static str {
+    match field {
+        "dns" => {
+            "the DNS record lives at Cloudflare; point your own DNS name at the edge addresses"
+        }
+        "tls" => "TLS termination is not supported; TCP is passed through as is",
+        "argo_smart_routing" => "Argo Smart Routing is a Cloudflare network feature",
+        "traffic_type" => "only direct L4 proxying exists here",
+        "type" => "edge addresses come from the local interfaces and agent.edge_addresses",
+        "connectivity" => "edge addresses come from the local interfaces and agent.edge_addresses",
+        "ips" => "only used when edge_ips.type is \"static\"",
+        "origin_dns" => "DNS origins are not supported; use origin_direct",
+        "origin_port" => "only used with origin_dns, which is not supported",
+        "created_on" | "modified_on" => "Cloudflare API metadata",
+        "errors" | "messages" | "result_info" | "success" => "API envelope",
+        _ => "unknown Spectrum field",
+    }
+}
+
+/// Converts Spectrum JSON into `[[apps]]` TOML.
+pub fn import(json: &str) -> anyhow::Result<Import> {
+    let document: Value = serde_json::from_str(json).context("not valid JSON")?;
+    let mut ignored = Vec::new();
+    let apps: Vec<Value> = match document {
+        Value::Array(apps) => apps,
+        Value::Object(mut envelope) => match envelope.remove("result") {
+            Some(result) => {
+                if envelope.get("success") == Some(&Value::Bool(false)) {
+                    let errors = envelope
+                        .get("errors")
+                        .map(Value::to_string)
+                        .unwrap_or_default();
+                    bail!("the API response reports failure (\"success\": false): {errors}");
+                }
+                // The rest of the envelope is not app data; only unexpected keys are worth a word.
+                for key in envelope.keys() {
+                    if !matches!(
+                        key.as_str(),
+                        "success" | "errors" | "messages" | "result_info"
+                    ) {
+                        ignored.push(key.clone());
+                    }
+                }
+                match result {
+                    Value::Array(apps) => apps,
+                    app @ Value::Object(_) => vec![app],
+                    other => bail!(
+                        "\"result\" is {}, expected a list of apps",
+                        json_type(&other)
+                    ),
+                }
+            }
+            None if envelope.contains_key("protocol") => vec![Value::Object(envelope)],
+            None => bail!("expected {{\"result\": [...]}}, a list of apps or one app object"),
+        },
+        other => bail!(
+            "the document is {}, expected {{\"result\": [...]}} or a list of apps",
+            json_type(&other)
+        ),
+    };
+
+    let mut raw_apps = Vec::with_capacity(apps.len());
+    let mut skipped = Vec::new();
+    for (index, app) in apps.into_iter().enumerate() {
+        let path = format!("apps[{index}]");
+        let Value::Object(fields) = app else {
+            bail!("{path} is {}, expected an app object", json_type(&app));
+        };
+        let raw = convert_app(&path, fields, &mut ignored)?;
+        if raw.origin_direct.as_ref().is_none_or(Vec::is_empty) {
+            skipped.push(format!(
+                "{}: no origin_direct (origin_dns is not supported), so the app is left out",
+                app_location(raw.id.as_deref(), index)
+            ));
+            continue;
+        }
+        raw_apps.push(raw);
+    }
+
+    let body = config::apps_to_toml(&raw_apps).context("writing the apps as TOML")?;
+    let toml = format!(
+        "# Imported from Spectrum API JSON by `forwarder import-spectrum`.\n\
+         # Add an [agent] table (see docs/config.md) before using this as a config.\n\n{body}"
+    );
+    let problems = match Config::parse(&format!("[agent]\ninterfaces = [\"eth0\"]\n\n{body}")) {
+        Ok(_) => Vec::new(),
+        Err(error) => error.problems,
+    };
+    Ok(Import {
+        toml,
+        ignored,
+        skipped,
+        problems,
+    })
+}
+
+/// One Spectrum app object → the same app in config terms.
+fn convert_app(
+    path: &str,
+    fields: Map<String, Value>,
+    ignored: &mut Vec<String>,
+) -> anyhow::Result<RawApp> {
+    let mut raw = RawApp::default();
+    for (key, value) in fields {
+        let field_path = format!("{path}.{key}");
+        // null is how the API writes "not set"; it means the same as absent.
+        if value.is_null() && is_mapped_field(&key) {
+            continue;
+        }
+        match key.as_str() {
+            "id" => raw.id = Some(string(&field_path, value)?),
+            "protocol" => raw.protocol = Some(string(&field_path, value)?),
+            "origin_direct" => raw.origin_direct = Some(string_list(&field_path, value)?),
+            "proxy_protocol" => {
+                raw.proxy_protocol = Some(match value {
+                    Value::String(mode) => mode,
+                    // Older API versions had a boolean that meant PROXY v1.
+                    Value::Bool(true) => "v1".to_string(),
+                    Value::Bool(false) => "off".to_string(),
+                    other => bail!("{field_path} is {}, expected a string", json_type(&other)),
+                })
+            }
+            "ip_firewall" => match value {
+                Value::Bool(enabled) => raw.ip_firewall = Some(enabled),
+                other => bail!(
+                    "{field_path} is {}, expected true or false",
+                    json_type(&other)
+                ),
+            },
+            "edge_ips" => raw.edge_ips = edge_ips(&field_path, value, ignored)?,
+            _ => ignored.push(field_path),
+        }
+    }
+    Ok(raw)
+}
+
+fn is_mapped_field(key: &str) -> bool {
+    matches!(
+        key,
+        "id" | "protocol" | "origin_direct" | "proxy_protocol" | "ip_firewall" | "edge_ips"
+    )
+}
+
+/// `edge_ips: {type, connectivity, ips}`: static `ips` become the app's `edge_ips`;
+/// dynamic ones (Cloudflare-assigned) mean every local edge address.
+fn edge_ips(
+    path: &str,
+    value: Value,
+    ignored: &mut Vec<String>,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let Value::Object(fields) = value else {
+        bail!("{path} is {}, expected an object", json_type(&value));
+    };
+    let is_static = match fields.get("type") {
+        Some(Value::String(kind)) if kind == "static" => true,
+        Some(Value::String(kind)) if kind == "dynamic" => false,
+        Some(other) => bail!("{path}.type is {other}, expected \"static\" or \"dynamic\""),
+        None => fields.contains_key("ips"),
+    };
+    let mut ips = None;
+    for (key, value) in fields {
+        match key.as_str() {
+            "ips" if is_static => ips = Some(string_list(&format!("{path}.ips"), value)?),
+            _ => ignored.push(format!("{path}.{key}")),
+        }
+    }
+    // An empty list would mean "every edge address": far wider than what static meant.
+    if is_static && ips.as_ref().is_none_or(Vec::is_empty) {
+        bail!("{path}.type is \"static\" but {path}.ips lists no address");
+    }
+    Ok(ips)
+}
+
+fn string(path: &str, value: Value) -> anyhow::Result<String> {
+    match value {
+        Value::String(text) => Ok(text),
+        other => bail!("{path} is {}, expected a string", json_type(&other)),
+    }
+}
+
+fn string_list(path: &str, value: Value) -> anyhow::Result<Vec<String>> {
+    let Value::Array(items) = value else {
+        bail!(
+            "{path} is {}, expected a list of strings",
+            json_type(&value)
+        );
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| string(&format!("{path}[{index}]"), item))
+        .collect()
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Prints the TOML on stdout and every ignored field, skipped app and problem on
+/// stderr. Exit 1 when an app was skipped or the result does not pass `check-config`
+/// (the TOML is printed anyway), 0 otherwise.
+pub fn import_cli(file: &Path) -> anyhow::Result<ExitCode> {
+    let json =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let imported = import(&json).with_context(|| format!("cannot import {}", file.display()))?;
+    print!("{}", imported.toml);
+    for path in &imported.ignored {
+        let field = path.rsplit('.').next().unwrap_or(path);
+        eprintln!("ignored {path}: {}", why_ignored(field));
+    }
+    for skipped in &imported.skipped {
+        eprintln!("skipped {skipped}");
+    }
+    for problem in &imported.problems {
+        eprintln!("problem {problem}");
+    }
+    if imported.skipped.is_empty() && imported.problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENVELOPE: &str = include_str!("../tests/configs/spectrum.json");
+
+    fn wrap(toml: &str) -> String {
+        format!("[agent]\ninterfaces = [\"eth0\"]\n\n{toml}")
+    }
+
+    #[test]
+    fn envelope_converts_to_apps_that_parse() {
+        let imported = import(ENVELOPE).expect("import");
+        let config = Config::parse(&wrap(&imported.toml)).unwrap_or_else(|error| {
+            panic!("imported TOML does not parse:\n{error}\n{}", imported.toml)
+        });
+        assert_eq!(config.apps.len(), 3);
+        let ssh = &config.apps[0];
+        assert_eq!(ssh.id, "4590376cf2994d72cee36828ec4eff19");
+        assert_eq!(ssh.port_spec().to_string(), "tcp/22");
+        assert_eq!(ssh.origins[0].to_url(ssh.protocol), "tcp://192.0.2.1:22");
+        assert_eq!(ssh.proxy_protocol, config::ProxyProtocol::Off);
+        assert!(ssh.ip_firewall);
+        assert!(
+            ssh.edge_ips.is_empty(),
+            "dynamic edge IPs mean every edge address"
+        );
+        let game = &config.apps[1];
+        assert_eq!(game.port_spec().to_string(), "udp/27015");
+        assert_eq!(game.proxy_protocol, config::ProxyProtocol::Simple);
+        assert_eq!(
+            game.edge_ips,
+            ["198.51.100.5".parse::<std::net::IpAddr>().expect("ip")]
+        );
+        assert!(!game.ip_firewall);
+        let range = &config.apps[2];
+        assert_eq!(range.port_spec().to_string(), "tcp/1000-2000");
+        assert_eq!(
+            range.origins[0].to_url(range.protocol),
+            "tcp://[2001:db8::7]:1000-2000"
+        );
+        assert_eq!(range.proxy_protocol, config::ProxyProtocol::V2);
+        assert!(
+            imported.skipped.is_empty() && imported.problems.is_empty(),
+            "{imported:?}"
+        );
+    }
+
+    #[test]
+    fn every_unused_field_is_reported() {
+        let imported = import(ENVELOPE).expect("import");
+        assert_eq!(
+            imported.ignored,
+            [
+                "apps[0].argo_smart_routing",
+                "apps[0].created_on",
+                "apps[0].dns",
+                "apps[0].edge_ips.connectivity",
+                "apps[0].edge_ips.type",
+                "apps[0].modified_on",
+                "apps[0].tls",
+                "apps[0].traffic_type",
+                "apps[1].dns",
+                "apps[1].edge_ips.type",
+                "apps[1].origin_port",
+                "apps[2].dns",
+                "apps[2].surprise",
+            ]
+        );
+    }
+
+    #[test]
+    fn bare_list_and_single_objects_are_accepted() {
+        let app = r#"{"id":"a","protocol":"tcp/22","origin_direct":["tcp://192.0.2.1:22"]}"#;
+        for json in [
+            format!("[{app}]"),
+            app.to_string(),
+            format!(r#"{{"result":{app},"success":true}}"#),
+        ] {
+            let imported = import(&json).expect("import");
+            let config = Config::parse(&wrap(&imported.toml)).expect("parses");
+            assert_eq!(config.apps[0].id, "a", "{json}");
+            assert!(
+                imported.ignored.is_empty(),
+                "{json}: {:?}",
+                imported.ignored
+            );
+        }
+    }
+
+    #[test]
+    fn an_app_without_origin_direct_is_skipped_and_said_so() {
+        let json = r#"[{"id":"dns-only","protocol":"tcp/22","origin_dns":{"name":"origin.example.com"},"origin_port":22},
+                       {"id":"ok","protocol":"tcp/23","origin_direct":["tcp://192.0.2.1:23"]}]"#;
+        let imported = import(json).expect("import");
+        assert_eq!(
+            imported.skipped,
+            [
+                "app 'dns-only' (apps[0]): no origin_direct (origin_dns is not supported), so the app is left out"
+            ]
+        );
+        assert_eq!(
+            imported.ignored,
+            ["apps[0].origin_dns", "apps[0].origin_port"]
+        );
+        let config = Config::parse(&wrap(&imported.toml)).expect("parses");
+        assert_eq!(config.apps.len(), 1);
+    }
+
+    #[test]
+    fn apps_this_forwarder_cannot_run_are_flagged() {
+        let json = r#"[{"id":"mixed","protocol":"udp/53","origin_direct":["udp://192.0.2.1:53","udp://[2001:db8::1]:53"]}]"#;
+        let imported = import(json).expect("import");
+        assert_eq!(imported.problems.len(), 1);
+        assert!(imported.problems[0].to_string().starts_with(
+            "app 'mixed' (apps[0]): origin_direct: a UDP app's origins must share one IP family"
+        ));
+    }
+
+    #[test]
+    fn bad_json_is_an_error_naming_the_path() {
+        let error = |json: &str| format!("{:#}", import(json).expect_err(json));
+        assert!(error("{").contains("not valid JSON"));
+        assert_eq!(
+            error("42"),
+            "the document is a number, expected {\"result\": [...]} or a list of apps"
+        );
+        assert_eq!(
+            error(r#"[{"protocol": 22}]"#),
+            "apps[0].protocol is a number, expected a string"
+        );
+        assert_eq!(
+            error(r#"[{"protocol":"tcp/1","edge_ips":{"type":"static"}}]"#),
+            "apps[0].edge_ips.type is \"static\" but apps[0].edge_ips.ips lists no address"
+        );
+        assert!(
+            error(r#"{"result":[],"success":false,"errors":[{"code":10000}]}"#)
+                .contains("\"success\": false")
+        );
+    }
+
+    #[test]
+    fn proxy_protocol_boolean_of_the_old_api_is_understood() {
+        let json = r#"[{"protocol":"tcp/22","origin_direct":["tcp://192.0.2.1:22"],"proxy_protocol":true}]"#;
+        let imported = import(json).expect("import");
+        let config = Config::parse(&wrap(&imported.toml)).expect("parses");
+        assert_eq!(config.apps[0].proxy_protocol, config::ProxyProtocol::V1);
+    }
 }

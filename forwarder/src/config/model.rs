@@ -1,0 +1,639 @@
+//! The validated config model (SPEC §2) and the parsers of its small string types
+//! (`tcp/22`, `40000-59999`, `udp://10.0.0.5:27015`, `198.51.100.0/24`).
+//!
+//! Every type here holds only values that passed validation; the parsers return a
+//! plain-English reason on failure, which the validator turns into a [`super::Problem`].
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The whole, validated configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub firewall: FirewallConfig,
+    pub access_rules: Vec<AccessRule>,
+    pub apps: Vec<App>,
+}
+
+/// `[agent]`: where the datapath attaches and how the agent behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Interfaces XDP attaches to; never empty.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    /// Empty means every address carried by `interfaces` (see `Config::resolve_edge_addresses`).
+    pub edge_addresses: Vec<IpAddr>,
+    /// Host services reachable on the edge addresses (neither proxied nor dropped).
+    pub pass: Vec<PortSpec>,
+    pub metrics_listen: Option<SocketAddr>,
+    /// `"-"` means stdout, anything else is a file path.
+    pub event_log: Option<String>,
+    pub udp_idle_timeout: Duration,
+    pub udp_nat_ports: PortRange,
+    pub tcp_idle_timeout: Duration,
+}
+
+impl AgentConfig {
+    pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_UDP_NAT_PORTS: PortRange = PortRange {
+        low: 40000,
+        high: 59999,
+    };
+    pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+    /// An agent on `interfaces` with every optional key at its default.
+    pub fn with_interfaces(interfaces: Vec<String>) -> Self {
+        Self {
+            interfaces,
+            xdp_mode: XdpMode::default(),
+            edge_addresses: Vec::new(),
+            pass: Vec::new(),
+            metrics_listen: None,
+            event_log: None,
+            udp_idle_timeout: Self::DEFAULT_UDP_IDLE_TIMEOUT,
+            udp_nat_ports: Self::DEFAULT_UDP_NAT_PORTS,
+            tcp_idle_timeout: Self::DEFAULT_TCP_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// How XDP is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic (skb) mode.
+    #[default]
+    Auto,
+    Driver,
+    Skb,
+}
+
+impl XdpMode {
+    pub const ALL: [XdpMode; 3] = [XdpMode::Auto, XdpMode::Driver, XdpMode::Skb];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Driver => "driver",
+            XdpMode::Skb => "skb",
+        }
+    }
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for XdpMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_keyword(text, &Self::ALL, |mode| mode.as_str())
+    }
+}
+
+/// Transport protocol of an app, a `pass` entry or an origin scheme.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// The IP protocol number (`IPPROTO_TCP` / `IPPROTO_UDP`).
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_keyword(text, &Self::ALL, |protocol| protocol.as_str())
+    }
+}
+
+/// An inclusive, non-empty range of ports within 1–65535 (`low <= high`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl PortRange {
+    /// `low..=high`, or `None` when the range is empty or includes port 0.
+    pub fn new(low: u16, high: u16) -> Option<Self> {
+        (low >= 1 && low <= high).then_some(Self { low, high })
+    }
+
+    /// A range of exactly one port; `None` for port 0.
+    pub fn single(port: u16) -> Option<Self> {
+        Self::new(port, port)
+    }
+
+    /// Number of ports in the range (1 to 65535). A `PortRange` is never empty.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u32 {
+        u32::from(self.high) - u32::from(self.low) + 1
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.low == self.high
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.low <= other.high && other.low <= self.high
+    }
+
+    pub fn iter(&self) -> RangeInclusive<u16> {
+        self.low..=self.high
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_single() {
+            write!(f, "{}", self.low)
+        } else {
+            write!(f, "{}-{}", self.low, self.high)
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    /// `PORT` or `LOW-HIGH`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (low, high) = match text.split_once('-') {
+            Some((low, high)) => (parse_port(low)?, parse_port(high)?),
+            None => {
+                let port = parse_port(text)?;
+                (port, port)
+            }
+        };
+        PortRange::new(low, high)
+            .ok_or_else(|| format!("range '{text}' is reversed: LOW must not be greater than HIGH"))
+    }
+}
+
+/// One port number, 1–65535, with a reason that says which rule it broke.
+fn parse_port(text: &str) -> Result<u16, String> {
+    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(format!("'{text}' is not a port number (ports are 1-65535)"));
+    }
+    match text.parse::<u32>() {
+        Ok(0) => Err("port 0 is not allowed (ports are 1-65535)".to_string()),
+        Ok(port) => u16::try_from(port)
+            .map_err(|_| format!("port {port} is out of range (ports are 1-65535)")),
+        Err(_) => Err(format!("port {text} is out of range (ports are 1-65535)")),
+    }
+}
+
+/// `PROTO/PORT` or `PROTO/LOW-HIGH`, as in an app's `protocol` or an `agent.pass` entry.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub ports: PortRange,
+}
+
+impl PortSpec {
+    pub fn overlaps(&self, other: &PortSpec) -> bool {
+        self.protocol == other.protocol && self.ports.overlaps(&other.ports)
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.protocol, self.ports)
+    }
+}
+
+impl FromStr for PortSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let Some((protocol, ports)) = text.split_once('/') else {
+            return Err(format!(
+                "'{text}' is not PROTO/PORT or PROTO/LOW-HIGH (e.g. \"tcp/22\", \"udp/5000-5010\")"
+            ));
+        };
+        Ok(PortSpec {
+            protocol: protocol.parse()?,
+            ports: ports.parse()?,
+        })
+    }
+}
+
+/// `[firewall]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FirewallConfig {
+    /// Verdict for a source no access rule matches.
+    pub default: RuleAction,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub enum RuleAction {
+    #[default]
+    Allow,
+    Block,
+}
+
+impl RuleAction {
+    pub const ALL: [RuleAction; 2] = [RuleAction::Allow, RuleAction::Block];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleAction::Allow => "allow",
+            RuleAction::Block => "block",
+        }
+    }
+}
+
+impl fmt::Display for RuleAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RuleAction {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_keyword(text, &Self::ALL, |action| action.as_str())
+    }
+}
+
+/// What an access rule's `value` names: one address or a prefix.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum RuleTarget {
+    Ip,
+    IpRange,
+}
+
+impl RuleTarget {
+    pub const ALL: [RuleTarget; 2] = [RuleTarget::Ip, RuleTarget::IpRange];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleTarget::Ip => "ip",
+            RuleTarget::IpRange => "ip_range",
+        }
+    }
+}
+
+impl fmt::Display for RuleTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RuleTarget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_keyword(text, &Self::ALL, |target| target.as_str())
+    }
+}
+
+/// One `[[access_rules]]` entry (Spectrum's IP Access rules, allow and block only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRule {
+    pub mode: RuleAction,
+    pub target: RuleTarget,
+    /// As written in the file; also the `rule` label of the hit counter metric.
+    pub value: String,
+    /// Network address; host bits are always clear.
+    pub addr: IpAddr,
+    /// 0–32 for IPv4, 0–128 for IPv6; a `target = "ip"` rule is always a full-length prefix.
+    pub prefix_len: u8,
+}
+
+impl AccessRule {
+    /// Whether `client` lies inside this rule's prefix.
+    pub fn matches(&self, client: IpAddr) -> bool {
+        match (self.addr, client) {
+            (IpAddr::V4(network), IpAddr::V4(client)) => {
+                let mask = prefix_mask_v4(self.prefix_len);
+                u32::from(client) & mask == u32::from(network)
+            }
+            (IpAddr::V6(network), IpAddr::V6(client)) => {
+                let mask = prefix_mask_v6(self.prefix_len);
+                u128::from(client) & mask == u128::from(network)
+            }
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn prefix_mask_v4(prefix_len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0)
+}
+
+pub(crate) fn prefix_mask_v6(prefix_len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix_len.min(128)))
+        .unwrap_or(0)
+}
+
+/// A parsed `ADDRESS/PREFIX` (or bare `ADDRESS`, meaning a full-length prefix).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+    /// Whether the text carried an explicit `/N`.
+    pub explicit_len: bool,
+}
+
+impl Prefix {
+    /// The address with its host bits cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(addr) => {
+                IpAddr::V4(Ipv4Addr::from(u32::from(addr) & prefix_mask_v4(self.len)))
+            }
+            IpAddr::V6(addr) => {
+                IpAddr::V6(Ipv6Addr::from(u128::from(addr) & prefix_mask_v6(self.len)))
+            }
+        }
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr_text, len_text) = match text.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr_text
+            .parse()
+            .map_err(|_| format!("'{addr_text}' is not an IPv4 or IPv6 address"))?;
+        let max_len: u8 = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len_text {
+            None => max_len,
+            Some(len_text) => match len_text.parse::<u8>() {
+                Ok(len) if len_text.bytes().all(|byte| byte.is_ascii_digit()) && len <= max_len => {
+                    len
+                }
+                _ => {
+                    return Err(format!(
+                        "prefix length '/{len_text}' is out of range (0-{max_len} for {})",
+                        IpFamily::of(addr)
+                    ));
+                }
+            },
+        };
+        Ok(Prefix {
+            addr,
+            len,
+            explicit_len: len_text.is_some(),
+        })
+    }
+}
+
+/// IPv4 or IPv6.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(addr: IpAddr) -> IpFamily {
+        match addr {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+/// One `[[apps]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    /// Unique among apps; defaults to `"<proto>-<ports>"`, e.g. `udp-27015`, `tcp-6000-6010`.
+    pub id: String,
+    pub protocol: Protocol,
+    /// Edge port(s) clients connect to.
+    pub ports: PortRange,
+    /// Empty means every edge address.
+    pub edge_ips: Vec<IpAddr>,
+    /// Never empty; every origin has as many ports as `ports`.
+    pub origins: Vec<Origin>,
+    pub proxy_protocol: ProxyProtocol,
+    /// Whether `[[access_rules]]` / `[firewall]` apply to this app.
+    pub ip_firewall: bool,
+}
+
+impl App {
+    /// The id an app gets when the file gives none.
+    pub fn default_id(spec: &PortSpec) -> String {
+        format!("{}-{}", spec.protocol, spec.ports)
+    }
+
+    /// The app's `protocol` key (`udp/27015`).
+    pub fn port_spec(&self) -> PortSpec {
+        PortSpec {
+            protocol: self.protocol,
+            ports: self.ports,
+        }
+    }
+
+    /// The IP family shared by all origins; `None` only for a TCP app mixing families.
+    /// For a UDP app this is always `Some` (validation rejects a mix, SPEC §5).
+    pub fn family(&self) -> Option<IpFamily> {
+        let first = IpFamily::of(self.origins.first()?.addr);
+        self.origins
+            .iter()
+            .all(|origin| IpFamily::of(origin.addr) == first)
+            .then_some(first)
+    }
+
+    /// The origin port for a packet sent to `edge_port`: edge `LOW+k` goes to origin
+    /// `OLOW+k` (Spectrum semantics). Validation guarantees both ranges have the same
+    /// length, so for an `edge_port` inside `self.ports` the result is inside `origin.ports`.
+    pub fn origin_port(&self, origin: &Origin, edge_port: u16) -> u16 {
+        debug_assert!(
+            self.ports.contains(edge_port),
+            "edge port {edge_port} outside app {}",
+            self.id
+        );
+        let offset = edge_port.saturating_sub(self.ports.low);
+        origin
+            .ports
+            .low
+            .saturating_add(offset)
+            .min(origin.ports.high)
+    }
+
+    /// Whether the app is served on `edge_addr` (no `edge_ips` means every edge address).
+    pub fn serves_edge_address(&self, edge_addr: IpAddr) -> bool {
+        self.edge_ips.is_empty() || self.edge_ips.contains(&edge_addr)
+    }
+}
+
+/// One `origin_direct` entry, without its scheme (which always equals the app's protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub addr: IpAddr,
+    pub ports: PortRange,
+}
+
+impl Origin {
+    /// The URL form used in `origin_direct`, e.g. `tcp://[2001:db8::5]:8100-8199`.
+    pub fn to_url(&self, protocol: Protocol) -> String {
+        match self.addr {
+            IpAddr::V4(addr) => format!("{protocol}://{addr}:{}", self.ports),
+            IpAddr::V6(addr) => format!("{protocol}://[{addr}]:{}", self.ports),
+        }
+    }
+
+    /// Parses `SCHEME://IPV4:PORTS` or `SCHEME://[IPV6]:PORTS`; returns the scheme too,
+    /// so the caller can compare it with the app's protocol.
+    pub fn parse_url(text: &str) -> Result<(Protocol, Origin), String> {
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Err(format!(
+                "'{text}' is not SCHEME://IP:PORT (e.g. \"udp://10.0.0.5:27015\")"
+            ));
+        };
+        let protocol: Protocol = scheme
+            .parse()
+            .map_err(|_| format!("unknown scheme '{scheme}' in '{text}', expected tcp or udp"))?;
+        let (addr, ports) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let Some((host, after)) = bracketed.split_once(']') else {
+                return Err(format!("missing ']' after the IPv6 address in '{text}'"));
+            };
+            let Some(ports) = after.strip_prefix(':') else {
+                return Err(format!("missing :PORT after the address in '{text}'"));
+            };
+            let addr: Ipv6Addr = host
+                .parse()
+                .map_err(|_| format!("'{host}' in '{text}' is not an IPv6 address"))?;
+            (IpAddr::V6(addr), ports)
+        } else {
+            let Some((host, ports)) = rest.rsplit_once(':') else {
+                return Err(format!("missing :PORT after the address in '{text}'"));
+            };
+            if host.contains(':') {
+                return Err(format!(
+                    "IPv6 address in '{text}' must be in brackets, e.g. \"{scheme}://[2001:db8::5]:80\""
+                ));
+            }
+            let addr: Ipv4Addr = host.parse().map_err(|_| {
+                format!("'{host}' in '{text}' is not an IP address (host names / origin_dns are not supported)")
+            })?;
+            (IpAddr::V4(addr), ports)
+        };
+        let ports: PortRange = ports.parse()?;
+        Ok((protocol, Origin { addr, ports }))
+    }
+}
+
+/// Which client-address header the origin receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    /// HAProxy PROXY v1 (text); TCP only.
+    V1,
+    /// HAProxy PROXY v2 (binary); TCP and UDP.
+    V2,
+    /// Cloudflare Simple Proxy Protocol; UDP only.
+    Simple,
+}
+
+impl ProxyProtocol {
+    pub const ALL: [ProxyProtocol; 4] = [
+        ProxyProtocol::Off,
+        ProxyProtocol::V1,
+        ProxyProtocol::V2,
+        ProxyProtocol::Simple,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+            ProxyProtocol::Simple => "simple",
+        }
+    }
+
+    /// Whether this header exists for `protocol` (v1 is TCP only, simple is UDP only).
+    pub fn supports(self, protocol: Protocol) -> bool {
+        !matches!(
+            (self, protocol),
+            (ProxyProtocol::V1, Protocol::Udp) | (ProxyProtocol::Simple, Protocol::Tcp)
+        )
+    }
+}
+
+impl fmt::Display for ProxyProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ProxyProtocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_keyword(text, &Self::ALL, |proxy| proxy.as_str())
+    }
+}
+
+/// Parses one of a fixed set of lower-case keywords, listing them on failure.
+fn parse_keyword<T: Copy>(
+    text: &str,
+    choices: &[T],
+    name: impl Fn(T) -> &'static str,
+) -> Result<T, String> {
+    choices
+        .iter()
+        .copied()
+        .find(|&choice| name(choice) == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|&choice| name(choice)).collect();
+            format!("'{text}' is not one of {}", names.join(", "))
+        })
+}

@@ -1,0 +1,1167 @@
+//! One bad config per rule (each asserting location, field and reason), defaults,
+//! the full round trip and the host-side checks.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use super::*;
+
+const GOOD: &str = include_str!("../../tests/configs/good.toml");
+const AGENT: &str = "[agent]\ninterfaces = [\"eth0\"]\n";
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("test address")
+}
+
+/// A minimal agent plus the given extra TOML (apps, rules, ...).
+fn with_agent(rest: &str) -> String {
+    format!("{AGENT}\n{rest}")
+}
+
+fn problems_of(text: &str) -> Vec<Problem> {
+    match Config::parse(text) {
+        Ok(config) => panic!("expected problems, got a config: {config:#?}\n--- text ---\n{text}"),
+        Err(error) => error.problems,
+    }
+}
+
+/// Asserts that parsing `text` reports a problem at exactly `location` / `field` whose
+/// reason contains `reason_part`.
+fn assert_problem(text: &str, location: &str, field: &str, reason_part: &str) {
+    let problems = problems_of(text);
+    assert!(
+        problems.iter().any(|problem| problem.location == location
+            && problem.field == field
+            && problem.reason.contains(reason_part)),
+        "no problem `{location}: {field}: ...{reason_part}...` among:\n{}",
+        ConfigError { problems }
+    );
+}
+
+fn parse_ok(text: &str) -> Config {
+    Config::parse(text).unwrap_or_else(|error| {
+        panic!("expected a valid config, got:\n{error}\n--- text ---\n{text}")
+    })
+}
+
+// ---- the good config, defaults and round trip ----
+
+#[test]
+fn good_config_parses_into_the_model() {
+    let config = parse_ok(GOOD);
+    let agent = &config.agent;
+    assert_eq!(agent.interfaces, ["eth0", "eth1"]);
+    assert_eq!(agent.xdp_mode, XdpMode::Driver);
+    assert_eq!(
+        agent.edge_addresses,
+        [ip("192.0.2.10"), ip("192.0.2.11"), ip("2001:db8::10")]
+    );
+    assert_eq!(
+        agent.pass,
+        [
+            PortSpec {
+                protocol: Protocol::Tcp,
+                ports: PortRange { low: 22, high: 22 }
+            },
+            PortSpec {
+                protocol: Protocol::Udp,
+                ports: PortRange {
+                    low: 5353,
+                    high: 5353
+                }
+            },
+        ]
+    );
+    assert_eq!(
+        agent.metrics_listen,
+        Some("127.0.0.1:9477".parse::<SocketAddr>().expect("addr"))
+    );
+    assert_eq!(
+        agent.event_log.as_deref(),
+        Some("/var/log/forwarder/events.jsonl")
+    );
+    assert_eq!(agent.udp_idle_timeout, Duration::from_secs(45));
+    assert_eq!(
+        agent.udp_nat_ports,
+        PortRange {
+            low: 30000,
+            high: 39999
+        }
+    );
+    assert_eq!(agent.tcp_idle_timeout, Duration::from_secs(5400));
+    assert_eq!(config.firewall.default, RuleAction::Block);
+
+    assert_eq!(config.access_rules.len(), 3);
+    let single = &config.access_rules[1];
+    assert_eq!(
+        (single.mode, single.target, single.value.as_str()),
+        (RuleAction::Block, RuleTarget::Ip, "198.51.100.7")
+    );
+    assert_eq!((single.addr, single.prefix_len), (ip("198.51.100.7"), 32));
+    assert_eq!(
+        (
+            config.access_rules[2].addr,
+            config.access_rules[2].prefix_len
+        ),
+        (ip("2001:db8:100::"), 48)
+    );
+
+    let ids: Vec<&str> = config.apps.iter().map(|app| app.id.as_str()).collect();
+    assert_eq!(ids, ["game", "game-v6", "ssh-bastion", "tcp-6000-6010"]);
+    let game = &config.apps[0];
+    assert_eq!(
+        (game.protocol, game.ports),
+        (
+            Protocol::Udp,
+            PortRange {
+                low: 27015,
+                high: 27015
+            }
+        )
+    );
+    assert_eq!(game.edge_ips, [ip("192.0.2.10")]);
+    assert_eq!(
+        game.origins[1],
+        Origin {
+            addr: ip("10.0.0.6"),
+            ports: PortRange {
+                low: 27015,
+                high: 27015
+            }
+        }
+    );
+    assert_eq!(game.proxy_protocol, ProxyProtocol::Simple);
+    assert!(game.ip_firewall);
+    assert_eq!(game.family(), Some(IpFamily::V4));
+    let ssh = &config.apps[2];
+    assert!(!ssh.ip_firewall);
+    assert_eq!(ssh.family(), None, "a TCP app may mix origin families");
+    let range = &config.apps[3];
+    assert_eq!(range.proxy_protocol, ProxyProtocol::V1);
+    assert!(range.ip_firewall, "ip_firewall defaults to true");
+}
+
+#[test]
+fn good_config_round_trips_through_to_toml() {
+    let config = parse_ok(GOOD);
+    let written = config.to_toml();
+    let reparsed = parse_ok(&written);
+    assert_eq!(reparsed, config, "--- written ---\n{written}");
+    // Writing is stable: the second round gives the same text.
+    assert_eq!(reparsed.to_toml(), written);
+}
+
+#[test]
+fn minimal_config_gets_every_default() {
+    let config = parse_ok(&with_agent(
+        "[[apps]]\nprotocol = \"udp/27015\"\norigin_direct = [\"udp://10.0.0.5:27015\"]\n",
+    ));
+    assert_eq!(
+        config.agent,
+        AgentConfig {
+            interfaces: vec!["eth0".to_string()],
+            xdp_mode: XdpMode::Auto,
+            edge_addresses: Vec::new(),
+            pass: Vec::new(),
+            metrics_listen: None,
+            event_log: None,
+            udp_idle_timeout: Duration::from_secs(30),
+            udp_nat_ports: PortRange {
+                low: 40000,
+                high: 59999
+            },
+            tcp_idle_timeout: Duration::from_secs(3600),
+        }
+    );
+    assert_eq!(config.firewall.default, RuleAction::Allow);
+    assert!(config.access_rules.is_empty());
+    let app = &config.apps[0];
+    assert_eq!(app.id, "udp-27015");
+    assert!(app.edge_ips.is_empty());
+    assert_eq!(app.proxy_protocol, ProxyProtocol::Off);
+    assert!(app.ip_firewall);
+    // The minimal config round-trips too (with defaults written out).
+    assert_eq!(parse_ok(&config.to_toml()), config);
+}
+
+#[test]
+fn default_id_of_a_range_app_names_the_range() {
+    let config = parse_ok(&with_agent(
+        "[[apps]]\nprotocol = \"tcp/6000-6010\"\norigin_direct = [\"tcp://10.0.0.5:6000-6010\"]\n",
+    ));
+    assert_eq!(config.apps[0].id, "tcp-6000-6010");
+}
+
+#[test]
+fn agent_only_config_is_valid() {
+    let config = parse_ok(AGENT);
+    assert!(config.apps.is_empty());
+}
+
+// ---- TOML level ----
+
+#[test]
+fn syntax_error_names_its_line() {
+    let problems = problems_of("[agent]\ninterfaces = [\"eth0\"\nxdp_mode = \"auto\"\n");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        (problems[0].location.as_str(), problems[0].field.as_str()),
+        ("config", "")
+    );
+    assert!(
+        problems[0]
+            .reason
+            .starts_with("TOML syntax error (line 3, column 1)"),
+        "{}",
+        problems[0]
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_in_every_table() {
+    let text = "\
+colour = \"red\"
+[agent]
+interfaces = [\"eth0\"]
+interface = \"eth1\"
+[firewall]
+default = \"allow\"
+policy = \"drop\"
+[[access_rules]]
+mode = \"block\"
+target = \"ip\"
+value = \"192.0.2.1\"
+note = \"x\"
+[[apps]]
+id = \"game\"
+protocol = \"udp/27015\"
+origin_direct = [\"udp://10.0.0.5:27015\"]
+origin_dns = \"game.example.com\"
+";
+    let problems = problems_of(text);
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    assert!(
+        lines[0]
+            .starts_with("config: colour: unknown key (line 1); expected one of: agent, firewall"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with(
+            "agent: interface: unknown key (line 4); expected one of: interfaces, xdp_mode"
+        ),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].starts_with("firewall: policy: unknown key (line 7)"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].starts_with("access_rules[0]: note: unknown key (line 12)"),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[4].starts_with("app 'game' (apps[0]): origin_dns: unknown key (line 17)"),
+        "{}",
+        lines[4]
+    );
+}
+
+#[test]
+fn every_problem_is_collected_not_just_the_first() {
+    let text = with_agent(
+        "\
+[[apps]]
+id = \"a\"
+protocol = \"udp/27015\"
+origin_direct = [\"tcp://10.0.0.5:27015\"]
+proxy_protocol = \"v1\"
+colour = \"blue\"
+
+[[apps]]
+id = \"b\"
+protocol = \"tcp/99999\"
+origin_direct = [\"tcp://10.0.0.5:22\"]
+",
+    );
+    let problems = problems_of(&text);
+    let fields: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.location.as_str(), p.field.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("app 'a' (apps[0])", "colour"),
+            ("app 'a' (apps[0])", "origin_direct"),
+            ("app 'a' (apps[0])", "proxy_protocol"),
+            ("app 'b' (apps[1])", "protocol"),
+        ],
+        "{}",
+        ConfigError {
+            problems: problems.clone()
+        }
+    );
+}
+
+#[test]
+fn wrong_value_type_names_field_and_line() {
+    let text = with_agent(
+        "[[apps]]\nid = \"game\"\nprotocol = \"udp/1\"\norigin_direct = [\"udp://10.0.0.5:1\"]\nip_firewall = \"yes\"\n",
+    );
+    assert_problem(
+        &text,
+        "app 'game' (apps[0])",
+        "ip_firewall",
+        "invalid type: string \"yes\", expected a boolean (line 8)",
+    );
+    let text = "[agent]\ninterfaces = \"eth0\"\n";
+    assert_problem(text, "agent", "interfaces", "expected a sequence (line 2)");
+}
+
+#[test]
+fn apps_must_be_an_array_of_tables() {
+    assert_problem(
+        &with_agent("[apps]\nprotocol = \"tcp/1\"\n"),
+        "config",
+        "apps",
+        "expected an array of tables ([[apps]])",
+    );
+}
+
+// ---- [agent] ----
+
+#[test]
+fn agent_table_and_interfaces_are_required() {
+    assert_problem("", "agent", "", "missing [agent] table");
+    assert_problem("[agent]\n", "agent", "interfaces", "missing");
+    assert_problem("[agent]\ninterfaces = []\n", "agent", "interfaces", "empty");
+}
+
+#[test]
+fn interface_names_are_checked() {
+    assert_problem(
+        "[agent]\ninterfaces = [\"eth0\", \"eth0\"]\n",
+        "agent",
+        "interfaces",
+        "'eth0' is listed more than once",
+    );
+    assert_problem(
+        "[agent]\ninterfaces = [\"a-very-long-interface\"]\n",
+        "agent",
+        "interfaces",
+        "longer than 15 bytes",
+    );
+    assert_problem(
+        "[agent]\ninterfaces = [\"eth 0\"]\n",
+        "agent",
+        "interfaces",
+        "'eth 0' is not a valid interface name",
+    );
+    assert_problem(
+        "[agent]\ninterfaces = [\"\"]\n",
+        "agent",
+        "interfaces",
+        "empty",
+    );
+}
+
+#[test]
+fn xdp_mode_is_a_keyword() {
+    assert_problem(
+        &format!("{AGENT}xdp_mode = \"native\"\n"),
+        "agent",
+        "xdp_mode",
+        "'native' is not one of auto, driver, skb",
+    );
+}
+
+#[test]
+fn edge_addresses_must_parse() {
+    assert_problem(
+        &format!("{AGENT}edge_addresses = [\"192.0.2.300\"]\n"),
+        "agent",
+        "edge_addresses",
+        "'192.0.2.300' is not an IPv4 or IPv6 address",
+    );
+    assert_problem(
+        &format!("{AGENT}edge_addresses = [\"0.0.0.0\"]\n"),
+        "agent",
+        "edge_addresses",
+        "unspecified or multicast",
+    );
+    assert_problem(
+        &format!("{AGENT}edge_addresses = [\"192.0.2.1\", \"192.0.2.1\"]\n"),
+        "agent",
+        "edge_addresses",
+        "listed more than once",
+    );
+}
+
+#[test]
+fn pass_entries_must_parse() {
+    assert_problem(
+        &format!("{AGENT}pass = [\"ssh/22\"]\n"),
+        "agent",
+        "pass",
+        "'ssh' is not one of tcp, udp",
+    );
+    assert_problem(
+        &format!("{AGENT}pass = [\"22\"]\n"),
+        "agent",
+        "pass",
+        "is not PROTO/PORT or PROTO/LOW-HIGH",
+    );
+}
+
+#[test]
+fn pass_may_not_overlap_an_app() {
+    let text = format!(
+        "{AGENT}pass = [\"tcp/20-25\", \"udp/22\"]\n[[apps]]\nid = \"ssh\"\nprotocol = \"tcp/22\"\norigin_direct = [\"tcp://10.0.0.5:22\"]\n"
+    );
+    let problems = problems_of(&text);
+    assert_eq!(
+        problems.len(),
+        1,
+        "udp/22 does not overlap a TCP app: {problems:?}"
+    );
+    assert_eq!(
+        problems[0].to_string(),
+        "agent: pass: tcp/20-25 overlaps app 'ssh' (apps[0]) (tcp/22)"
+    );
+}
+
+#[test]
+fn metrics_listen_is_a_socket_address() {
+    assert_problem(
+        &format!("{AGENT}metrics_listen = \"localhost:9477\"\n"),
+        "agent",
+        "metrics_listen",
+        "is not IP:PORT",
+    );
+    assert_problem(
+        &format!("{AGENT}metrics_listen = \"127.0.0.1\"\n"),
+        "agent",
+        "metrics_listen",
+        "is not IP:PORT",
+    );
+    assert_problem(
+        &format!("{AGENT}metrics_listen = \"127.0.0.1:0\"\n"),
+        "agent",
+        "metrics_listen",
+        "port other than 0",
+    );
+    let config = parse_ok(&format!("{AGENT}metrics_listen = \"[::1]:9477\"\n"));
+    assert_eq!(
+        config.agent.metrics_listen,
+        Some("[::1]:9477".parse().expect("addr"))
+    );
+}
+
+#[test]
+fn event_log_may_not_be_empty() {
+    assert_problem(
+        &format!("{AGENT}event_log = \"\"\n"),
+        "agent",
+        "event_log",
+        "empty",
+    );
+    assert_eq!(
+        parse_ok(&format!("{AGENT}event_log = \"-\"\n"))
+            .agent
+            .event_log
+            .as_deref(),
+        Some("-")
+    );
+}
+
+#[test]
+fn durations_parse_and_are_positive() {
+    assert_problem(
+        &format!("{AGENT}udp_idle_timeout = \"30\"\n"),
+        "agent",
+        "udp_idle_timeout",
+        "'30' has no unit",
+    );
+    assert_problem(
+        &format!("{AGENT}tcp_idle_timeout = \"0s\"\n"),
+        "agent",
+        "tcp_idle_timeout",
+        "must be greater than 0",
+    );
+    assert_problem(
+        &format!("{AGENT}tcp_idle_timeout = \"1 hour\"\n"),
+        "agent",
+        "tcp_idle_timeout",
+        "unknown unit",
+    );
+    let config = parse_ok(&format!(
+        "{AGENT}udp_idle_timeout = \"500ms\"\ntcp_idle_timeout = \"5m\"\n"
+    ));
+    assert_eq!(config.agent.udp_idle_timeout, Duration::from_millis(500));
+    assert_eq!(config.agent.tcp_idle_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn udp_nat_ports_is_a_port_range() {
+    assert_problem(
+        &format!("{AGENT}udp_nat_ports = \"50000-40000\"\n"),
+        "agent",
+        "udp_nat_ports",
+        "range '50000-40000' is reversed",
+    );
+    assert_problem(
+        &format!("{AGENT}udp_nat_ports = \"0-100\"\n"),
+        "agent",
+        "udp_nat_ports",
+        "port 0 is not allowed",
+    );
+}
+
+#[test]
+fn udp_nat_ports_may_not_overlap_udp_apps_or_pass() {
+    let text = format!(
+        "{AGENT}pass = [\"udp/45000\"]\n[[apps]]\nid = \"dns\"\nprotocol = \"udp/40000-40010\"\norigin_direct = [\"udp://10.0.0.5:40000-40010\"]\n"
+    );
+    assert_problem(
+        &text,
+        "agent",
+        "udp_nat_ports",
+        "40000-59999 overlaps app 'dns' (apps[0]) (udp/40000-40010)",
+    );
+    assert_problem(
+        &text,
+        "agent",
+        "udp_nat_ports",
+        "40000-59999 overlaps the pass entry udp/45000",
+    );
+    // TCP apps may use those ports.
+    parse_ok(&format!(
+        "{AGENT}[[apps]]\nprotocol = \"tcp/45000\"\norigin_direct = [\"tcp://10.0.0.5:45000\"]\n"
+    ));
+}
+
+#[test]
+fn firewall_default_is_allow_or_block() {
+    assert_problem(
+        &format!("{AGENT}[firewall]\ndefault = \"deny\"\n"),
+        "firewall",
+        "default",
+        "'deny' is not one of allow, block",
+    );
+}
+
+// ---- [[apps]] ----
+
+fn app(body: &str) -> String {
+    with_agent(&format!("[[apps]]\nid = \"game\"\n{body}"))
+}
+
+const GAME: &str = "app 'game' (apps[0])";
+
+#[test]
+fn protocol_is_required_and_parsed() {
+    assert_problem(
+        &app("origin_direct = [\"udp://10.0.0.5:1\"]\n"),
+        GAME,
+        "protocol",
+        "missing",
+    );
+    for (protocol, reason) in [
+        ("udp/0", "port 0 is not allowed (ports are 1-65535)"),
+        (
+            "udp/65536",
+            "port 65536 is out of range (ports are 1-65535)",
+        ),
+        ("udp/90-80", "range '90-80' is reversed"),
+        ("udp/abc", "'abc' is not a port number"),
+        ("udp/1-", "'' is not a port number"),
+        ("sctp/22", "'sctp' is not one of tcp, udp"),
+        ("UDP/22", "'UDP' is not one of tcp, udp"),
+        ("udp27015", "is not PROTO/PORT or PROTO/LOW-HIGH"),
+    ] {
+        assert_problem(
+            &app(&format!(
+                "protocol = \"{protocol}\"\norigin_direct = [\"udp://10.0.0.5:1\"]\n"
+            )),
+            GAME,
+            "protocol",
+            reason,
+        );
+    }
+}
+
+#[test]
+fn an_app_without_id_and_protocol_is_named_by_index() {
+    let text = with_agent("[[apps]]\norigin_direct = [\"udp://10.0.0.5:1\"]\n");
+    assert_problem(&text, "apps[0]", "protocol", "missing");
+    // With a readable protocol, the default id names it.
+    let text =
+        with_agent("[[apps]]\nprotocol = \"udp/1\"\norigin_direct = [\"tcp://10.0.0.5:1\"]\n");
+    assert_problem(
+        &text,
+        "app 'udp-1' (apps[0])",
+        "origin_direct",
+        "scheme 'tcp' does not match protocol 'udp'",
+    );
+}
+
+#[test]
+fn id_may_not_be_empty() {
+    let text = with_agent(
+        "[[apps]]\nid = \"\"\nprotocol = \"udp/1\"\norigin_direct = [\"udp://10.0.0.5:1\"]\n",
+    );
+    assert_problem(&text, "app '' (apps[0])", "id", "empty");
+}
+
+#[test]
+fn origin_direct_is_required_and_non_empty() {
+    assert_problem(
+        &app("protocol = \"udp/1\"\n"),
+        GAME,
+        "origin_direct",
+        "missing",
+    );
+    assert_problem(
+        &app("protocol = \"udp/1\"\norigin_direct = []\n"),
+        GAME,
+        "origin_direct",
+        "empty",
+    );
+}
+
+#[test]
+fn origin_scheme_must_match_protocol() {
+    let problems = problems_of(&app(
+        "protocol = \"udp/27015\"\norigin_direct = [\"tcp://10.0.0.5:27015\"]\n",
+    ));
+    assert_eq!(problems.len(), 1);
+    assert_eq!(
+        problems[0].to_string(),
+        "app 'game' (apps[0]): origin_direct: scheme 'tcp' does not match protocol 'udp'"
+    );
+}
+
+#[test]
+fn origin_urls_must_parse() {
+    for (origin, reason) in [
+        ("10.0.0.5:1", "is not SCHEME://IP:PORT"),
+        ("http://10.0.0.5:1", "unknown scheme 'http'"),
+        (
+            "udp://game.example.com:1",
+            "is not an IP address (host names / origin_dns are not supported)",
+        ),
+        ("udp://2001:db8::5:1", "must be in brackets"),
+        ("udp://[2001:db8::5:1", "missing ']'"),
+        ("udp://[2001:db8::5]", "missing :PORT"),
+        ("udp://10.0.0.5", "missing :PORT"),
+        ("udp://10.0.0.5:0", "port 0 is not allowed"),
+        ("udp://0.0.0.0:1", "not a unicast origin address"),
+        ("udp://255.255.255.255:1", "not a unicast origin address"),
+        (
+            "udp://127.0.0.1:1",
+            "loopback address, which XDP cannot forward UDP to",
+        ),
+    ] {
+        assert_problem(
+            &app(&format!(
+                "protocol = \"udp/1\"\norigin_direct = [\"{origin}\"]\n"
+            )),
+            GAME,
+            "origin_direct",
+            reason,
+        );
+    }
+    // A TCP origin on loopback is fine: the agent connects to it from userspace.
+    parse_ok(&app(
+        "protocol = \"tcp/1\"\norigin_direct = [\"tcp://127.0.0.1:1\"]\n",
+    ));
+}
+
+#[test]
+fn origin_range_must_match_edge_range_length() {
+    assert_problem(
+        &app("protocol = \"tcp/6000-6010\"\norigin_direct = [\"tcp://10.0.0.5:7000-7005\"]\n"),
+        GAME,
+        "origin_direct",
+        "'tcp://10.0.0.5:7000-7005' has 6 port(s) but the app's edge range 6000-6010 has 11",
+    );
+    // Strict: one origin port for an edge range is refused too.
+    assert_problem(
+        &app("protocol = \"tcp/6000-6010\"\norigin_direct = [\"tcp://10.0.0.5:7000\"]\n"),
+        GAME,
+        "origin_direct",
+        "has 1 port(s) but the app's edge range 6000-6010 has 11",
+    );
+    assert_problem(
+        &app("protocol = \"tcp/6000\"\norigin_direct = [\"tcp://10.0.0.5:7000-7001\"]\n"),
+        GAME,
+        "origin_direct",
+        "has 2 port(s) but the app's edge range 6000 has 1",
+    );
+}
+
+#[test]
+fn origins_may_not_repeat() {
+    assert_problem(
+        &app(
+            "protocol = \"tcp/1\"\norigin_direct = [\"tcp://10.0.0.5:1\", \"tcp://10.0.0.5:1\"]\n",
+        ),
+        GAME,
+        "origin_direct",
+        "'tcp://10.0.0.5:1' is listed more than once",
+    );
+}
+
+#[test]
+fn origin_port_maps_by_offset() {
+    let config = parse_ok(&app(
+        "protocol = \"tcp/6000-6010\"\norigin_direct = [\"tcp://10.0.0.5:7000-7010\", \"tcp://[2001:db8::5]:8100-8110\"]\n",
+    ));
+    let range_app = &config.apps[0];
+    assert_eq!(range_app.origin_port(&range_app.origins[0], 6000), 7000);
+    assert_eq!(range_app.origin_port(&range_app.origins[0], 6007), 7007);
+    assert_eq!(range_app.origin_port(&range_app.origins[1], 6010), 8110);
+    assert_eq!(
+        range_app.origins[1].to_url(Protocol::Tcp),
+        "tcp://[2001:db8::5]:8100-8110"
+    );
+    let single = parse_ok(&app(
+        "protocol = \"udp/27015\"\norigin_direct = [\"udp://10.0.0.5:28015\"]\n",
+    ));
+    assert_eq!(
+        single.apps[0].origin_port(&single.apps[0].origins[0], 27015),
+        28015
+    );
+}
+
+#[test]
+fn proxy_protocol_must_suit_the_protocol() {
+    assert_problem(
+        &app(
+            "protocol = \"udp/1\"\norigin_direct = [\"udp://10.0.0.5:1\"]\nproxy_protocol = \"v1\"\n",
+        ),
+        GAME,
+        "proxy_protocol",
+        "'v1' is TCP only",
+    );
+    assert_problem(
+        &app(
+            "protocol = \"tcp/1\"\norigin_direct = [\"tcp://10.0.0.5:1\"]\nproxy_protocol = \"simple\"\n",
+        ),
+        GAME,
+        "proxy_protocol",
+        "'simple' is UDP only",
+    );
+    assert_problem(
+        &app(
+            "protocol = \"tcp/1\"\norigin_direct = [\"tcp://10.0.0.5:1\"]\nproxy_protocol = \"v3\"\n",
+        ),
+        GAME,
+        "proxy_protocol",
+        "'v3' is not one of off, v1, v2, simple",
+    );
+    for protocol in ["tcp", "udp"] {
+        let config = parse_ok(&app(&format!(
+            "protocol = \"{protocol}/1\"\norigin_direct = [\"{protocol}://10.0.0.5:1\"]\nproxy_protocol = \"v2\"\n"
+        )));
+        assert_eq!(config.apps[0].proxy_protocol, ProxyProtocol::V2);
+    }
+}
+
+fn two_apps(first: &str, second: &str) -> String {
+    with_agent(&format!(
+        "[[apps]]\nid = \"a\"\n{first}\n[[apps]]\nid = \"b\"\n{second}"
+    ))
+}
+
+#[test]
+fn apps_may_not_claim_the_same_protocol_address_and_port() {
+    let text = two_apps(
+        "protocol = \"tcp/6000-6010\"\norigin_direct = [\"tcp://10.0.0.5:6000-6010\"]\n",
+        "protocol = \"tcp/6010-6020\"\norigin_direct = [\"tcp://10.0.0.6:6010-6020\"]\n",
+    );
+    assert_problem(
+        &text,
+        "app 'b' (apps[1])",
+        "protocol",
+        "tcp/6010-6020 overlaps app 'a' (apps[0]) (tcp/6000-6010) on every edge address",
+    );
+    // One app on all addresses, one on a single address.
+    let text = two_apps(
+        "protocol = \"udp/53\"\norigin_direct = [\"udp://10.0.0.5:53\"]\n",
+        "protocol = \"udp/53\"\nedge_ips = [\"192.0.2.1\"]\norigin_direct = [\"udp://10.0.0.6:53\"]\n",
+    );
+    assert_problem(
+        &text,
+        "app 'b' (apps[1])",
+        "protocol",
+        "udp/53 overlaps app 'a' (apps[0]) (udp/53) on 192.0.2.1",
+    );
+    // Shared explicit address.
+    let text = two_apps(
+        "protocol = \"tcp/80\"\nedge_ips = [\"192.0.2.1\", \"192.0.2.2\"]\norigin_direct = [\"tcp://10.0.0.5:80\"]\n",
+        "protocol = \"tcp/80\"\nedge_ips = [\"192.0.2.2\", \"192.0.2.3\"]\norigin_direct = [\"tcp://10.0.0.6:80\"]\n",
+    );
+    assert_problem(&text, "app 'b' (apps[1])", "protocol", "on 192.0.2.2");
+}
+
+#[test]
+fn apps_on_disjoint_addresses_or_protocols_may_share_a_port() {
+    parse_ok(&two_apps(
+        "protocol = \"tcp/80\"\nedge_ips = [\"192.0.2.1\"]\norigin_direct = [\"tcp://10.0.0.5:80\"]\n",
+        "protocol = \"tcp/80\"\nedge_ips = [\"192.0.2.2\"]\norigin_direct = [\"tcp://10.0.0.6:80\"]\n",
+    ));
+    parse_ok(&two_apps(
+        "protocol = \"tcp/53\"\norigin_direct = [\"tcp://10.0.0.5:53\"]\n",
+        "protocol = \"udp/53\"\norigin_direct = [\"udp://10.0.0.5:53\"]\n",
+    ));
+}
+
+#[test]
+fn app_ids_are_unique() {
+    let text = two_apps(
+        "protocol = \"tcp/1\"\norigin_direct = [\"tcp://10.0.0.5:1\"]\n",
+        "protocol = \"tcp/2\"\norigin_direct = [\"tcp://10.0.0.5:2\"]\n",
+    )
+    .replace("id = \"b\"", "id = \"a\"");
+    assert_problem(
+        &text,
+        "app 'a' (apps[1])",
+        "id",
+        "'a' is already the id of apps[0]",
+    );
+    // A default id can collide with an explicit one.
+    let text = with_agent(
+        "[[apps]]\nid = \"tcp-2\"\nprotocol = \"tcp/1\"\norigin_direct = [\"tcp://10.0.0.5:1\"]\n\
+         [[apps]]\nprotocol = \"tcp/2\"\norigin_direct = [\"tcp://10.0.0.5:2\"]\n",
+    );
+    assert_problem(
+        &text,
+        "app 'tcp-2' (apps[1])",
+        "id",
+        "'tcp-2' is already the id of apps[0]",
+    );
+}
+
+#[test]
+fn edge_ips_must_parse_and_be_edge_addresses() {
+    assert_problem(
+        &app(
+            "protocol = \"tcp/1\"\nedge_ips = [\"192.0.2\"]\norigin_direct = [\"tcp://10.0.0.5:1\"]\n",
+        ),
+        GAME,
+        "edge_ips",
+        "'192.0.2' is not an IPv4 or IPv6 address",
+    );
+    let text = format!(
+        "{AGENT}edge_addresses = [\"192.0.2.10\"]\n[[apps]]\nid = \"game\"\nprotocol = \"tcp/1\"\nedge_ips = [\"192.0.2.10\", \"192.0.2.99\"]\norigin_direct = [\"tcp://10.0.0.5:1\"]\n"
+    );
+    let problems = problems_of(&text);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        problems[0].to_string(),
+        "app 'game' (apps[0]): edge_ips: 192.0.2.99 is not one of agent.edge_addresses"
+    );
+}
+
+#[test]
+fn udp_apps_keep_one_ip_family() {
+    assert_problem(
+        &app(
+            "protocol = \"udp/1\"\norigin_direct = [\"udp://10.0.0.5:1\", \"udp://[2001:db8::5]:1\"]\n",
+        ),
+        GAME,
+        "origin_direct",
+        "a UDP app's origins must share one IP family: 10.0.0.5 is IPv4, 2001:db8::5 is IPv6",
+    );
+    assert_problem(
+        &app(
+            "protocol = \"udp/1\"\nedge_ips = [\"2001:db8::10\"]\norigin_direct = [\"udp://10.0.0.5:1\"]\n",
+        ),
+        GAME,
+        "edge_ips",
+        "2001:db8::10 is IPv6 but the origins are IPv4; UDP is not translated",
+    );
+    // TCP may mix: the agent terminates TCP and opens its own connection.
+    parse_ok(&app(
+        "protocol = \"tcp/1\"\nedge_ips = [\"2001:db8::10\"]\norigin_direct = [\"tcp://10.0.0.5:1\"]\n",
+    ));
+}
+
+// ---- [[access_rules]] ----
+
+fn rule(mode: &str, target: &str, value: &str) -> String {
+    with_agent(&format!(
+        "[[access_rules]]\nmode = \"{mode}\"\ntarget = \"{target}\"\nvalue = \"{value}\"\n"
+    ))
+}
+
+const RULE: &str = "access_rules[0]";
+
+#[test]
+fn access_rule_keywords_are_checked() {
+    assert_problem(
+        &rule("challenge", "ip", "192.0.2.1"),
+        RULE,
+        "mode",
+        "'challenge' is not one of allow, block",
+    );
+    assert_problem(
+        &rule("block", "country", "192.0.2.1"),
+        RULE,
+        "target",
+        "'country' is not one of ip, ip_range",
+    );
+    assert_problem(
+        &with_agent("[[access_rules]]\nvalue = \"192.0.2.1\"\n"),
+        RULE,
+        "mode",
+        "missing",
+    );
+    assert_problem(
+        &with_agent("[[access_rules]]\nvalue = \"192.0.2.1\"\n"),
+        RULE,
+        "target",
+        "missing",
+    );
+    assert_problem(
+        &with_agent("[[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\n"),
+        RULE,
+        "value",
+        "missing",
+    );
+}
+
+#[test]
+fn access_rule_ip_takes_one_address() {
+    assert_problem(
+        &rule("block", "ip", "192.0.2.0/24"),
+        RULE,
+        "value",
+        "target 'ip' takes one address",
+    );
+    assert_problem(
+        &rule("block", "ip", "192.0.2.256"),
+        RULE,
+        "value",
+        "'192.0.2.256' is not an IPv4 or IPv6 address",
+    );
+    let config = parse_ok(&rule("block", "ip", "192.0.2.1/32"));
+    assert_eq!(
+        (
+            config.access_rules[0].addr,
+            config.access_rules[0].prefix_len
+        ),
+        (ip("192.0.2.1"), 32)
+    );
+    let config = parse_ok(&rule("block", "ip", "2001:db8::1"));
+    assert_eq!(config.access_rules[0].prefix_len, 128);
+}
+
+#[test]
+fn access_rule_ip_range_takes_a_prefix() {
+    assert_problem(
+        &rule("block", "ip_range", "192.0.2.0"),
+        RULE,
+        "value",
+        "target 'ip_range' needs ADDRESS/PREFIX",
+    );
+    assert_problem(
+        &rule("block", "ip_range", "192.0.2.0/33"),
+        RULE,
+        "value",
+        "prefix length '/33' is out of range (0-32 for IPv4)",
+    );
+    assert_problem(
+        &rule("block", "ip_range", "2001:db8::/129"),
+        RULE,
+        "value",
+        "prefix length '/129' is out of range (0-128 for IPv6)",
+    );
+    assert_problem(
+        &rule("block", "ip_range", "192.0.2.0/x"),
+        RULE,
+        "value",
+        "prefix length '/x' is out of range",
+    );
+    assert_problem(
+        &rule("block", "ip_range", "10.0.1.130/25"),
+        RULE,
+        "value",
+        "'10.0.1.130/25' has host bits set; did you mean '10.0.1.128/25'?",
+    );
+    let config = parse_ok(&rule("allow", "ip_range", "0.0.0.0/0"));
+    assert_eq!(config.access_rules[0].prefix_len, 0);
+}
+
+#[test]
+fn access_rules_may_not_repeat() {
+    let text = with_agent(
+        "[[access_rules]]\nmode = \"block\"\ntarget = \"ip_range\"\nvalue = \"10.0.0.0/8\"\n\
+         [[access_rules]]\nmode = \"allow\"\ntarget = \"ip_range\"\nvalue = \"10.0.0.0/8\"\n\
+         [[access_rules]]\nmode = \"block\"\ntarget = \"ip_range\"\nvalue = \"10.0.0.0/8\"\n",
+    );
+    let problems = problems_of(&text);
+    assert_eq!(
+        problems.len(),
+        1,
+        "allow + block of one prefix is fine: {problems:?}"
+    );
+    assert_eq!(
+        problems[0].to_string(),
+        "access_rules[2]: value: '10.0.0.0/8' repeats the block rule '10.0.0.0/8'"
+    );
+    // Messages keep the file's indexes when an earlier rule is invalid.
+    let text = with_agent(
+        "[[access_rules]]\nmode = \"maybe\"\ntarget = \"ip\"\nvalue = \"192.0.2.1\"\n\
+         [[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"192.0.2.9\"\n\
+         [[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"192.0.2.9/32\"\n",
+    );
+    assert_problem(
+        &text,
+        "access_rules[2]",
+        "value",
+        "'192.0.2.9/32' repeats the block rule '192.0.2.9'",
+    );
+}
+
+#[test]
+fn access_rule_matches_its_prefix() {
+    let config = parse_ok(&rule("block", "ip_range", "10.0.1.128/25"));
+    let rule = &config.access_rules[0];
+    assert!(rule.matches(ip("10.0.1.200")));
+    assert!(!rule.matches(ip("10.0.1.127")));
+    assert!(
+        !rule.matches(ip("::ffff:10.0.1.200")),
+        "families never match each other"
+    );
+}
+
+// ---- small types ----
+
+#[test]
+fn port_range_and_protocol_helpers() {
+    let range: PortRange = "6000-6010".parse().expect("range");
+    assert_eq!(
+        (range.len(), range.to_string()),
+        (11, "6000-6010".to_string())
+    );
+    assert!(range.contains(6000) && range.contains(6010) && !range.contains(6011));
+    assert_eq!(
+        PortRange::single(80).map(|single| single.to_string()),
+        Some("80".to_string())
+    );
+    assert_eq!(PortRange::new(0, 1), None);
+    assert_eq!(
+        "1-65535".parse::<PortRange>().map(|full| full.len()),
+        Ok(65535)
+    );
+    assert_eq!(
+        (Protocol::Tcp.ip_proto(), Protocol::Udp.ip_proto()),
+        (6, 17)
+    );
+    assert_eq!(Protocol::Udp.as_str(), "udp");
+    assert_eq!(
+        "udp/5000-5010"
+            .parse::<PortSpec>()
+            .map(|spec| spec.to_string()),
+        Ok("udp/5000-5010".to_string())
+    );
+}
+
+#[test]
+fn config_error_displays_one_problem_per_line() {
+    let error =
+        Config::parse("[agent]\ninterfaces = []\nxdp_mode = \"fast\"\n").expect_err("two problems");
+    assert_eq!(
+        error.to_string(),
+        "agent: interfaces: empty; list at least one interface, e.g. [\"eth0\"]\nagent: xdp_mode: 'fast' is not one of auto, driver, skb"
+    );
+}
+
+#[test]
+fn load_reports_an_unreadable_file() {
+    let error = Config::load(std::path::Path::new("/nonexistent/forwarder.toml"))
+        .expect_err("missing file");
+    assert_eq!(error.problems.len(), 1);
+    assert!(
+        error
+            .to_string()
+            .starts_with("/nonexistent/forwarder.toml: cannot read the config file: No such file"),
+        "{error}"
+    );
+}
+
+// ---- host-side checks (run only) ----
+
+fn host(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<IpAddr>> {
+    entries
+        .iter()
+        .map(|(name, addrs)| {
+            (
+                name.to_string(),
+                addrs.iter().map(|addr| ip(addr)).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resolve_edge_addresses_defaults_to_interface_addresses() {
+    let config = parse_ok("[agent]\ninterfaces = [\"eth1\", \"eth0\"]\n");
+    let addrs = host(&[
+        ("eth0", &["192.0.2.1", "fe80::1", "2001:db8::1"]),
+        ("eth1", &["198.51.100.1"]),
+        ("eth2", &["203.0.113.1"]),
+    ]);
+    assert_eq!(
+        config.resolve_edge_addresses(&addrs),
+        Ok(vec![ip("198.51.100.1"), ip("192.0.2.1"), ip("2001:db8::1")]),
+        "interface order, no link-local, no other interfaces"
+    );
+}
+
+#[test]
+fn resolve_edge_addresses_checks_interfaces_and_addresses() {
+    let config = parse_ok(
+        "[agent]\ninterfaces = [\"eth0\", \"eth9\"]\nedge_addresses = [\"192.0.2.1\", \"192.0.2.2\"]\n\
+         [[apps]]\nid = \"web\"\nprotocol = \"tcp/80\"\nedge_ips = [\"192.0.2.2\"]\norigin_direct = [\"tcp://10.0.0.5:80\"]\n",
+    );
+    let error = config
+        .resolve_edge_addresses(&host(&[("eth0", &["192.0.2.1"])]))
+        .expect_err("eth9 and 192.0.2.2 are missing");
+    assert_eq!(
+        error.to_string(),
+        "agent: interfaces: interface 'eth9' does not exist on this host\n\
+         agent: edge_addresses: 192.0.2.2 is not an address of the interfaces (eth0, eth9)\n\
+         app 'web' (apps[0]): edge_ips: 192.0.2.2 is not an address of the interfaces (eth0, eth9)"
+    );
+    let ok = config.resolve_edge_addresses(&host(&[
+        ("eth0", &["192.0.2.1"]),
+        ("eth9", &["192.0.2.2", "192.0.2.3"]),
+    ]));
+    assert_eq!(
+        ok,
+        Ok(vec![ip("192.0.2.1"), ip("192.0.2.2")]),
+        "edge_addresses narrows the list"
+    );
+}
+
+#[test]
+fn resolve_edge_addresses_needs_some_address() {
+    let config = parse_ok(AGENT);
+    let error = config
+        .resolve_edge_addresses(&host(&[("eth0", &["fe80::1"])]))
+        .expect_err("no address");
+    assert_eq!(error.problems[0].field, "interfaces");
+    assert!(
+        error.problems[0].reason.contains("carry no usable address"),
+        "{error}"
+    );
+}

@@ -1,0 +1,228 @@
+//! `forwarder check-config` and `forwarder import-spectrum`, run as the built binary
+//! on the fixtures in tests/configs/ and on the shipped examples.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    manifest_dir().join("tests/configs").join(name)
+}
+
+fn forwarder(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forwarder"))
+        .args(args)
+        // Keep env_logger quiet whatever the caller's environment says.
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run the forwarder binary")
+}
+
+fn check_config(path: &Path) -> Output {
+    let path = path.to_str().expect("utf-8 path");
+    forwarder(&["check-config", "--config", path])
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec()).expect("utf-8 output")
+}
+
+#[test]
+fn check_config_accepts_the_full_config() {
+    let output = check_config(&fixture("good.toml"));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+    assert_eq!(
+        text(&output.stdout),
+        "config OK: 4 apps (2 tcp, 2 udp), 3 access rules, 2 pass entries, interfaces eth0, eth1\n"
+    );
+    assert_eq!(text(&output.stderr), "");
+}
+
+#[test]
+fn check_config_accepts_the_examples() {
+    for (example, summary) in [
+        (
+            "forwarder.toml",
+            "config OK: 2 apps (1 tcp, 1 udp), 3 access rules, 1 pass entry, interfaces eth0\n",
+        ),
+        (
+            "demo.toml",
+            "config OK: 2 apps (1 tcp, 1 udp), 1 access rule, 1 pass entry, interfaces veth-edge-c, veth-edge-o\n",
+        ),
+    ] {
+        let output = check_config(&manifest_dir().join("../examples").join(example));
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{example}: {}",
+            text(&output.stderr)
+        );
+        assert_eq!(text(&output.stdout), summary, "{example}");
+    }
+}
+
+#[test]
+fn check_config_lists_every_problem_and_exits_1() {
+    let path = fixture("bad-many.toml");
+    let output = check_config(&path);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(text(&output.stdout), "");
+    let expected = [
+        "agent: udp_idle_timeout: '30' has no unit; expected a number and a unit (ms, s, m, h, d), e.g. \"30s\", \"5m\", \"1h30m\"",
+        "agent: pass: tcp/22 overlaps app 'tcp-20-30' (apps[1]) (tcp/20-30)",
+        "access_rules[0]: value: '10.0.1.130/25' has host bits set; did you mean '10.0.1.128/25'?",
+        "app 'game' (apps[0]): origin_direct: scheme 'tcp' does not match protocol 'udp'",
+        "app 'game' (apps[0]): proxy_protocol: 'v1' is TCP only; use 'v2' or 'simple' for UDP",
+        "app 'tcp-20-30' (apps[1]): colour: unknown key (line 21); expected one of: id, protocol, edge_ips, origin_direct, proxy_protocol, ip_firewall",
+        "app 'tcp-20-30' (apps[1]): origin_direct: 'tcp://10.0.0.6:20' has 1 port(s) but the app's edge range 20-30 has 11; an origin needs exactly as many ports as the edge (edge LOW+k goes to origin LOW+k)",
+        "app 'game' (apps[2]): origin_direct: a UDP app's origins must share one IP family: 10.0.0.5 is IPv4, 2001:db8::5 is IPv6",
+        "app 'game' (apps[2]): id: 'game' is already the id of apps[0]",
+        "app 'game' (apps[2]): protocol: udp/27015 overlaps app 'game' (apps[0]) (udp/27015) on every edge address",
+    ];
+    let stderr = text(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines[..lines.len() - 1], expected, "stderr:\n{stderr}");
+    assert_eq!(
+        lines.last(),
+        Some(&format!("{}: 10 problems", path.display()).as_str())
+    );
+}
+
+#[test]
+fn check_config_reports_a_syntax_error_with_its_line() {
+    let output = check_config(&fixture("bad-syntax.toml"));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.starts_with("config: TOML syntax error (line 6, column "),
+        "stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.ends_with("bad-syntax.toml: 1 problem\n"),
+        "stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_config_reports_a_missing_file() {
+    let output = check_config(Path::new("/nonexistent/forwarder.toml"));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.starts_with(
+            "/nonexistent/forwarder.toml: cannot read the config file: No such file or directory"
+        ),
+        "stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn import_spectrum_prints_apps_and_reports_ignored_fields() {
+    let output = forwarder(&[
+        "import-spectrum",
+        fixture("spectrum.json").to_str().expect("utf-8"),
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{stderr}");
+    let expected_toml =
+        std::fs::read_to_string(fixture("spectrum.expected.toml")).expect("expected TOML");
+    assert_eq!(text(&output.stdout), expected_toml);
+    let ignored: Vec<&str> = stderr
+        .lines()
+        .map(|line| line.split(':').next().unwrap_or(line))
+        .collect();
+    assert_eq!(
+        ignored,
+        [
+            "ignored apps[0].argo_smart_routing",
+            "ignored apps[0].created_on",
+            "ignored apps[0].dns",
+            "ignored apps[0].edge_ips.connectivity",
+            "ignored apps[0].edge_ips.type",
+            "ignored apps[0].modified_on",
+            "ignored apps[0].tls",
+            "ignored apps[0].traffic_type",
+            "ignored apps[1].dns",
+            "ignored apps[1].edge_ips.type",
+            "ignored apps[1].origin_port",
+            "ignored apps[2].dns",
+            "ignored apps[2].surprise",
+        ],
+        "stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("ignored apps[0].tls: TLS termination is not supported"),
+        "stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("ignored apps[2].surprise: unknown Spectrum field"),
+        "stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn imported_apps_pass_check_config_with_an_agent_table() {
+    let output = forwarder(&[
+        "import-spectrum",
+        fixture("spectrum.json").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(output.status.code(), Some(0));
+    let config = format!(
+        "[agent]\ninterfaces = [\"eth0\"]\n\n{}",
+        text(&output.stdout)
+    );
+    let path = std::env::temp_dir().join(format!("forwarder-imported-{}.toml", std::process::id()));
+    std::fs::write(&path, config).expect("write the imported config");
+    let checked = check_config(&path);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        checked.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        text(&checked.stderr)
+    );
+    assert!(text(&checked.stdout).starts_with("config OK: 3 apps (2 tcp, 1 udp)"));
+}
+
+#[test]
+fn import_spectrum_skips_an_app_without_origin_direct_and_exits_1() {
+    let output = forwarder(&[
+        "import-spectrum",
+        fixture("spectrum-skipped.json").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("id = \"direct\""), "stdout:\n{stdout}");
+    assert!(!stdout.contains("dns-origin"), "stdout:\n{stdout}");
+    assert_eq!(
+        text(&output.stderr),
+        "ignored apps[0].origin_dns: DNS origins are not supported; use origin_direct\n\
+         ignored apps[0].origin_port: only used with origin_dns, which is not supported\n\
+         ignored apps[0].tls: TLS termination is not supported; TCP is passed through as is\n\
+         skipped app 'dns-origin' (apps[0]): no origin_direct (origin_dns is not supported), so the app is left out\n"
+    );
+}
+
+#[test]
+fn import_spectrum_rejects_a_file_that_is_not_spectrum_json() {
+    let output = forwarder(&[
+        "import-spectrum",
+        fixture("good.toml").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(text(&output.stdout), "");
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.starts_with("error: cannot import "),
+        "stderr:\n{stderr}"
+    );
+    assert!(stderr.contains("not valid JSON"), "stderr:\n{stderr}");
+}
