@@ -25,6 +25,9 @@ const IPV6_AH: u8 = 51;
 const IPV6_DSTOPTS: u8 = 60;
 /// IPv6 extension headers walked before the chain counts as malformed.
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+/// No transport header is looked for beyond this offset (the longest legal IPv6
+/// chain we walk stays far below it).
+const MAX_L4_OFFSET: usize = 4096;
 
 /// A pointer to a `T` at `offset` from the start of the packet, or `None` when the
 /// packet is too short. Every packet access goes through here or `ptr_at_mut`.
@@ -194,9 +197,15 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, vlan_tags: u8) -> Parsed {
                     // One more extension header than we walk: refuse the chain.
                     return malformed;
                 }
-                let (Some(nh), Some(len_field)) = (read_u8(ctx, off), read_u8(ctx, off + 1)) else {
+                // An explicit bound keeps the verifier's view of `off` small.
+                if off > MAX_L4_OFFSET {
+                    return malformed;
+                }
+                let Some(ext) = ptr_at::<[u8; 2]>(ctx, off) else {
                     return malformed;
                 };
+                // SAFETY: bounds checked by ptr_at.
+                let [nh, len_field] = unsafe { *ext };
                 let len = match next {
                     // Fragment header: fixed 8 bytes, the second byte is reserved.
                     IPV6_FRAGMENT => {

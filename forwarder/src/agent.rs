@@ -1,5 +1,171 @@
-//! `forwarder run` (being written).
-use std::{path::Path, process::ExitCode};
-pub fn run_cli(_config: &Path, _drain: &str) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("run: not yet implemented")
+//! `forwarder run`: load the config, fill and attach the datapath, serve until
+//! SIGINT/SIGTERM, then detach everything.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use log::{error, info};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{Config, interface_addresses};
+use crate::control::ControlSocket;
+use crate::datapath::{Datapath, Plan};
+use crate::stats::StatsSnapshot;
+
+/// Options of `forwarder run` besides the config.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub drain: Duration,
+    pub control: PathBuf,
+}
+
+/// The agent's own source address towards `origin`, as the routing table chooses it.
+/// A connected UDP socket sends nothing; it only asks the kernel for the route.
+pub fn local_address_towards(origin: IpAddr) -> anyhow::Result<IpAddr> {
+    let bind: SocketAddr = match origin {
+        IpAddr::V4(_) => "0.0.0.0:0".parse()?,
+        IpAddr::V6(_) => "[::]:0".parse()?,
+    };
+    let socket = UdpSocket::bind(bind).context("binding a route-probe socket")?;
+    socket
+        .connect(SocketAddr::new(origin, 9))
+        .with_context(|| format!("no route to {origin}"))?;
+    Ok(socket.local_addr()?.ip())
+}
+
+/// The loaded, attached datapath with the config it was built from.
+pub struct Agent {
+    config: Config,
+    datapath: Datapath,
+}
+
+impl Agent {
+    /// Loads the datapath, fills it from `config` and attaches it.
+    pub fn start(config: Config) -> anyhow::Result<Agent> {
+        let plan = plan_for(&config)?;
+        let mut datapath = Datapath::load()?;
+        datapath.apply(&plan).context("filling the datapath maps")?;
+        for interface in &config.agent.interfaces {
+            datapath.attach_xdp(interface, config.agent.xdp_mode)?;
+        }
+        info!(
+            "serving {} apps on {} edge addresses",
+            plan.apps.len(),
+            plan.edge_addrs.len()
+        );
+        Ok(Agent { config, datapath })
+    }
+
+    /// Applies a new config as a difference; on error the running one stays.
+    pub fn reload(&mut self, config: Config) -> anyhow::Result<()> {
+        if config.agent.interfaces != self.config.agent.interfaces
+            || config.agent.xdp_mode != self.config.agent.xdp_mode
+        {
+            return Err(anyhow!(
+                "agent.interfaces and agent.xdp_mode cannot change on reload; restart the agent"
+            ));
+        }
+        let plan = plan_for(&config)?;
+        self.datapath.apply(&plan).context("updating the datapath maps")?;
+        self.config = config;
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> anyhow::Result<StatsSnapshot> {
+        let counters = self.datapath.counters()?;
+        let protocols: BTreeMap<String, String> = self
+            .config
+            .apps
+            .iter()
+            .map(|a| (a.id.clone(), a.protocol.as_str().to_string()))
+            .collect();
+        Ok(StatsSnapshot::from_datapath(&counters, &protocols))
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    /// Detaches XDP from every interface (the sk_lookup link and maps go with the
+    /// datapath when it is dropped).
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.datapath.detach_all()
+    }
+}
+
+fn plan_for(config: &Config) -> anyhow::Result<Plan> {
+    let host = interface_addresses().context("reading interface addresses")?;
+    let edges = config
+        .resolve_edge_addresses(&host)
+        .map_err(|e| anyhow!("{e}"))?;
+    Plan::build(config, &edges, local_address_towards)
+}
+
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
+}
+
+pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(options))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let config = load_config(&options.config)?;
+    let agent = Arc::new(Mutex::new(Some(Agent::start(config)?)));
+    let snapshot_agent = agent.clone();
+    let _control = ControlSocket::bind(
+        &options.control,
+        Arc::new(move || {
+            let guard = snapshot_agent.lock().map_err(|_| anyhow!("agent lock poisoned"))?;
+            guard.as_ref().context("agent stopped")?.snapshot()
+        }),
+    )?;
+    info!("control socket at {}", options.control.display());
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading {}", options.config.display());
+                let result = load_config(&options.config).and_then(|config| {
+                    let mut guard = agent.lock().map_err(|_| anyhow!("agent lock poisoned"))?;
+                    guard.as_mut().context("agent stopped")?.reload(config)
+                });
+                match result {
+                    Ok(()) => info!("reload applied"),
+                    Err(err) => error!("reload rejected, the running config stays: {err:#}"),
+                }
+            }
+        }
+    }
+    info!("shutting down");
+    let agent = agent
+        .lock()
+        .map_err(|_| anyhow!("agent lock poisoned"))?
+        .take()
+        .context("agent already stopped")?;
+    agent.shutdown()?;
+    info!("detached; bye");
+    Ok(())
+}
+
+/// Parses `--drain` and other command-line durations ("10s", "500ms", "2m").
+pub fn parse_duration_arg(text: &str) -> anyhow::Result<Duration> {
+    crate::config::parse_duration(text).map_err(|e| anyhow!("bad duration {text:?}: {e}"))
 }

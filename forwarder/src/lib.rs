@@ -2,6 +2,8 @@
 
 pub mod agent;
 pub mod config;
+pub mod control;
+pub mod datapath;
 pub mod ebpf;
 pub mod spectrum;
 pub mod stats;

@@ -21,6 +21,9 @@ enum Command {
         /// How long open TCP connections may drain on shutdown (e.g. 10s).
         #[arg(long, default_value = "10s")]
         drain: String,
+        /// Unix socket on which `forwarder stats` reaches this agent.
+        #[arg(long, default_value = forwarder::control::DEFAULT_CONTROL_SOCKET)]
+        control: PathBuf,
     },
     /// Validate a config file; exit non-zero with one line per problem.
     CheckConfig {
@@ -33,6 +36,9 @@ enum Command {
         json: bool,
         #[arg(long)]
         watch: bool,
+        /// The agent's control socket.
+        #[arg(long, default_value = forwarder::control::DEFAULT_CONTROL_SOCKET)]
+        control: PathBuf,
     },
     /// Convert Spectrum API JSON (apps) into `[[apps]]` TOML on stdout.
     ImportSpectrum { file: PathBuf },
@@ -42,9 +48,23 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, drain } => forwarder::agent::run_cli(&config, &drain),
+        Command::Run {
+            config,
+            drain,
+            control,
+        } => forwarder::agent::parse_duration_arg(&drain).and_then(|drain| {
+            forwarder::agent::run_cli(forwarder::agent::RunOptions {
+                config,
+                drain,
+                control,
+            })
+        }),
         Command::CheckConfig { config } => forwarder::config::check_config_cli(&config),
-        Command::Stats { json, watch } => forwarder::stats::stats_cli(json, watch),
+        Command::Stats {
+            json,
+            watch,
+            control,
+        } => forwarder::stats::stats_cli(&control, json, watch),
         Command::ImportSpectrum { file } => forwarder::spectrum::import_cli(&file),
     };
     match result {

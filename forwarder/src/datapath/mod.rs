@@ -1,0 +1,405 @@
+//! The kernel side as the agent sees it: load the eBPF object, fill its maps from a
+//! `Plan`, attach XDP to interfaces and sk_lookup to the network namespace, and read
+//! the counters back.
+
+pub mod plan;
+pub mod test_run;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie},
+    programs::{ProgramFd, SkLookup, Xdp, XdpMode, xdp::XdpLinkId},
+    util::nr_cpus,
+};
+use forwarder_common::{
+    AppInfo, Counters, DIR_EGRESS, DIR_INGRESS, DropReason, EdgeAddr, OriginInfo, OriginPortTarget,
+    PortTarget, RuleVerdict, Settings,
+};
+use log::{info, warn};
+
+use crate::config::XdpMode as ConfigXdpMode;
+pub use plan::{Plan, addr16};
+
+/// Names of the programs in the eBPF object.
+pub const PROG_XDP: &str = "xdp_forwarder";
+pub const PROG_XDP_PASS: &str = "xdp_pass";
+pub const PROG_SK_LOOKUP: &str = "sk_lookup_steer";
+
+/// The loaded object with its programs ready to attach.
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// Attached interfaces: name → (ifindex, link, mode used).
+    attached: BTreeMap<String, (u32, XdpLinkId, XdpMode)>,
+    sk_lookup_attached: bool,
+    /// The plan currently in the maps.
+    current: Option<Plan>,
+}
+
+/// Explains the usual reasons a load fails, next to the kernel's own message.
+fn load_hint(err: &anyhow::Error) -> &'static str {
+    let text = format!("{err:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        "hint: loading eBPF needs root (or CAP_BPF + CAP_NET_ADMIN)"
+    } else if text.contains("btf") || text.contains("BTF") {
+        "hint: the kernel needs BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF=y)"
+    } else if text.contains("verifier") || text.contains("Permission denied") {
+        "hint: the verifier rejected the program; its log is above"
+    } else {
+        "hint: Linux >= 6.1 with BTF is required"
+    }
+}
+
+impl Datapath {
+    /// Loads the object and the programs (no attachment yet).
+    pub fn load() -> anyhow::Result<Datapath> {
+        let object = crate::ebpf::object_bytes();
+        if object.is_empty() {
+            bail!("the eBPF object is empty: this binary was built with AYA_BUILD_SKIP=1");
+        }
+        let result = (|| -> anyhow::Result<Ebpf> {
+            let mut ebpf = EbpfLoader::new()
+                .load(object)
+                .context("loading the eBPF object (maps and BTF)")?;
+            for name in [PROG_XDP, PROG_XDP_PASS] {
+                let prog: &mut Xdp = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing from the object"))?
+                    .try_into()?;
+                prog.load().map_err(|e| anyhow!("{e}: {e:?}")).with_context(|| format!("verifying {name}"))?;
+            }
+            let steer: &mut SkLookup = ebpf
+                .program_mut(PROG_SK_LOOKUP)
+                .with_context(|| format!("program {PROG_SK_LOOKUP} missing from the object"))?
+                .try_into()?;
+            steer.load().map_err(|e| anyhow!("{e}: {e:?}")).context("verifying sk_lookup_steer")?;
+            Ok(ebpf)
+        })();
+        let ebpf = result.map_err(|e| {
+            let hint = load_hint(&e);
+            e.context(hint)
+        })?;
+        Ok(Datapath {
+            ebpf,
+            attached: BTreeMap::new(),
+            sk_lookup_attached: false,
+            current: None,
+        })
+    }
+
+    /// The fd of a loaded XDP program (for test runs and benchmarks).
+    pub fn xdp_program_fd(&self, name: &str) -> anyhow::Result<&ProgramFd> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        Ok(prog.fd()?)
+    }
+
+    /// Attaches the datapath to `interface`. `auto` tries driver mode and falls back
+    /// to skb (generic) mode with a log line saying so.
+    pub fn attach_xdp(&mut self, interface: &str, mode: ConfigXdpMode) -> anyhow::Result<XdpMode> {
+        let ifindex = ifindex(interface)?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_XDP)
+            .context("xdp program missing")?
+            .try_into()?;
+        let (link, used) = match mode {
+            ConfigXdpMode::Driver => (
+                prog.attach(interface, XdpMode::Driver)
+                    .with_context(|| format!("attaching XDP to {interface} in driver mode"))?,
+                XdpMode::Driver,
+            ),
+            ConfigXdpMode::Skb => (
+                prog.attach(interface, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP to {interface} in skb mode"))?,
+                XdpMode::Skb,
+            ),
+            ConfigXdpMode::Auto => match prog.attach(interface, XdpMode::Driver) {
+                Ok(link) => (link, XdpMode::Driver),
+                Err(err) => {
+                    warn!(
+                        "{interface}: driver-mode XDP unavailable ({err}); falling back to skb mode"
+                    );
+                    (
+                        prog.attach(interface, XdpMode::Skb).with_context(|| {
+                            format!("attaching XDP to {interface} in skb mode")
+                        })?,
+                        XdpMode::Skb,
+                    )
+                }
+            },
+        };
+        // Count this interface's packets from now on.
+        let mut iface: PerCpuHashMap<&mut MapData, u32, Counters> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("IFACE_STATS").context("IFACE_STATS")?)?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+        iface.insert(ifindex, zeros, 0)?;
+        info!("{interface}: XDP attached in {used:?} mode");
+        self.attached.insert(interface.to_string(), (ifindex, link, used));
+        Ok(used)
+    }
+
+    /// Detaches XDP from every interface it was attached to.
+    pub fn detach_all(&mut self) -> anyhow::Result<()> {
+        let attached = std::mem::take(&mut self.attached);
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_XDP)
+            .context("xdp program missing")?
+            .try_into()?;
+        for (name, (_, link, _)) in attached {
+            prog.detach(link)
+                .with_context(|| format!("detaching XDP from {name}"))?;
+            info!("{name}: XDP detached");
+        }
+        Ok(())
+    }
+
+    /// Attaches sk_lookup to the caller's network namespace.
+    pub fn attach_sk_lookup(&mut self) -> anyhow::Result<()> {
+        if self.sk_lookup_attached {
+            return Ok(());
+        }
+        let netns = File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(PROG_SK_LOOKUP)
+            .context("sk_lookup program missing")?
+            .try_into()?;
+        prog.attach(netns.as_fd()).context("attaching sk_lookup")?;
+        self.sk_lookup_attached = true;
+        Ok(())
+    }
+
+    /// Mutable access to a map by name, for the TCP listener socket map and tests.
+    pub fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))
+    }
+
+    /// Writes `plan` into the maps. With a plan already in place, only the difference
+    /// is written, in an order that never leaves a configured port unowned: first
+    /// everything new (rules, origins, apps, ports, edge addresses), then removals.
+    pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<()> {
+        let old = self.current.take().unwrap_or_default();
+        let result = self.write_plan(&old, plan);
+        // Even on failure the maps hold some of `plan`; remember it as current so the
+        // next apply rewrites everything that differs.
+        self.current = Some(plan.clone());
+        result
+    }
+
+    fn write_plan(&mut self, old: &Plan, new: &Plan) -> anyhow::Result<()> {
+        let ebpf = &mut self.ebpf;
+        {
+            let mut settings: Array<&mut MapData, Settings> =
+                Array::try_from(ebpf.map_mut("SETTINGS").context("SETTINGS")?)?;
+            settings.set(0, new.settings, 0)?;
+        }
+        write_lpm(ebpf, "RULES_V4", &old.rules_v4, &new.rules_v4)?;
+        write_lpm(ebpf, "RULES_V6", &old.rules_v6, &new.rules_v6)?;
+        {
+            let mut origins: Array<&mut MapData, OriginInfo> =
+                Array::try_from(ebpf.map_mut("ORIGINS").context("ORIGINS")?)?;
+            for (i, o) in new.origins.iter().enumerate() {
+                if old.origins.get(i) != Some(o) {
+                    origins.set(i as u32, *o, 0)?;
+                }
+            }
+        }
+        {
+            let mut apps: Array<&mut MapData, AppInfo> =
+                Array::try_from(ebpf.map_mut("APPS").context("APPS")?)?;
+            for (i, a) in new.apps.iter().enumerate() {
+                if old.apps.get(i) != Some(a) {
+                    apps.set(i as u32, *a, 0)?;
+                }
+            }
+        }
+        write_hash(
+            ebpf,
+            "ORIGIN_PORTS",
+            &old.origin_ports,
+            &new.origin_ports,
+            |k| k.key(),
+            |app| OriginPortTarget { app },
+            Phase::Upsert,
+        )?;
+        write_hash(ebpf, "PORTS", &old.ports, &new.ports, |k| k.key(), |app| PortTarget { app }, Phase::Upsert)?;
+        write_hash(ebpf, "EDGE_ADDRS", &old.edge_addrs, &new.edge_addrs, |a| a, |index| EdgeAddr { index }, Phase::Upsert)?;
+        // Removals last: nothing still configured disappears before its replacement.
+        write_hash(ebpf, "EDGE_ADDRS", &old.edge_addrs, &new.edge_addrs, |a| a, |index| EdgeAddr { index }, Phase::Remove)?;
+        write_hash(ebpf, "PORTS", &old.ports, &new.ports, |k| k.key(), |app| PortTarget { app }, Phase::Remove)?;
+        write_hash(
+            ebpf,
+            "ORIGIN_PORTS",
+            &old.origin_ports,
+            &new.origin_ports,
+            |k| k.key(),
+            |app| OriginPortTarget { app },
+            Phase::Remove,
+        )?;
+        Ok(())
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> anyhow::Result<DatapathCounters> {
+        let plan = self.current.clone().unwrap_or_default();
+        let drops_map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("DROPS").context("DROPS")?)?;
+        let mut drops = [0u64; DropReason::COUNT];
+        for (i, slot) in drops.iter_mut().enumerate() {
+            *slot = drops_map.get(&(i as u32), 0)?.iter().sum();
+        }
+        let app_map: PerCpuArray<&MapData, Counters> =
+            PerCpuArray::try_from(self.ebpf.map("APP_STATS").context("APP_STATS")?)?;
+        let mut apps = BTreeMap::new();
+        for (i, id) in plan.app_ids.iter().enumerate() {
+            let sum = |dir: u32| -> anyhow::Result<Counters> {
+                let values = app_map.get(&(i as u32 * 2 + dir), 0)?;
+                Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                }))
+            };
+            apps.insert(
+                id.clone(),
+                AppCounters {
+                    ingress: sum(DIR_INGRESS)?,
+                    egress: sum(DIR_EGRESS)?,
+                },
+            );
+        }
+        let hits_map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("RULE_HITS").context("RULE_HITS")?)?;
+        let mut rule_hits = BTreeMap::new();
+        for (i, label) in plan.rule_labels.iter().enumerate() {
+            let hits: u64 = hits_map.get(&(i as u32), 0)?.iter().sum();
+            *rule_hits.entry(label.clone()).or_insert(0) += hits;
+        }
+        let iface_map: PerCpuHashMap<&MapData, u32, Counters> =
+            PerCpuHashMap::try_from(self.ebpf.map("IFACE_STATS").context("IFACE_STATS")?)?;
+        let mut interfaces = BTreeMap::new();
+        for (name, (ifindex, _, _)) in &self.attached {
+            let values = iface_map.get(ifindex, 0)?;
+            interfaces.insert(
+                name.clone(),
+                values.iter().fold(Counters::default(), |acc, c| Counters {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                }),
+            );
+        }
+        Ok(DatapathCounters {
+            drops,
+            apps,
+            rule_hits,
+            interfaces,
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Insert what is new or changed.
+    Upsert,
+    /// Remove what is gone.
+    Remove,
+}
+
+/// Writes one phase of the difference between two plans' entries of a hash map.
+fn write_hash<PK: Ord + Copy, K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    old: &BTreeMap<PK, u32>,
+    new: &BTreeMap<PK, u32>,
+    key: impl Fn(PK) -> K,
+    value: impl Fn(u32) -> V,
+    phase: Phase,
+) -> anyhow::Result<()> {
+    let mut map: HashMap<&mut MapData, K, V> =
+        HashMap::try_from(ebpf.map_mut(name).with_context(|| name.to_string())?)?;
+    match phase {
+        Phase::Upsert => {
+            for (k, v) in new {
+                if old.get(k) != Some(v) {
+                    map.insert(key(*k), value(*v), 0)
+                        .with_context(|| format!("writing {name}"))?;
+                }
+            }
+        }
+        Phase::Remove => {
+            for k in old.keys().filter(|k| !new.contains_key(*k)) {
+                map.remove(&key(*k)).with_context(|| format!("removing from {name}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_lpm<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    old: &BTreeMap<(u32, [u8; N]), RuleVerdict>,
+    new: &BTreeMap<(u32, [u8; N]), RuleVerdict>,
+) -> anyhow::Result<()>
+where
+    [u8; N]: aya::Pod,
+{
+    let mut trie: LpmTrie<&mut MapData, [u8; N], RuleVerdict> =
+        LpmTrie::try_from(ebpf.map_mut(name).with_context(|| name.to_string())?)?;
+    for ((prefix, net), verdict) in new {
+        if old.get(&(*prefix, *net)) != Some(verdict) {
+            trie.insert(&lpm_trie::Key::new(*prefix, *net), *verdict, 0)?;
+        }
+    }
+    let keep: HashSet<&(u32, [u8; N])> = new.keys().collect();
+    for (prefix, net) in old.keys().filter(|k| !keep.contains(k)) {
+        trie.remove(&lpm_trie::Key::new(*prefix, *net))?;
+    }
+    Ok(())
+}
+
+/// Counters summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatapathCounters {
+    /// Indexed by `DropReason`.
+    pub drops: [u64; DropReason::COUNT],
+    /// By app id.
+    pub apps: BTreeMap<String, AppCounters>,
+    /// By access rule value.
+    pub rule_hits: BTreeMap<String, u64>,
+    /// By attached interface name.
+    pub interfaces: BTreeMap<String, Counters>,
+}
+
+impl DatapathCounters {
+    pub fn drop_count(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppCounters {
+    pub ingress: Counters,
+    pub egress: Counters,
+}
+
+/// The ifindex of `name` in the caller's network namespace.
+pub fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c_name = std::ffi::CString::new(name).context("interface name has a NUL byte")?;
+    // SAFETY: c_name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        bail!("no interface named {name}");
+    }
+    Ok(index)
+}
