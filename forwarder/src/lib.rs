@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod ebpf;
+pub mod events;
 pub mod spectrum;
 pub mod stats;
 pub mod wire;

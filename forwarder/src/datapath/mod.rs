@@ -7,12 +7,14 @@ pub mod test_run;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockMap, lpm_trie,
+    },
     programs::{ProgramFd, SkLookup, Xdp, XdpMode, xdp::XdpLinkId},
     util::nr_cpus,
 };
@@ -176,6 +178,41 @@ impl Datapath {
         prog.attach(netns.as_fd()).context("attaching sk_lookup")?;
         self.sk_lookup_attached = true;
         Ok(())
+    }
+
+    /// Puts `listener` (a listening TCP socket) in the sockmap slot of TCP app `app`:
+    /// from now on sk_lookup steers every port of the app to it.
+    pub fn set_tcp_listener(&mut self, app: u32, listener: &impl AsRawFd) -> anyhow::Result<()> {
+        let mut map: SockMap<&mut MapData> =
+            SockMap::try_from(self.map_mut("TCP_LISTENERS")?)?;
+        map.set(app, listener, 0)
+            .with_context(|| format!("registering the listener of app #{app}"))
+    }
+
+    /// Empties the sockmap slot of app `app` (the app was removed).
+    pub fn clear_tcp_listener(&mut self, app: u32) -> anyhow::Result<()> {
+        let mut map: SockMap<&mut MapData> =
+            SockMap::try_from(self.map_mut("TCP_LISTENERS")?)?;
+        match map.clear_index(&app) {
+            Ok(()) => Ok(()),
+            // Nothing there: already clear.
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(err).with_context(|| format!("clearing the listener of app #{app}")),
+        }
+    }
+
+    /// The app index of every app id in the current plan.
+    pub fn app_indices(&self) -> BTreeMap<String, u32> {
+        self.current
+            .as_ref()
+            .map(|p| {
+                p.app_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| (id.clone(), i as u32))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Mutable access to a map by name, for the TCP listener socket map and tests.
