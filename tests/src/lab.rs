@@ -1,0 +1,635 @@
+//! The network-namespace lab: three namespaces `client` ↔ `edge` ↔ `origin` joined by
+//! veth pairs, with fixed addresses, unique names (tests run in parallel) and cleanup
+//! on drop, panics included. See `docs/lab.md` for the layout and the reasons behind
+//! every sysctl and offload setting.
+//!
+//! ```text
+//!  client ns                edge ns                         origin ns
+//!  ┌───────────────┐        ┌──────────────────────────┐        ┌───────────────┐
+//!  │ cl 10.0.1.2   │ ─veth─ │ ec 10.0.1.1  eo 10.0.2.1 │ ─veth─ │ oe 10.0.2.2   │
+//!  │    fd00:1::2  │        │    fd00:1::1    fd00:2::1│        │    fd00:2::2  │
+//!  └───────────────┘        └──────────────────────────┘        └───────────────┘
+//! ```
+
+mod child;
+mod netns;
+mod xdp;
+
+use std::{
+    fs::{File, OpenOptions},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use child::{NsChild, OutputOk};
+pub use netns::{NETNS_RUN_DIR, Netns, NsTask};
+pub use xdp::{XDP_PASS_PROGRAM, XdpStub};
+
+/// Client address (on `cl`).
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+/// Edge address on the client side (on `ec`); the client's default gateway.
+pub const EDGE_CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// Edge address on the origin side (on `eo`); the origin's default gateway.
+pub const EDGE_ORIGIN_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+/// Origin address (on `oe`).
+pub const ORIGIN_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// Client IPv6 address (on `cl`).
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+/// Edge IPv6 address on the client side (on `ec`); the client's default gateway.
+pub const EDGE_CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+/// Edge IPv6 address on the origin side (on `eo`); the origin's default gateway.
+pub const EDGE_ORIGIN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1);
+/// Origin IPv6 address (on `oe`).
+pub const ORIGIN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2);
+/// The client ↔ edge IPv4 subnet (`/PREFIX_V4`).
+pub const CLIENT_NET_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 0);
+/// The edge ↔ origin IPv4 subnet (`/PREFIX_V4`).
+pub const ORIGIN_NET_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 0);
+/// The client ↔ edge IPv6 subnet (`/PREFIX_V6`).
+pub const CLIENT_NET_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0);
+/// The edge ↔ origin IPv6 subnet (`/PREFIX_V6`).
+pub const ORIGIN_NET_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0);
+/// Prefix length of the lab's IPv4 subnets.
+pub const PREFIX_V4: u8 = 24;
+/// Prefix length of the lab's IPv6 subnets.
+pub const PREFIX_V6: u8 = 64;
+
+/// Namespace name prefix; `cleanup_stale` only ever touches `fwd-<pid>-<n>-<role>`.
+const NS_PREFIX: &str = "fwd";
+/// Linux `IFNAMSIZ - 1`.
+const MAX_IFNAME: usize = 15;
+/// Serialises `ip netns add` across threads and processes (see `NetnsAddLock`).
+const NETNS_ADD_LOCK: &str = "/run/fwd-lab-netns.lock";
+
+/// Per-process lab counter: the only global state of the lab.
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// The three hosts of the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Client,
+    Edge,
+    Origin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Client, Role::Edge, Role::Origin];
+
+    /// `client`, `edge` or `origin` (the namespace name suffix).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Edge => "edge",
+            Role::Origin => "origin",
+        }
+    }
+}
+
+/// Interface names of the lab (unique per lab: `f<pid36>-<n36>-<suffix>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ifaces {
+    /// `…-cl`, in `client`, peer of `edge_client`.
+    pub client: String,
+    /// `…-ec`, in `edge`, facing the client.
+    pub edge_client: String,
+    /// `…-eo`, in `edge`, facing the origin.
+    pub edge_origin: String,
+    /// `…-oe`, in `origin`, peer of `edge_origin`.
+    pub origin: String,
+}
+
+/// A lab: namespaces `fwd-<pid>-<n>-{client,edge,origin}` joined by two veth pairs.
+/// Dropping it (also during a panic) detaches the stubs, kills every process left
+/// in its namespaces, deletes the veths and the namespaces.
+#[derive(Debug)]
+pub struct Lab {
+    id: String,
+    client: Netns,
+    edge: Netns,
+    origin: Netns,
+    ifaces: Ifaces,
+    /// Namespaces `ip netns add` has created so far (for cleanup of a half-built lab).
+    created: Vec<Role>,
+    stubs: Mutex<Vec<XdpStub>>,
+}
+
+impl Lab {
+    /// Builds a lab; see the module docs and `docs/lab.md` for what it sets up.
+    pub fn new() -> Result<Lab> {
+        if let Err(e) = cleanup_stale() {
+            log::warn!("lab: removing stale namespaces: {e:#}");
+        }
+        let pid = std::process::id();
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{NS_PREFIX}-{pid}-{n}");
+        let tag = format!("f{}-{}", base36(pid), base36(n));
+        let ifname = |suffix: &str| -> Result<String> {
+            let name = format!("{tag}-{suffix}");
+            if name.len() > MAX_IFNAME {
+                bail!("interface name {name} is longer than {MAX_IFNAME} bytes");
+            }
+            Ok(name)
+        };
+        let ifaces = Ifaces {
+            client: ifname("cl")?,
+            edge_client: ifname("ec")?,
+            edge_origin: ifname("eo")?,
+            origin: ifname("oe")?,
+        };
+        let ns = |role: Role| Netns::new(format!("{id}-{}", role.as_str()));
+        let mut lab = Lab {
+            client: ns(Role::Client),
+            edge: ns(Role::Edge),
+            origin: ns(Role::Origin),
+            id,
+            ifaces,
+            created: Vec::new(),
+            stubs: Mutex::new(Vec::new()),
+        };
+        // On error `lab` is dropped here, which removes whatever was created.
+        lab.build()
+            .with_context(|| format!("building lab {}", lab.id))?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        for role in Role::ALL {
+            let name = self.netns(role).name().to_owned();
+            {
+                let _lock = NetnsAddLock::acquire()?;
+                Command::new("ip")
+                    .args(["netns", "add", &name])
+                    .output_ok()?;
+            }
+            self.created.push(role);
+        }
+
+        // Sysctls before the veths exist, so the interfaces inherit `default`.
+        for role in Role::ALL {
+            let forwarding = if role == Role::Edge { "1" } else { "0" };
+            let ns = self.netns(role);
+            for (key, value) in [
+                ("net.ipv6.conf.all.disable_ipv6", "0"),
+                ("net.ipv6.conf.default.disable_ipv6", "0"),
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
+                ("net.ipv6.conf.all.accept_ra", "0"),
+                ("net.ipv6.conf.default.accept_ra", "0"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+                ("net.ipv4.ip_forward", forwarding),
+                ("net.ipv6.conf.all.forwarding", forwarding),
+                ("net.ipv6.conf.default.forwarding", forwarding),
+            ] {
+                ns.sysctl(key, value)?;
+            }
+        }
+
+        let Ifaces {
+            client: cl,
+            edge_client: ec,
+            edge_origin: eo,
+            origin: oe,
+        } = self.ifaces.clone();
+        // Both ends are created directly inside the lab namespaces: nothing ever
+        // appears in the host namespace.
+        self.edge.ip_batch(&[
+            format!(
+                "link add {ec} type veth peer name {cl} netns {}",
+                self.client.name()
+            ),
+            format!(
+                "link add {eo} type veth peer name {oe} netns {}",
+                self.origin.name()
+            ),
+        ])?;
+
+        for (role, ifname) in [
+            (Role::Client, &cl),
+            (Role::Edge, &ec),
+            (Role::Edge, &eo),
+            (Role::Origin, &oe),
+        ] {
+            let ns = self.netns(role);
+            // Per-interface copies of the `all`-level switches, for clarity in
+            // `sysctl -a` output (the kernel ORs/ANDs them with `all` anyway).
+            ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0")?;
+            ns.sysctl(&format!("net.ipv4.conf.{ifname}.rp_filter"), "0")?;
+            // Full checksums on the wire, the stack verifying what it receives, no
+            // GRO batching: see docs/lab.md.
+            ns.run(
+                "ethtool",
+                &[
+                    "-K", ifname, "tx", "off", "rx", "off", "tso", "off", "gro", "off",
+                ],
+            )
+            .with_context(|| format!("disabling offloads on {ifname}"))?;
+        }
+
+        self.client.ip_batch(&[
+            "link set lo up".to_owned(),
+            format!("link set {cl} up"),
+            format!("addr add {CLIENT_V4}/{PREFIX_V4} dev {cl}"),
+            format!("addr add {CLIENT_V6}/{PREFIX_V6} dev {cl} nodad"),
+            format!("route add default via {EDGE_CLIENT_V4} dev {cl} src {CLIENT_V4}"),
+            format!("route add default via {EDGE_CLIENT_V6} dev {cl} src {CLIENT_V6}"),
+        ])?;
+        self.edge.ip_batch(&[
+            "link set lo up".to_owned(),
+            format!("link set {ec} up"),
+            format!("link set {eo} up"),
+            format!("addr add {EDGE_CLIENT_V4}/{PREFIX_V4} dev {ec}"),
+            format!("addr add {EDGE_CLIENT_V6}/{PREFIX_V6} dev {ec} nodad"),
+            format!("addr add {EDGE_ORIGIN_V4}/{PREFIX_V4} dev {eo}"),
+            format!("addr add {EDGE_ORIGIN_V6}/{PREFIX_V6} dev {eo} nodad"),
+        ])?;
+        self.origin.ip_batch(&[
+            "link set lo up".to_owned(),
+            format!("link set {oe} up"),
+            format!("addr add {ORIGIN_V4}/{PREFIX_V4} dev {oe}"),
+            format!("addr add {ORIGIN_V6}/{PREFIX_V6} dev {oe} nodad"),
+            format!("route add default via {EDGE_ORIGIN_V4} dev {oe} src {ORIGIN_V4}"),
+            format!("route add default via {EDGE_ORIGIN_V6} dev {oe} src {ORIGIN_V6}"),
+        ])?;
+        Ok(())
+    }
+
+    /// `fwd-<pid>-<n>`: the namespace names are `<id>-client`, `<id>-edge`, `<id>-origin`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The client namespace.
+    pub fn client(&self) -> &Netns {
+        &self.client
+    }
+
+    /// The edge namespace (where the forwarder runs).
+    pub fn edge(&self) -> &Netns {
+        &self.edge
+    }
+
+    /// The origin namespace.
+    pub fn origin(&self) -> &Netns {
+        &self.origin
+    }
+
+    /// The namespace of `role`.
+    pub fn netns(&self, role: Role) -> &Netns {
+        match role {
+            Role::Client => &self.client,
+            Role::Edge => &self.edge,
+            Role::Origin => &self.origin,
+        }
+    }
+
+    /// All four interface names.
+    pub fn ifaces(&self) -> &Ifaces {
+        &self.ifaces
+    }
+
+    /// The edge's interfaces: `[client-facing (ec), origin-facing (eo)]`.
+    pub fn edge_ifaces(&self) -> [&str; 2] {
+        [&self.ifaces.edge_client, &self.ifaces.edge_origin]
+    }
+
+    /// Attaches the XDP_PASS stub (driver mode) on the peers of the edge's interfaces:
+    /// `cl` in `client` and `oe` in `origin`. A native XDP_REDIRECT/XDP_TX out of `ec`
+    /// lands on `cl`, out of `eo` on `oe`; veth delivers such frames only when the
+    /// receiving peer has an XDP program. Kept until the lab is dropped or
+    /// [`Lab::detach_pass_stubs`].
+    pub fn attach_pass_stubs(&self) -> Result<()> {
+        let client = self.client.attach_xdp_pass(&self.ifaces.client)?;
+        let origin = self.origin.attach_xdp_pass(&self.ifaces.origin)?;
+        let mut stubs = self.stubs.lock().unwrap_or_else(|e| e.into_inner());
+        stubs.push(client);
+        stubs.push(origin);
+        Ok(())
+    }
+
+    /// Attaches the stub on any lab interface (e.g. `ec`/`eo` when something in
+    /// client/origin redirects towards the edge); kept like those of
+    /// [`Lab::attach_pass_stubs`].
+    pub fn attach_pass_stub(&self, role: Role, ifname: &str) -> Result<()> {
+        let stub = self.netns(role).attach_xdp_pass(ifname)?;
+        self.stubs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stub);
+        Ok(())
+    }
+
+    /// Detaches every stub attached through the lab.
+    pub fn detach_pass_stubs(&self) {
+        let stubs = std::mem::take(&mut *self.stubs.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(stubs);
+    }
+
+    /// Adds `cidr` (e.g. `"10.0.1.200/24"`, `"10.0.3.5/24"`, `"fd00:3::5/64"`) to the
+    /// client's interface, for tests that need several client addresses. When the
+    /// address is outside the client ↔ edge subnets, the edge gets a host route to it
+    /// through `ec` (the client already reaches everything through its default route).
+    /// The client's default routes keep [`CLIENT_V4`]/[`CLIENT_V6`] as preferred
+    /// source: bind to the new address to use it. Returns the address.
+    pub fn add_client_address(&self, cidr: &str) -> Result<IpAddr> {
+        self.add_address(Role::Client, cidr)
+    }
+
+    /// Like [`Lab::add_client_address`] for the origin (`oe`; edge route through `eo`).
+    pub fn add_origin_address(&self, cidr: &str) -> Result<IpAddr> {
+        self.add_address(Role::Origin, cidr)
+    }
+
+    fn add_address(&self, role: Role, cidr: &str) -> Result<IpAddr> {
+        let (addr, prefix) = parse_cidr(cidr)?;
+        let (ifname, edge_ifname, net_v4, net_v6) = match role {
+            Role::Client => (
+                &self.ifaces.client,
+                &self.ifaces.edge_client,
+                CLIENT_NET_V4,
+                CLIENT_NET_V6,
+            ),
+            Role::Origin => (
+                &self.ifaces.origin,
+                &self.ifaces.edge_origin,
+                ORIGIN_NET_V4,
+                ORIGIN_NET_V6,
+            ),
+            Role::Edge => bail!("add_address is for the client and the origin"),
+        };
+        let nodad = if addr.is_ipv6() { " nodad" } else { "" };
+        self.netns(role)
+            .ip_batch(&[format!("addr add {addr}/{prefix} dev {ifname}{nodad}")])
+            .with_context(|| format!("adding {cidr} to the {}", role.as_str()))?;
+        let on_link = match addr {
+            IpAddr::V4(a) => in_subnet_v4(a, net_v4, PREFIX_V4),
+            IpAddr::V6(a) => in_subnet_v6(a, net_v6, PREFIX_V6),
+        };
+        if !on_link {
+            let host = if addr.is_ipv4() { 32 } else { 128 };
+            self.edge
+                .ip_batch(&[format!("route replace {addr}/{host} dev {edge_ifname}")])
+                .with_context(|| format!("adding the edge's route to {addr}"))?;
+        }
+        Ok(addr)
+    }
+
+    /// Tears the lab down now and reports errors (dropping does the same, logging
+    /// errors to stderr).
+    pub fn close(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        self.detach_pass_stubs();
+        let mut errors = Vec::new();
+        let roles = std::mem::take(&mut self.created);
+        for &role in &roles {
+            self.netns(role).kill_children();
+        }
+        for &role in &roles {
+            if let Err(e) = kill_ns_processes(self.netns(role).name()) {
+                errors.push(e);
+            }
+        }
+        if roles.contains(&Role::Edge) {
+            // Explicitly, in case something (a socket, a thread still inside) keeps a
+            // namespace alive after `ip netns del`: the veths must not linger.
+            for ifname in [&self.ifaces.edge_client, &self.ifaces.edge_origin] {
+                let _ = self.edge.ip(&["link", "del", ifname.as_str()]);
+            }
+        }
+        for &role in &roles {
+            if let Err(e) = delete_netns(self.netns(role).name()) {
+                errors.push(e);
+            }
+        }
+        match errors
+            .into_iter()
+            .reduce(|a, b| a.context(format!("{b:#}")))
+        {
+            Some(e) => Err(e.context(format!("tearing down lab {}", self.id))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("lab: {e:#}");
+        }
+    }
+}
+
+/// Removes leftover lab namespaces (`fwd-<pid>-<n>-{client,edge,origin}`) whose
+/// creating process no longer exists (crashed or killed runs): kills the processes
+/// still inside them and deletes them. Namespaces of live processes, and any other
+/// namespace, are left alone. Returns how many were removed. [`Lab::new`] calls it.
+pub fn cleanup_stale() -> Result<usize> {
+    let entries = match std::fs::read_dir(NETNS_RUN_DIR) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).context(format!("listing {NETNS_RUN_DIR}")),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {NETNS_RUN_DIR}"))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let Some(pid) = stale_owner(&name) else {
+            continue;
+        };
+        if process_alive(pid) {
+            continue;
+        }
+        kill_ns_processes(&name)?;
+        // Deleting the namespace destroys its veths once nothing references it.
+        match delete_netns(&name) {
+            Ok(()) => removed += 1,
+            // Another process cleaning up at the same time got there first.
+            Err(_) if !std::path::Path::new(NETNS_RUN_DIR).join(&name).exists() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+/// The owner pid of a lab namespace name `fwd-<pid>-<n>-<role>`.
+fn stale_owner(name: &str) -> Option<libc::pid_t> {
+    let rest = name.strip_prefix(NS_PREFIX)?.strip_prefix('-')?;
+    let mut parts = rest.splitn(3, '-');
+    let pid = parts.next()?.parse::<libc::pid_t>().ok()?;
+    parts.next()?.parse::<u32>().ok()?;
+    let role = parts.next()?;
+    (pid > 0 && Role::ALL.iter().any(|r| r.as_str() == role)).then_some(pid)
+}
+
+fn process_alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// SIGKILLs every process whose network namespace is `name` (`ip netns pids`), never
+/// this process.
+fn kill_ns_processes(name: &str) -> Result<()> {
+    let me = std::process::id();
+    let pids = Command::new("ip")
+        .args(["netns", "pids", name])
+        .output_ok()
+        .with_context(|| format!("listing the processes of {name}"))?;
+    for pid in pids
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+    {
+        if pid == me {
+            continue;
+        }
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            continue;
+        };
+        // SAFETY: plain syscall; the pid was listed as living in our namespace.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    Ok(())
+}
+
+fn delete_netns(name: &str) -> Result<()> {
+    Command::new("ip")
+        .args(["netns", "del", name])
+        .output_ok()
+        .map(drop)
+}
+
+/// An exclusive `flock` on [`NETNS_ADD_LOCK`]. `ip netns add` turns `/run/netns` into
+/// a shared mount point the first time it runs after boot; two concurrent first runs
+/// both bind-mount it, stacking mounts that hide each other's namespaces.
+struct NetnsAddLock(File);
+
+impl NetnsAddLock {
+    fn acquire() -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(NETNS_ADD_LOCK)
+            .with_context(|| format!("opening {NETNS_ADD_LOCK}"))?;
+        loop {
+            // SAFETY: flock on a valid fd; released when the file is closed.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Self(file));
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err).with_context(|| format!("locking {NETNS_ADD_LOCK}"));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for NetnsAddLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("NetnsAddLock").field(&self.0).finish()
+    }
+}
+
+fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8)> {
+    let (addr, prefix) = cidr
+        .split_once('/')
+        .with_context(|| format!("{cidr:?} is not address/prefix"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .with_context(|| format!("bad address in {cidr:?}"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .with_context(|| format!("bad prefix length in {cidr:?}"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        bail!("prefix length {prefix} too long in {cidr:?}");
+    }
+    Ok((addr, prefix))
+}
+
+fn in_subnet_v4(addr: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(addr) & mask == u32::from(net) & mask
+}
+
+fn in_subnet_v6(addr: Ipv6Addr, net: Ipv6Addr, prefix: u8) -> bool {
+    let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+    u128::from(addr) & mask == u128::from(net) & mask
+}
+
+fn base36(mut n: u32) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(base36(0), "0");
+        assert_eq!(base36(35), "z");
+        assert_eq!(base36(36), "10");
+        assert_eq!(base36(4_194_304), "2hwcg");
+        assert_eq!(stale_owner("fwd-1234-7-edge"), Some(1234));
+        assert_eq!(stale_owner("fwd-1234-7-client"), Some(1234));
+        assert_eq!(stale_owner("fwd-1234-7-other"), None);
+        assert_eq!(stale_owner("fwd-x-7-edge"), None);
+        assert_eq!(stale_owner("fwdx-1-7-edge"), None);
+        assert_eq!(stale_owner("other"), None);
+        // The longest possible interface name: pid_max (2^22) and a 4-digit counter.
+        assert!(format!("f{}-{}-cl", base36(4_194_304), base36(36u32.pow(4) - 1)).len() <= 15);
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(
+            parse_cidr("10.0.3.5/24").unwrap(),
+            (IpAddr::V4(Ipv4Addr::new(10, 0, 3, 5)), 24)
+        );
+        assert!(parse_cidr("10.0.3.5").is_err());
+        assert!(parse_cidr("10.0.3.5/33").is_err());
+        assert!(parse_cidr("fd00:3::5/64").is_ok());
+        assert!(in_subnet_v4(
+            Ipv4Addr::new(10, 0, 1, 200),
+            CLIENT_NET_V4,
+            24
+        ));
+        assert!(!in_subnet_v4(Ipv4Addr::new(10, 0, 3, 5), CLIENT_NET_V4, 24));
+        assert!(in_subnet_v4(Ipv4Addr::new(1, 2, 3, 4), CLIENT_NET_V4, 0));
+        assert!(in_subnet_v6(
+            "fd00:1::99".parse().unwrap(),
+            CLIENT_NET_V6,
+            64
+        ));
+        assert!(!in_subnet_v6(
+            "fd00:3::5".parse().unwrap(),
+            CLIENT_NET_V6,
+            64
+        ));
+    }
+}

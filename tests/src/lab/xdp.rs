@@ -1,0 +1,93 @@
+//! The XDP_PASS stub for veth peers that receive native-mode XDP_REDIRECT / XDP_TX
+//! traffic.
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{Xdp, XdpMode},
+};
+
+use super::Netns;
+
+/// Name of the stub program in the forwarder's eBPF object.
+pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
+
+/// `xdp_pass` attached in driver (native) mode to one interface of one namespace.
+/// Dropping it detaches the program (from a thread inside that namespace).
+#[derive(Debug)]
+pub struct XdpStub {
+    ebpf: Option<Ebpf>,
+    netns: Netns,
+    ifname: String,
+}
+
+impl XdpStub {
+    /// The namespace of the interface.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The interface the stub is attached to.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+}
+
+impl Drop for XdpStub {
+    fn drop(&mut self) {
+        let Some(ebpf) = self.ebpf.take() else {
+            return;
+        };
+        // With a bpf_link attachment (kernel >= 5.9) closing the link fd detaches, in
+        // any namespace. aya falls back to netlink on older kernels, whose detach names
+        // the interface by index in the *current* namespace: drop it inside the lab
+        // namespace so it can never act on a host interface.
+        let mut slot = Some(ebpf);
+        let dropped = self.netns.run_in(|| drop(slot.take()));
+        if dropped.is_err()
+            && let Some(ebpf) = slot
+        {
+            // The namespace is gone, and with it the interface; leak rather than
+            // risk a detach addressed to the host namespace.
+            std::mem::forget(ebpf);
+        }
+    }
+}
+
+impl Netns {
+    /// Loads `xdp_pass` from `forwarder::ebpf::object_bytes()` and attaches it to
+    /// `ifname` of this namespace in driver mode (`XdpMode::Driver`), from a thread
+    /// inside the namespace (interface names resolve in the caller's namespace).
+    pub fn attach_xdp_pass(&self, ifname: &str) -> Result<XdpStub> {
+        let bytes = forwarder::ebpf::object_bytes();
+        if bytes.is_empty() {
+            bail!(
+                "the forwarder eBPF object is empty (built with AYA_BUILD_SKIP=1?); \
+                 the XDP_PASS stub needs the real object"
+            );
+        }
+        let ebpf = self.run_in(|| -> Result<Ebpf> {
+            let mut ebpf = Ebpf::load(bytes).context("loading the forwarder eBPF object")?;
+            let program: &mut Xdp = ebpf
+                .program_mut(XDP_PASS_PROGRAM)
+                .with_context(|| format!("no program {XDP_PASS_PROGRAM} in the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("{XDP_PASS_PROGRAM} is not an XDP program"))?;
+            program
+                .load()
+                .with_context(|| format!("loading {XDP_PASS_PROGRAM} into the kernel"))?;
+            program.attach(ifname, XdpMode::Driver).with_context(|| {
+                format!(
+                    "attaching {XDP_PASS_PROGRAM} to {ifname} in {} (driver mode)",
+                    self.name()
+                )
+            })?;
+            Ok(ebpf)
+        })??;
+        Ok(XdpStub {
+            ebpf: Some(ebpf),
+            netns: self.clone(),
+            ifname: ifname.to_owned(),
+        })
+    }
+}
