@@ -16,7 +16,11 @@ use clap::{Parser, Subcommand};
 use util::{command, note, run, step};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "forwarder development commands")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "forwarder development commands"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
