@@ -40,10 +40,13 @@ pub enum DropReason {
     SppInvalid = 6,
     NoFlow = 7,
     TooBig = 8,
+    /// Not in SPEC §6's list: the origin (or, on the way back, the client) has no
+    /// route or no resolved neighbour from the XDP program's point of view.
+    NoRoute = 9,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::Fragment,
@@ -54,6 +57,7 @@ impl DropReason {
         DropReason::SppInvalid,
         DropReason::NoFlow,
         DropReason::TooBig,
+        DropReason::NoRoute,
     ];
 
     /// The `reason` label value.
@@ -68,6 +72,7 @@ impl DropReason {
             DropReason::SppInvalid => "spp_invalid",
             DropReason::NoFlow => "no_flow",
             DropReason::TooBig => "too_big",
+            DropReason::NoRoute => "no_route",
         }
     }
 }
@@ -140,6 +145,9 @@ pub struct OriginInfo {
     pub _pad: u8,
     /// The app this origin belongs to.
     pub app: u32,
+    /// The interface the route to the origin leaves by (resolved by the agent); the
+    /// XDP program's route lookup for the origin is done as output from it.
+    pub ifindex: u32,
 }
 
 /// Key of `ORIGIN_PORTS`: a (protocol, origin address, origin port) the agent talks to.
@@ -222,20 +230,29 @@ pub struct FlowState {
     pub local_port: u16,
     /// `FLOW_*` bits.
     pub flags: u32,
+    /// The interface the client's first datagram arrived on: replies leave by it.
+    pub client_ifindex: u32,
+    pub _pad: u32,
 }
 
 /// The PROXY v2 header has been sent on this flow (v2 sends it once).
 pub const FLOW_V2_HEADER_SENT: u32 = 1;
 
-/// Key of `NAT_PORTS`: return traffic of a plain-NAT or v2 flow, as the origin sends it.
+/// Key of `NAT_PORTS`: the agent's (local address, local port) of a plain-NAT or v2
+/// flow. Ports are unique per local address among live flows; the value names the
+/// flow, whose origin is checked against the reply's sender.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NatKey {
-    pub origin: [u8; 16],
     pub local: [u8; 16],
-    pub origin_port: u16,
     pub local_port: u16,
+    pub _pad: u16,
 }
+
+/// PROXY v2 header lengths in front of a UDP datagram (signature + fixed part +
+/// addresses).
+pub const PROXY_V2_LEN_V4: usize = 16 + 12;
+pub const PROXY_V2_LEN_V6: usize = 16 + 36;
 
 /// Simple Proxy Protocol: header length and magic (SPEC §5).
 pub const SPP_HEADER_LEN: usize = 38;
@@ -278,11 +295,11 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<AppInfo>(), 12);
-        assert_eq!(size_of::<OriginInfo>(), 40);
+        assert_eq!(size_of::<OriginInfo>(), 44);
         assert_eq!(size_of::<OriginPortKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 36);
-        assert_eq!(size_of::<FlowState>(), 64);
-        assert_eq!(size_of::<NatKey>(), 36);
+        assert_eq!(size_of::<FlowState>(), 72);
+        assert_eq!(size_of::<NatKey>(), 20);
         assert_eq!(size_of::<Settings>(), 8);
     }
 
@@ -300,7 +317,8 @@ mod tests {
                 "firewall",
                 "spp_invalid",
                 "no_flow",
-                "too_big"
+                "too_big",
+                "no_route"
             ]
         );
         for (i, r) in DropReason::ALL.iter().enumerate() {

@@ -3,20 +3,26 @@
 //! peer stub and benchmark baseline).
 #![no_std]
 #![no_main]
+// Atomic adds on shared map values: core's atomics lack fetch_add on the BPF target.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod counters;
+mod csum;
 mod maps;
 mod parse;
 mod policy;
 mod steer;
+mod udp;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use forwarder_common::{DIR_INGRESS, DropReason};
 
 use crate::{
     counters::{count_app, count_interface, drop},
+    maps::SCRATCH,
     parse::{Parsed, parse},
-    policy::{Decision, decide_edge, edge_index, is_neighbour_discovery},
+    policy::{Decision, decide_edge, edge_index, is_neighbour_discovery, udp_return_app},
 };
 
 #[xdp]
@@ -27,37 +33,44 @@ pub fn xdp_forwarder(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> u32 {
-    let pkt = match parse(ctx) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's scratch slot; nothing else uses it while this program runs.
+    let scratch = unsafe { &mut *scratch };
+    match parse(ctx, &mut scratch.pkt) {
         Parsed::NotIp => return xdp_action::XDP_PASS,
-        Parsed::Malformed { dst: None } => return drop(DropReason::Malformed),
+        Parsed::Malformed => return drop(DropReason::Malformed),
         // Unparseable beyond the destination: drop only what is addressed to us.
-        Parsed::Malformed { dst: Some(dst) } => {
-            return match edge_index(&dst) {
+        Parsed::MalformedTo => {
+            return match edge_index(&scratch.pkt.dst) {
                 Some(_) => drop(DropReason::Malformed),
                 None => xdp_action::XDP_PASS,
             };
         }
-        Parsed::Ip(pkt) => pkt,
-    };
-    if is_neighbour_discovery(&pkt) {
+        Parsed::Ip => {}
+    }
+    let pkt = &scratch.pkt;
+    if is_neighbour_discovery(pkt) {
         return xdp_action::XDP_PASS;
     }
     let Some(edge) = edge_index(&pkt.dst) else {
+        // Replies of UDP flows may come to an address that is not an edge address
+        // (the agent's origin-side address): recognised here (SPEC §3 step 2).
+        if let Some(app) = udp_return_app(pkt) {
+            return udp::to_client(ctx, scratch, app);
+        }
         return xdp_action::XDP_PASS;
     };
-    match decide_edge(&pkt, edge) {
+    match decide_edge(pkt, edge) {
         Decision::Pass => xdp_action::XDP_PASS,
         Decision::Drop(reason) => drop(reason),
         Decision::TcpApp { app } => {
             count_app(app, DIR_INGRESS, 0);
             xdp_action::XDP_PASS
         }
-        // The UDP fast path is not wired in yet: hand datagrams to the kernel.
-        Decision::UdpApp { app, .. } => {
-            count_app(app, DIR_INGRESS, 0);
-            xdp_action::XDP_PASS
-        }
-        Decision::UdpReturn { .. } => xdp_action::XDP_PASS,
+        Decision::UdpApp { app, info } => udp::to_origin(ctx, scratch, app, &info),
+        Decision::UdpReturn { app } => udp::to_client(ctx, scratch, app),
     }
 }
 

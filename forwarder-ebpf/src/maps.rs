@@ -2,6 +2,7 @@
 //! them, and write counters and the UDP flow table.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockMap},
 };
@@ -10,6 +11,8 @@ use forwarder_common::{
     MAX_FLOWS, MAX_INTERFACES, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES, NatKey, OriginInfo,
     OriginPortKey, OriginPortTarget, PortKey, PortTarget, RuleVerdict, Settings,
 };
+
+use crate::{parse::Packet, udp::Rewrite};
 
 /// Edge addresses (16-byte, IPv4-mapped for IPv4) → their index.
 #[map]
@@ -74,3 +77,18 @@ pub static NAT_PORTS: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries
 /// One listening socket per TCP app, indexed by app (sk_lookup steering).
 #[map]
 pub static TCP_LISTENERS: SockMap = SockMap::with_max_entries(MAX_APPS, 0);
+
+/// Per-CPU working memory for one packet: the parsed summary, the rewrite plan, the
+/// route lookup and a new flow's state. The BPF stack (512 bytes) cannot hold them
+/// next to the classifier's own; a program run never migrates CPUs, so each CPU's
+/// slot has one user at a time.
+#[repr(C)]
+pub struct Scratch {
+    pub pkt: Packet,
+    pub rw: Rewrite,
+    pub fib: bpf_fib_lookup,
+    pub flow: FlowState,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -46,12 +46,6 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, offset).map(|p| p as *mut T)
 }
 
-#[inline(always)]
-pub fn read_u8(ctx: &XdpContext, offset: usize) -> Option<u8> {
-    // SAFETY: ptr_at checked the byte is inside the packet.
-    ptr_at::<u8>(ctx, offset).map(|p| unsafe { *p })
-}
-
 /// Reads a big-endian u16.
 #[inline(always)]
 pub fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
@@ -60,7 +54,7 @@ pub fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
 }
 
 /// What the classifier needs to know about a frame.
-#[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Packet {
     /// Offset of the IP header.
     pub l3: usize,
@@ -83,18 +77,24 @@ pub struct Packet {
     pub vlan_tags: u8,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
     /// Not IPv4/IPv6: none of our business.
     NotIp,
     /// IPv4/IPv6 whose headers cannot be trusted (truncated, bad IHL, bad lengths,
-    /// extension header chain too long). `dst` is set when the destination address
-    /// itself could be read, so the policy can still pass non-edge traffic.
-    Malformed { dst: Option<[u8; 16]> },
-    Ip(Packet),
+    /// extension header chain too long), destination unknown.
+    Malformed,
+    /// As `Malformed`, but `Packet::dst` could be read, so the policy can still pass
+    /// traffic that is not for an edge address.
+    MalformedTo,
+    /// `Packet` is filled in.
+    Ip,
 }
 
+/// Parses the frame into `pkt` (which lives in per-CPU scratch memory: the BPF
+/// stack is too small for it and the rewrite state together).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
+pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Parsed {
     let Some(mut ether_type) = read_be16(ctx, 12) else {
         return Parsed::NotIp;
     };
@@ -113,22 +113,22 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         vlan_tags += 1;
     }
     match ether_type {
-        ETH_P_IPV4 => parse_ipv4(ctx, l3, vlan_tags),
-        ETH_P_IPV6 => parse_ipv6(ctx, l3, vlan_tags),
+        ETH_P_IPV4 => parse_ipv4(ctx, pkt, l3, vlan_tags),
+        ETH_P_IPV6 => parse_ipv6(ctx, pkt, l3, vlan_tags),
         _ => Parsed::NotIp,
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize, vlan_tags: u8) -> Parsed {
+fn parse_ipv4(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> Parsed {
     // The fixed 20-byte header must be there to read anything at all.
     let Some(hdr) = ptr_at::<[u8; 20]>(ctx, l3) else {
-        return Parsed::Malformed { dst: None };
+        return Parsed::Malformed;
     };
     // SAFETY: bounds checked by ptr_at.
-    let hdr = unsafe { *hdr };
-    let dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    let malformed = Parsed::Malformed { dst: Some(dst) };
+    let hdr = unsafe { &*hdr };
+    pkt.dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    let malformed = Parsed::MalformedTo;
     if hdr[0] >> 4 != 4 {
         return malformed;
     }
@@ -145,36 +145,32 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, vlan_tags: u8) -> Parsed {
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
     // MF set or a non-zero offset: a fragment (the DF bit is not one).
     let fragment = frag & 0x3fff != 0;
-    let mut pkt = Packet {
-        l3,
-        l4: l3 + ihl,
-        family: 4,
-        proto: hdr[9],
-        src: v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]),
-        dst,
-        fragment,
-        sport: 0,
-        dport: 0,
-        ip_len: tot_len,
-        vlan_tags,
-    };
+    pkt.l3 = l3;
+    pkt.l4 = l3 + ihl;
+    pkt.family = 4;
+    pkt.proto = hdr[9];
+    pkt.src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    pkt.fragment = fragment;
+    pkt.sport = 0;
+    pkt.dport = 0;
+    pkt.ip_len = tot_len;
+    pkt.vlan_tags = vlan_tags;
     if fragment {
-        return Parsed::Ip(pkt);
+        return Parsed::Ip;
     }
     let l4_len = tot_len as usize - ihl;
-    finish_l4(ctx, &mut pkt, l4_len)
+    finish_l4(ctx, pkt, l4_len)
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize, vlan_tags: u8) -> Parsed {
+fn parse_ipv6(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> Parsed {
     let Some(hdr) = ptr_at::<[u8; 40]>(ctx, l3) else {
-        return Parsed::Malformed { dst: None };
+        return Parsed::Malformed;
     };
     // SAFETY: bounds checked by ptr_at.
     let hdr = unsafe { &*hdr };
-    let mut dst = [0u8; 16];
-    dst.copy_from_slice(&hdr[24..40]);
-    let malformed = Parsed::Malformed { dst: Some(dst) };
+    pkt.dst.copy_from_slice(&hdr[24..40]);
+    let malformed = Parsed::MalformedTo;
     if hdr[0] >> 4 != 6 {
         return malformed;
     }
@@ -184,8 +180,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, vlan_tags: u8) -> Parsed {
     if payload_len > available {
         return malformed;
     }
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&hdr[8..24]);
+    pkt.src.copy_from_slice(&hdr[8..24]);
     let mut next = hdr[6];
     let mut off = l3 + 40;
     let mut fragment = false;
@@ -226,30 +221,26 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, vlan_tags: u8) -> Parsed {
             _ => break,
         }
     }
-    let mut pkt = Packet {
-        l3,
-        l4: off,
-        family: 6,
-        proto: next,
-        src,
-        dst,
-        fragment,
-        sport: 0,
-        dport: 0,
-        ip_len: (40 + payload_len) as u16,
-        vlan_tags,
-    };
+    pkt.l3 = l3;
+    pkt.l4 = off;
+    pkt.family = 6;
+    pkt.proto = next;
+    pkt.fragment = fragment;
+    pkt.sport = 0;
+    pkt.dport = 0;
+    pkt.ip_len = (40 + payload_len) as u16;
+    pkt.vlan_tags = vlan_tags;
     if fragment {
-        return Parsed::Ip(pkt);
+        return Parsed::Ip;
     }
     let l4_len = payload_len - (off - (l3 + 40));
-    finish_l4(ctx, &mut pkt, l4_len)
+    finish_l4(ctx, pkt, l4_len)
 }
 
 /// Reads ports (TCP/UDP) or type/code (ICMP) and checks the transport length.
 #[inline(always)]
 fn finish_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Parsed {
-    let malformed = Parsed::Malformed { dst: Some(pkt.dst) };
+    let malformed = Parsed::MalformedTo;
     let l4 = pkt.l4 & 0xffff;
     match pkt.proto {
         PROTO_UDP => {
@@ -257,7 +248,7 @@ fn finish_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Parsed {
                 return malformed;
             };
             // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { *h };
+            let h = unsafe { &*h };
             let udp_len = u16::from_be_bytes([h[4], h[5]]) as usize;
             if udp_len < 8 || udp_len > l4_len {
                 return malformed;
@@ -270,7 +261,7 @@ fn finish_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Parsed {
                 return malformed;
             };
             // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { *h };
+            let h = unsafe { &*h };
             let doff = ((h[12] >> 4) as usize) * 4;
             if doff < 20 || doff > l4_len {
                 return malformed;
@@ -286,11 +277,11 @@ fn finish_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Parsed {
                 return malformed;
             }
             // SAFETY: bounds checked by ptr_at.
-            let h = unsafe { *h };
+            let h = unsafe { &*h };
             pkt.sport = h[0] as u16;
             pkt.dport = h[1] as u16;
         }
         _ => {}
     }
-    Parsed::Ip(*pkt)
+    Parsed::Ip
 }

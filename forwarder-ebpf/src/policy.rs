@@ -91,6 +91,23 @@ pub fn decide_edge(pkt: &Packet, edge: u32) -> Decision {
     }
 }
 
+/// The UDP app whose origin sent `pkt`, for a well-formed datagram from an origin
+/// port (the return path of UDP flows to a non-edge address).
+#[inline(always)]
+pub fn udp_return_app(pkt: &Packet) -> Option<u32> {
+    if pkt.proto != PROTO_UDP || pkt.fragment {
+        return None;
+    }
+    let from = OriginPortKey {
+        addr: pkt.src,
+        port: pkt.sport,
+        proto: PROTO_UDP,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    unsafe { ORIGIN_PORTS.get(&from) }.map(|o| o.app)
+}
+
 #[inline(always)]
 fn icmp_verdict(icmp_type: u16, echo: &[u16; 2], errors: &[u16; 4]) -> Decision {
     if echo.contains(&icmp_type) || errors.contains(&icmp_type) {

@@ -2,7 +2,6 @@
 //! SIGINT/SIGTERM, then detach everything.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -12,9 +11,10 @@ use anyhow::{Context as _, anyhow};
 use log::{error, info};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::{Config, interface_addresses};
+use crate::config::{Config, Protocol, interface_addresses};
 use crate::control::ControlSocket;
 use crate::datapath::{Datapath, Plan};
+use crate::route::{OriginRoute, keep_neighbour_resolved, release_neighbour, route_to};
 use crate::stats::StatsSnapshot;
 
 /// Options of `forwarder run` besides the config.
@@ -25,30 +25,20 @@ pub struct RunOptions {
     pub control: PathBuf,
 }
 
-/// The agent's own source address towards `origin`, as the routing table chooses it.
-/// A connected UDP socket sends nothing; it only asks the kernel for the route.
-pub fn local_address_towards(origin: IpAddr) -> anyhow::Result<IpAddr> {
-    let bind: SocketAddr = match origin {
-        IpAddr::V4(_) => "0.0.0.0:0".parse()?,
-        IpAddr::V6(_) => "[::]:0".parse()?,
-    };
-    let socket = UdpSocket::bind(bind).context("binding a route-probe socket")?;
-    socket
-        .connect(SocketAddr::new(origin, 9))
-        .with_context(|| format!("no route to {origin}"))?;
-    Ok(socket.local_addr()?.ip())
-}
-
 /// The loaded, attached datapath with the config it was built from.
 pub struct Agent {
     config: Config,
     datapath: Datapath,
+    /// Next hops of UDP origins whose neighbour entries the kernel keeps resolved
+    /// for us (the XDP fast path needs their MAC addresses).
+    neighbours: Vec<OriginRoute>,
 }
 
 impl Agent {
     /// Loads the datapath, fills it from `config` and attaches it.
     pub fn start(config: Config) -> anyhow::Result<Agent> {
-        let plan = plan_for(&config)?;
+        let (plan, routes) = plan_for(&config)?;
+        let neighbours = manage_neighbours(&[], &routes)?;
         let mut datapath = Datapath::load()?;
         datapath.apply(&plan).context("filling the datapath maps")?;
         for interface in &config.agent.interfaces {
@@ -59,7 +49,11 @@ impl Agent {
             plan.apps.len(),
             plan.edge_addrs.len()
         );
-        Ok(Agent { config, datapath })
+        Ok(Agent {
+            config,
+            datapath,
+            neighbours,
+        })
     }
 
     /// Applies a new config as a difference; on error the running one stays.
@@ -71,7 +65,8 @@ impl Agent {
                 "agent.interfaces and agent.xdp_mode cannot change on reload; restart the agent"
             ));
         }
-        let plan = plan_for(&config)?;
+        let (plan, routes) = plan_for(&config)?;
+        self.neighbours = manage_neighbours(&self.neighbours, &routes)?;
         self.datapath.apply(&plan).context("updating the datapath maps")?;
         self.config = config;
         Ok(())
@@ -95,16 +90,48 @@ impl Agent {
     /// Detaches XDP from every interface (the sk_lookup link and maps go with the
     /// datapath when it is dropped).
     pub fn shutdown(mut self) -> anyhow::Result<()> {
+        manage_neighbours(&self.neighbours, &[])?;
         self.datapath.detach_all()
     }
 }
 
-fn plan_for(config: &Config) -> anyhow::Result<Plan> {
+/// The plan for `config`, and the routes to the origins of its UDP apps.
+fn plan_for(config: &Config) -> anyhow::Result<(Plan, Vec<OriginRoute>)> {
     let host = interface_addresses().context("reading interface addresses")?;
     let edges = config
         .resolve_edge_addresses(&host)
         .map_err(|e| anyhow!("{e}"))?;
-    Plan::build(config, &edges, local_address_towards)
+    let plan = Plan::build(config, &edges, route_to)?;
+    let mut routes = Vec::new();
+    for app in config.apps.iter().filter(|a| a.protocol == Protocol::Udp) {
+        for origin in &app.origins {
+            let route = route_to(origin.addr)?;
+            if !routes.contains(&route) {
+                routes.push(route);
+            }
+        }
+    }
+    Ok((plan, routes))
+}
+
+/// Keeps the neighbours of `wanted` resolved and releases those of `current` that
+/// are no longer wanted. Returns the new set.
+fn manage_neighbours(
+    current: &[OriginRoute],
+    wanted: &[OriginRoute],
+) -> anyhow::Result<Vec<OriginRoute>> {
+    for route in wanted {
+        keep_neighbour_resolved(route)?;
+    }
+    for route in current {
+        let still_used = wanted
+            .iter()
+            .any(|w| w.next_hop == route.next_hop && w.dev == route.dev);
+        if !still_used {
+            release_neighbour(route);
+        }
+    }
+    Ok(wanted.to_vec())
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Config> {

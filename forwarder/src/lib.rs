@@ -6,6 +6,8 @@ pub mod control;
 pub mod datapath;
 pub mod ebpf;
 pub mod events;
+pub mod route;
 pub mod spectrum;
 pub mod stats;
+pub mod tcp;
 pub mod wire;

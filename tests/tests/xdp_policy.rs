@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use forwarder::config::Config;
 use forwarder::datapath::{Datapath, PROG_XDP, Plan, test_run::run_once};
+use forwarder::route::OriginRoute;
 use forwarder_common::DropReason;
 use forwarder_tests::frames::*;
 use forwarder_tests::require_root;
@@ -83,9 +84,14 @@ impl Harness {
         let config = Config::parse(CONFIG).expect("test config is valid");
         let edges: Vec<IpAddr> = vec![EDGE4.into(), EDGE4_ORIGIN_SIDE.into(), EDGE6.into()];
         let plan = Plan::build(&config, &edges, |origin| {
-            Ok(match origin {
-                IpAddr::V4(_) => EDGE4_ORIGIN_SIDE.into(),
-                IpAddr::V6(_) => "fd00:2::1".parse().unwrap(),
+            Ok(OriginRoute {
+                local: match origin {
+                    IpAddr::V4(_) => EDGE4_ORIGIN_SIDE.into(),
+                    IpAddr::V6(_) => "fd00:2::1".parse().unwrap(),
+                },
+                dev: "lo".into(),
+                ifindex: 1,
+                next_hop: origin,
             })
         })
         .expect("plan");
@@ -174,13 +180,15 @@ fn ipv4_decisions_follow_spec_order() {
         ),
         Drop(DropReason::Fragment),
     );
+    // DF alone is not a fragment: classified further (to an unconfigured port).
+    let seg_other_port = udp(CLIENT4.into(), 4000, EDGE4.into(), 5001, b"abcdefgh");
     h.expect(
         "DF is not a fragment",
         &ethernet(
             ETH_P_IPV4,
-            &ipv4_with(CLIENT4, EDGE4, PROTO_UDP, &seg, &[], 0x4000),
+            &ipv4_with(CLIENT4, EDGE4, PROTO_UDP, &seg_other_port, &[], 0x4000),
         ),
-        Pass,
+        Drop(DropReason::NoApp),
     );
     // Step 5: ICMP.
     h.expect(

@@ -14,6 +14,7 @@ use forwarder_common::{
 };
 
 use crate::config::{Config, IpFamily, Protocol, ProxyProtocol, RuleAction};
+use crate::route::OriginRoute;
 
 /// 16-byte encoding of any address (IPv4 as IPv4-mapped IPv6).
 pub fn addr16(addr: IpAddr) -> [u8; 16] {
@@ -83,12 +84,12 @@ impl OriginPortKeyOrd {
 
 impl Plan {
     /// Builds the plan for `config` on a host whose effective edge addresses are
-    /// `edges`. `local_towards(origin)` names the agent's own source address towards
-    /// an origin (the routing table's choice; resolved once per config).
+    /// `edges`. `route_to(origin)` says how the host reaches an origin (the routing
+    /// table's choice; resolved once per config).
     pub fn build(
         config: &Config,
         edges: &[IpAddr],
-        mut local_towards: impl FnMut(IpAddr) -> anyhow::Result<IpAddr>,
+        mut route_to: impl FnMut(IpAddr) -> anyhow::Result<OriginRoute>,
     ) -> anyhow::Result<Plan> {
         let mut plan = Plan {
             settings: Settings {
@@ -143,12 +144,13 @@ impl Plan {
             }
             let origin_first = origins.len() as u32;
             for origin in &app.origins {
-                let local = local_towards(origin.addr).with_context(|| {
+                let route = route_to(origin.addr).with_context(|| {
                     format!("app '{}': no route to origin {}", app.id, origin.addr)
                 })?;
                 origins.push(OriginInfo {
                     addr: addr16(origin.addr),
-                    local: addr16(local),
+                    local: addr16(route.local),
+                    ifindex: route.ifindex,
                     port_low: origin.ports.low,
                     family: if origin.addr.is_ipv4() { 4 } else { 6 },
                     _pad: 0,
@@ -245,9 +247,14 @@ mod tests {
         let config = Config::parse(toml).expect("valid config");
         let edges: Vec<IpAddr> = edges.iter().map(|e| e.parse().unwrap()).collect();
         Plan::build(&config, &edges, |origin| {
-            Ok(match origin {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)),
-                IpAddr::V6(_) => "fd00:2::1".parse().unwrap(),
+            Ok(OriginRoute {
+                local: match origin {
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)),
+                    IpAddr::V6(_) => "fd00:2::1".parse().unwrap(),
+                },
+                dev: "eo".into(),
+                ifindex: 7,
+                next_hop: origin,
             })
         })
         .expect("plan")
