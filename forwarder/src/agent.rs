@@ -14,6 +14,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::{Config, Protocol, interface_addresses};
 use crate::control::ControlSocket;
 use crate::datapath::{Datapath, Plan};
+use crate::events::EventLog;
+use crate::udp_flows::UdpFlowTracker;
 use crate::route::{OriginRoute, keep_neighbour_resolved, release_neighbour, route_to};
 use crate::stats::StatsSnapshot;
 
@@ -32,11 +34,15 @@ pub struct Agent {
     /// Next hops of UDP origins whose neighbour entries the kernel keeps resolved
     /// for us (the XDP fast path needs their MAC addresses).
     neighbours: Vec<OriginRoute>,
+    /// The event log (`agent.event_log`), shared with the TCP proxy.
+    events: EventLog,
+    udp_flows: UdpFlowTracker,
 }
 
 impl Agent {
     /// Loads the datapath, fills it from `config` and attaches it.
     pub fn start(config: Config) -> anyhow::Result<Agent> {
+        let events = EventLog::open(config.agent.event_log.as_deref())?;
         let (plan, routes) = plan_for(&config)?;
         let neighbours = manage_neighbours(&[], &routes)?;
         let mut datapath = Datapath::load()?;
@@ -53,6 +59,8 @@ impl Agent {
             config,
             datapath,
             neighbours,
+            events,
+            udp_flows: UdpFlowTracker::default(),
         })
     }
 
@@ -72,6 +80,21 @@ impl Agent {
         Ok(())
     }
 
+    /// Announces new UDP flows and ends idle ones (see `udp_flows`).
+    pub fn scan_udp_flows(&mut self) -> anyhow::Result<()> {
+        self.udp_flows.scan(
+            &mut self.datapath,
+            &self.config,
+            self.config.agent.udp_idle_timeout,
+            &self.events,
+        )
+    }
+
+    /// The event log, for components that emit events.
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
     pub fn snapshot(&self) -> anyhow::Result<StatsSnapshot> {
         let counters = self.datapath.counters()?;
         let protocols: BTreeMap<String, String> = self
@@ -80,7 +103,13 @@ impl Agent {
             .iter()
             .map(|a| (a.id.clone(), a.protocol.as_str().to_string()))
             .collect();
-        Ok(StatsSnapshot::from_datapath(&counters, &protocols))
+        let mut snapshot = StatsSnapshot::from_datapath(&counters, &protocols);
+        for (id, live) in self.udp_flows.live() {
+            if let Some(app) = snapshot.apps.get_mut(id) {
+                app.live = *live;
+            }
+        }
+        Ok(snapshot)
     }
 
     pub fn datapath(&self) -> &Datapath {
@@ -161,6 +190,19 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     )?;
     info!("control socket at {}", options.control.display());
 
+    let scan_agent = agent.clone();
+    let flow_scanner = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::udp_flows::SCAN_INTERVAL);
+        loop {
+            tick.tick().await;
+            let Ok(mut guard) = scan_agent.lock() else { return };
+            let Some(agent) = guard.as_mut() else { return };
+            if let Err(err) = agent.scan_udp_flows() {
+                error!("UDP flow scan failed: {err:#}");
+            }
+        }
+    });
+
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -170,6 +212,12 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading {}", options.config.display());
+                if let Ok(guard) = agent.lock()
+                    && let Some(agent) = guard.as_ref()
+                    && let Err(err) = agent.events().reopen()
+                {
+                    error!("reopening the event log failed: {err:#}");
+                }
                 let result = load_config(&options.config).and_then(|config| {
                     let mut guard = agent.lock().map_err(|_| anyhow!("agent lock poisoned"))?;
                     guard.as_mut().context("agent stopped")?.reload(config)
@@ -182,6 +230,7 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
     }
     info!("shutting down");
+    flow_scanner.abort();
     let agent = agent
         .lock()
         .map_err(|_| anyhow!("agent lock poisoned"))?

@@ -9,5 +9,6 @@ pub mod events;
 pub mod route;
 pub mod spectrum;
 pub mod stats;
+pub mod udp_flows;
 pub mod tcp;
 pub mod wire;

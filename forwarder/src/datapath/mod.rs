@@ -19,7 +19,8 @@ use aya::{
     util::nr_cpus,
 };
 use forwarder_common::{
-    AppInfo, Counters, DIR_EGRESS, DIR_INGRESS, DropReason, EdgeAddr, OriginInfo, OriginPortTarget,
+    AppInfo, Counters, DIR_EGRESS, DIR_INGRESS, DropReason, EdgeAddr, FlowKey, FlowState, NatKey,
+    OriginInfo, OriginPortTarget,
     PortTarget, RuleVerdict, Settings,
 };
 use log::{info, warn};
@@ -213,6 +214,63 @@ impl Datapath {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Every live UDP flow with its state.
+    pub fn udp_flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowState)>> {
+        let flows: HashMap<&MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.ebpf.map("FLOWS").context("FLOWS")?)?;
+        let mut out = Vec::new();
+        for entry in flows.iter() {
+            match entry {
+                Ok(kv) => out.push(kv),
+                // Removed by the LRU or another scan while iterating: skip it.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(err) => return Err(err).context("reading FLOWS"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends a UDP flow: removes it and the NAT port it held (SPP flows hold none).
+    pub fn remove_udp_flow(&mut self, key: &FlowKey, state: &FlowState) -> anyhow::Result<()> {
+        let origin_local = self
+            .current
+            .as_ref()
+            .and_then(|p| p.origins.get(state.origin as usize))
+            .map(|o| o.local);
+        let simple = self
+            .current
+            .as_ref()
+            .and_then(|p| p.apps.get(state.app as usize))
+            .is_some_and(|a| a.proxy == forwarder_common::PROXY_SIMPLE);
+        {
+            let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+                HashMap::try_from(self.map_mut("FLOWS")?)?;
+            match flows.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => return Err(err).context("removing a flow"),
+            }
+        }
+        if let (Some(local), false) = (origin_local, simple) {
+            let mut nat: HashMap<&mut MapData, NatKey, FlowKey> =
+                HashMap::try_from(self.map_mut("NAT_PORTS")?)?;
+            let nat_key = NatKey {
+                local,
+                local_port: state.local_port,
+                _pad: 0,
+            };
+            // Only if the port still belongs to this flow.
+            if nat.get(&nat_key, 0).is_ok_and(|owner| owner == *key) {
+                let _ = nat.remove(&nat_key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The current plan (what the maps hold).
+    pub fn plan(&self) -> Option<&Plan> {
+        self.current.as_ref()
     }
 
     /// Mutable access to a map by name, for the TCP listener socket map and tests.
