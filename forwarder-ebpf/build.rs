@@ -4,5 +4,8 @@ use which::which;
 /// not track the linker on its own.
 fn main() {
     let bpf_linker = which("bpf-linker").expect("bpf-linker not found: run `cargo xtask setup`");
-    println!("cargo:rerun-if-changed={}", bpf_linker.to_str().expect("utf-8 path"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        bpf_linker.to_str().expect("utf-8 path")
+    );
 }

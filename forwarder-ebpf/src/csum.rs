@@ -47,7 +47,8 @@ pub fn ipv4_header(header: &[u8; 20]) -> u16 {
 #[inline(always)]
 pub fn pseudo_header(family: u8, src: &[u8; 16], dst: &[u8; 16], udp_len: u16) -> u64 {
     let addrs = if family == 4 {
-        sum_words(&[src[12], src[13], src[14], src[15]]) + sum_words(&[dst[12], dst[13], dst[14], dst[15]])
+        sum_words(&[src[12], src[13], src[14], src[15]])
+            + sum_words(&[dst[12], dst[13], dst[14], dst[15]])
     } else {
         sum_words(src) + sum_words(dst)
     };

@@ -16,8 +16,7 @@ use crate::{parse::Packet, udp::Rewrite};
 
 /// Edge addresses (16-byte, IPv4-mapped for IPv4) → their index.
 #[map]
-pub static EDGE_ADDRS: HashMap<[u8; 16], EdgeAddr> =
-    HashMap::with_max_entries(MAX_EDGE_ADDRS, 0);
+pub static EDGE_ADDRS: HashMap<[u8; 16], EdgeAddr> = HashMap::with_max_entries(MAX_EDGE_ADDRS, 0);
 
 /// (edge, protocol, port) → app index or `APP_PASS`. Port ranges are expanded by the
 /// agent so that a packet costs one lookup.

@@ -18,11 +18,18 @@ pub enum Decision {
     Pass,
     Drop(DropReason),
     /// A datagram from an origin towards the agent: the UDP return path decides.
-    UdpReturn { app: u32 },
+    UdpReturn {
+        app: u32,
+    },
     /// A TCP segment for an app: the kernel and the agent's listener take it.
-    TcpApp { app: u32 },
+    TcpApp {
+        app: u32,
+    },
     /// A datagram for a UDP app: the fast path rewrites and forwards it.
-    UdpApp { app: u32, info: AppInfo },
+    UdpApp {
+        app: u32,
+        info: AppInfo,
+    },
 }
 
 /// ICMPv6 neighbour discovery (router/neighbour solicitation and advertisement,
@@ -123,7 +130,10 @@ fn icmp_verdict(icmp_type: u16, echo: &[u16; 2], errors: &[u16; 4]) -> Decision 
 #[inline(always)]
 fn firewall_blocks(pkt: &Packet) -> bool {
     let verdict = if pkt.family == 4 {
-        RULES_V4.get(Key::new(32, [pkt.src[12], pkt.src[13], pkt.src[14], pkt.src[15]]))
+        RULES_V4.get(Key::new(
+            32,
+            [pkt.src[12], pkt.src[13], pkt.src[14], pkt.src[15]],
+        ))
     } else {
         RULES_V6.get(Key::new(128, pkt.src))
     };

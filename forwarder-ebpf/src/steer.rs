@@ -2,7 +2,7 @@
 //! listening socket (SPEC §4), so the agent never binds a port range in a loop.
 
 use aya_ebpf::{
-    bindings::{sk_action, bpf_sk_lookup},
+    bindings::{bpf_sk_lookup, sk_action},
     macros::sk_lookup,
     programs::SkLookupContext,
 };

@@ -8,17 +8,17 @@
 //! sender's: complete and correct without reading the payload.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
-        BPF_EXIST, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, BPF_NOEXIST, bpf_fib_lookup as FibParams, xdp_action,
+        BPF_EXIST, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_NOEXIST, bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
-    EbpfContext as _,
 };
 use forwarder_common::{
-    AppInfo, DIR_EGRESS, DIR_INGRESS, DropReason, FLOW_V2_HEADER_SENT, FlowKey, FlowState,
-    NatKey, OriginInfo, PROXY_SIMPLE, PROXY_V2, PROXY_V2_LEN_V4, PROXY_V2_LEN_V6, SPP_HEADER_LEN,
+    AppInfo, DIR_EGRESS, DIR_INGRESS, DropReason, FLOW_V2_HEADER_SENT, FlowKey, FlowState, NatKey,
+    OriginInfo, PROXY_SIMPLE, PROXY_V2, PROXY_V2_LEN_V4, PROXY_V2_LEN_V6, SPP_HEADER_LEN,
     SPP_MAGIC,
 };
 
@@ -534,8 +534,12 @@ fn write_headers(
     udp_csum: u16,
 ) -> Option<()> {
     // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-        let eth = unsafe { &mut *ptr_at_mut::<[u8; ETH_HLEN]>(ctx, 0)? };
-    let ether_type = if rw.family == 4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
+    let eth = unsafe { &mut *ptr_at_mut::<[u8; ETH_HLEN]>(ctx, 0)? };
+    let ether_type = if rw.family == 4 {
+        ETH_P_IPV4
+    } else {
+        ETH_P_IPV6
+    };
     {
         eth[0..6].copy_from_slice(&fib.dmac);
         eth[6..12].copy_from_slice(&fib.smac);
@@ -574,7 +578,7 @@ fn write_headers(
         ETH_HLEN + 40
     };
     // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-        let u = unsafe { &mut *ptr_at_mut::<[u8; 8]>(ctx, l4)? };
+    let u = unsafe { &mut *ptr_at_mut::<[u8; 8]>(ctx, l4)? };
     {
         u[0..2].copy_from_slice(&rw.sport.to_be_bytes());
         u[2..4].copy_from_slice(&rw.dport.to_be_bytes());
@@ -585,7 +589,7 @@ fn write_headers(
         ProxyHeader::None => {}
         ProxyHeader::Spp => {
             // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-        let h = unsafe { &mut *ptr_at_mut::<[u8; SPP_HEADER_LEN]>(ctx, l4 + 8)? };
+            let h = unsafe { &mut *ptr_at_mut::<[u8; SPP_HEADER_LEN]>(ctx, l4 + 8)? };
             {
                 h[0..2].copy_from_slice(&SPP_MAGIC.to_be_bytes());
                 h[2..18].copy_from_slice(&rw.client);
@@ -596,7 +600,7 @@ fn write_headers(
         }
         ProxyHeader::V2 if rw.family == 4 => {
             // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-        let h = unsafe { &mut *ptr_at_mut::<[u8; PROXY_V2_LEN_V4]>(ctx, l4 + 8)? };
+            let h = unsafe { &mut *ptr_at_mut::<[u8; PROXY_V2_LEN_V4]>(ctx, l4 + 8)? };
             {
                 h[0..12].copy_from_slice(&PROXY_V2_SIGNATURE);
                 h[12..16].copy_from_slice(&[0x21, 0x12, 0, 12]);
@@ -608,7 +612,7 @@ fn write_headers(
         }
         ProxyHeader::V2 => {
             // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-        let h = unsafe { &mut *ptr_at_mut::<[u8; PROXY_V2_LEN_V6]>(ctx, l4 + 8)? };
+            let h = unsafe { &mut *ptr_at_mut::<[u8; PROXY_V2_LEN_V6]>(ctx, l4 + 8)? };
             {
                 h[0..12].copy_from_slice(&PROXY_V2_SIGNATURE);
                 h[12..16].copy_from_slice(&[0x21, 0x22, 0, 36]);

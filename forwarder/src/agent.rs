@@ -15,9 +15,10 @@ use crate::config::{Config, Protocol, interface_addresses};
 use crate::control::ControlSocket;
 use crate::datapath::{Datapath, Plan};
 use crate::events::EventLog;
-use crate::udp_flows::UdpFlowTracker;
 use crate::route::{OriginRoute, keep_neighbour_resolved, release_neighbour, route_to};
 use crate::stats::StatsSnapshot;
+use crate::tcp::TcpProxy;
+use crate::udp_flows::UdpFlowTracker;
 
 /// Options of `forwarder run` besides the config.
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct Agent {
     /// The event log (`agent.event_log`), shared with the TCP proxy.
     events: EventLog,
     udp_flows: UdpFlowTracker,
+    /// TCP apps: one listener per app, the proxied connections (SPEC §4).
+    tcp: TcpProxy,
 }
 
 impl Agent {
@@ -47,6 +50,9 @@ impl Agent {
         let neighbours = manage_neighbours(&[], &routes)?;
         let mut datapath = Datapath::load()?;
         datapath.apply(&plan).context("filling the datapath maps")?;
+        // Listeners before XDP: a TCP app's port is never without its socket.
+        let tcp = TcpProxy::start(&config, &mut datapath, events.clone())
+            .context("starting the TCP proxy")?;
         for interface in &config.agent.interfaces {
             datapath.attach_xdp(interface, config.agent.xdp_mode)?;
         }
@@ -61,6 +67,7 @@ impl Agent {
             neighbours,
             events,
             udp_flows: UdpFlowTracker::default(),
+            tcp,
         })
     }
 
@@ -75,7 +82,12 @@ impl Agent {
         }
         let (plan, routes) = plan_for(&config)?;
         self.neighbours = manage_neighbours(&self.neighbours, &routes)?;
-        self.datapath.apply(&plan).context("updating the datapath maps")?;
+        self.datapath
+            .apply(&plan)
+            .context("updating the datapath maps")?;
+        self.tcp
+            .apply(&config, &mut self.datapath)
+            .context("updating the TCP listeners")?;
         self.config = config;
         Ok(())
     }
@@ -109,11 +121,32 @@ impl Agent {
                 app.live = *live;
             }
         }
+        // TCP: XDP counts a TCP app's packets, the proxy its payload bytes and
+        // connections.
+        for (id, tcp) in self.tcp.stats() {
+            if let Some(app) = snapshot.apps.get_mut(&id) {
+                app.ingress_bytes = app.ingress_bytes.saturating_add(tcp.client_bytes);
+                app.egress_bytes = app.egress_bytes.saturating_add(tcp.origin_bytes);
+                app.live = tcp.live;
+            }
+        }
         Ok(snapshot)
     }
 
     pub fn datapath(&self) -> &Datapath {
         &self.datapath
+    }
+
+    /// The TCP proxy (counters, timeouts).
+    pub fn tcp(&self) -> &TcpProxy {
+        &self.tcp
+    }
+
+    /// Graceful stop of the TCP side: no new connections, open ones may finish
+    /// within `within`, then the rest are closed.
+    pub async fn drain_tcp(&mut self, within: Duration) {
+        self.tcp.stop_accepting(&mut self.datapath);
+        self.tcp.drain(within).await;
     }
 
     /// Detaches XDP from every interface (the sk_lookup link and maps go with the
@@ -184,7 +217,9 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     let _control = ControlSocket::bind(
         &options.control,
         Arc::new(move || {
-            let guard = snapshot_agent.lock().map_err(|_| anyhow!("agent lock poisoned"))?;
+            let guard = snapshot_agent
+                .lock()
+                .map_err(|_| anyhow!("agent lock poisoned"))?;
             guard.as_ref().context("agent stopped")?.snapshot()
         }),
     )?;
@@ -195,7 +230,9 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(crate::udp_flows::SCAN_INTERVAL);
         loop {
             tick.tick().await;
-            let Ok(mut guard) = scan_agent.lock() else { return };
+            let Ok(mut guard) = scan_agent.lock() else {
+                return;
+            };
             let Some(agent) = guard.as_mut() else { return };
             if let Err(err) = agent.scan_udp_flows() {
                 error!("UDP flow scan failed: {err:#}");
@@ -231,11 +268,12 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     info!("shutting down");
     flow_scanner.abort();
-    let agent = agent
+    let mut agent = agent
         .lock()
         .map_err(|_| anyhow!("agent lock poisoned"))?
         .take()
         .context("agent already stopped")?;
+    agent.drain_tcp(options.drain).await;
     agent.shutdown()?;
     info!("detached; bye");
     Ok(())

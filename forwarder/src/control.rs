@@ -27,8 +27,7 @@ pub struct ControlSocket {
 impl ControlSocket {
     pub fn bind(path: &Path, snapshot: SnapshotFn) -> anyhow::Result<ControlSocket> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         // A socket file left by a crashed agent: replace it only if nobody answers.
         if path.exists() {
@@ -75,9 +74,12 @@ impl Drop for ControlSocket {
 async fn serve(stream: UnixStream, snapshot: SnapshotFn) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(5), BufReader::new(read).read_line(&mut line))
-        .await
-        .context("request timed out")??;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(read).read_line(&mut line),
+    )
+    .await
+    .context("request timed out")??;
     let reply = match line.trim() {
         "stats" => serde_json::to_string(&snapshot()?)?,
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),

@@ -123,15 +123,22 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 enum Target {
     Stdout,
-    File { path: PathBuf, writer: LineWriter<File> },
+    File {
+        path: PathBuf,
+        writer: LineWriter<File>,
+    },
     Discard,
 }
+
+/// Something that sees every event emitted (metrics, analytics), whatever the target.
+pub type EventObserver = Arc<dyn Fn(&Event) + Send + Sync>;
 
 /// Where events go. Cheap to clone; writes are serialised by a mutex (events are
 /// per connection or per flow, never per packet).
 #[derive(Clone)]
 pub struct EventLog {
     target: Arc<Mutex<Target>>,
+    observers: Arc<std::sync::RwLock<Vec<EventObserver>>>,
 }
 
 impl EventLog {
@@ -148,25 +155,42 @@ impl EventLog {
         };
         Ok(EventLog {
             target: Arc::new(Mutex::new(target)),
+            observers: Arc::default(),
         })
     }
 
     pub fn discard() -> EventLog {
         EventLog {
             target: Arc::new(Mutex::new(Target::Discard)),
+            observers: Arc::default(),
         }
     }
 
     /// Reopens the file (after logrotate moved it). No-op for stdout.
     pub fn reopen(&self) -> anyhow::Result<()> {
-        let mut target = self.target.lock().map_err(|_| anyhow::anyhow!("event log poisoned"))?;
+        let mut target = self
+            .target
+            .lock()
+            .map_err(|_| anyhow::anyhow!("event log poisoned"))?;
         if let Target::File { path, writer } = &mut *target {
             *writer = LineWriter::new(open_append(path)?);
         }
         Ok(())
     }
 
+    /// Calls `observer` with every event emitted from now on, by this log and its
+    /// clones (also when the target discards them).
+    pub fn observe(&self, observer: EventObserver) {
+        self.observers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(observer);
+    }
+
     pub fn emit(&self, event: &Event) {
+        for observer in self.observers.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            observer(event);
+        }
         let line = match serde_json::to_string(event) {
             Ok(line) => line,
             Err(err) => {
@@ -206,7 +230,10 @@ mod tests {
 
     #[test]
     fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
         let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_709_251_199_123_456);
         assert_eq!(rfc3339(t), "2024-02-29T23:59:59.123456Z");
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "forwarder", version, about = "Kernel-bypass TCP/UDP reverse proxy (XDP + sk_lookup)")]
+#[command(
+    name = "forwarder",
+    version,
+    about = "Kernel-bypass TCP/UDP reverse proxy (XDP + sk_lookup)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -47,7 +47,10 @@ pub fn route_to(addr: IpAddr) -> anyhow::Result<OriginRoute> {
     }
     let routes: Vec<RouteGet> =
         serde_json::from_slice(&output.stdout).context("parsing `ip -j route get`")?;
-    let route = routes.into_iter().next().context("`ip route get` returned no route")?;
+    let route = routes
+        .into_iter()
+        .next()
+        .context("`ip route get` returned no route")?;
     let local = route
         .prefsrc
         .with_context(|| format!("the route to {addr} has no source address"))?;
@@ -87,6 +90,12 @@ pub fn keep_neighbour_resolved(route: &OriginRoute) -> anyhow::Result<()> {
 /// when no origin uses the next hop any more). The kernel re-learns it on demand.
 pub fn release_neighbour(route: &OriginRoute) {
     let _ = Command::new("ip")
-        .args(["neigh", "del", &route.next_hop.to_string(), "dev", &route.dev])
+        .args([
+            "neigh",
+            "del",
+            &route.next_hop.to_string(),
+            "dev",
+            &route.dev,
+        ])
         .output();
 }

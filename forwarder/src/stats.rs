@@ -9,11 +9,12 @@ use std::time::Duration;
 use forwarder_common::DropReason;
 use serde::{Deserialize, Serialize};
 
+use crate::analytics::{Analytics, ConnectionTotals};
 use crate::control::request_stats;
 use crate::datapath::DatapathCounters;
 
 /// Everything `stats` shows, as the agent sends it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
     /// Drops per reason label (every reason, zeros included).
     pub drops: BTreeMap<String, u64>,
@@ -22,6 +23,13 @@ pub struct StatsSnapshot {
     pub rule_hits: BTreeMap<String, u64>,
     /// Frames seen per attached interface.
     pub interfaces: BTreeMap<String, InterfaceStats>,
+    /// Connection events (TCP connections, UDP flows) by app id since the agent
+    /// started: counts by event and status, duration histogram.
+    #[serde(default)]
+    pub connections: BTreeMap<String, ConnectionTotals>,
+    /// Spectrum's analytics over the last window (see `analytics`).
+    #[serde(default)]
+    pub analytics: Analytics,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +50,10 @@ pub struct InterfaceStats {
 }
 
 impl StatsSnapshot {
-    pub fn from_datapath(counters: &DatapathCounters, protocols: &BTreeMap<String, String>) -> Self {
+    pub fn from_datapath(
+        counters: &DatapathCounters,
+        protocols: &BTreeMap<String, String>,
+    ) -> Self {
         let drops = DropReason::ALL
             .iter()
             .map(|r| (r.label().to_string(), counters.drop_count(*r)))
@@ -82,6 +93,7 @@ impl StatsSnapshot {
             apps,
             rule_hits: counters.rule_hits.clone(),
             interfaces,
+            ..StatsSnapshot::default()
         }
     }
 
@@ -95,7 +107,13 @@ impl StatsSnapshot {
         for (id, a) in &self.apps {
             out.push_str(&format!(
                 "{:<24} {:<5} {:>12} {:>14} {:>12} {:>14} {:>8}\n",
-                id, a.protocol, a.ingress_packets, a.ingress_bytes, a.egress_packets, a.egress_bytes, a.live
+                id,
+                a.protocol,
+                a.ingress_packets,
+                a.ingress_bytes,
+                a.egress_packets,
+                a.egress_bytes,
+                a.live
             ));
         }
         out.push_str("\nDROPPED (reason: packets)\n");
@@ -111,7 +129,54 @@ impl StatsSnapshot {
         if !self.interfaces.is_empty() {
             out.push_str("\nINTERFACES (frames seen by XDP)\n");
             for (name, i) in &self.interfaces {
-                out.push_str(&format!("  {name:<16} {:>12} pkts {:>14} bytes\n", i.packets, i.bytes));
+                out.push_str(&format!(
+                    "  {name:<16} {:>12} pkts {:>14} bytes\n",
+                    i.packets, i.bytes
+                ));
+            }
+        }
+        out.push_str(&self.render_connections());
+        out
+    }
+
+    /// The connection counts and the analytics window, as table sections.
+    fn render_connections(&self) -> String {
+        let mut out = String::new();
+        if self.connections.values().any(|c| !c.events.is_empty()) {
+            out.push_str("\nCONNECTIONS since start (event/status: count)\n");
+            for (app, totals) in &self.connections {
+                let events: Vec<String> = totals
+                    .events
+                    .iter()
+                    .map(|c| format!("{}/{}: {}", c.event, c.status, c.count))
+                    .collect();
+                out.push_str(&format!("  {app:<24} {}\n", events.join("  ")));
+            }
+        }
+        if !self.analytics.rows.is_empty() {
+            let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+            out.push_str(&format!(
+                "\nANALYTICS last {}s (durations in ms)\n",
+                self.analytics.window_seconds
+            ));
+            out.push_str(&format!(
+                "  {:<24} {:<14} {:>3} {:>8} {:>14} {:>14} {:>10} {:>10} {:>10} {:>10}\n",
+                "APP", "EVENT", "IP", "COUNT", "BYTES IN", "BYTES OUT", "AVG", "MEDIAN", "90TH", "99TH"
+            ));
+            for r in &self.analytics.rows {
+                out.push_str(&format!(
+                    "  {:<24} {:<14} {:>3} {:>8} {:>14} {:>14} {:>10} {:>10} {:>10} {:>10}\n",
+                    r.app,
+                    r.event,
+                    format!("v{}", r.ip_version),
+                    r.count,
+                    r.bytes_ingress,
+                    r.bytes_egress,
+                    ms(r.duration_avg),
+                    ms(r.duration_median),
+                    ms(r.duration_90th),
+                    ms(r.duration_99th)
+                ));
             }
         }
         out

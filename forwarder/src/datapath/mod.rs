@@ -13,15 +13,15 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockMap, lpm_trie,
+        Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockMap,
+        lpm_trie,
     },
     programs::{ProgramFd, SkLookup, Xdp, XdpMode, xdp::XdpLinkId},
     util::nr_cpus,
 };
 use forwarder_common::{
     AppInfo, Counters, DIR_EGRESS, DIR_INGRESS, DropReason, EdgeAddr, FlowKey, FlowState, NatKey,
-    OriginInfo, OriginPortTarget,
-    PortTarget, RuleVerdict, Settings,
+    OriginInfo, OriginPortTarget, PortTarget, RuleVerdict, Settings,
 };
 use log::{info, warn};
 
@@ -73,13 +73,18 @@ impl Datapath {
                     .program_mut(name)
                     .with_context(|| format!("program {name} missing from the object"))?
                     .try_into()?;
-                prog.load().map_err(|e| anyhow!("{e}: {e:?}")).with_context(|| format!("verifying {name}"))?;
+                prog.load()
+                    .map_err(|e| anyhow!("{e}: {e:?}"))
+                    .with_context(|| format!("verifying {name}"))?;
             }
             let steer: &mut SkLookup = ebpf
                 .program_mut(PROG_SK_LOOKUP)
                 .with_context(|| format!("program {PROG_SK_LOOKUP} missing from the object"))?
                 .try_into()?;
-            steer.load().map_err(|e| anyhow!("{e}: {e:?}")).context("verifying sk_lookup_steer")?;
+            steer
+                .load()
+                .map_err(|e| anyhow!("{e}: {e:?}"))
+                .context("verifying sk_lookup_steer")?;
             Ok(ebpf)
         })();
         let ebpf = result.map_err(|e| {
@@ -131,9 +136,8 @@ impl Datapath {
                         "{interface}: driver-mode XDP unavailable ({err}); falling back to skb mode"
                     );
                     (
-                        prog.attach(interface, XdpMode::Skb).with_context(|| {
-                            format!("attaching XDP to {interface} in skb mode")
-                        })?,
+                        prog.attach(interface, XdpMode::Skb)
+                            .with_context(|| format!("attaching XDP to {interface} in skb mode"))?,
                         XdpMode::Skb,
                     )
                 }
@@ -142,10 +146,12 @@ impl Datapath {
         // Count this interface's packets from now on.
         let mut iface: PerCpuHashMap<&mut MapData, u32, Counters> =
             PerCpuHashMap::try_from(self.ebpf.map_mut("IFACE_STATS").context("IFACE_STATS")?)?;
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+        let zeros =
+            PerCpuValues::try_from(vec![Counters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
         iface.insert(ifindex, zeros, 0)?;
         info!("{interface}: XDP attached in {used:?} mode");
-        self.attached.insert(interface.to_string(), (ifindex, link, used));
+        self.attached
+            .insert(interface.to_string(), (ifindex, link, used));
         Ok(used)
     }
 
@@ -184,16 +190,14 @@ impl Datapath {
     /// Puts `listener` (a listening TCP socket) in the sockmap slot of TCP app `app`:
     /// from now on sk_lookup steers every port of the app to it.
     pub fn set_tcp_listener(&mut self, app: u32, listener: &impl AsRawFd) -> anyhow::Result<()> {
-        let mut map: SockMap<&mut MapData> =
-            SockMap::try_from(self.map_mut("TCP_LISTENERS")?)?;
+        let mut map: SockMap<&mut MapData> = SockMap::try_from(self.map_mut("TCP_LISTENERS")?)?;
         map.set(app, listener, 0)
             .with_context(|| format!("registering the listener of app #{app}"))
     }
 
     /// Empties the sockmap slot of app `app` (the app was removed).
     pub fn clear_tcp_listener(&mut self, app: u32) -> anyhow::Result<()> {
-        let mut map: SockMap<&mut MapData> =
-            SockMap::try_from(self.map_mut("TCP_LISTENERS")?)?;
+        let mut map: SockMap<&mut MapData> = SockMap::try_from(self.map_mut("TCP_LISTENERS")?)?;
         match map.clear_index(&app) {
             Ok(()) => Ok(()),
             // Nothing there: already clear.
@@ -328,11 +332,43 @@ impl Datapath {
             |app| OriginPortTarget { app },
             Phase::Upsert,
         )?;
-        write_hash(ebpf, "PORTS", &old.ports, &new.ports, |k| k.key(), |app| PortTarget { app }, Phase::Upsert)?;
-        write_hash(ebpf, "EDGE_ADDRS", &old.edge_addrs, &new.edge_addrs, |a| a, |index| EdgeAddr { index }, Phase::Upsert)?;
+        write_hash(
+            ebpf,
+            "PORTS",
+            &old.ports,
+            &new.ports,
+            |k| k.key(),
+            |app| PortTarget { app },
+            Phase::Upsert,
+        )?;
+        write_hash(
+            ebpf,
+            "EDGE_ADDRS",
+            &old.edge_addrs,
+            &new.edge_addrs,
+            |a| a,
+            |index| EdgeAddr { index },
+            Phase::Upsert,
+        )?;
         // Removals last: nothing still configured disappears before its replacement.
-        write_hash(ebpf, "EDGE_ADDRS", &old.edge_addrs, &new.edge_addrs, |a| a, |index| EdgeAddr { index }, Phase::Remove)?;
-        write_hash(ebpf, "PORTS", &old.ports, &new.ports, |k| k.key(), |app| PortTarget { app }, Phase::Remove)?;
+        write_hash(
+            ebpf,
+            "EDGE_ADDRS",
+            &old.edge_addrs,
+            &new.edge_addrs,
+            |a| a,
+            |index| EdgeAddr { index },
+            Phase::Remove,
+        )?;
+        write_hash(
+            ebpf,
+            "PORTS",
+            &old.ports,
+            &new.ports,
+            |k| k.key(),
+            |app| PortTarget { app },
+            Phase::Remove,
+        )?;
         write_hash(
             ebpf,
             "ORIGIN_PORTS",
@@ -433,7 +469,8 @@ fn write_hash<PK: Ord + Copy, K: aya::Pod, V: aya::Pod>(
         }
         Phase::Remove => {
             for k in old.keys().filter(|k| !new.contains_key(*k)) {
-                map.remove(&key(*k)).with_context(|| format!("removing from {name}"))?;
+                map.remove(&key(*k))
+                    .with_context(|| format!("removing from {name}"))?;
             }
         }
     }

@@ -109,7 +109,10 @@ impl Plan {
         let edge_index = |addr: &IpAddr| plan.edge_addrs.get(&addr16(*addr)).copied();
 
         if config.apps.len() > MAX_APPS as usize {
-            bail!("{} apps configured; the datapath holds at most {MAX_APPS}", config.apps.len());
+            bail!(
+                "{} apps configured; the datapath holds at most {MAX_APPS}",
+                config.apps.len()
+            );
         }
         let mut ports = BTreeMap::new();
         let mut apps = Vec::new();
@@ -136,7 +139,10 @@ impl Plan {
             };
             for edge in &app_edges {
                 let edge = edge_index(edge).with_context(|| {
-                    format!("app '{}': edge address {edge} is not an edge address", app.id)
+                    format!(
+                        "app '{}': edge address {edge} is not an edge address",
+                        app.id
+                    )
                 })?;
                 for port in app.ports.low..=app.ports.high {
                     ports.insert(PortKeyOrd { edge, proto, port }, app_index);
@@ -314,7 +320,10 @@ mod tests {
                 rule: 1
             })
         );
-        assert_eq!(plan.rules_v4.get(&(32, [10, 0, 1, 7])).map(|v| v.rule), Some(2));
+        assert_eq!(
+            plan.rules_v4.get(&(32, [10, 0, 1, 7])).map(|v| v.rule),
+            Some(2)
+        );
         assert_eq!(plan.rules_v6.len(), 1);
         assert_eq!(plan.rule_labels.len(), 4);
     }

@@ -111,7 +111,10 @@ pub fn test_run_xdp(
     };
     if ret != 0 {
         let err = std::io::Error::last_os_error();
-        bail!("BPF_PROG_TEST_RUN failed: {err} (frame of {} bytes)", frame.len());
+        bail!(
+            "BPF_PROG_TEST_RUN failed: {err} (frame of {} bytes)",
+            frame.len()
+        );
     }
     if !live && attr.data_size_out as usize > out.len() {
         bail!("BPF_PROG_TEST_RUN: output larger than the buffer");
