@@ -1,0 +1,405 @@
+//! One proxied connection: origin connection, PROXY header, splicing both ways,
+//! the `connect` and `disconnect`/`originError` events, and the counters.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use log::debug;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::Shared;
+use super::origin;
+use super::splice::{Fault, Pipe, forward};
+use super::stats::AppCounters;
+use crate::config::{App, ProxyProtocol};
+use crate::events::{Event, EventKind, rfc3339, status};
+use crate::wire::{ProxyKind, Transport, proxy_header};
+
+/// Counts a connection as open for its app and for the drain; undone on drop.
+pub struct LiveGuard {
+    shared: Arc<Shared>,
+    counters: Arc<AppCounters>,
+}
+
+impl LiveGuard {
+    pub(crate) fn new(shared: Arc<Shared>, counters: Arc<AppCounters>) -> LiveGuard {
+        shared.live.fetch_add(1, Ordering::SeqCst);
+        counters.opened();
+        LiveGuard { shared, counters }
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.counters.closed();
+        self.shared.live.fetch_sub(1, Ordering::SeqCst);
+        self.shared.ended.notify_waiters();
+    }
+}
+
+/// Arms `SO_LINGER` with a zero timeout: closing the socket then sends RST instead
+/// of FIN (how a reset is passed on, and how refused connections are closed).
+pub fn reset(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd, pointer to a linger struct of the given size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Which side of the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Origin,
+}
+
+/// The status of an I/O error on `side` (`reading`: while receiving from it).
+pub fn io_error_status(side: Side, reading: bool, err: &io::Error) -> u16 {
+    let code = err.raw_os_error();
+    match side {
+        Side::Client => match code {
+            Some(libc::ECONNRESET) => status::CLIENT_RST,
+            Some(libc::ETIMEDOUT) => status::CLIENT_TIMEOUT,
+            _ => status::CLIENT_BROKEN_PIPE,
+        },
+        Side::Origin => match code {
+            Some(libc::ECONNRESET) => status::ORIGIN_RST,
+            Some(libc::ETIMEDOUT) => status::ORIGIN_TIMEOUT,
+            Some(libc::EPIPE) if !reading => status::ORIGIN_BROKEN_PIPE,
+            _ => status::ORIGIN_IO_ERROR,
+        },
+    }
+}
+
+/// How the splicing ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions ended with FIN.
+    Normal,
+    /// An I/O error on `side`: the other side is reset.
+    Fault { side: Side, status: u16 },
+    /// Nothing moved for the idle timeout.
+    Idle { status: u16 },
+    /// The drain time ran out; both sides are reset.
+    Drained,
+}
+
+impl End {
+    pub fn status(self) -> u16 {
+        match self {
+            End::Normal => status::NORMAL_CLOSE,
+            End::Fault { status, .. } | End::Idle { status } => status,
+            End::Drained => status::UNKNOWN,
+        }
+    }
+}
+
+/// Idle status: the side that was expected to speak and did not. When the client
+/// sent last (a request waits for its answer) the origin timed out (445); otherwise
+/// the client did (497).
+pub fn idle_status(last_client: u64, last_origin: u64) -> u16 {
+    if last_client > last_origin {
+        status::ORIGIN_TIMEOUT
+    } else {
+        status::CLIENT_TIMEOUT
+    }
+}
+
+/// Per-connection progress, shared by the two directions and the idle watch.
+struct Activity {
+    start: Instant,
+    client_bytes: AtomicU64,
+    origin_bytes: AtomicU64,
+    /// Nanoseconds since `start` of the last bytes from each side (0 = never).
+    last_client: AtomicU64,
+    last_origin: AtomicU64,
+}
+
+impl Activity {
+    fn now(&self) -> u64 {
+        (self.start.elapsed().as_nanos() as u64).max(1)
+    }
+
+    fn last(&self) -> u64 {
+        self.last_client
+            .load(Ordering::Relaxed)
+            .max(self.last_origin.load(Ordering::Relaxed))
+    }
+}
+
+struct Meta {
+    app: Arc<App>,
+    client: SocketAddr,
+    edge: SocketAddr,
+    accepted: Instant,
+}
+
+impl Meta {
+    fn event(&self, kind: EventKind, origin: Option<SocketAddr>, status: u16) -> Event {
+        Event {
+            timestamp: rfc3339(SystemTime::now()),
+            event: kind,
+            application: self.app.id.clone(),
+            protocol: "tcp".to_string(),
+            client_ip: Some(self.client.ip()),
+            client_port: Some(self.client.port()),
+            server_ip: Some(self.edge.ip()),
+            server_port: Some(self.edge.port()),
+            origin_ip: origin.map(|o| o.ip()),
+            origin_port: origin.map(|o| o.port()),
+            proxy_protocol: self.app.proxy_protocol.as_str().to_string(),
+            client_bytes: 0,
+            origin_bytes: 0,
+            client_packets: None,
+            origin_packets: None,
+            status,
+            connect_timestamp: None,
+            disconnect_timestamp: None,
+        }
+    }
+}
+
+/// Serves one accepted connection to the end. `client` and `edge` are unmapped
+/// (IPv4 as IPv4).
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    app: Arc<App>,
+    counters: Arc<AppCounters>,
+    _guard: LiveGuard,
+    client_stream: TcpStream,
+    client: SocketAddr,
+    edge: SocketAddr,
+) {
+    let meta = Meta {
+        app,
+        client,
+        edge,
+        accepted: Instant::now(),
+    };
+    let _ = client_stream.set_nodelay(true);
+    let mut close = shared.close_signal();
+    let events = || shared.events();
+
+    // 1. The origin, in hash order; the next one on failure.
+    let timeout = shared.connect_timeout();
+    let mut failure = None;
+    let mut connected = None;
+    for candidate in origin::candidates(&meta.app, client.ip(), edge.port()) {
+        let attempt = tokio::select! {
+            r = origin::connect(candidate, timeout) => r,
+            _ = close.wait_for(|c| *c) => Err((status::UNKNOWN, io::Error::other("agent stopping"))),
+        };
+        match attempt {
+            Ok(stream) => {
+                connected = Some((candidate, stream));
+                break;
+            }
+            Err((code, err)) => {
+                debug!("app {}: origin {candidate} for {client}: {err} ({code})", meta.app.id);
+                let stop = code == status::UNKNOWN;
+                failure = Some((candidate, code));
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+    let Some((origin_addr, origin_stream)) = connected else {
+        let (origin_addr, code) = failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
+        let mut event = meta.event(EventKind::OriginError, origin_addr, code);
+        event.disconnect_timestamp = Some(event.timestamp.clone());
+        events().emit(&event);
+        counters.event(EventKind::OriginError, code, Some(meta.accepted.elapsed()));
+        reset(&client_stream);
+        return;
+    };
+
+    let connect_ts = rfc3339(SystemTime::now());
+    let mut connect_event = meta.event(EventKind::Connect, Some(origin_addr), status::OPENED);
+    connect_event.connect_timestamp = Some(connect_ts.clone());
+    events().emit(&connect_event);
+    counters.event(EventKind::Connect, status::OPENED, None);
+
+    // 2. The PROXY header, before any payload.
+    let end = match write_proxy_header(&meta, origin_stream).await {
+        Err((stream, err)) => {
+            let status = io_error_status(Side::Origin, false, &err);
+            debug!("app {}: PROXY header to {origin_addr}: {err}", meta.app.id);
+            drop(stream);
+            reset(&client_stream);
+            (End::Fault { side: Side::Origin, status }, 0, 0)
+        }
+        // 3. Splice both ways.
+        Ok(origin_stream) => {
+            let activity = Activity {
+                start: Instant::now(),
+                client_bytes: AtomicU64::new(0),
+                origin_bytes: AtomicU64::new(0),
+                last_client: AtomicU64::new(0),
+                last_origin: AtomicU64::new(0),
+            };
+            let end = pump(&shared, &counters, &client_stream, &origin_stream, &activity, &mut close).await;
+            match end {
+                End::Fault { side: Side::Client, .. } => reset(&origin_stream),
+                End::Fault { side: Side::Origin, .. } => reset(&client_stream),
+                End::Drained => {
+                    reset(&client_stream);
+                    reset(&origin_stream);
+                }
+                End::Normal | End::Idle { .. } => {}
+            }
+            drop(origin_stream);
+            (
+                end,
+                activity.client_bytes.load(Ordering::Relaxed),
+                activity.origin_bytes.load(Ordering::Relaxed),
+            )
+        }
+    };
+    drop(client_stream);
+    let (end, client_bytes, origin_bytes) = end;
+    let code = end.status();
+    let mut event = meta.event(EventKind::Disconnect, Some(origin_addr), code);
+    event.client_bytes = client_bytes;
+    event.origin_bytes = origin_bytes;
+    event.connect_timestamp = Some(connect_ts);
+    event.disconnect_timestamp = Some(event.timestamp.clone());
+    events().emit(&event);
+    counters.event(EventKind::Disconnect, code, Some(meta.accepted.elapsed()));
+}
+
+async fn write_proxy_header(
+    meta: &Meta,
+    mut origin: TcpStream,
+) -> Result<TcpStream, (TcpStream, io::Error)> {
+    let kind = match meta.app.proxy_protocol {
+        ProxyProtocol::V1 => ProxyKind::V1,
+        ProxyProtocol::V2 => ProxyKind::V2,
+        ProxyProtocol::Off | ProxyProtocol::Simple => return Ok(origin),
+    };
+    let header = match proxy_header(kind, Transport::Stream, meta.client, meta.edge) {
+        Ok(header) => header,
+        Err(err) => return Err((origin, io::Error::other(format!("PROXY header: {err}")))),
+    };
+    match origin.write_all(&header).await {
+        Ok(()) => Ok(origin),
+        Err(err) => Err((origin, err)),
+    }
+}
+
+/// Splices both directions until both ended, one failed, the connection idled out
+/// or the drain time is over.
+async fn pump(
+    shared: &Shared,
+    counters: &AppCounters,
+    client: &TcpStream,
+    origin: &TcpStream,
+    activity: &Activity,
+    close: &mut tokio::sync::watch::Receiver<bool>,
+) -> End {
+    let mut up = match Pipe::new() {
+        Ok(p) => p,
+        Err(err) => {
+            log::warn!("pipe: {err}");
+            return End::Fault { side: Side::Client, status: status::UNKNOWN };
+        }
+    };
+    let mut down = match Pipe::new() {
+        Ok(p) => p,
+        Err(err) => {
+            log::warn!("pipe: {err}");
+            return End::Fault { side: Side::Client, status: status::UNKNOWN };
+        }
+    };
+    let client_to_origin = async {
+        forward(client, origin, &mut up, |n| {
+            activity.client_bytes.fetch_add(n, Ordering::Relaxed);
+            activity.last_client.store(activity.now(), Ordering::Relaxed);
+            counters.add_client_bytes(n);
+        })
+        .await
+        .map_err(|fault| match fault {
+            Fault::Read(e) => End::Fault { side: Side::Client, status: io_error_status(Side::Client, true, &e) },
+            Fault::Write(e) => End::Fault { side: Side::Origin, status: io_error_status(Side::Origin, false, &e) },
+        })
+    };
+    let origin_to_client = async {
+        forward(origin, client, &mut down, |n| {
+            activity.origin_bytes.fetch_add(n, Ordering::Relaxed);
+            activity.last_origin.store(activity.now(), Ordering::Relaxed);
+            counters.add_origin_bytes(n);
+        })
+        .await
+        .map_err(|fault| match fault {
+            Fault::Read(e) => End::Fault { side: Side::Origin, status: io_error_status(Side::Origin, true, &e) },
+            Fault::Write(e) => End::Fault { side: Side::Client, status: io_error_status(Side::Client, false, &e) },
+        })
+    };
+    let idle = async {
+        loop {
+            let timeout = shared.idle_timeout();
+            let last = Duration::from_nanos(activity.last());
+            let deadline = activity.start + last + timeout;
+            if Instant::now() >= deadline {
+                return End::Idle {
+                    status: idle_status(
+                        activity.last_client.load(Ordering::Relaxed),
+                        activity.last_origin.load(Ordering::Relaxed),
+                    ),
+                };
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        r = async { tokio::try_join!(client_to_origin, origin_to_client) } => match r {
+            Ok(_) => End::Normal,
+            Err(end) => end,
+        },
+        end = idle => end,
+        _ = close.wait_for(|c| *c) => End::Drained,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_map_to_spectrum_codes() {
+        let e = |c| io::Error::from_raw_os_error(c);
+        assert_eq!(io_error_status(Side::Client, true, &e(libc::ECONNRESET)), 499);
+        assert_eq!(io_error_status(Side::Client, false, &e(libc::EPIPE)), 498);
+        assert_eq!(io_error_status(Side::Client, true, &e(libc::ETIMEDOUT)), 497);
+        assert_eq!(io_error_status(Side::Origin, true, &e(libc::ECONNRESET)), 444);
+        assert_eq!(io_error_status(Side::Origin, false, &e(libc::ECONNRESET)), 444);
+        assert_eq!(io_error_status(Side::Origin, false, &e(libc::EPIPE)), 448);
+        assert_eq!(io_error_status(Side::Origin, true, &e(libc::EIO)), 447);
+        assert_eq!(io_error_status(Side::Origin, true, &e(libc::ETIMEDOUT)), 445);
+    }
+
+    #[test]
+    fn idle_blames_the_silent_side() {
+        assert_eq!(idle_status(0, 0), 497);
+        assert_eq!(idle_status(10, 5), 445);
+        assert_eq!(idle_status(5, 10), 497);
+        assert_eq!(End::Normal.status(), 200);
+        assert_eq!(End::Drained.status(), 999);
+    }
+}

@@ -1,0 +1,434 @@
+//! TCP apps (SPEC §4): one listening socket per app, steered to by the sk_lookup
+//! program; per accepted connection an origin connection, an optional PROXY header
+//! and zero-copy splicing both ways, with Spectrum's events and status codes.
+//!
+//! * [`listener`]: the listening sockets and the sysctls they depend on;
+//! * [`origin`]: origin order (hash of the client address), connecting, error codes;
+//! * [`splice`]: `splice(2)` through a pipe per direction, FIN and RST propagation;
+//! * [`conn`]: one connection's life, its events and counters;
+//! * [`stats`]: per-app counters and the duration histogram.
+//!
+//! `docs/tcp.md` describes the design, the status codes, the limits and the sysctls.
+
+pub mod conn;
+pub mod listener;
+pub mod origin;
+pub mod splice;
+pub mod stats;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use log::{debug, info, warn};
+use tokio::net::TcpListener as TokioListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{App, Config, Protocol};
+use crate::datapath::Datapath;
+use crate::events::EventLog;
+use crate::wire::unmap_socket_addr as unmap;
+
+pub use stats::{DurationHistogram, EventCount, TcpAppStats};
+
+/// How long the agent waits for an origin to accept a connection before trying the
+/// next origin (status 522 when it was the last).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Environment variable that overrides [`DEFAULT_CONNECT_TIMEOUT`] (e.g. `1s`), for
+/// tests and for operators with far-away origins.
+pub const CONNECT_TIMEOUT_ENV: &str = "FORWARDER_TCP_CONNECT_TIMEOUT";
+
+/// Open connections per app beyond which new ones are closed at once (RST).
+pub const DEFAULT_MAX_CONNECTIONS_PER_APP: usize = 65_536;
+
+/// The listen backlog of each app's socket (capped by `net.core.somaxconn`, which
+/// the agent raises to this value in its namespace). See `docs/tcp.md`.
+pub const LISTEN_BACKLOG: i32 = 65_535;
+
+/// Settings shared by every connection, changeable at run time.
+pub(crate) struct Shared {
+    /// Current TCP apps by id (a connection keeps the `Arc` it started with, so a
+    /// reload changes only new connections).
+    apps: RwLock<BTreeMap<String, Arc<App>>>,
+    idle_timeout: RwLock<Duration>,
+    connect_timeout: RwLock<Duration>,
+    max_connections: AtomicUsize,
+    events: RwLock<EventLog>,
+    /// Counters by app id; kept after an app is removed (counters never go back).
+    stats: Mutex<BTreeMap<String, Arc<stats::AppCounters>>>,
+    /// Open connections of all apps, and a wake-up when one ends.
+    live: AtomicU64,
+    ended: Notify,
+    /// `true` once the drain time is over: open connections close at once.
+    close_all: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        *self.idle_timeout.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        *self.connect_timeout.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn events(&self) -> EventLog {
+        self.events.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn close_signal(&self) -> watch::Receiver<bool> {
+        self.close_all.subscribe()
+    }
+
+    fn counters(&self, app: &str) -> Arc<stats::AppCounters> {
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(app.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The app that owns a connection accepted with local (edge) address `local`:
+    /// the accepting listener's app when it covers the address, else any app that
+    /// does (during a reload an index can briefly point at another app's socket).
+    /// `None` for a connection no app covers (someone dialled the listener's own
+    /// port directly): it is closed.
+    fn app_for(&self, listener_app: &str, local: SocketAddr) -> Option<Arc<App>> {
+        let apps = self.apps.read().unwrap_or_else(|e| e.into_inner());
+        let covers = |app: &App| {
+            app.ports.contains(local.port()) && app.serves_edge_address(local.ip())
+        };
+        if let Some(app) = apps.get(listener_app).filter(|a| covers(a)) {
+            return Some(app.clone());
+        }
+        apps.values().find(|a| covers(a)).cloned()
+    }
+}
+
+/// One app's listening socket and its accept loop.
+struct ListenerHandle {
+    /// The app index whose sockmap slot holds this socket.
+    index: u32,
+    /// A duplicate of the listening socket's fd, for the sockmap.
+    fd: std::net::TcpListener,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The TCP side of the agent: listeners, connections, their events and counters.
+pub struct TcpProxy {
+    shared: Arc<Shared>,
+    listeners: BTreeMap<String, ListenerHandle>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl TcpProxy {
+    /// Sets the sysctls (SYN cookies, `somaxconn`), opens one listener per TCP app
+    /// of `config`, puts each in its app's sockmap slot and attaches sk_lookup.
+    /// `datapath` must already hold `config`'s plan. Must run inside a tokio runtime,
+    /// in the agent's network namespace.
+    pub fn start(config: &Config, datapath: &mut Datapath, events: EventLog) -> anyhow::Result<TcpProxy> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| anyhow!("the TCP proxy must be started inside a tokio runtime"))?;
+        listener::prepare_sysctls(LISTEN_BACKLOG)?;
+        let connect_timeout = match std::env::var(CONNECT_TIMEOUT_ENV) {
+            Ok(text) => {
+                let timeout = crate::config::parse_duration(&text)
+                    .map_err(|e| anyhow!("{CONNECT_TIMEOUT_ENV}={text:?}: {e}"))?;
+                info!("TCP origin connect timeout {timeout:?} (from {CONNECT_TIMEOUT_ENV})");
+                timeout
+            }
+            Err(_) => DEFAULT_CONNECT_TIMEOUT,
+        };
+        let (close_all, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            apps: RwLock::new(BTreeMap::new()),
+            idle_timeout: RwLock::new(config.agent.tcp_idle_timeout),
+            connect_timeout: RwLock::new(connect_timeout),
+            max_connections: AtomicUsize::new(DEFAULT_MAX_CONNECTIONS_PER_APP),
+            events: RwLock::new(events),
+            stats: Mutex::new(BTreeMap::new()),
+            live: AtomicU64::new(0),
+            ended: Notify::new(),
+            close_all,
+        });
+        let mut proxy = TcpProxy {
+            shared,
+            listeners: BTreeMap::new(),
+            runtime,
+        };
+        proxy.apply(config, datapath)?;
+        datapath.attach_sk_lookup()?;
+        Ok(proxy)
+    }
+
+    /// Brings the listeners in line with `config` (whose plan `datapath` already
+    /// holds): new apps get a listener, removed apps lose theirs (open connections
+    /// continue), moved apps change sockmap slot; new connections use the new origins.
+    pub fn apply(&mut self, config: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
+        let indices = datapath.app_indices();
+        let tcp_apps: BTreeMap<String, Arc<App>> = config
+            .apps
+            .iter()
+            .filter(|a| a.protocol == Protocol::Tcp)
+            .map(|a| (a.id.clone(), Arc::new(a.clone())))
+            .collect();
+        *self.shared.apps.write().unwrap_or_else(|e| e.into_inner()) = tcp_apps.clone();
+        *self.shared.idle_timeout.write().unwrap_or_else(|e| e.into_inner()) =
+            config.agent.tcp_idle_timeout;
+
+        // New and moved apps first, so no configured port is without a socket.
+        for id in tcp_apps.keys() {
+            let index = *indices
+                .get(id)
+                .with_context(|| format!("app {id} has no index in the datapath plan"))?;
+            match self.listeners.get_mut(id) {
+                Some(handle) if handle.index == index => {}
+                Some(handle) => {
+                    datapath.set_tcp_listener(index, &handle.fd)?;
+                    debug!("app {id}: listener moved from slot {} to {index}", handle.index);
+                    handle.index = index;
+                }
+                None => {
+                    let handle = self.open_listener(id, index, datapath)?;
+                    self.listeners.insert(id.clone(), handle);
+                }
+            }
+        }
+        // Slots that held a removed or moved app and now hold nothing of ours.
+        let used: BTreeSet<u32> = self.listeners.iter().filter(|(id, _)| tcp_apps.contains_key(*id)).map(|(_, h)| h.index).collect();
+        let removed: Vec<String> = self
+            .listeners
+            .keys()
+            .filter(|id| !tcp_apps.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in removed {
+            if let Some(handle) = self.listeners.remove(&id) {
+                if !used.contains(&handle.index) {
+                    datapath.clear_tcp_listener(handle.index)?;
+                }
+                info!("app {id}: removed; no new connections (open ones continue)");
+                stop_listener(handle);
+            }
+        }
+        // Indices no TCP app uses any more (an app moved away, a UDP app took it).
+        for (id, index) in &indices {
+            if !tcp_apps.contains_key(id) && !used.contains(index) {
+                datapath.clear_tcp_listener(*index)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_listener(
+        &self,
+        id: &str,
+        index: u32,
+        datapath: &mut Datapath,
+    ) -> anyhow::Result<ListenerHandle> {
+        let std_listener = listener::open(LISTEN_BACKLOG)
+            .with_context(|| format!("opening the listening socket of app {id}"))?;
+        let fd = std_listener.try_clone().context("duplicating the listener fd")?;
+        datapath.set_tcp_listener(index, &fd)?;
+        let local = std_listener.local_addr().ok();
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = self.shared.clone();
+        let app_id = id.to_string();
+        let task = {
+            let _guard = self.runtime.enter();
+            let listener = TokioListener::from_std(std_listener)
+                .context("registering the listener with the runtime")?;
+            self.runtime
+                .spawn(accept_loop(listener, app_id, shared, stop_rx))
+        };
+        info!(
+            "app {id}: listening (socket {}, sockmap slot {index})",
+            local.map(|a| a.to_string()).unwrap_or_default()
+        );
+        Ok(ListenerHandle {
+            index,
+            fd,
+            stop,
+            task,
+        })
+    }
+
+    /// Counters per app id (apps removed since keep theirs).
+    pub fn stats(&self) -> BTreeMap<String, TcpAppStats> {
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, c)| (id.clone(), c.snapshot()))
+            .collect()
+    }
+
+    /// Open connections of all apps.
+    pub fn live_connections(&self) -> u64 {
+        self.shared.live.load(Ordering::SeqCst)
+    }
+
+    /// Overrides the origin connect timeout (default [`DEFAULT_CONNECT_TIMEOUT`]).
+    pub fn set_connect_timeout(&self, timeout: Duration) {
+        *self.shared.connect_timeout.write().unwrap_or_else(|e| e.into_inner()) = timeout;
+    }
+
+    /// Overrides the per-app connection limit (default [`DEFAULT_MAX_CONNECTIONS_PER_APP`]).
+    pub fn set_max_connections_per_app(&self, limit: usize) {
+        self.shared.max_connections.store(limit, Ordering::SeqCst);
+    }
+
+    /// Where events go from now on (e.g. `agent.event_log` changed on reload).
+    pub fn set_event_log(&self, events: EventLog) {
+        *self.shared.events.write().unwrap_or_else(|e| e.into_inner()) = events;
+    }
+
+    /// Stops accepting: empties every sockmap slot and closes the listeners, after
+    /// taking the connections that already completed their handshake.
+    pub fn stop_accepting(&mut self, datapath: &mut Datapath) {
+        for (id, handle) in std::mem::take(&mut self.listeners) {
+            if let Err(err) = datapath.clear_tcp_listener(handle.index) {
+                warn!("app {id}: {err:#}");
+            }
+            stop_listener(handle);
+        }
+    }
+
+    /// Waits until every open connection has ended or `within` has passed; then
+    /// closes what is still open (status 999 in their events) and waits for those
+    /// tasks to finish. Returns how many connections had to be closed.
+    pub async fn drain(&self, within: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + within;
+        let open = self.live_connections();
+        if open > 0 {
+            info!("draining {open} TCP connections for up to {within:?}");
+        }
+        loop {
+            let notified = self.shared.ended.notified();
+            if self.live_connections() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        let left = self.live_connections();
+        warn!("drain time over: closing {left} TCP connections");
+        let _ = self.shared.close_all.send(true);
+        // The tasks close their sockets at once; give them a moment to report.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let notified = self.shared.ended.notified();
+                if self.live_connections() == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        left
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        for (_, handle) in std::mem::take(&mut self.listeners) {
+            handle.task.abort();
+        }
+        let _ = self.shared.close_all.send(true);
+    }
+}
+
+fn stop_listener(handle: ListenerHandle) {
+    // The accept loop takes what is queued, then drops (closes) the socket.
+    let _ = handle.stop.send(true);
+    drop(handle.fd);
+}
+
+/// Accepts until told to stop; then takes what is already queued and closes.
+async fn accept_loop(
+    listener: TokioListener,
+    app_id: String,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => dispatch(stream, &app_id, &shared),
+                Err(err) => {
+                    if listener::accept_error_is_transient(&err) {
+                        debug!("app {app_id}: accept: {err}");
+                    } else {
+                        warn!("app {app_id}: accept failed: {err}; retrying in 100ms");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+    // Handshakes completed before the slot was emptied are served, not reset.
+    match listener.into_std() {
+        Ok(listener) => loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let stream = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::TcpStream::from_std(stream));
+                    if let Ok(stream) = stream {
+                        dispatch(stream, &app_id, &shared);
+                    }
+                }
+                Err(err) if listener::accept_error_is_transient(&err) => continue,
+                Err(_) => break,
+            }
+        },
+        Err(err) => debug!("app {app_id}: {err}"),
+    }
+    debug!("app {app_id}: listener closed");
+}
+
+/// Starts the task of one accepted connection, or refuses it.
+fn dispatch(stream: tokio::net::TcpStream, listener_app: &str, shared: &Arc<Shared>) {
+    let (local, peer) = match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => (unmap(local), unmap(peer)),
+        // Reset before we got to it.
+        _ => return,
+    };
+    let Some(app) = shared.app_for(listener_app, local) else {
+        debug!("connection from {peer} to {local} matches no TCP app; closing");
+        conn::reset(&stream);
+        return;
+    };
+    let counters = shared.counters(&app.id);
+    let limit = shared.max_connections.load(Ordering::Relaxed) as u64;
+    if counters.live() >= limit {
+        counters.reject();
+        warn!(
+            "app {}: {limit} connections open, refusing {peer}",
+            app.id
+        );
+        conn::reset(&stream);
+        return;
+    }
+    let guard = conn::LiveGuard::new(shared.clone(), counters.clone());
+    tokio::spawn(conn::serve(
+        shared.clone(),
+        app,
+        counters,
+        guard,
+        stream,
+        peer,
+        local,
+    ));
+}

@@ -1,0 +1,170 @@
+//! Choosing and connecting to an origin.
+//!
+//! Origins are tried in hash order of the client address: the first is
+//! `origins[fnv1a(client ip) % n]`, then the following ones round the list, so one
+//! client always lands on the same origin while it is up, and clients spread evenly.
+//! The hash covers the address only (not the port): every connection of a client
+//! goes to the same origin, as sticky as Spectrum's.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::config::App;
+use crate::events::status;
+
+/// 64-bit FNV-1a.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The hash of a client address (IPv4-mapped IPv6 counts as IPv4).
+pub fn client_hash(client: IpAddr) -> u64 {
+    match client {
+        IpAddr::V4(v4) => fnv1a(&v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => fnv1a(&v4.octets()),
+            None => fnv1a(&v6.octets()),
+        },
+    }
+}
+
+/// The origin addresses to try for a client that dialled `edge_port`, in order.
+pub fn candidates(app: &App, client: IpAddr, edge_port: u16) -> Vec<SocketAddr> {
+    let n = app.origins.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let start = (client_hash(client) % n as u64) as usize;
+    (0..n)
+        .map(|k| {
+            let origin = &app.origins[(start + k) % n];
+            SocketAddr::new(origin.addr, app.origin_port(origin, edge_port))
+        })
+        .collect()
+}
+
+/// Why connecting to an origin failed, as a Spectrum status code.
+pub fn connect_error_status(err: &io::Error) -> u16 {
+    match err.raw_os_error() {
+        Some(libc::ECONNREFUSED) => status::ORIGIN_REFUSED,
+        Some(libc::ETIMEDOUT) => status::ORIGIN_CONNECT_TIMEOUT,
+        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+            status::ORIGIN_UNREACHABLE
+        }
+        _ if err.kind() == io::ErrorKind::TimedOut => status::ORIGIN_CONNECT_TIMEOUT,
+        _ => status::ORIGIN_UNKNOWN_ERROR,
+    }
+}
+
+/// Connects to `origin` within `timeout`. The error carries its status code.
+pub async fn connect(origin: SocketAddr, timeout: Duration) -> Result<TcpStream, (u16, io::Error)> {
+    let attempt = async {
+        let socket = match origin {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_nodelay(true)?;
+        socket.connect(origin).await
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(err)) => Err((connect_error_status(&err), err)),
+        Err(_) => Err((
+            status::ORIGIN_CONNECT_TIMEOUT,
+            io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Origin, PortRange, Protocol, ProxyProtocol};
+
+    fn app(origins: &[&str], ports: (u16, u16)) -> App {
+        App {
+            id: "t".into(),
+            protocol: Protocol::Tcp,
+            ports: PortRange::new(ports.0, ports.1).unwrap(),
+            edge_ips: vec![],
+            origins: origins
+                .iter()
+                .map(|o| Origin::parse_url(o).unwrap().1)
+                .collect::<Vec<Origin>>(),
+            proxy_protocol: ProxyProtocol::Off,
+            ip_firewall: true,
+        }
+    }
+
+    #[test]
+    fn fnv_known_values() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn mapped_and_plain_ipv4_hash_alike() {
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_hash(v4), client_hash(mapped));
+    }
+
+    #[test]
+    fn candidates_rotate_from_the_hash_and_map_ports_by_offset() {
+        let a = app(
+            &["tcp://10.0.0.1:8100-8199", "tcp://10.0.0.2:9100-9199", "tcp://[fd00::3]:100-199"],
+            (8000, 8099),
+        );
+        let client: IpAddr = "10.0.1.2".parse().unwrap();
+        let list = candidates(&a, client, 8099);
+        assert_eq!(list.len(), 3);
+        let start = (client_hash(client) % 3) as usize;
+        let all: Vec<SocketAddr> = vec![
+            "10.0.0.1:8199".parse().unwrap(),
+            "10.0.0.2:9199".parse().unwrap(),
+            "[fd00::3]:199".parse().unwrap(),
+        ];
+        for k in 0..3 {
+            assert_eq!(list[k], all[(start + k) % 3]);
+        }
+        // Stable for one client; different clients spread.
+        assert_eq!(candidates(&a, client, 8099), list);
+        let firsts: std::collections::BTreeSet<SocketAddr> = (1..=60u8)
+            .map(|i| candidates(&a, IpAddr::from([10, 0, 1, i]), 8000)[0])
+            .collect();
+        assert_eq!(firsts.len(), 3, "60 clients use all three origins");
+    }
+
+    #[test]
+    fn connect_errors_map_to_spectrum_codes() {
+        let e = |code| io::Error::from_raw_os_error(code);
+        assert_eq!(connect_error_status(&e(libc::ECONNREFUSED)), 521);
+        assert_eq!(connect_error_status(&e(libc::ETIMEDOUT)), 522);
+        assert_eq!(connect_error_status(&e(libc::EHOSTUNREACH)), 523);
+        assert_eq!(connect_error_status(&e(libc::ENETUNREACH)), 523);
+        assert_eq!(connect_error_status(&e(libc::EACCES)), 520);
+    }
+
+    #[tokio::test]
+    async fn connect_refused_and_timeout() {
+        // A port nobody listens on, on loopback: refused.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = connect(addr, Duration::from_secs(2)).await.unwrap_err();
+        assert_eq!(err.0, 521);
+        // Accepted.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ok = connect(listener.local_addr().unwrap(), Duration::from_secs(2)).await;
+        assert!(ok.is_ok());
+    }
+}
