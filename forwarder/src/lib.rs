@@ -1,11 +1,13 @@
 //! The forwarder agent as a library: config, eBPF loading, TCP proxy, control plane.
 
 pub mod agent;
+pub mod analytics;
 pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod ebpf;
 pub mod events;
+pub mod metrics;
 pub mod route;
 pub mod spectrum;
 pub mod stats;

@@ -1,0 +1,380 @@
+//! `GET /metrics` on `agent.metrics_listen` (SPEC §6): the agent's counters in the
+//! Prometheus/OpenMetrics text format, encoded by `prometheus-client` and served by
+//! `axum`. Nothing is counted here: every scrape takes a fresh [`StatsSnapshot`]
+//! (the per-CPU maps summed at that moment, the TCP proxy's and the event
+//! counters), so a scrape costs a few map reads and never slows the datapath.
+//!
+//! `docs/metrics.md` lists every metric, its labels and where it comes from.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use log::{info, warn};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::analytics::Histogram;
+use crate::control::SnapshotFn;
+use crate::stats::StatsSnapshot;
+
+/// The `Content-Type` of a scrape.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Names of the metric families as they appear in the exposition (counters get
+/// their `_total` suffix from the encoder).
+pub mod names {
+    pub const DROPPED_PACKETS: &str = "forwarder_dropped_packets";
+    pub const APP_PACKETS: &str = "forwarder_app_packets";
+    pub const APP_BYTES: &str = "forwarder_app_bytes";
+    pub const CONNECTIONS: &str = "forwarder_connections";
+    /// With the unit `seconds`: `forwarder_connection_duration_seconds`.
+    pub const CONNECTION_DURATION: &str = "forwarder_connection_duration";
+    pub const UDP_FLOWS: &str = "forwarder_udp_flows";
+    pub const TCP_CONNECTIONS: &str = "forwarder_tcp_connections";
+    pub const FIREWALL_RULE_HITS: &str = "forwarder_firewall_rule_hits";
+    pub const INTERFACE_PACKETS: &str = "forwarder_interface_packets";
+}
+
+/// One scrape's worth of figures, encoded on demand.
+#[derive(Debug)]
+struct SnapshotCollector(StatsSnapshot);
+
+fn counter<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in series {
+        let value = i64::try_from(value).unwrap_or(i64::MAX);
+        ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// `(upper bound, count in this bucket)` pairs with `f64::MAX` standing for +Inf,
+/// as `prometheus-client` takes them (it accumulates).
+fn buckets(histogram: &Histogram) -> Vec<(f64, u64)> {
+    let mut out: Vec<(f64, u64)> = histogram
+        .bounds
+        .iter()
+        .copied()
+        .zip(histogram.counts.iter().copied())
+        .collect();
+    out.push((f64::MAX, histogram.counts.last().copied().unwrap_or(0)));
+    out
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        counter(
+            &mut encoder,
+            names::DROPPED_PACKETS,
+            "Packets dropped by the XDP program, by reason.",
+            s.drops
+                .iter()
+                .map(|(reason, n)| (vec![("reason", reason.as_str())], *n)),
+        )?;
+        let directions = |f: fn(&crate::stats::AppStats) -> (u64, u64)| {
+            s.apps.iter().flat_map(move |(id, app)| {
+                let (ingress, egress) = f(app);
+                [
+                    (
+                        vec![("app", id.as_str()), ("direction", "ingress")],
+                        ingress,
+                    ),
+                    (vec![("app", id.as_str()), ("direction", "egress")], egress),
+                ]
+            })
+        };
+        counter(
+            &mut encoder,
+            names::APP_PACKETS,
+            "Packets of an app: ingress client to origin, egress origin to client.",
+            directions(|a| (a.ingress_packets, a.egress_packets)),
+        )?;
+        counter(
+            &mut encoder,
+            names::APP_BYTES,
+            "Payload bytes of an app: ingress client to origin, egress origin to client.",
+            directions(|a| (a.ingress_bytes, a.egress_bytes)),
+        )?;
+        let mut statuses = Vec::new();
+        for (app, totals) in &s.connections {
+            for c in &totals.events {
+                statuses.push((
+                    app.as_str(),
+                    c.event.as_str(),
+                    c.status.to_string(),
+                    c.count,
+                ));
+            }
+        }
+        counter(
+            &mut encoder,
+            names::CONNECTIONS,
+            "Connection events (TCP connections, UDP flows) by app, event and status.",
+            statuses.iter().map(|(app, event, status, n)| {
+                (
+                    vec![
+                        ("app", *app),
+                        ("event", *event),
+                        ("status", status.as_str()),
+                    ],
+                    *n,
+                )
+            }),
+        )?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                names::CONNECTION_DURATION,
+                "Duration from connect to disconnect of ended connections and UDP flows.",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
+            let empty = Histogram::default();
+            let apps: std::collections::BTreeSet<&String> =
+                s.apps.keys().chain(s.connections.keys()).collect();
+            for app in apps {
+                let h = s.connections.get(app).map_or(&empty, |c| &c.durations);
+                metric
+                    .encode_family(&[("app", app.as_str())])?
+                    .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
+            }
+        }
+        gauge(
+            &mut encoder,
+            names::UDP_FLOWS,
+            "Live UDP flows of an app.",
+            s.apps
+                .iter()
+                .filter(|(_, a)| a.protocol == "udp")
+                .map(|(id, a)| (vec![("app", id.as_str())], a.live)),
+        )?;
+        gauge(
+            &mut encoder,
+            names::TCP_CONNECTIONS,
+            "Open TCP connections of an app.",
+            s.apps
+                .iter()
+                .filter(|(_, a)| a.protocol == "tcp")
+                .map(|(id, a)| (vec![("app", id.as_str())], a.live)),
+        )?;
+        counter(
+            &mut encoder,
+            names::FIREWALL_RULE_HITS,
+            "Packets whose source matched an access rule (by the rule's value).",
+            s.rule_hits
+                .iter()
+                .map(|(rule, n)| (vec![("rule", rule.as_str())], *n)),
+        )?;
+        counter(
+            &mut encoder,
+            names::INTERFACE_PACKETS,
+            "Frames seen by the XDP program on an attached interface.",
+            s.interfaces
+                .iter()
+                .map(|(name, i)| (vec![("interface", name.as_str())], i.packets)),
+        )?;
+        Ok(())
+    }
+}
+
+/// The exposition text for `snapshot`.
+pub fn render(snapshot: StatsSnapshot) -> anyhow::Result<String> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .map_err(|_| anyhow::anyhow!("encoding the metrics failed"))?;
+    Ok(out)
+}
+
+async fn metrics(State(snapshot): State<SnapshotFn>) -> Response {
+    // Reading the maps takes the agent lock, which a reload may hold for a moment:
+    // off the async workers.
+    let result = tokio::task::spawn_blocking(move || snapshot().and_then(render)).await;
+    match result {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Ok(Err(err)) => {
+            warn!("metrics scrape failed: {err:#}");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{err:#}\n")).into_response()
+        }
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}
+
+/// The HTTP server; stops when dropped.
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Listens on `addr` and serves `GET /metrics` from `snapshot`. Must run inside
+    /// a tokio runtime.
+    pub async fn bind(addr: SocketAddr, snapshot: SnapshotFn) -> anyhow::Result<MetricsServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the metrics listener to {addr} (agent.metrics_listen)")
+        })?;
+        let local_addr = listener.local_addr()?;
+        let router = Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(snapshot);
+        let task = tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, router).await {
+                warn!("metrics server stopped: {err}");
+            }
+        });
+        info!("metrics at http://{local_addr}/metrics");
+        Ok(MetricsServer { local_addr, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analytics::{ConnectionCount, ConnectionTotals};
+    use crate::stats::AppStats;
+    use std::sync::Arc;
+
+    fn snapshot() -> StatsSnapshot {
+        let mut s = StatsSnapshot::default();
+        for reason in ["malformed", "no_app", "firewall"] {
+            s.drops.insert(reason.into(), 0);
+        }
+        s.drops.insert("no_app".into(), 5);
+        s.apps.insert(
+            "game".into(),
+            AppStats {
+                protocol: "udp".into(),
+                ingress_packets: 3,
+                ingress_bytes: 300,
+                egress_packets: 2,
+                egress_bytes: 200,
+                live: 1,
+            },
+        );
+        s.apps.insert(
+            "web".into(),
+            AppStats {
+                protocol: "tcp".into(),
+                live: 4,
+                ..AppStats::default()
+            },
+        );
+        let mut durations = Histogram::default();
+        durations.observe(0.002);
+        durations.observe(2.0);
+        s.connections.insert(
+            "game".into(),
+            ConnectionTotals {
+                events: vec![
+                    ConnectionCount {
+                        event: "connect".into(),
+                        status: 0,
+                        count: 2,
+                    },
+                    ConnectionCount {
+                        event: "disconnect".into(),
+                        status: 200,
+                        count: 2,
+                    },
+                ],
+                durations,
+            },
+        );
+        s.rule_hits.insert("10.0.1.128/25".into(), 9);
+        s
+    }
+
+    #[test]
+    fn exposition_has_every_family_with_exact_values() {
+        let text = render(snapshot()).unwrap();
+        for line in [
+            "# TYPE forwarder_dropped_packets counter",
+            "forwarder_dropped_packets_total{reason=\"no_app\"} 5",
+            "forwarder_dropped_packets_total{reason=\"malformed\"} 0",
+            "forwarder_app_packets_total{app=\"game\",direction=\"ingress\"} 3",
+            "forwarder_app_packets_total{app=\"game\",direction=\"egress\"} 2",
+            "forwarder_app_bytes_total{app=\"game\",direction=\"ingress\"} 300",
+            "forwarder_app_bytes_total{app=\"web\",direction=\"egress\"} 0",
+            "forwarder_connections_total{app=\"game\",event=\"connect\",status=\"0\"} 2",
+            "forwarder_connections_total{app=\"game\",event=\"disconnect\",status=\"200\"} 2",
+            "# TYPE forwarder_connection_duration_seconds histogram",
+            "forwarder_connection_duration_seconds_count{app=\"game\"} 2",
+            "forwarder_connection_duration_seconds_bucket{le=\"0.005\",app=\"game\"} 1",
+            "forwarder_connection_duration_seconds_bucket{le=\"5.0\",app=\"game\"} 2",
+            "forwarder_connection_duration_seconds_bucket{le=\"+Inf\",app=\"game\"} 2",
+            "forwarder_connection_duration_seconds_count{app=\"web\"} 0",
+            "forwarder_udp_flows{app=\"game\"} 1",
+            "forwarder_tcp_connections{app=\"web\"} 4",
+            "forwarder_firewall_rule_hits_total{rule=\"10.0.1.128/25\"} 9",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing line {line:?} in:\n{text}"
+            );
+        }
+        assert!(!text.contains("forwarder_udp_flows{app=\"web\"}"));
+    }
+
+    #[tokio::test]
+    async fn serves_get_metrics_over_http() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let server =
+            MetricsServer::bind("127.0.0.1:0".parse().unwrap(), Arc::new(|| Ok(snapshot())))
+                .await
+                .unwrap();
+        let addr = server.local_addr();
+        let get = |path: &'static str| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).await.unwrap();
+            reply
+        };
+        let reply = get("/metrics").await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains(CONTENT_TYPE), "{reply}");
+        assert!(reply.contains("forwarder_dropped_packets_total{reason=\"no_app\"} 5"));
+        let reply = get("/other").await;
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    }
+}
