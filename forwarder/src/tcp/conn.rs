@@ -211,7 +211,10 @@ pub(crate) async fn serve(
                 break;
             }
             Err((code, err)) => {
-                debug!("app {}: origin {candidate} for {client}: {err} ({code})", meta.app.id);
+                debug!(
+                    "app {}: origin {candidate} for {client}: {err} ({code})",
+                    meta.app.id
+                );
                 let stop = code == status::UNKNOWN;
                 failure = Some((candidate, code));
                 if stop {
@@ -221,7 +224,8 @@ pub(crate) async fn serve(
         }
     }
     let Some((origin_addr, origin_stream)) = connected else {
-        let (origin_addr, code) = failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
+        let (origin_addr, code) =
+            failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
         let mut event = meta.event(EventKind::OriginError, origin_addr, code);
         event.disconnect_timestamp = Some(event.timestamp.clone());
         events().emit(&event);
@@ -243,7 +247,14 @@ pub(crate) async fn serve(
             debug!("app {}: PROXY header to {origin_addr}: {err}", meta.app.id);
             drop(stream);
             reset(&client_stream);
-            (End::Fault { side: Side::Origin, status }, 0, 0)
+            (
+                End::Fault {
+                    side: Side::Origin,
+                    status,
+                },
+                0,
+                0,
+            )
         }
         // 3. Splice both ways.
         Ok(origin_stream) => {
@@ -254,10 +265,22 @@ pub(crate) async fn serve(
                 last_client: AtomicU64::new(0),
                 last_origin: AtomicU64::new(0),
             };
-            let end = pump(&shared, &counters, &client_stream, &origin_stream, &activity, &mut close).await;
+            let end = pump(
+                &shared,
+                &counters,
+                &client_stream,
+                &origin_stream,
+                &activity,
+                &mut close,
+            )
+            .await;
             match end {
-                End::Fault { side: Side::Client, .. } => reset(&origin_stream),
-                End::Fault { side: Side::Origin, .. } => reset(&client_stream),
+                End::Fault {
+                    side: Side::Client, ..
+                } => reset(&origin_stream),
+                End::Fault {
+                    side: Side::Origin, ..
+                } => reset(&client_stream),
                 End::Drained => {
                     reset(&client_stream);
                     reset(&origin_stream);
@@ -317,38 +340,60 @@ async fn pump(
         Ok(p) => p,
         Err(err) => {
             log::warn!("pipe: {err}");
-            return End::Fault { side: Side::Client, status: status::UNKNOWN };
+            return End::Fault {
+                side: Side::Client,
+                status: status::UNKNOWN,
+            };
         }
     };
     let mut down = match Pipe::new() {
         Ok(p) => p,
         Err(err) => {
             log::warn!("pipe: {err}");
-            return End::Fault { side: Side::Client, status: status::UNKNOWN };
+            return End::Fault {
+                side: Side::Client,
+                status: status::UNKNOWN,
+            };
         }
     };
     let client_to_origin = async {
         forward(client, origin, &mut up, |n| {
             activity.client_bytes.fetch_add(n, Ordering::Relaxed);
-            activity.last_client.store(activity.now(), Ordering::Relaxed);
+            activity
+                .last_client
+                .store(activity.now(), Ordering::Relaxed);
             counters.add_client_bytes(n);
         })
         .await
         .map_err(|fault| match fault {
-            Fault::Read(e) => End::Fault { side: Side::Client, status: io_error_status(Side::Client, true, &e) },
-            Fault::Write(e) => End::Fault { side: Side::Origin, status: io_error_status(Side::Origin, false, &e) },
+            Fault::Read(e) => End::Fault {
+                side: Side::Client,
+                status: io_error_status(Side::Client, true, &e),
+            },
+            Fault::Write(e) => End::Fault {
+                side: Side::Origin,
+                status: io_error_status(Side::Origin, false, &e),
+            },
         })
     };
     let origin_to_client = async {
         forward(origin, client, &mut down, |n| {
             activity.origin_bytes.fetch_add(n, Ordering::Relaxed);
-            activity.last_origin.store(activity.now(), Ordering::Relaxed);
+            activity
+                .last_origin
+                .store(activity.now(), Ordering::Relaxed);
             counters.add_origin_bytes(n);
         })
         .await
         .map_err(|fault| match fault {
-            Fault::Read(e) => End::Fault { side: Side::Origin, status: io_error_status(Side::Origin, true, &e) },
-            Fault::Write(e) => End::Fault { side: Side::Client, status: io_error_status(Side::Client, false, &e) },
+            Fault::Read(e) => End::Fault {
+                side: Side::Origin,
+                status: io_error_status(Side::Origin, true, &e),
+            },
+            Fault::Write(e) => End::Fault {
+                side: Side::Client,
+                status: io_error_status(Side::Client, false, &e),
+            },
         })
     };
     let idle = async {
@@ -384,14 +429,29 @@ mod tests {
     #[test]
     fn io_errors_map_to_spectrum_codes() {
         let e = |c| io::Error::from_raw_os_error(c);
-        assert_eq!(io_error_status(Side::Client, true, &e(libc::ECONNRESET)), 499);
+        assert_eq!(
+            io_error_status(Side::Client, true, &e(libc::ECONNRESET)),
+            499
+        );
         assert_eq!(io_error_status(Side::Client, false, &e(libc::EPIPE)), 498);
-        assert_eq!(io_error_status(Side::Client, true, &e(libc::ETIMEDOUT)), 497);
-        assert_eq!(io_error_status(Side::Origin, true, &e(libc::ECONNRESET)), 444);
-        assert_eq!(io_error_status(Side::Origin, false, &e(libc::ECONNRESET)), 444);
+        assert_eq!(
+            io_error_status(Side::Client, true, &e(libc::ETIMEDOUT)),
+            497
+        );
+        assert_eq!(
+            io_error_status(Side::Origin, true, &e(libc::ECONNRESET)),
+            444
+        );
+        assert_eq!(
+            io_error_status(Side::Origin, false, &e(libc::ECONNRESET)),
+            444
+        );
         assert_eq!(io_error_status(Side::Origin, false, &e(libc::EPIPE)), 448);
         assert_eq!(io_error_status(Side::Origin, true, &e(libc::EIO)), 447);
-        assert_eq!(io_error_status(Side::Origin, true, &e(libc::ETIMEDOUT)), 445);
+        assert_eq!(
+            io_error_status(Side::Origin, true, &e(libc::ETIMEDOUT)),
+            445
+        );
     }
 
     #[test]

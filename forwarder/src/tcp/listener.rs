@@ -27,7 +27,9 @@ pub fn prepare_sysctls(backlog: i32) -> anyhow::Result<()> {
     let cookies = read_sysctl(SYNCOOKIES)?;
     if cookies.trim() == "0" {
         write_sysctl(SYNCOOKIES, "1")?;
-        info!("net.ipv4.tcp_syncookies: 0 -> 1 (SYN cookies when a listener's SYN queue overflows)");
+        info!(
+            "net.ipv4.tcp_syncookies: 0 -> 1 (SYN cookies when a listener's SYN queue overflows)"
+        );
     }
     let somaxconn: i64 = read_sysctl(SOMAXCONN)?
         .trim()
@@ -57,7 +59,13 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
     }
 }
 
-fn set_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int, what: &str) -> io::Result<()> {
+fn set_int(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+    what: &str,
+) -> io::Result<()> {
     // SAFETY: valid fd, pointer to a c_int of the given size.
     let rc = unsafe {
         libc::setsockopt(
@@ -84,7 +92,13 @@ pub fn open(backlog: i32) -> io::Result<TcpListener> {
     check(raw, "socket(AF_INET6, SOCK_STREAM)")?;
     // SAFETY: `raw` is a fresh socket we own.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0, "IPV6_V6ONLY=0")?;
+    set_int(
+        &fd,
+        libc::IPPROTO_IPV6,
+        libc::IPV6_V6ONLY,
+        0,
+        "IPV6_V6ONLY=0",
+    )?;
     set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
     // SAFETY: all-zero is a valid sockaddr_in6 ([::]:0).
     let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
@@ -108,7 +122,19 @@ pub fn open(backlog: i32) -> io::Result<TcpListener> {
 pub fn accept_error_is_transient(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM | libc::ENETDOWN | libc::ENOPROTOOPT | libc::EHOSTDOWN | libc::ENONET | libc::EHOSTUNREACH | libc::EOPNOTSUPP | libc::ENETUNREACH)
+        Some(
+            libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
     ) || err.kind() == io::ErrorKind::Interrupted
 }
 
@@ -127,7 +153,13 @@ mod tests {
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: valid fd and out pointers.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&mut v6only as *mut libc::c_int).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&mut v6only as *mut libc::c_int).cast(),
+                &mut len,
+            )
         };
         assert_eq!(rc, 0);
         assert_eq!(v6only, 0);
@@ -141,14 +173,27 @@ mod tests {
                 Err(e) => panic!("accept: {e}"),
             }
         };
-        assert_eq!(crate::wire::unmap_socket_addr(peer), client.local_addr().unwrap());
-        assert!(listener.accept().is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock));
+        assert_eq!(
+            crate::wire::unmap_socket_addr(peer),
+            client.local_addr().unwrap()
+        );
+        assert!(
+            listener
+                .accept()
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
+        );
     }
 
     #[test]
     fn transient_accept_errors() {
-        assert!(accept_error_is_transient(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
-        assert!(!accept_error_is_transient(&io::Error::from_raw_os_error(libc::EMFILE)));
-        assert!(!accept_error_is_transient(&io::Error::from_raw_os_error(libc::EAGAIN)));
+        assert!(accept_error_is_transient(&io::Error::from_raw_os_error(
+            libc::ECONNABORTED
+        )));
+        assert!(!accept_error_is_transient(&io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
+        assert!(!accept_error_is_transient(&io::Error::from_raw_os_error(
+            libc::EAGAIN
+        )));
     }
 }

@@ -74,11 +74,17 @@ impl Shared {
     }
 
     pub(crate) fn connect_timeout(&self) -> Duration {
-        *self.connect_timeout.read().unwrap_or_else(|e| e.into_inner())
+        *self
+            .connect_timeout
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn events(&self) -> EventLog {
-        self.events.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.events
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn close_signal(&self) -> watch::Receiver<bool> {
@@ -101,9 +107,8 @@ impl Shared {
     /// port directly): it is closed.
     fn app_for(&self, listener_app: &str, local: SocketAddr) -> Option<Arc<App>> {
         let apps = self.apps.read().unwrap_or_else(|e| e.into_inner());
-        let covers = |app: &App| {
-            app.ports.contains(local.port()) && app.serves_edge_address(local.ip())
-        };
+        let covers =
+            |app: &App| app.ports.contains(local.port()) && app.serves_edge_address(local.ip());
         if let Some(app) = apps.get(listener_app).filter(|a| covers(a)) {
             return Some(app.clone());
         }
@@ -133,7 +138,11 @@ impl TcpProxy {
     /// of `config`, puts each in its app's sockmap slot and attaches sk_lookup.
     /// `datapath` must already hold `config`'s plan. Must run inside a tokio runtime,
     /// in the agent's network namespace.
-    pub fn start(config: &Config, datapath: &mut Datapath, events: EventLog) -> anyhow::Result<TcpProxy> {
+    pub fn start(
+        config: &Config,
+        datapath: &mut Datapath,
+        events: EventLog,
+    ) -> anyhow::Result<TcpProxy> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| anyhow!("the TCP proxy must be started inside a tokio runtime"))?;
         listener::prepare_sysctls(LISTEN_BACKLOG)?;
@@ -180,8 +189,11 @@ impl TcpProxy {
             .map(|a| (a.id.clone(), Arc::new(a.clone())))
             .collect();
         *self.shared.apps.write().unwrap_or_else(|e| e.into_inner()) = tcp_apps.clone();
-        *self.shared.idle_timeout.write().unwrap_or_else(|e| e.into_inner()) =
-            config.agent.tcp_idle_timeout;
+        *self
+            .shared
+            .idle_timeout
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = config.agent.tcp_idle_timeout;
 
         // New and moved apps first, so no configured port is without a socket.
         for id in tcp_apps.keys() {
@@ -192,7 +204,10 @@ impl TcpProxy {
                 Some(handle) if handle.index == index => {}
                 Some(handle) => {
                     datapath.set_tcp_listener(index, &handle.fd)?;
-                    debug!("app {id}: listener moved from slot {} to {index}", handle.index);
+                    debug!(
+                        "app {id}: listener moved from slot {} to {index}",
+                        handle.index
+                    );
                     handle.index = index;
                 }
                 None => {
@@ -202,7 +217,12 @@ impl TcpProxy {
             }
         }
         // Slots that held a removed or moved app and now hold nothing of ours.
-        let used: BTreeSet<u32> = self.listeners.iter().filter(|(id, _)| tcp_apps.contains_key(*id)).map(|(_, h)| h.index).collect();
+        let used: BTreeSet<u32> = self
+            .listeners
+            .iter()
+            .filter(|(id, _)| tcp_apps.contains_key(*id))
+            .map(|(_, h)| h.index)
+            .collect();
         let removed: Vec<String> = self
             .listeners
             .keys()
@@ -235,7 +255,9 @@ impl TcpProxy {
     ) -> anyhow::Result<ListenerHandle> {
         let std_listener = listener::open(LISTEN_BACKLOG)
             .with_context(|| format!("opening the listening socket of app {id}"))?;
-        let fd = std_listener.try_clone().context("duplicating the listener fd")?;
+        let fd = std_listener
+            .try_clone()
+            .context("duplicating the listener fd")?;
         datapath.set_tcp_listener(index, &fd)?;
         let local = std_listener.local_addr().ok();
         let (stop, stop_rx) = watch::channel(false);
@@ -278,7 +300,11 @@ impl TcpProxy {
 
     /// Overrides the origin connect timeout (default [`DEFAULT_CONNECT_TIMEOUT`]).
     pub fn set_connect_timeout(&self, timeout: Duration) {
-        *self.shared.connect_timeout.write().unwrap_or_else(|e| e.into_inner()) = timeout;
+        *self
+            .shared
+            .connect_timeout
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = timeout;
     }
 
     /// Overrides the per-app connection limit (default [`DEFAULT_MAX_CONNECTIONS_PER_APP`]).
@@ -288,7 +314,11 @@ impl TcpProxy {
 
     /// Where events go from now on (e.g. `agent.event_log` changed on reload).
     pub fn set_event_log(&self, events: EventLog) {
-        *self.shared.events.write().unwrap_or_else(|e| e.into_inner()) = events;
+        *self
+            .shared
+            .events
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = events;
     }
 
     /// Stops accepting: empties every sockmap slot and closes the listeners, after
@@ -414,10 +444,7 @@ fn dispatch(stream: tokio::net::TcpStream, listener_app: &str, shared: &Arc<Shar
     let limit = shared.max_connections.load(Ordering::Relaxed) as u64;
     if counters.live() >= limit {
         counters.reject();
-        warn!(
-            "app {}: {limit} connections open, refusing {peer}",
-            app.id
-        );
+        warn!("app {}: {limit} connections open, refusing {peer}", app.id);
         conn::reset(&stream);
         return;
     }

@@ -79,7 +79,10 @@ pub async fn connect(origin: SocketAddr, timeout: Duration) -> Result<TcpStream,
         Ok(Err(err)) => Err((connect_error_status(&err), err)),
         Err(_) => Err((
             status::ORIGIN_CONNECT_TIMEOUT,
-            io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")),
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            ),
         )),
     }
 }
@@ -121,7 +124,11 @@ mod tests {
     #[test]
     fn candidates_rotate_from_the_hash_and_map_ports_by_offset() {
         let a = app(
-            &["tcp://10.0.0.1:8100-8199", "tcp://10.0.0.2:9100-9199", "tcp://[fd00::3]:100-199"],
+            &[
+                "tcp://10.0.0.1:8100-8199",
+                "tcp://10.0.0.2:9100-9199",
+                "tcp://[fd00::3]:100-199",
+            ],
             (8000, 8099),
         );
         let client: IpAddr = "10.0.1.2".parse().unwrap();

@@ -35,7 +35,13 @@ impl Pipe {
         // SAFETY: pipe2 returned two fresh fds that we now own.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: fcntl on a valid pipe fd.
-        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        let size = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            )
+        };
         let capacity = if size > 0 {
             size as usize
         } else {
@@ -172,14 +178,12 @@ mod tests {
         let mut pipe = Pipe::new().unwrap();
         assert!(pipe.capacity() >= 65_536);
         let mut seen = 0;
-        let (moved, received) = tokio::join!(
-            forward(&a_in, &b_out, &mut pipe, |n| seen += n),
-            async {
+        let (moved, received) =
+            tokio::join!(forward(&a_in, &b_out, &mut pipe, |n| seen += n), async {
                 let mut got = Vec::new();
                 server.read_to_end(&mut got).await.unwrap();
                 got
-            }
-        );
+            });
         assert_eq!(moved.unwrap(), data.len() as u64);
         assert_eq!(seen, data.len() as u64);
         assert!(received == data, "payload differs");
