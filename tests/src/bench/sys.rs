@@ -1,0 +1,327 @@
+//! System helpers of the benchmarks: CPU pinning, threaded NAPI, interface counters,
+//! SNMP counters, nftables counters, tools, machine facts. Everything that reads or
+//! writes namespace state does it inside the lab namespace.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use forwarder_tests::Netns;
+
+/// Number of online CPUs (at least 1).
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Niceness of everything the benchmarks measure (threads, NAPI threads, proxies),
+/// so that other work on a shared machine takes less of the measured CPUs.
+pub const NICE: i32 = -20;
+
+/// Pins thread `pid` (0: the calling thread) to `cpu` and gives it [`NICE`].
+pub fn pin(pid: libc::pid_t, cpu: usize) -> Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = if pid == 0 {
+        unsafe { libc::gettid() }
+    } else {
+        pid
+    };
+    // SAFETY: plain syscall on a thread id; affects that thread only.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, NICE);
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe {
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+    }
+    // SAFETY: valid set of the right size.
+    let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning pid {pid} to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// `napi/<ifname>…` as the kernel names the thread (comm is cut at 15 bytes).
+fn napi_comm_prefix(ifname: &str) -> String {
+    let full = format!("napi/{ifname}");
+    full.chars().take(15).collect()
+}
+
+/// Kernel threads whose name starts with `prefix`.
+fn kthreads_named(prefix: &str) -> Vec<libc::pid_t> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
+        if comm.trim_end().starts_with(prefix) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Switches `ifname` (in `ns`) to threaded NAPI and pins its NAPI threads to `cpu`:
+/// the interface's receive processing (its XDP program, and the stack after
+/// XDP_PASS) then runs on `cpu` instead of on whichever CPU woke it. The interface
+/// needs NAPI (a native XDP program on a veth). Returns the pinned thread ids.
+///
+/// The names are unique per lab and ≤ 11 bytes for the bench's labs, so the
+/// 15-byte thread name keeps the role's first letter (`-c`, `-e`, `-o`); `ec` and
+/// `eo` may share a prefix, and both always go to the edge CPU.
+pub fn threaded_napi(ns: &Netns, ifname: &str, cpu: usize) -> Result<Vec<libc::pid_t>> {
+    let path = format!("/sys/class/net/{ifname}/threaded");
+    ns.run("sh", &["-c", &format!("echo 1 > {path}")])
+        .with_context(|| format!("enabling threaded NAPI on {ifname}"))?;
+    let prefix = napi_comm_prefix(ifname);
+    let pids = crate::bench::wait_for(Duration::from_secs(3), Duration::from_millis(20), || {
+        let pids = kthreads_named(&prefix);
+        (!pids.is_empty()).then_some(pids)
+    })
+    .with_context(|| format!("no NAPI thread {prefix}* appeared for {ifname}"))?;
+    for &pid in &pids {
+        pin(pid, cpu)?;
+    }
+    Ok(pids)
+}
+
+/// Reads a counter of `/sys/class/net/<ifname>/statistics/` inside `ns`.
+pub fn link_stat(ns: &Netns, ifname: &str, stat: &str) -> Result<u64> {
+    let out = ns.run(
+        "cat",
+        &[format!("/sys/class/net/{ifname}/statistics/{stat}")],
+    )?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("parsing {ifname} {stat}: {out:?}"))
+}
+
+/// The MAC address of `ifname` in `ns`.
+pub fn mac(ns: &Netns, ifname: &str) -> Result<[u8; 6]> {
+    let out = ns.ip(&["-br", "link", "show", "dev", ifname])?;
+    let text = out
+        .split_whitespace()
+        .nth(2)
+        .with_context(|| format!("no MAC in {out:?}"))?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("bad MAC {text:?}");
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC {text:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// The interface index of `ifname` in `ns`.
+pub fn ifindex(ns: &Netns, ifname: &str) -> Result<u32> {
+    let name = ifname.to_owned();
+    ns.run_in(move || forwarder::datapath::ifindex(&name))?
+}
+
+/// One counter of `/proc/net/snmp` (e.g. `("Udp", "NoPorts")`) inside `ns`.
+pub fn snmp(ns: &Netns, group: &str, field: &str) -> Result<u64> {
+    let text = ns
+        .run_in(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))?
+        .context("reading /proc/net/snmp")?;
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no {group} lines in /proc/net/snmp");
+    };
+    let i = names
+        .split_whitespace()
+        .position(|n| n == field)
+        .with_context(|| format!("no {group} {field} in /proc/net/snmp"))?;
+    values
+        .split_whitespace()
+        .nth(i)
+        .context("short snmp line")?
+        .parse()
+        .context("parsing an snmp counter")
+}
+
+/// Loads an nftables ruleset (`nft -f -`) inside `ns`.
+pub fn nft_load(ns: &Netns, ruleset: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut cmd = ns.cmd("nft", &["-f", "-"]);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("running nft")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(ruleset.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft -f failed: {}\nruleset:\n{ruleset}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Packets of the named counter `table`/`counter` of family `family` in `ns`.
+pub fn nft_counter(ns: &Netns, family: &str, table: &str, counter: &str) -> Result<u64> {
+    let out = ns.run("nft", &["list", "counter", family, table, counter])?;
+    let mut words = out.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "packets" {
+            return words
+                .next()
+                .context("nft: no value after packets")?
+                .parse()
+                .context("parsing the nft counter");
+        }
+    }
+    bail!("no packets in `nft list counter`: {out:?}")
+}
+
+/// Whether `program` is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A fresh private directory for configs and logs, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<TempDir> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("fwd-bench-{}-{tag}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Facts about the machine for the report.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu_model: String,
+    pub load: String,
+}
+
+impl Machine {
+    pub fn read() -> Machine {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_default();
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        Machine {
+            nproc: online_cpus(),
+            kernel,
+            cpu_model,
+            load,
+        }
+    }
+}
+
+/// Median, min and max of `v` (NaN when empty).
+pub fn median_min_max(v: &[f64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (median, s[0], s[n - 1])
+}
+
+/// Distinct values, for de-duplicating pids.
+pub fn distinct<T: Ord + Copy>(v: &[T]) -> Vec<T> {
+    v.iter()
+        .copied()
+        .collect::<BTreeSet<T>>()
+        .into_iter()
+        .collect()
+}
+
+/// Raises the scheduling weight of this process's autogroup (its session) to
+/// [`NICE`] while alive, and puts the old value back on drop. With
+/// `kernel.sched_autogroup_enabled`, niceness only ranks threads within a session;
+/// against other sessions (other people's builds on a shared machine) only the
+/// autogroup's own nice counts. No effect when autogroups are off.
+#[derive(Debug)]
+pub struct Boost {
+    old: Option<i32>,
+}
+
+impl Boost {
+    pub fn new() -> Boost {
+        const PATH: &str = "/proc/self/autogroup";
+        let old = std::fs::read_to_string(PATH).ok().and_then(|t| {
+            t.split_whitespace()
+                .skip_while(|w| *w != "nice")
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+        });
+        if old.is_some() && std::fs::write(PATH, NICE.to_string()).is_err() {
+            return Boost { old: None };
+        }
+        Boost { old }
+    }
+
+    /// Whether the autogroup was boosted.
+    pub fn active(&self) -> bool {
+        self.old.is_some()
+    }
+}
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        if let Some(old) = self.old {
+            let _ = std::fs::write("/proc/self/autogroup", old.to_string());
+        }
+    }
+}
