@@ -8,13 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
-use log::{error, info};
+use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::analytics::{EventStats, FILTERED_SUMMARY_INTERVAL, FilteredSummary, Histogram};
 use crate::config::{Config, Protocol, interface_addresses};
-use crate::control::ControlSocket;
+use crate::control::{ControlSocket, SnapshotFn};
 use crate::datapath::{Datapath, Plan};
 use crate::events::EventLog;
+use crate::metrics::MetricsServer;
+use crate::reload::ConfigWatch;
 use crate::route::{OriginRoute, keep_neighbour_resolved, release_neighbour, route_to};
 use crate::stats::StatsSnapshot;
 use crate::tcp::TcpProxy;
@@ -40,13 +43,20 @@ pub struct Agent {
     udp_flows: UdpFlowTracker,
     /// TCP apps: one listener per app, the proxied connections (SPEC §4).
     tcp: TcpProxy,
+    /// Connection counts and analytics from the events (an event log observer).
+    event_stats: Arc<EventStats>,
+    /// Firewall drops as rate-limited `clientFiltered` events.
+    filtered: FilteredSummary,
 }
 
 impl Agent {
     /// Loads the datapath, fills it from `config` and attaches it.
     pub fn start(config: Config) -> anyhow::Result<Agent> {
         let events = EventLog::open(config.agent.event_log.as_deref())?;
-        let (plan, routes) = plan_for(&config)?;
+        let event_stats = Arc::new(EventStats::new(EventStats::window_from_env()?));
+        let observer = event_stats.clone();
+        events.observe(Arc::new(move |event| observer.record(event)));
+        let (plan, routes) = plan_for(&config, None)?;
         let neighbours = manage_neighbours(&[], &routes)?;
         let mut datapath = Datapath::load()?;
         datapath.apply(&plan).context("filling the datapath maps")?;
@@ -68,6 +78,8 @@ impl Agent {
             events,
             udp_flows: UdpFlowTracker::default(),
             tcp,
+            event_stats,
+            filtered: FilteredSummary::default(),
         })
     }
 
@@ -80,7 +92,9 @@ impl Agent {
                 "agent.interfaces and agent.xdp_mode cannot change on reload; restart the agent"
             ));
         }
-        let (plan, routes) = plan_for(&config)?;
+        let (plan, routes) = plan_for(&config, self.datapath.plan())?;
+        let removed =
+            crate::reload::removed_app_indices(&self.datapath.app_indices(), &plan.app_indices());
         self.neighbours = manage_neighbours(&self.neighbours, &routes)?;
         self.datapath
             .apply(&plan)
@@ -88,6 +102,22 @@ impl Agent {
         self.tcp
             .apply(&config, &mut self.datapath)
             .context("updating the TCP listeners")?;
+        let ended = crate::reload::end_flows_of(
+            &mut self.datapath,
+            &removed,
+            &self.config,
+            &plan.origins,
+            &self.events,
+        )?;
+        for line in crate::reload::describe_changes(&self.config, &config) {
+            info!("reload: {line}");
+        }
+        if ended > 0 {
+            info!("reload: {ended} UDP flows of removed apps ended");
+        }
+        for key in crate::reload::restart_only_changes(&self.config, &config) {
+            warn!("reload: a change of {key} takes effect at the next start");
+        }
         self.config = config;
         Ok(())
     }
@@ -100,6 +130,20 @@ impl Agent {
             self.config.agent.udp_idle_timeout,
             &self.events,
         )
+    }
+
+    /// Emits a `clientFiltered` event for the firewall drops since the last call.
+    pub fn summarise_filtered(&mut self) -> anyhow::Result<()> {
+        let counters = self.datapath.counters()?;
+        let drops = counters.drop_count(forwarder_common::DropReason::Firewall);
+        let now = std::time::SystemTime::now();
+        if let Some(event) = self
+            .filtered
+            .tick(drops, &counters.rule_hits, &self.config, now)
+        {
+            self.events.emit(&event);
+        }
+        Ok(())
     }
 
     /// The event log, for components that emit events.
@@ -130,6 +174,17 @@ impl Agent {
                 app.live = tcp.live;
             }
         }
+        snapshot.connections = self.event_stats.totals();
+        // The proxy times TCP connections itself, failed ones included.
+        for (id, tcp) in self.tcp.stats() {
+            let d = &tcp.durations;
+            let mut durations = Histogram::new(&d.bounds);
+            durations.counts = d.counts.clone();
+            durations.sum = d.sum_seconds;
+            durations.count = d.count;
+            snapshot.connections.entry(id).or_default().durations = durations;
+        }
+        snapshot.analytics = self.event_stats.analytics();
         Ok(snapshot)
     }
 
@@ -158,12 +213,12 @@ impl Agent {
 }
 
 /// The plan for `config`, and the routes to the origins of its UDP apps.
-fn plan_for(config: &Config) -> anyhow::Result<(Plan, Vec<OriginRoute>)> {
+fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, Vec<OriginRoute>)> {
     let host = interface_addresses().context("reading interface addresses")?;
     let edges = config
         .resolve_edge_addresses(&host)
         .map_err(|e| anyhow!("{e}"))?;
-    let plan = Plan::build(config, &edges, route_to)?;
+    let plan = Plan::rebuild(previous, config, &edges, route_to)?;
     let mut routes = Vec::new();
     for app in config.apps.iter().filter(|a| a.protocol == Protocol::Udp) {
         for origin in &app.origins {
@@ -210,20 +265,38 @@ pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Reloads from `path` (`why` says what asked for it); errors are logged and the
+/// running config stays.
+fn reload_from_file(path: &Path, agent: &Mutex<Option<Agent>>, why: &str) {
+    info!("{why}: reloading {}", path.display());
+    let result = load_config(path).and_then(|config| {
+        let mut guard = agent.lock().map_err(|_| anyhow!("agent lock poisoned"))?;
+        guard.as_mut().context("agent stopped")?.reload(config)
+    });
+    match result {
+        Ok(()) => info!("reload applied"),
+        Err(err) => error!("reload rejected, the running config stays: {err:#}"),
+    }
+}
+
 async fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = load_config(&options.config)?;
+    let metrics_listen = config.agent.metrics_listen;
+    let mut watch = ConfigWatch::new(&options.config);
     let agent = Arc::new(Mutex::new(Some(Agent::start(config)?)));
     let snapshot_agent = agent.clone();
-    let _control = ControlSocket::bind(
-        &options.control,
-        Arc::new(move || {
-            let guard = snapshot_agent
-                .lock()
-                .map_err(|_| anyhow!("agent lock poisoned"))?;
-            guard.as_ref().context("agent stopped")?.snapshot()
-        }),
-    )?;
+    let snapshot: SnapshotFn = Arc::new(move || {
+        let guard = snapshot_agent
+            .lock()
+            .map_err(|_| anyhow!("agent lock poisoned"))?;
+        guard.as_ref().context("agent stopped")?.snapshot()
+    });
+    let _control = ControlSocket::bind(&options.control, snapshot.clone())?;
     info!("control socket at {}", options.control.display());
+    let _metrics = match metrics_listen {
+        Some(addr) => Some(MetricsServer::bind(addr, snapshot).await?),
+        None => None,
+    };
 
     let scan_agent = agent.clone();
     let flow_scanner = tokio::spawn(async move {
@@ -243,25 +316,33 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut watch_tick = tokio::time::interval(crate::reload::WATCH_INTERVAL);
+    let mut filtered_tick = tokio::time::interval(FILTERED_SUMMARY_INTERVAL);
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                info!("SIGHUP: reloading {}", options.config.display());
                 if let Ok(guard) = agent.lock()
                     && let Some(agent) = guard.as_ref()
                     && let Err(err) = agent.events().reopen()
                 {
                     error!("reopening the event log failed: {err:#}");
                 }
-                let result = load_config(&options.config).and_then(|config| {
-                    let mut guard = agent.lock().map_err(|_| anyhow!("agent lock poisoned"))?;
-                    guard.as_mut().context("agent stopped")?.reload(config)
-                });
-                match result {
-                    Ok(()) => info!("reload applied"),
-                    Err(err) => error!("reload rejected, the running config stays: {err:#}"),
+                watch.mark_current();
+                reload_from_file(&options.config, &agent, "SIGHUP");
+            }
+            _ = watch_tick.tick() => {
+                if watch.changed() {
+                    reload_from_file(&options.config, &agent, "config file changed");
+                }
+            }
+            _ = filtered_tick.tick() => {
+                if let Ok(mut guard) = agent.lock()
+                    && let Some(agent) = guard.as_mut()
+                    && let Err(err) = agent.summarise_filtered()
+                {
+                    error!("summarising firewall drops failed: {err:#}");
                 }
             }
         }

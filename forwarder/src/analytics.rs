@@ -171,9 +171,12 @@ impl Group {
     }
 }
 
+/// Counts by (event, status) and the duration histogram of one app.
+type AppTotals = (BTreeMap<(String, u16), u64>, Histogram);
+
 #[derive(Debug, Default)]
 struct Inner {
-    totals: BTreeMap<String, (BTreeMap<(String, u16), u64>, Histogram)>,
+    totals: BTreeMap<String, AppTotals>,
     groups: BTreeMap<(String, String, u8), Group>,
 }
 
@@ -409,6 +412,89 @@ impl EventStats {
     }
 }
 
+/// How often firewall drops are summarised into one `clientFiltered` event.
+pub const FILTERED_SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Turns the firewall drop counter into rate-limited `clientFiltered` events: at
+/// most one per [`FILTERED_SUMMARY_INTERVAL`], carrying the number of packets
+/// dropped since the previous one (`ClientPackets`), never one line per packet.
+///
+/// The datapath counts firewall drops in total and hits per access rule, not per
+/// app: the event names the app with `ip_firewall = true` when there is one, else
+/// all of them, comma-separated. `ClientIP` is set when every drop of the interval
+/// matched one `target = "ip"` block rule.
+#[derive(Debug, Default)]
+pub struct FilteredSummary {
+    drops: u64,
+    hits: BTreeMap<String, u64>,
+}
+
+impl FilteredSummary {
+    /// The event for the drops since the last call, if any.
+    pub fn tick(
+        &mut self,
+        firewall_drops: u64,
+        rule_hits: &BTreeMap<String, u64>,
+        config: &crate::config::Config,
+        now: std::time::SystemTime,
+    ) -> Option<Event> {
+        let dropped = firewall_drops.saturating_sub(self.drops);
+        self.drops = firewall_drops;
+        let previous = std::mem::replace(&mut self.hits, rule_hits.clone());
+        if dropped == 0 {
+            return None;
+        }
+        let blocking: Vec<&crate::config::AccessRule> = config
+            .access_rules
+            .iter()
+            .filter(|r| r.mode == crate::config::RuleAction::Block)
+            .collect();
+        let contributed: Vec<(&String, u64)> = rule_hits
+            .iter()
+            .map(|(value, n)| (value, n.saturating_sub(*previous.get(value).unwrap_or(&0))))
+            .filter(|(value, delta)| *delta > 0 && blocking.iter().any(|r| &r.value == *value))
+            .collect();
+        let client_ip = match contributed.as_slice() {
+            [(value, delta)] if *delta == dropped => blocking
+                .iter()
+                .find(|r| &r.value == *value && r.target == crate::config::RuleTarget::Ip)
+                .map(|r| r.addr),
+            _ => None,
+        };
+        let apps: Vec<&crate::config::App> = config.apps.iter().filter(|a| a.ip_firewall).collect();
+        let protocol = match apps.first() {
+            Some(first) if apps.iter().all(|a| a.protocol == first.protocol) => {
+                first.protocol.as_str().to_string()
+            }
+            _ => String::new(),
+        };
+        Some(Event {
+            timestamp: crate::events::rfc3339(now),
+            event: EventKind::ClientFiltered,
+            application: apps
+                .iter()
+                .map(|a| a.id.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            protocol,
+            client_ip,
+            client_port: None,
+            server_ip: None,
+            server_port: None,
+            origin_ip: None,
+            origin_port: None,
+            proxy_protocol: String::new(),
+            client_bytes: 0,
+            origin_bytes: 0,
+            client_packets: Some(dropped),
+            origin_packets: None,
+            status: crate::events::status::CLIENT_BLOCKED,
+            connect_timestamp: None,
+            disconnect_timestamp: None,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,6 +637,37 @@ mod tests {
         assert!(later.rows.is_empty(), "{later:?}");
         assert_eq!(later.window_seconds, 60);
         assert_eq!(stats.totals()["a"].count("disconnect", 200), 6);
+    }
+
+    #[test]
+    fn firewall_drops_become_one_summary_per_interval() {
+        let config = crate::config::Config::parse(
+            "[agent]\ninterfaces = [\"eth0\"]\n\
+             [[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"10.0.1.200\"\n\
+             [[access_rules]]\nmode = \"block\"\ntarget = \"ip_range\"\nvalue = \"10.0.3.0/24\"\n\
+             [[apps]]\nid = \"game\"\nprotocol = \"udp/5000\"\norigin_direct = [\"udp://10.0.2.2:5000\"]\n\
+             [[apps]]\nid = \"open\"\nprotocol = \"udp/5001\"\norigin_direct = [\"udp://10.0.2.2:5001\"]\nip_firewall = false\n",
+        )
+        .unwrap();
+        let now = std::time::SystemTime::now();
+        let hits = |a: u64, b: u64| {
+            BTreeMap::from([
+                ("10.0.1.200".to_string(), a),
+                ("10.0.3.0/24".to_string(), b),
+            ])
+        };
+        let mut summary = FilteredSummary::default();
+        assert!(summary.tick(0, &hits(0, 0), &config, now).is_none());
+        let event = summary.tick(40, &hits(40, 0), &config, now).unwrap();
+        assert_eq!(event.event, EventKind::ClientFiltered);
+        assert_eq!(event.application, "game");
+        assert_eq!(event.protocol, "udp");
+        assert_eq!(event.client_packets, Some(40));
+        assert_eq!(event.status, 403);
+        assert_eq!(event.client_ip, Some("10.0.1.200".parse().unwrap()));
+        assert!(summary.tick(40, &hits(40, 0), &config, now).is_none());
+        let event = summary.tick(50, &hits(45, 5), &config, now).unwrap();
+        assert_eq!((event.client_packets, event.client_ip), (Some(10), None));
     }
 
     #[test]

@@ -200,8 +200,13 @@ impl Datapath {
         let mut map: SockMap<&mut MapData> = SockMap::try_from(self.map_mut("TCP_LISTENERS")?)?;
         match map.clear_index(&app) {
             Ok(()) => Ok(()),
-            // Nothing there: already clear.
+            // Nothing there: already clear (an empty sockmap slot answers EINVAL).
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                Ok(())
+            }
             Err(err) => Err(err).with_context(|| format!("clearing the listener of app #{app}")),
         }
     }
@@ -210,13 +215,7 @@ impl Datapath {
     pub fn app_indices(&self) -> BTreeMap<String, u32> {
         self.current
             .as_ref()
-            .map(|p| {
-                p.app_ids
-                    .iter()
-                    .enumerate()
-                    .map(|(i, id)| (id.clone(), i as u32))
-                    .collect()
-            })
+            .map(Plan::app_indices)
             .unwrap_or_default()
     }
 
@@ -314,6 +313,15 @@ impl Datapath {
                 }
             }
         }
+        // An index given to another app or rule than before starts from zero.
+        zero_slots(
+            ebpf,
+            "APP_STATS",
+            &new.reset_app_slots,
+            2,
+            Counters::default(),
+        )?;
+        zero_slots(ebpf, "RULE_HITS", &new.reset_rule_slots, 1, 0u64)?;
         {
             let mut apps: Array<&mut MapData, AppInfo> =
                 Array::try_from(ebpf.map_mut("APPS").context("APPS")?)?;
@@ -383,7 +391,8 @@ impl Datapath {
 
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> anyhow::Result<DatapathCounters> {
-        let plan = self.current.clone().unwrap_or_default();
+        let empty = Plan::default();
+        let plan = self.current.as_ref().unwrap_or(&empty);
         let drops_map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("DROPS").context("DROPS")?)?;
         let mut drops = [0u64; DropReason::COUNT];
@@ -394,6 +403,9 @@ impl Datapath {
             PerCpuArray::try_from(self.ebpf.map("APP_STATS").context("APP_STATS")?)?;
         let mut apps = BTreeMap::new();
         for (i, id) in plan.app_ids.iter().enumerate() {
+            if id.is_empty() {
+                continue;
+            }
             let sum = |dir: u32| -> anyhow::Result<Counters> {
                 let values = app_map.get(&(i as u32 * 2 + dir), 0)?;
                 Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
@@ -413,6 +425,9 @@ impl Datapath {
             PerCpuArray::try_from(self.ebpf.map("RULE_HITS").context("RULE_HITS")?)?;
         let mut rule_hits = BTreeMap::new();
         for (i, label) in plan.rule_labels.iter().enumerate() {
+            if label.is_empty() {
+                continue;
+            }
             let hits: u64 = hits_map.get(&(i as u32), 0)?.iter().sum();
             *rule_hits.entry(label.clone()).or_insert(0) += hits;
         }
@@ -436,6 +451,30 @@ impl Datapath {
             interfaces,
         })
     }
+}
+
+/// Zeroes `per_slot` consecutive entries per slot of a per-CPU array, on every CPU.
+fn zero_slots<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    slots: &[u32],
+    per_slot: u32,
+    zero: V,
+) -> anyhow::Result<()> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let cpus = nr_cpus().map_err(|(_, e)| e)?;
+    let mut map: PerCpuArray<&mut MapData, V> =
+        PerCpuArray::try_from(ebpf.map_mut(name).with_context(|| name.to_string())?)?;
+    for slot in slots {
+        for k in 0..per_slot {
+            let zeros = PerCpuValues::try_from(vec![zero; cpus])?;
+            map.set(slot * per_slot + k, zeros, 0)
+                .with_context(|| format!("zeroing {name}[{}]", slot * per_slot + k))?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -9,8 +9,9 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, bail};
 use forwarder_common::{
-    APP_PASS, AppInfo, MAX_APPS, MAX_ORIGINS, MAX_RULES, OriginInfo, OriginPortKey, PROXY_OFF,
-    PROXY_SIMPLE, PROXY_V1, PROXY_V2, PortKey, RULE_ALLOW, RULE_BLOCK, RuleVerdict, Settings,
+    APP_PASS, AppInfo, MAX_APPS, MAX_EDGE_ADDRS, MAX_ORIGINS, MAX_RULES, OriginInfo, OriginPortKey,
+    PROXY_OFF, PROXY_SIMPLE, PROXY_V1, PROXY_V2, PortKey, RULE_ALLOW, RULE_BLOCK, RuleVerdict,
+    Settings,
 };
 
 use crate::config::{Config, IpFamily, Protocol, ProxyProtocol, RuleAction};
@@ -32,7 +33,8 @@ pub struct Plan {
     pub edge_addrs: BTreeMap<[u8; 16], u32>,
     /// Every (edge, protocol, port) → app index or `APP_PASS`.
     pub ports: BTreeMap<PortKeyOrd, u32>,
-    /// `APPS[i]`; `app_ids[i]` names it.
+    /// `APPS[i]`; `app_ids[i]` names it (empty for an unused index: indices are
+    /// stable across reloads, see [`Plan::rebuild`]).
     pub apps: Vec<AppInfo>,
     pub app_ids: Vec<String>,
     pub origins: Vec<OriginInfo>,
@@ -41,8 +43,17 @@ pub struct Plan {
     /// (prefix length, network) → verdict. Allow beats block at the same prefix.
     pub rules_v4: BTreeMap<(u32, [u8; 4]), RuleVerdict>,
     pub rules_v6: BTreeMap<(u32, [u8; 16]), RuleVerdict>,
-    /// `RULE_HITS[i]` belongs to the access rule whose value is `rule_labels[i]`.
+    /// `RULE_HITS[i]` belongs to the access rule whose value is `rule_labels[i]`
+    /// (empty for an unused index).
     pub rule_labels: Vec<String>,
+    /// Removed apps and the index each had (see [`Plan::rebuild`]).
+    pub retired_apps: BTreeMap<String, u32>,
+    /// Removed access rules, by (value, occurrence of that value), and their index.
+    pub retired_rules: BTreeMap<(String, u32), u32>,
+    /// App indices given to another app than before: zero their counters first.
+    pub reset_app_slots: Vec<u32>,
+    /// Rule indices given to another rule than before: zero their hit counters first.
+    pub reset_rule_slots: Vec<u32>,
 }
 
 /// `PortKey` with an order, for deterministic plans and diffs.
@@ -89,8 +100,33 @@ impl Plan {
     pub fn build(
         config: &Config,
         edges: &[IpAddr],
+        route_to: impl FnMut(IpAddr) -> anyhow::Result<OriginRoute>,
+    ) -> anyhow::Result<Plan> {
+        Plan::rebuild(None, config, edges, route_to)
+    }
+
+    /// Like [`Plan::build`], for a reload over `previous` (the plan in the maps):
+    /// indices stay where they were, because flows, counters and the TCP sockmap
+    /// refer to them.
+    ///
+    /// * An app that still exists (same id) keeps its index, so its counters go on
+    ///   and its live flows stay its own; a removed app's index is *retired*: only
+    ///   the same id, re-added later, gets it back. New apps take indices never used
+    ///   before; only when all `MAX_APPS` have been used is a retired index given to
+    ///   another app, and then `reset_app_slots` says which counters to zero first.
+    /// * An app with as many origins as before keeps its slots in `ORIGINS` (their
+    ///   contents may change); otherwise it gets fresh slots and its old ones are
+    ///   left as they were for the flows that still point at them.
+    /// * Access rules keep their hit counter by value (`reset_rule_slots` as above);
+    ///   edge addresses keep their index.
+    pub fn rebuild(
+        previous: Option<&Plan>,
+        config: &Config,
+        edges: &[IpAddr],
         mut route_to: impl FnMut(IpAddr) -> anyhow::Result<OriginRoute>,
     ) -> anyhow::Result<Plan> {
+        let empty = Plan::default();
+        let previous = previous.unwrap_or(&empty);
         let mut plan = Plan {
             settings: Settings {
                 firewall_default: match config.firewall.default {
@@ -103,9 +139,22 @@ impl Plan {
             ..Plan::default()
         };
         let unique_edges: BTreeSet<IpAddr> = edges.iter().copied().collect();
-        for (index, edge) in unique_edges.iter().enumerate() {
-            plan.edge_addrs.insert(addr16(*edge), index as u32);
-        }
+        let wanted_edges: Vec<[u8; 16]> = unique_edges.iter().map(|e| addr16(*e)).collect();
+        let edge_len = previous
+            .edge_addrs
+            .values()
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0);
+        plan.edge_addrs = assign(
+            &wanted_edges,
+            &previous.edge_addrs,
+            &BTreeMap::new(),
+            edge_len,
+            MAX_EDGE_ADDRS,
+            "edge addresses",
+        )?
+        .index;
         let edge_index = |addr: &IpAddr| plan.edge_addrs.get(&addr16(*addr)).copied();
 
         if config.apps.len() > MAX_APPS as usize {
@@ -114,13 +163,52 @@ impl Plan {
                 config.apps.len()
             );
         }
+        let previous_apps: BTreeMap<String, u32> = indexed(&previous.app_ids);
+        let wanted_apps: Vec<String> = config.apps.iter().map(|a| a.id.clone()).collect();
+        let app_slots = assign(
+            &wanted_apps,
+            &previous_apps,
+            &previous.retired_apps,
+            previous.apps.len() as u32,
+            MAX_APPS,
+            "apps",
+        )?;
         let mut ports = BTreeMap::new();
-        let mut apps = Vec::new();
-        let mut app_ids = Vec::new();
-        let mut origins = Vec::new();
+        let mut apps = vec![UNUSED_APP; app_slots.len as usize];
+        let mut app_ids = vec![String::new(); app_slots.len as usize];
+        // Slots of removed apps keep their old contents (flows may still name them);
+        // nothing refers to them in PORTS or ORIGIN_PORTS any more.
+        let mut origins = previous.origins.clone();
+        let mut origins_used: BTreeSet<u32> = BTreeSet::new();
         let mut origin_ports = BTreeMap::new();
-        for (app_index, app) in config.apps.iter().enumerate() {
-            let app_index = app_index as u32;
+        // Where each app's origins go: the same slots as before when it has as many.
+        let mut origin_firsts = Vec::with_capacity(config.apps.len());
+        let mut fresh = Vec::new();
+        for app in &config.apps {
+            let count = app.origins.len() as u32;
+            let kept = previous_apps
+                .get(&app.id)
+                .and_then(|i| previous.apps.get(*i as usize))
+                .filter(|info| u32::from(info.origin_count) == count)
+                .map(|info| info.origin_first);
+            match kept {
+                Some(first) => origins_used.extend(first..first + count),
+                None => fresh.push(origin_firsts.len()),
+            }
+            origin_firsts.push(kept);
+        }
+        let mut origins_len = origins.len() as u32;
+        for position in fresh {
+            let count = config.apps[position].origins.len() as u32;
+            let first = free_range(&origins_used, origins_len, count, MAX_ORIGINS)
+                .with_context(|| format!("more than {MAX_ORIGINS} origins configured"))?;
+            origins_used.extend(first..first + count);
+            origins_len = origins_len.max(first + count);
+            origin_firsts[position] = Some(first);
+        }
+        for (app, origin_first) in config.apps.iter().zip(origin_firsts) {
+            let app_index = app_slots.index[&app.id];
+            let origin_first = origin_first.unwrap_or_default();
             let proto = app.protocol.ip_proto();
             // UDP never translates between families (SPEC §5): an app listens only on
             // edge addresses of its origins' family.
@@ -148,12 +236,11 @@ impl Plan {
                     ports.insert(PortKeyOrd { edge, proto, port }, app_index);
                 }
             }
-            let origin_first = origins.len() as u32;
-            for origin in &app.origins {
+            for (k, origin) in app.origins.iter().enumerate() {
                 let route = route_to(origin.addr).with_context(|| {
                     format!("app '{}': no route to origin {}", app.id, origin.addr)
                 })?;
-                origins.push(OriginInfo {
+                let info = OriginInfo {
                     addr: addr16(origin.addr),
                     local: addr16(route.local),
                     ifindex: route.ifindex,
@@ -161,7 +248,12 @@ impl Plan {
                     family: if origin.addr.is_ipv4() { 4 } else { 6 },
                     _pad: 0,
                     app: app_index,
-                });
+                };
+                let slot = (origin_first + k as u32) as usize;
+                if slot >= origins.len() {
+                    origins.resize(slot + 1, UNUSED_ORIGIN);
+                }
+                origins[slot] = info;
                 for port in origin.ports.low..=origin.ports.high {
                     let key = OriginPortKeyOrd {
                         addr: addr16(origin.addr),
@@ -171,10 +263,7 @@ impl Plan {
                     origin_ports.insert(key, app_index);
                 }
             }
-            if origins.len() > MAX_ORIGINS as usize {
-                bail!("more than {MAX_ORIGINS} origins configured");
-            }
-            apps.push(AppInfo {
+            apps[app_index as usize] = AppInfo {
                 edge_port_low: app.ports.low,
                 origin_count: app.origins.len() as u16,
                 origin_first,
@@ -187,8 +276,8 @@ impl Plan {
                 },
                 ip_firewall: app.ip_firewall as u8,
                 _pad: 0,
-            });
-            app_ids.push(app.id.clone());
+            };
+            app_ids[app_index as usize] = app.id.clone();
         }
         for pass in &config.agent.pass {
             let proto = pass.protocol.ip_proto();
@@ -209,29 +298,188 @@ impl Plan {
         if config.access_rules.len() > MAX_RULES as usize {
             bail!("more than {MAX_RULES} access rules configured");
         }
-        for (rule_index, rule) in config.access_rules.iter().enumerate() {
+        // A rule is known by its value (and which occurrence of that value it is).
+        let rule_key = |labels: &[String]| -> Vec<(String, u32)> {
+            let mut seen: BTreeMap<&str, u32> = BTreeMap::new();
+            labels
+                .iter()
+                .map(|label| {
+                    let n = seen.entry(label.as_str()).or_insert(0);
+                    *n += 1;
+                    (label.clone(), *n - 1)
+                })
+                .collect()
+        };
+        let previous_rules: BTreeMap<(String, u32), u32> = rule_key(&previous.rule_labels)
+            .into_iter()
+            .zip(0u32..)
+            .filter(|((label, _), _)| !label.is_empty())
+            .collect();
+        let values: Vec<String> = config
+            .access_rules
+            .iter()
+            .map(|r| r.value.clone())
+            .collect();
+        let wanted_rules = rule_key(&values);
+        let rule_slots = assign(
+            &wanted_rules,
+            &previous_rules,
+            &previous.retired_rules,
+            previous.rule_labels.len() as u32,
+            MAX_RULES,
+            "access rules",
+        )?;
+        plan.rule_labels = vec![String::new(); rule_slots.len as usize];
+        for (rule, key) in config.access_rules.iter().zip(&wanted_rules) {
+            let rule_index = rule_slots.index[key];
             let verdict = RuleVerdict {
                 action: match rule.mode {
                     RuleAction::Allow => RULE_ALLOW,
                     RuleAction::Block => RULE_BLOCK,
                 },
-                rule: rule_index as u32,
+                rule: rule_index,
             };
             let prefix = u32::from(rule.prefix_len);
             match rule.addr {
                 IpAddr::V4(v4) => merge_rule(&mut plan.rules_v4, (prefix, v4.octets()), verdict),
                 IpAddr::V6(v6) => merge_rule(&mut plan.rules_v6, (prefix, v6.octets()), verdict),
             }
-            plan.rule_labels.push(rule.value.clone());
+            plan.rule_labels[rule_index as usize] = rule.value.clone();
         }
 
         plan.ports = ports;
         plan.apps = apps;
         plan.app_ids = app_ids;
+        plan.retired_apps = app_slots.retired;
+        plan.reset_app_slots = app_slots.reset;
+        plan.retired_rules = rule_slots.retired;
+        plan.reset_rule_slots = rule_slots.reset;
         plan.origins = origins;
         plan.origin_ports = origin_ports;
         Ok(plan)
     }
+
+    /// App id → index of every configured app (unused slots have no id).
+    pub fn app_indices(&self) -> BTreeMap<String, u32> {
+        indexed(&self.app_ids)
+    }
+}
+
+/// `APPS[i]` of an index no app uses: no origins, no protocol.
+const UNUSED_APP: AppInfo = AppInfo {
+    edge_port_low: 0,
+    origin_count: 0,
+    origin_first: 0,
+    proto: 0,
+    proxy: PROXY_OFF,
+    ip_firewall: 0,
+    _pad: 0,
+};
+
+/// `ORIGINS[i]` of a slot never used.
+const UNUSED_ORIGIN: OriginInfo = OriginInfo {
+    addr: [0; 16],
+    local: [0; 16],
+    port_low: 0,
+    family: 0,
+    _pad: 0,
+    app: 0,
+    ifindex: 0,
+};
+
+/// Name → index of the non-empty names of `names`.
+fn indexed(names: &[String]) -> BTreeMap<String, u32> {
+    names
+        .iter()
+        .zip(0u32..)
+        .filter(|(name, _)| !name.is_empty())
+        .map(|(name, i)| (name.clone(), i))
+        .collect()
+}
+
+/// Indices given out by [`assign`].
+#[derive(Debug)]
+struct Slots<K> {
+    index: BTreeMap<K, u32>,
+    retired: BTreeMap<K, u32>,
+    /// One past the highest index ever given out.
+    len: u32,
+    /// Indices used before by something else: their counters start from zero.
+    reset: Vec<u32>,
+}
+
+/// Stable indices for `wanted` (distinct keys) given the previous assignment: kept
+/// keys keep theirs, re-added (retired) keys get theirs back, new keys get indices
+/// above every index used so far (`len`), and only when `max` is reached reuse a
+/// free index (one no retired key holds, if possible).
+fn assign<K: Ord + Clone>(
+    wanted: &[K],
+    previous: &BTreeMap<K, u32>,
+    previous_retired: &BTreeMap<K, u32>,
+    previous_len: u32,
+    max: u32,
+    what: &str,
+) -> anyhow::Result<Slots<K>> {
+    let mut index = BTreeMap::new();
+    let mut taken = BTreeSet::new();
+    for key in wanted {
+        if let Some(&i) = previous.get(key).or_else(|| previous_retired.get(key))
+            && i < max
+            && taken.insert(i)
+        {
+            index.insert(key.clone(), i);
+        }
+    }
+    let mut retired: BTreeMap<K, u32> = previous_retired
+        .iter()
+        .chain(previous.iter())
+        .filter(|(k, i)| !index.contains_key(*k) && !taken.contains(*i))
+        .map(|(k, i)| (k.clone(), *i))
+        .collect();
+    let mut len = previous_len.max(taken.last().map_or(0, |i| i + 1));
+    let mut reset = Vec::new();
+    for key in wanted {
+        if index.contains_key(key) {
+            continue;
+        }
+        let i = if len < max {
+            len += 1;
+            len - 1
+        } else {
+            let held: BTreeSet<u32> = retired.values().copied().collect();
+            let free = (0..max).find(|i| !taken.contains(i) && !held.contains(i));
+            let i = free
+                .or_else(|| (0..max).find(|i| !taken.contains(i)))
+                .with_context(|| format!("more than {max} {what} configured"))?;
+            retired.retain(|_, r| *r != i);
+            reset.push(i);
+            i
+        };
+        taken.insert(i);
+        index.insert(key.clone(), i);
+    }
+    Ok(Slots {
+        index,
+        retired,
+        len,
+        reset,
+    })
+}
+
+/// The first index of `count` consecutive free indices: above `len` (never used) if
+/// that fits under `max`, else the first gap among `used`.
+fn free_range(used: &BTreeSet<u32>, len: u32, count: u32, max: u32) -> Option<u32> {
+    if len + count <= max {
+        return Some(len);
+    }
+    let mut start = 0;
+    for &u in used {
+        if u >= start + count {
+            break;
+        }
+        start = start.max(u + 1);
+    }
+    (start + count <= max).then_some(start)
 }
 
 /// Two rules for the same prefix: allow wins; otherwise the first one written stays.
@@ -336,5 +584,161 @@ mod tests {
         let plan = plan_for(&toml, &["10.0.1.1"]);
         assert_eq!(plan.ports.len(), 65535);
         assert_eq!(plan.origin_ports.len(), 65535);
+    }
+
+    fn replan(previous: &Plan, toml: &str, edges: &[&str]) -> Plan {
+        let config = Config::parse(toml).expect("valid config");
+        let edges: Vec<IpAddr> = edges.iter().map(|e| e.parse().unwrap()).collect();
+        Plan::rebuild(Some(previous), &config, &edges, |origin| {
+            Ok(OriginRoute {
+                local: IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)),
+                dev: "eo".into(),
+                ifindex: 7,
+                next_hop: origin,
+            })
+        })
+        .expect("plan")
+    }
+
+    fn app(id: &str, port: u16, origins: &[&str]) -> String {
+        let origins: Vec<String> = origins
+            .iter()
+            .map(|o| format!("\"udp://{o}:{port}\""))
+            .collect();
+        format!(
+            "[[apps]]\nid = \"{id}\"\nprotocol = \"udp/{port}\"\norigin_direct = [{}]\n",
+            origins.join(", ")
+        )
+    }
+
+    fn rule(value: &str) -> String {
+        format!("[[access_rules]]\nmode = \"block\"\ntarget = \"ip_range\"\nvalue = \"{value}\"\n")
+    }
+
+    #[test]
+    fn reload_keeps_indices_of_kept_apps_origins_rules_and_edges() {
+        let edges = ["10.0.1.1", "10.0.2.1"];
+        let first = plan_for(
+            &format!(
+                "{BASE}{}{}{}{}{}",
+                rule("10.0.5.0/24"),
+                rule("10.0.6.0/24"),
+                app("a", 5000, &["10.0.2.2"]),
+                app("b", 5001, &["10.0.2.2", "10.0.2.3"]),
+                app("c", 5002, &["10.0.2.2"]),
+            ),
+            &edges,
+        );
+        let idx = |p: &Plan, id: &str| p.app_indices()[id];
+        assert_eq!(
+            (idx(&first, "a"), idx(&first, "b"), idx(&first, "c")),
+            (0, 1, 2)
+        );
+        assert_eq!(first.origins.len(), 4);
+
+        // New app first in the file, "a" removed, "b" with another origin (same
+        // count), "c" with one more origin, rules reordered and one added.
+        let second = replan(
+            &first,
+            &format!(
+                "{BASE}{}{}{}{}{}{}",
+                rule("10.0.7.0/24"),
+                rule("10.0.6.0/24"),
+                rule("10.0.5.0/24"),
+                app("new", 5003, &["10.0.2.9"]),
+                app("b", 5001, &["10.0.2.2", "10.0.2.4"]),
+                app("c", 5002, &["10.0.2.2", "10.0.2.5"]),
+            ),
+            &["10.0.2.1", "10.0.1.1", "10.0.3.1"],
+        );
+        assert_eq!(idx(&second, "b"), 1);
+        assert_eq!(idx(&second, "c"), 2);
+        assert_eq!(idx(&second, "new"), 3, "never-used index, not a's");
+        assert_eq!(second.app_ids[0], "", "a's slot is unused");
+        assert_eq!(second.retired_apps.get("a"), Some(&0));
+        assert!(second.reset_app_slots.is_empty());
+        // b keeps its origin slots 1..3 (contents updated); c moves to fresh slots
+        // and its old slot keeps its old contents for flows still naming it.
+        assert_eq!(second.apps[1].origin_first, 1);
+        assert_eq!(second.origins[2].addr, addr16("10.0.2.4".parse().unwrap()));
+        assert_eq!(second.origins[3], first.origins[3]);
+        assert_eq!(second.apps[2].origin_count, 2);
+        assert!(second.apps[2].origin_first >= 4);
+        assert_eq!(
+            second.origins[0], first.origins[0],
+            "a's origin slot untouched"
+        );
+        // Rules keep their hit counters by value; the new one gets a fresh index.
+        assert_eq!(second.rule_labels[0], "10.0.5.0/24");
+        assert_eq!(second.rule_labels[1], "10.0.6.0/24");
+        assert_eq!(second.rule_labels[2], "10.0.7.0/24");
+        // Edge addresses keep their index; the new one gets the next.
+        for (addr, i) in &first.edge_addrs {
+            assert_eq!(second.edge_addrs.get(addr), Some(i));
+        }
+        assert_eq!(second.edge_addrs[&addr16("10.0.3.1".parse().unwrap())], 2);
+
+        // "a" comes back: same index as before (its counters continue).
+        let third = replan(
+            &second,
+            &format!(
+                "{BASE}{}{}",
+                app("a", 5000, &["10.0.2.2"]),
+                app("b", 5001, &["10.0.2.2", "10.0.2.4"])
+            ),
+            &edges,
+        );
+        assert_eq!(idx(&third, "a"), 0);
+        assert_eq!(idx(&third, "b"), 1);
+        assert!(third.reset_app_slots.is_empty());
+        assert_eq!(third.retired_apps.get("c"), Some(&2));
+        assert_eq!(third.retired_apps.get("new"), Some(&3));
+        assert!(third.rule_labels.iter().all(String::is_empty));
+        assert_eq!(third.retired_rules.len(), 3);
+        // Nothing of a removed app remains in the lookup maps.
+        assert!(third.ports.values().all(|a| *a == 0 || *a == 1));
+        assert!(third.origin_ports.values().all(|a| *a == 0 || *a == 1));
+    }
+
+    #[test]
+    fn indices_are_reused_only_when_all_are_used_and_then_reset() {
+        let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let first = assign(
+            &keys(&["a", "b", "c"]),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            0,
+            3,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(first.len, 3);
+        // "b" removed, "d" added: the only free index is b's, given with a reset.
+        let second = assign(
+            &keys(&["a", "c", "d"]),
+            &first.index,
+            &first.retired,
+            first.len,
+            3,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(second.index["d"], 1);
+        assert_eq!(second.reset, vec![1]);
+        assert!(second.retired.is_empty());
+        assert!(
+            assign(
+                &keys(&["a", "c", "d", "e"]),
+                &second.index,
+                &second.retired,
+                3,
+                3,
+                "x"
+            )
+            .is_err()
+        );
+        assert_eq!(free_range(&BTreeSet::from([0, 1, 4]), 5, 2, 6), Some(2));
+        assert_eq!(free_range(&BTreeSet::from([0, 1, 4]), 5, 3, 6), None);
+        assert_eq!(free_range(&BTreeSet::new(), 5, 1, 6), Some(5));
     }
 }
