@@ -2,6 +2,7 @@
 //! `origin`, see [`Lab`] and `docs/lab.md`) used by the integration tests, the demo
 //! and the benchmarks.
 
+pub mod agent;
 pub mod frames;
 pub mod lab;
 
