@@ -272,12 +272,14 @@ impl Proc {
     /// Fails with the log when the process has already exited.
     pub fn check_running(&mut self, what: &str) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{what} exited ({status}): {}",
-                std::fs::read_to_string(&self.log)
-                    .unwrap_or_default()
-                    .trim()
-            );
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("ALERT") || l.contains("emerg") || l.contains("rror"))
+                .or_else(|| log.lines().rev().find(|l| !l.trim().is_empty()))
+                .unwrap_or("");
+            bail!("{what} exited ({status}): {}\n{}", last.trim(), log.trim());
         }
         Ok(())
     }

@@ -115,9 +115,9 @@ impl TcpLab {
         std::fs::write(
             &cfg,
             format!(
-                "global\n    maxconn 200000\n    nbthread 1\n\n\
+                "global\n    maxconn 4000\n    nbthread 1\n\n\
                  defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n    \
-                 timeout client 60s\n    timeout server 60s\n    maxconn 100000\n\n\
+                 timeout client 60s\n    timeout server 60s\n\n\
                  listen iperf\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{IPERF_PORT}\n\n\
                  listen echo\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{ECHO_PORT}\n",
                 IPERF_PORT + HAPROXY_OFFSET,
