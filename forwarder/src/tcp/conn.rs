@@ -43,6 +43,40 @@ impl Drop for LiveGuard {
     }
 }
 
+/// Counts an open connection to an origin (see `TcpProxy::live_origins`).
+struct OriginGuard {
+    shared: Arc<Shared>,
+    origin: SocketAddr,
+}
+
+impl OriginGuard {
+    fn new(shared: Arc<Shared>, origin: SocketAddr) -> OriginGuard {
+        *shared
+            .origins_live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(origin)
+            .or_insert(0) += 1;
+        OriginGuard { shared, origin }
+    }
+}
+
+impl Drop for OriginGuard {
+    fn drop(&mut self) {
+        let mut live = self
+            .shared
+            .origins_live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = live.get_mut(&self.origin) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.origin);
+            }
+        }
+    }
+}
+
 /// Arms `SO_LINGER` with a zero timeout: closing the socket then sends RST instead
 /// of FIN (how a reset is passed on, and how refused connections are closed).
 pub fn reset(stream: &TcpStream) {
@@ -234,6 +268,7 @@ pub(crate) async fn serve(
         return;
     };
 
+    let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
     let connect_ts = rfc3339(SystemTime::now());
     let mut connect_event = meta.event(EventKind::Connect, Some(origin_addr), status::OPENED);
     connect_event.connect_timestamp = Some(connect_ts.clone());

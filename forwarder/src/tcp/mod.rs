@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     events: RwLock<EventLog>,
     /// Counters by app id; kept after an app is removed (counters never go back).
     stats: Mutex<BTreeMap<String, Arc<stats::AppCounters>>>,
+    /// Origins (address, port) with open connections, and how many each.
+    origins_live: Mutex<BTreeMap<SocketAddr, u64>>,
     /// Open connections of all apps, and a wake-up when one ends.
     live: AtomicU64,
     ended: Notify,
@@ -163,6 +165,7 @@ impl TcpProxy {
             max_connections: AtomicUsize::new(DEFAULT_MAX_CONNECTIONS_PER_APP),
             events: RwLock::new(events),
             stats: Mutex::new(BTreeMap::new()),
+            origins_live: Mutex::new(BTreeMap::new()),
             live: AtomicU64::new(0),
             ended: Notify::new(),
             close_all,
@@ -290,6 +293,19 @@ impl TcpProxy {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .map(|(id, c)| (id.clone(), c.snapshot()))
+            .collect()
+    }
+
+    /// The origins (address and port) that carry open connections now. The datapath
+    /// must keep passing their segments even when a reload removed them from the
+    /// config (the connections continue until they end).
+    pub fn live_origins(&self) -> Vec<SocketAddr> {
+        self.shared
+            .origins_live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
             .collect()
     }
 

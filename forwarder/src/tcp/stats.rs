@@ -89,6 +89,9 @@ impl TcpAppStats {
     }
 }
 
+/// Event counts by (event, status), and the durations of ended connections.
+type Ended = (BTreeMap<(&'static str, u16), u64>, DurationHistogram);
+
 /// The live counters behind [`TcpAppStats`].
 #[derive(Debug, Default)]
 pub struct AppCounters {
@@ -97,7 +100,7 @@ pub struct AppCounters {
     rejected: AtomicU64,
     client_bytes: AtomicU64,
     origin_bytes: AtomicU64,
-    ended: Mutex<(BTreeMap<(&'static str, u16), u64>, DurationHistogram)>,
+    ended: Mutex<Ended>,
 }
 
 impl AppCounters {
