@@ -87,6 +87,39 @@ pub const PROXY_V1: u8 = 1;
 pub const PROXY_V2: u8 = 2;
 pub const PROXY_SIMPLE: u8 = 3;
 
+/// `PORT_HINTS[hint_index(proto, port)]` bits: a cheap array lookup that lets the
+/// XDP program drop a packet for an unconfigured port without any hash lookup.
+/// Some app or `pass` entry of that protocol uses the port as its edge port.
+pub const HINT_EDGE_PORT: u8 = 1;
+/// Some origin of that protocol uses the port as its source port (return traffic).
+pub const HINT_ORIGIN_PORT: u8 = 2;
+pub const PORT_HINTS_LEN: u32 = 2 * 65536;
+
+/// Index into `PORT_HINTS`: TCP ports first, then UDP ports.
+#[inline(always)]
+pub const fn hint_index(proto: u8, port: u16) -> u32 {
+    ((proto == PROTO_UDP) as u32) << 16 | port as u32
+}
+
+/// How many IPv4 edge addresses `EDGE_V4_LIST` holds inline.
+pub const EDGE_V4_INLINE: usize = 8;
+
+/// `EDGE_V4_LIST[0]`: up to `EDGE_V4_INLINE` IPv4 edge addresses compared inline
+/// (a few compares beat a hash lookup); with more, `count` is `u32::MAX` and the
+/// program uses the `EDGE_ADDRS_V4` hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EdgeV4List {
+    pub count: u32,
+    /// Addresses as their 4 network-order bytes read as a native u32.
+    pub addrs: [u32; EDGE_V4_INLINE],
+    pub index: [u32; EDGE_V4_INLINE],
+}
+
+/// The largest ifindex whose packets `IFACE_STATS` counts (it is an array indexed
+/// by ifindex, so the per-packet count costs no hash lookup).
+pub const MAX_IFINDEX: u32 = 4096;
+
 /// Key of `PORTS`: which app (or `pass` entry) owns (protocol, edge address, port).
 /// `edge` is the index the agent gave the edge address in `EDGE_ADDRS`.
 #[repr(C)]
@@ -276,6 +309,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for EdgeV4List {}
 }
 
 /// Encodes an IPv4 address (network-order octets) as IPv4-mapped IPv6.

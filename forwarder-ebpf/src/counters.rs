@@ -34,7 +34,7 @@ pub fn count_rule_hit(rule: u32) {
     }
 }
 
-/// Counts the frame against its ingress interface, when the agent registered it.
+/// Counts the frame against its ingress interface.
 #[inline(always)]
 pub fn count_interface(ctx: &XdpContext) {
     let ifindex = ctx.ingress_ifindex() as u32;

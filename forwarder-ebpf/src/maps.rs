@@ -4,19 +4,33 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 use forwarder_common::{
-    AppInfo, Counters, DropReason, EdgeAddr, FlowKey, FlowState, MAX_APPS, MAX_EDGE_ADDRS,
-    MAX_FLOWS, MAX_INTERFACES, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES, NatKey, OriginInfo,
-    OriginPortKey, OriginPortTarget, PortKey, PortTarget, RuleVerdict, Settings,
+    AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowKey, FlowState, MAX_APPS,
+    MAX_EDGE_ADDRS, MAX_FLOWS, MAX_IFINDEX, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES, NatKey,
+    OriginInfo, OriginPortKey, OriginPortTarget, PORT_HINTS_LEN, PortKey, PortTarget, RuleVerdict,
+    Settings,
 };
 
 use crate::{parse::Packet, udp::Rewrite};
 
-/// Edge addresses (16-byte, IPv4-mapped for IPv4) → their index.
+/// IPv6 edge addresses → their index.
 #[map]
 pub static EDGE_ADDRS: HashMap<[u8; 16], EdgeAddr> = HashMap::with_max_entries(MAX_EDGE_ADDRS, 0);
+
+/// IPv4 edge addresses (the 4 bytes in network order, read as a u32) → their
+/// index: a 4-byte key hashes faster than the 16-byte mapped form.
+#[map]
+pub static EDGE_ADDRS_V4: HashMap<u32, EdgeAddr> = HashMap::with_max_entries(MAX_EDGE_ADDRS, 0);
+
+/// Up to 8 IPv4 edge addresses, compared inline (see `EdgeV4List`).
+#[map]
+pub static EDGE_V4_LIST: Array<EdgeV4List> = Array::with_max_entries(1, 0);
+
+/// `HINT_*` bits per (protocol, port), see forwarder-common.
+#[map]
+pub static PORT_HINTS: Array<u8> = Array::with_max_entries(PORT_HINTS_LEN, 0);
 
 /// (edge, protocol, port) → app index or `APP_PASS`. Port ranges are expanded by the
 /// agent so that a packet costs one lookup.
@@ -59,11 +73,10 @@ pub static APP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 #[map]
 pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 
-/// Packets and bytes seen per ingress interface (ifindex). The agent creates an
-/// entry per attached interface; others are not counted.
+/// Packets and bytes seen per ingress interface, indexed by ifindex (up to
+/// `MAX_IFINDEX`).
 #[map]
-pub static IFACE_STATS: PerCpuHashMap<u32, Counters> =
-    PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
+pub static IFACE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_IFINDEX, 0);
 
 /// Live UDP flows, keyed as the client sees them.
 #[map]

@@ -3,12 +3,16 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use forwarder_common::{
-    APP_PASS, AppInfo, DropReason, OriginPortKey, PROTO_TCP, PROTO_UDP, PortKey, RULE_BLOCK,
+    APP_PASS, AppInfo, DropReason, EDGE_V4_INLINE, HINT_EDGE_PORT, HINT_ORIGIN_PORT, OriginPortKey,
+    PROTO_TCP, PROTO_UDP, PortKey, RULE_BLOCK, hint_index,
 };
 
 use crate::{
     counters::count_rule_hit,
-    maps::{APPS, EDGE_ADDRS, ORIGIN_PORTS, PORTS, RULES_V4, RULES_V6, SETTINGS},
+    maps::{
+        APPS, EDGE_ADDRS, EDGE_ADDRS_V4, EDGE_V4_LIST, ORIGIN_PORTS, PORT_HINTS, PORTS, RULES_V4,
+        RULES_V6, SETTINGS,
+    },
     parse::{PROTO_ICMP, PROTO_ICMPV6, Packet},
 };
 
@@ -39,10 +43,35 @@ pub fn is_neighbour_discovery(pkt: &Packet) -> bool {
     pkt.proto == PROTO_ICMPV6 && !pkt.fragment && (133..=137).contains(&pkt.sport)
 }
 
+/// The index of edge address `addr` (16-byte form), if it is one.
 #[inline(always)]
 pub fn edge_index(addr: &[u8; 16]) -> Option<u32> {
-    // SAFETY: the value is copied out at once; the agent never shrinks it in place.
-    unsafe { EDGE_ADDRS.get(addr) }.map(|e| e.index)
+    let is_v4_mapped = addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff;
+    // SAFETY (both lookups): the value is copied out at once.
+    if is_v4_mapped {
+        let v4 = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+        if let Some(list) = EDGE_V4_LIST.get(0)
+            && list.count as usize <= EDGE_V4_INLINE
+        {
+            for i in 0..EDGE_V4_INLINE {
+                if i < list.count as usize && list.addrs[i] == v4 {
+                    return Some(list.index[i]);
+                }
+            }
+            return None;
+        }
+        unsafe { EDGE_ADDRS_V4.get(&v4) }.map(|e| e.index)
+    } else {
+        unsafe { EDGE_ADDRS.get(addr) }.map(|e| e.index)
+    }
+}
+
+#[inline(always)]
+fn port_hints(proto: u8, port: u16) -> u8 {
+    PORT_HINTS
+        .get(hint_index(proto, port))
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Steps 3–9 for a well-formed packet to edge address `edge`.
@@ -57,6 +86,13 @@ pub fn decide_edge(pkt: &Packet, edge: u32) -> Decision {
         PROTO_ICMPV6 => return icmp_verdict(pkt.sport, &[128, 129], &[1, 2, 3, 4]),
         _ => return Decision::Drop(DropReason::Protocol),
     }
+    // One array lookup each decides whether any hash lookup is needed at all: an
+    // unconfigured port with a source port no origin uses is dropped right here.
+    let to_app_port = port_hints(pkt.proto, pkt.dport) & HINT_EDGE_PORT != 0;
+    let from_origin_port = port_hints(pkt.proto, pkt.sport) & HINT_ORIGIN_PORT != 0;
+    if !to_app_port && !from_origin_port {
+        return Decision::Drop(DropReason::NoApp);
+    }
     // Return traffic of the agent's own origin connections and flows (step 2): the
     // agent's origin-side address may well be an edge address too.
     let from = OriginPortKey {
@@ -66,7 +102,7 @@ pub fn decide_edge(pkt: &Packet, edge: u32) -> Decision {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    if let Some(origin) = unsafe { ORIGIN_PORTS.get(&from) } {
+    if from_origin_port && let Some(origin) = unsafe { ORIGIN_PORTS.get(&from) } {
         return if pkt.proto == PROTO_TCP {
             Decision::Pass
         } else {
@@ -102,7 +138,10 @@ pub fn decide_edge(pkt: &Packet, edge: u32) -> Decision {
 /// port (the return path of UDP flows to a non-edge address).
 #[inline(always)]
 pub fn udp_return_app(pkt: &Packet) -> Option<u32> {
-    if pkt.proto != PROTO_UDP || pkt.fragment {
+    if pkt.proto != PROTO_UDP
+        || pkt.fragment
+        || port_hints(PROTO_UDP, pkt.sport) & HINT_ORIGIN_PORT == 0
+    {
         return None;
     }
     let from = OriginPortKey {
