@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod frames;
 pub mod lab;
+pub mod spp_origin;
 
 pub use lab::{
     CLIENT_NET_V4, CLIENT_NET_V6, CLIENT_V4, CLIENT_V6, EDGE_CLIENT_V4, EDGE_CLIENT_V6,
