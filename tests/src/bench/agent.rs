@@ -125,11 +125,6 @@ impl AgentProc {
         forwarder::control::request_stats(&self.control)
     }
 
-    /// Drops of `reason` so far.
-    pub fn drops(&self, reason: &str) -> Result<u64> {
-        Ok(self.stats()?.drops.get(reason).copied().unwrap_or(0))
-    }
-
     /// The agent's log so far.
     pub fn log(&self) -> String {
         let text = std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();

@@ -149,17 +149,6 @@ impl RawProg {
         }
     }
 
-    /// `return action;`
-    pub fn verdict(action: u32) -> Result<RawProg> {
-        RawProg::load(
-            "bench_verdict",
-            &[
-                insn(MOV64_IMM, 0, 0, 0, action as i32),
-                insn(EXIT, 0, 0, 0, 0),
-            ],
-        )
-    }
-
     /// The origin's sink: `XDP_DROP` for everything but ARP, which passes so that
     /// the edge can still resolve the origin's address.
     pub fn sink() -> Result<RawProg> {

@@ -96,7 +96,7 @@ usage: bench [--scenario NAME]... [--quick] [--rounds N] [--time-scale X] [--out
         if opts.rounds == 0 {
             opts.rounds = if opts.quick { 1 } else { 5 };
         }
-        if !(opts.time_scale > 0.0) {
+        if opts.time_scale.is_nan() || opts.time_scale <= 0.0 {
             bail!("--time-scale must be positive");
         }
         let known: Vec<&str> = all_scenarios().iter().map(|s| s.name()).collect();
@@ -119,15 +119,10 @@ usage: bench [--scenario NAME]... [--quick] [--rounds N] [--time-scale X] [--out
         let base = if self.quick { quick } else { full };
         base.mul_f64(self.time_scale)
     }
-
-    /// Whether generator and edge run on different CPUs.
-    pub fn split_cpus(&self) -> bool {
-        self.gen_cpu != self.edge_cpu
-    }
 }
 
-/// `<workspace>/target/bench`, or `$CARGO_TARGET_DIR/../bench`-free fallback: the
-/// results sit next to the build, not inside a profile directory.
+/// `<workspace>/target/bench` (whatever `CARGO_TARGET_DIR` is: the results have a
+/// fixed place to be found).
 fn default_out_dir() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

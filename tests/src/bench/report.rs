@@ -429,13 +429,8 @@ impl Report {
                         let (a, b) = (rel(lo), rel(hi));
                         let color = if v.variant.name == s.baseline {
                             "#9e9e9e"
-                        } else if v.variant.name.contains("xdp")
-                            || v.variant.name.contains("forwarder")
-                            || !v.variant.name.contains('-') && s.name == "xdp-cost"
-                        {
-                            "#1f77b4"
                         } else {
-                            "#ff7f0e"
+                            "#1f77b4"
                         };
                         let len = rel(med) * scale;
                         let _ = writeln!(

@@ -2,7 +2,6 @@
 //! SNMP counters, nftables counters, tools, machine facts. Everything that reads or
 //! writes namespace state does it inside the lab namespace.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -276,15 +275,6 @@ pub fn median_min_max(v: &[f64]) -> (f64, f64, f64) {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     };
     (median, s[0], s[n - 1])
-}
-
-/// Distinct values, for de-duplicating pids.
-pub fn distinct<T: Ord + Copy>(v: &[T]) -> Vec<T> {
-    v.iter()
-        .copied()
-        .collect::<BTreeSet<T>>()
-        .into_iter()
-        .collect()
 }
 
 /// Raises the scheduling weight of this process's autogroup (its session) to

@@ -3,7 +3,6 @@
 //! to a baseline measured in the same run; see docs/benchmarks.md.
 
 #[path = "../bench/mod.rs"]
-#[allow(dead_code)]
 mod bench;
 
 use std::process::ExitCode;
