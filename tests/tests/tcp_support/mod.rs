@@ -1,0 +1,439 @@
+//! Shared helpers of the `tcp_*` integration tests: the agent with TCP apps, its
+//! event log, origin servers and clients inside the lab.
+//!
+//! The agent runs as the real `forwarder run` process in `edge`
+//! ([`forwarder_tests::agent::AgentProcess`]), with `event_log = "-"`: its stdout holds
+//! only the JSON event lines (the log goes to stderr). Build it first
+//! (`cargo build -p forwarder`), or run through `cargo xtask test`.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use forwarder_tests::Lab;
+use forwarder_tests::agent::AgentProcess;
+
+/// Origin connect timeout the tests give the agent (see [`init`]).
+pub const TEST_CONNECT_TIMEOUT: &str = "1s";
+
+static INIT: Once = Once::new();
+
+/// Every test of a `tcp_*` binary calls this first: sets the agent's origin connect
+/// timeout (`FORWARDER_TCP_CONNECT_TIMEOUT`, inherited by the agent process) so that
+/// a blackholed origin costs one second, not five.
+pub fn init() {
+    INIT.call_once(|| {
+        // SAFETY: every test of these binaries calls `init` before anything else, and
+        // `Once` makes the others wait, so no other thread of ours reads the
+        // environment while it changes.
+        unsafe { std::env::set_var("FORWARDER_TCP_CONNECT_TIMEOUT", TEST_CONNECT_TIMEOUT) };
+    });
+}
+
+/// The agent's config: both edge veths, events to stdout, then `apps` (TOML).
+pub fn config(lab: &Lab, extra_agent: &str, apps: &str) -> String {
+    let [ec, eo] = lab.edge_ifaces();
+    format!(
+        "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\nevent_log = \"-\"\n{extra_agent}\n\n{apps}\n"
+    )
+}
+
+/// Starts the agent with `apps`.
+pub fn start_agent(lab: &Lab, apps: &str) -> AgentProcess {
+    AgentProcess::start(lab, &config(lab, "", apps)).expect("starting forwarder run")
+}
+
+/// One event line, as a flat map of its fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ev(pub BTreeMap<String, Json>);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json {
+    Str(String),
+    Num(u64),
+    Null,
+    Other(String),
+}
+
+impl Ev {
+    pub fn str(&self, key: &str) -> Option<&str> {
+        match self.0.get(key) {
+            Some(Json::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn num(&self, key: &str) -> Option<u64> {
+        match self.0.get(key) {
+            Some(Json::Num(n)) => Some(*n),
+            _ => None,
+        }
+    }
+
+    pub fn event(&self) -> &str {
+        self.str("Event").unwrap_or("")
+    }
+
+    pub fn status(&self) -> u64 {
+        self.num("Status").unwrap_or(u64::MAX)
+    }
+
+    pub fn ip(&self, key: &str) -> Option<IpAddr> {
+        self.str(key)?.parse().ok()
+    }
+
+    /// `ClientIP`/`ClientPort` as a socket address.
+    pub fn client(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(
+            self.ip("ClientIP")?,
+            self.num("ClientPort")? as u16,
+        ))
+    }
+
+    pub fn server(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(
+            self.ip("ServerIP")?,
+            self.num("ServerPort")? as u16,
+        ))
+    }
+
+    pub fn origin(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(
+            self.ip("OriginIP")?,
+            self.num("OriginPort")? as u16,
+        ))
+    }
+}
+
+/// Parses one flat JSON object (string, unsigned number and null values; what the
+/// event log writes). `None` for anything else.
+pub fn parse_flat_json(line: &str) -> Option<Ev> {
+    let body = line.trim().strip_prefix('{')?.strip_suffix('}')?;
+    let mut map = BTreeMap::new();
+    let mut rest = body.trim_start();
+    while !rest.is_empty() {
+        let (key, after) = parse_string(rest)?;
+        rest = after.trim_start().strip_prefix(':')?.trim_start();
+        let value;
+        if rest.starts_with('"') {
+            let (s, after) = parse_string(rest)?;
+            value = Json::Str(s);
+            rest = after;
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            let token = rest[..end].trim();
+            value = if token == "null" {
+                Json::Null
+            } else if let Ok(n) = token.parse() {
+                Json::Num(n)
+            } else {
+                Json::Other(token.to_string())
+            };
+            rest = &rest[end..];
+        }
+        map.insert(key, value);
+        rest = rest.trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    }
+    Some(Ev(map))
+}
+
+fn parse_string(text: &str) -> Option<(String, &str)> {
+    let text = text.strip_prefix('"')?;
+    let mut out = String::new();
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &text[i + 1..])),
+            '\\' => {
+                let (_, e) = chars.next()?;
+                out.push(match e {
+                    'n' => '\n',
+                    't' => '\t',
+                    other => other,
+                });
+            }
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// Every event the agent has written so far.
+pub fn events(agent: &AgentProcess) -> Vec<Ev> {
+    agent.stdout().lines().filter_map(parse_flat_json).collect()
+}
+
+/// TCP events of app `app`.
+pub fn app_events(agent: &AgentProcess, app: &str) -> Vec<Ev> {
+    events(agent)
+        .into_iter()
+        .filter(|e| e.str("Application") == Some(app) && e.str("Protocol") == Some("tcp"))
+        .collect()
+}
+
+/// Waits (up to `timeout`) until `done` holds for app `app`'s events; returns them.
+/// Panics with the events and the agent's log otherwise.
+pub fn wait_events(
+    agent: &AgentProcess,
+    app: &str,
+    timeout: Duration,
+    done: impl Fn(&[Ev]) -> bool,
+) -> Vec<Ev> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let evs = app_events(agent, app);
+        if done(&evs) {
+            return evs;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "events of {app} did not reach the expected state within {timeout:?}: {evs:#?}\n{}",
+                agent.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The one event of `kind` whose client is `client`.
+pub fn event_for<'a>(evs: &'a [Ev], kind: &str, client: SocketAddr) -> Option<&'a Ev> {
+    evs.iter()
+        .find(|e| e.event() == kind && e.client() == Some(client))
+}
+
+/// A listening socket in `origin` on `addr`.
+pub fn origin_listener(lab: &Lab, addr: SocketAddr) -> TcpListener {
+    lab.origin()
+        .run_in(move || TcpListener::bind(addr))
+        .expect("thread in origin")
+        .unwrap_or_else(|e| panic!("binding {addr} in origin: {e}"))
+}
+
+/// A TCP connection from `client` to `dst`, made within `timeout`, with read and write
+/// timeouts of 20 s (a stuck test fails instead of hanging).
+pub fn client_connect(lab: &Lab, dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = lab
+        .client()
+        .run_in(move || TcpStream::connect_timeout(&dst, timeout))
+        .expect("thread in client")?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(20)))?;
+    Ok(stream)
+}
+
+/// Serves every connection of `listener` on its own thread with `handler`, forever
+/// (the thread dies with the test process; the socket with the lab).
+pub fn serve<F>(listener: TcpListener, handler: F)
+where
+    F: Fn(TcpStream) + Send + Sync + Clone + 'static,
+{
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+            let handler = handler.clone();
+            std::thread::spawn(move || handler(stream));
+        }
+    });
+}
+
+/// Reads until EOF (or an error, returned with what came before).
+pub fn read_all(stream: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+/// Sends RST instead of FIN when `stream` is closed.
+pub fn set_linger_zero(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd, pointer to a linger of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), 8 at a time.
+pub struct Stream64(u64);
+
+impl Stream64 {
+    pub fn new(seed: u64) -> Self {
+        Stream64(seed | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// A 64-bit checksum over a byte stream fed in pieces of any size (FNV-1a over
+/// 8-byte little-endian words; a last partial word is zero-padded at `finish`).
+#[derive(Default)]
+pub struct Sum64 {
+    hash: u64,
+    pending: Vec<u8>,
+    pub len: u64,
+}
+
+impl Sum64 {
+    pub fn new() -> Self {
+        Sum64 {
+            hash: 0xcbf2_9ce4_8422_2325,
+            pending: Vec::with_capacity(8),
+            len: 0,
+        }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        if !self.pending.is_empty() {
+            let take = (8 - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == 8 {
+                let word = u64::from_le_bytes(self.pending[..].try_into().unwrap());
+                self.word(word);
+                self.pending.clear();
+            }
+        }
+        let mut chunks = data.chunks_exact(8);
+        for c in &mut chunks {
+            self.word(u64::from_le_bytes(c.try_into().unwrap()));
+        }
+        self.pending.extend_from_slice(chunks.remainder());
+    }
+
+    fn word(&mut self, w: u64) {
+        self.hash ^= w;
+        self.hash = self
+            .hash
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(17);
+    }
+
+    pub fn finish(mut self) -> (u64, u64) {
+        if !self.pending.is_empty() {
+            let mut word = [0u8; 8];
+            word[..self.pending.len()].copy_from_slice(&self.pending);
+            self.word(u64::from_le_bytes(word));
+        }
+        (self.hash, self.len)
+    }
+}
+
+/// Sends `len` pseudo-random bytes (seed `seed`) to `stream`; returns their checksum.
+pub fn send_random(stream: &mut TcpStream, seed: u64, len: u64) -> std::io::Result<(u64, u64)> {
+    let mut rng = Stream64::new(seed);
+    let mut sum = Sum64::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        sum.update(&buf[..n]);
+        stream.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(sum.finish())
+}
+
+/// Reads until EOF; returns the checksum and length of what came.
+pub fn receive_sum(stream: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+    let mut sum = Sum64::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(sum.finish()),
+            Ok(n) => sum.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "fwd-tcp-{tag}-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("creating a temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Half-closes a std stream's sending side.
+pub fn shutdown_write(stream: &TcpStream) {
+    stream.shutdown(Shutdown::Write).expect("shutdown(Write)");
+}
+
+/// Waits until `port` accepts connections on `addr` from inside `origin` (a server
+/// process just started).
+pub fn wait_listening(lab: &Lab, addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ok = lab
+            .origin()
+            .run_in(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+            .unwrap_or(false);
+        if ok {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
