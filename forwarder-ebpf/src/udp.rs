@@ -186,7 +186,9 @@ pub fn to_client(ctx: &XdpContext, s: &mut Scratch, app: u32) -> u32 {
     let Some(origin) = ORIGINS.get(origin_index) else {
         return drop(DropReason::NoFlow);
     };
-    if flow_app != app || origin.addr != pkt.src || origin_port != pkt.sport {
+    // Apps may share an origin address and port (ORIGIN_PORTS names one of them):
+    // the flow, not that app, says whose reply this is.
+    if origin.addr != pkt.src || origin_port != pkt.sport {
         return drop(DropReason::NoFlow);
     }
     let rw = &mut s.rw;
@@ -212,7 +214,7 @@ pub fn to_client(ctx: &XdpContext, s: &mut Scratch, app: u32) -> u32 {
         atomic_add(&raw mut (*flow).bytes_out, payload);
         (*flow).last_seen_ns = bpf_ktime_get_ns();
     }
-    count_app(app, DIR_EGRESS, payload);
+    count_app(flow_app, DIR_EGRESS, payload);
     transmit(ctx, client_ifindex)
 }
 

@@ -12,13 +12,16 @@ use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::analytics::{EventStats, FILTERED_SUMMARY_INTERVAL, FilteredSummary, Histogram};
-use crate::config::{Config, Protocol, interface_addresses};
+use crate::config::{Config, IpFamily, Protocol, interface_addresses};
 use crate::control::{ControlSocket, SnapshotFn};
 use crate::datapath::{Datapath, Plan};
 use crate::events::EventLog;
 use crate::metrics::MetricsServer;
 use crate::reload::ConfigWatch;
-use crate::route::{OriginRoute, keep_neighbour_resolved, release_neighbour, route_to};
+use crate::route::{
+    Neighbour, SysctlChange, default_gateways, enable_forwarding, keep_neighbour_resolved,
+    release_neighbour, restore_sysctls, route_to,
+};
 use crate::stats::StatsSnapshot;
 use crate::tcp::TcpProxy;
 use crate::udp_flows::UdpFlowTracker;
@@ -35,9 +38,11 @@ pub struct RunOptions {
 pub struct Agent {
     config: Config,
     datapath: Datapath,
-    /// Next hops of UDP origins whose neighbour entries the kernel keeps resolved
-    /// for us (the XDP fast path needs their MAC addresses).
-    neighbours: Vec<OriginRoute>,
+    /// Next hops of UDP origins, and gateways towards clients, whose neighbour
+    /// entries the kernel keeps resolved for us (the XDP fast path needs their MACs).
+    neighbours: Vec<Neighbour>,
+    /// Forwarding sysctls the agent enabled for the UDP fast path; restored on exit.
+    sysctls: Vec<SysctlChange>,
     /// The event log (`agent.event_log`), shared with the TCP proxy.
     events: EventLog,
     udp_flows: UdpFlowTracker,
@@ -56,8 +61,13 @@ impl Agent {
         let event_stats = Arc::new(EventStats::new(EventStats::window_from_env()?));
         let observer = event_stats.clone();
         events.observe(Arc::new(move |event| observer.record(event)));
-        let (plan, routes) = plan_for(&config, None)?;
-        let neighbours = manage_neighbours(&[], &routes)?;
+        let (plan, wanted) = plan_for(&config, None)?;
+        let neighbours = manage_neighbours(&[], &wanted)?;
+        let sysctls = enable_forwarding(
+            &config.agent.interfaces,
+            udp_uses(&config, IpFamily::V4),
+            udp_uses(&config, IpFamily::V6),
+        )?;
         let mut datapath = Datapath::load()?;
         datapath.apply(&plan).context("filling the datapath maps")?;
         // Listeners before XDP: a TCP app's port is never without its socket.
@@ -75,6 +85,7 @@ impl Agent {
             config,
             datapath,
             neighbours,
+            sysctls,
             events,
             udp_flows: UdpFlowTracker::default(),
             tcp,
@@ -92,10 +103,16 @@ impl Agent {
                 "agent.interfaces and agent.xdp_mode cannot change on reload; restart the agent"
             ));
         }
-        let (plan, routes) = plan_for(&config, self.datapath.plan())?;
+        let (plan, wanted) = plan_for(&config, self.datapath.plan())?;
         let removed =
             crate::reload::removed_app_indices(&self.datapath.app_indices(), &plan.app_indices());
-        self.neighbours = manage_neighbours(&self.neighbours, &routes)?;
+        self.neighbours = manage_neighbours(&self.neighbours, &wanted)?;
+        // A reload may add the first UDP app of a family.
+        self.sysctls.extend(enable_forwarding(
+            &config.agent.interfaces,
+            udp_uses(&config, IpFamily::V4),
+            udp_uses(&config, IpFamily::V6),
+        )?);
         self.datapath
             .apply(&plan)
             .context("updating the datapath maps")?;
@@ -208,44 +225,67 @@ impl Agent {
     /// datapath when it is dropped).
     pub fn shutdown(mut self) -> anyhow::Result<()> {
         manage_neighbours(&self.neighbours, &[])?;
-        self.datapath.detach_all()
+        let detached = self.datapath.detach_all();
+        restore_sysctls(&self.sysctls);
+        detached
     }
 }
 
-/// The plan for `config`, and the routes to the origins of its UDP apps.
-fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, Vec<OriginRoute>)> {
+/// The plan for `config`, and the neighbours the UDP fast path sends to: the next
+/// hops of its UDP apps' origins and the interfaces' default gateways (towards
+/// clients beyond the local subnets).
+fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, Vec<Neighbour>)> {
     let host = interface_addresses().context("reading interface addresses")?;
     let edges = config
         .resolve_edge_addresses(&host)
         .map_err(|e| anyhow!("{e}"))?;
     let plan = Plan::rebuild(previous, config, &edges, route_to)?;
-    let mut routes = Vec::new();
-    for app in config.apps.iter().filter(|a| a.protocol == Protocol::Udp) {
+    let mut wanted = Vec::new();
+    let udp_apps: Vec<_> = config
+        .apps
+        .iter()
+        .filter(|a| a.protocol == Protocol::Udp)
+        .collect();
+    for app in &udp_apps {
         for origin in &app.origins {
-            let route = route_to(origin.addr)?;
-            if !routes.contains(&route) {
-                routes.push(route);
-            }
+            wanted.push(route_to(origin.addr)?.neighbour());
         }
     }
-    Ok((plan, routes))
+    if !udp_apps.is_empty() {
+        for interface in &config.agent.interfaces {
+            wanted.extend(default_gateways(interface)?);
+        }
+    }
+    wanted.dedup();
+    let mut unique: Vec<Neighbour> = Vec::new();
+    for n in wanted {
+        if !unique.contains(&n) {
+            unique.push(n);
+        }
+    }
+    Ok((plan, unique))
 }
 
-/// Keeps the neighbours of `wanted` resolved and releases those of `current` that
-/// are no longer wanted. Returns the new set.
+/// Whether some UDP app's origins are of `family` (it then needs forwarding on).
+fn udp_uses(config: &Config, family: IpFamily) -> bool {
+    config
+        .apps
+        .iter()
+        .any(|a| a.protocol == Protocol::Udp && a.family() == Some(family))
+}
+
+/// Keeps the `wanted` neighbours resolved and releases those of `current` that are
+/// no longer wanted. Returns the new set.
 fn manage_neighbours(
-    current: &[OriginRoute],
-    wanted: &[OriginRoute],
-) -> anyhow::Result<Vec<OriginRoute>> {
-    for route in wanted {
-        keep_neighbour_resolved(route)?;
+    current: &[Neighbour],
+    wanted: &[Neighbour],
+) -> anyhow::Result<Vec<Neighbour>> {
+    for neighbour in wanted {
+        keep_neighbour_resolved(neighbour)?;
     }
-    for route in current {
-        let still_used = wanted
-            .iter()
-            .any(|w| w.next_hop == route.next_hop && w.dev == route.dev);
-        if !still_used {
-            release_neighbour(route);
+    for neighbour in current {
+        if !wanted.contains(neighbour) {
+            release_neighbour(neighbour);
         }
     }
     Ok(wanted.to_vec())

@@ -26,6 +26,23 @@ pub struct OriginRoute {
     pub next_hop: IpAddr,
 }
 
+/// A neighbour the XDP fast path sends to: an origin's next hop, or a gateway
+/// towards clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub addr: IpAddr,
+    pub dev: String,
+}
+
+impl OriginRoute {
+    pub fn neighbour(&self) -> Neighbour {
+        Neighbour {
+            addr: self.next_hop,
+            dev: self.dev.clone(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct RouteGet {
     dev: String,
@@ -62,15 +79,15 @@ pub fn route_to(addr: IpAddr) -> anyhow::Result<OriginRoute> {
     })
 }
 
-/// Makes the kernel keep `route.next_hop`'s neighbour entry resolved (managed).
-pub fn keep_neighbour_resolved(route: &OriginRoute) -> anyhow::Result<()> {
+/// Makes the kernel keep `neighbour`'s entry resolved (managed).
+pub fn keep_neighbour_resolved(neighbour: &Neighbour) -> anyhow::Result<()> {
     let output = Command::new("ip")
         .args([
             "neigh",
             "replace",
-            &route.next_hop.to_string(),
+            &neighbour.addr.to_string(),
             "dev",
-            &route.dev,
+            &neighbour.dev,
             "managed",
         ])
         .output()
@@ -78,8 +95,8 @@ pub fn keep_neighbour_resolved(route: &OriginRoute) -> anyhow::Result<()> {
     if !output.status.success() {
         bail!(
             "could not install a managed neighbour for {} on {}: {}",
-            route.next_hop,
-            route.dev,
+            neighbour.addr,
+            neighbour.dev,
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
@@ -87,15 +104,92 @@ pub fn keep_neighbour_resolved(route: &OriginRoute) -> anyhow::Result<()> {
 }
 
 /// Removes a managed entry installed by `keep_neighbour_resolved` (on shutdown or
-/// when no origin uses the next hop any more). The kernel re-learns it on demand.
-pub fn release_neighbour(route: &OriginRoute) {
+/// when nothing needs it any more). The kernel re-learns it on demand.
+pub fn release_neighbour(neighbour: &Neighbour) {
     let _ = Command::new("ip")
         .args([
             "neigh",
             "del",
-            &route.next_hop.to_string(),
+            &neighbour.addr.to_string(),
             "dev",
-            &route.dev,
+            &neighbour.dev,
         ])
         .output();
+}
+
+/// A sysctl the agent changed, to put back on shutdown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlChange {
+    pub path: String,
+    pub previous: String,
+}
+
+/// The kernel's route-lookup helper for XDP refuses interfaces without forwarding
+/// enabled (`BPF_FIB_LKUP_RET_FWD_DISABLED`, even for output lookups), so the UDP
+/// fast path needs `forwarding=1` on the interfaces it sends from, for each family
+/// its UDP apps use. Returns what was changed (each change is logged).
+pub fn enable_forwarding(
+    interfaces: &[String],
+    ipv4: bool,
+    ipv6: bool,
+) -> anyhow::Result<Vec<SysctlChange>> {
+    let mut changes = Vec::new();
+    for interface in interfaces {
+        for (wanted, family) in [(ipv4, "ipv4"), (ipv6, "ipv6")] {
+            if !wanted {
+                continue;
+            }
+            let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
+            let previous = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {path}"))?
+                .trim()
+                .to_string();
+            if previous == "1" {
+                continue;
+            }
+            std::fs::write(&path, "1").with_context(|| format!("enabling {path}"))?;
+            log::info!(
+                "{interface}: set net.{family}.conf.{interface}.forwarding=1 (was {previous}): \
+                 the XDP UDP fast path needs it; it is restored on exit"
+            );
+            changes.push(SysctlChange { path, previous });
+        }
+    }
+    Ok(changes)
+}
+
+/// Puts back what `enable_forwarding` changed.
+pub fn restore_sysctls(changes: &[SysctlChange]) {
+    for change in changes {
+        if let Err(err) = std::fs::write(&change.path, &change.previous) {
+            log::warn!("restoring {} failed: {err}", change.path);
+        }
+    }
+}
+
+/// The default gateways reachable through `interface` (both families): the next
+/// hops of replies to clients that are not on a local subnet.
+pub fn default_gateways(interface: &str) -> anyhow::Result<Vec<Neighbour>> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        let output = Command::new("ip")
+            .args(["-j", family, "route", "show", "default", "dev", interface])
+            .output()
+            .context("running `ip route show default`")?;
+        if !output.status.success() {
+            continue;
+        }
+        #[derive(Deserialize)]
+        struct DefaultRoute {
+            gateway: Option<IpAddr>,
+        }
+        let routes: Vec<DefaultRoute> = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        for gateway in routes.into_iter().filter_map(|r| r.gateway) {
+            out.push(Neighbour {
+                addr: gateway,
+                dev: interface.to_string(),
+            });
+        }
+    }
+    Ok(out)
 }

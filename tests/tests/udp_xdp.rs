@@ -1125,7 +1125,6 @@ fn datagram_exceeding_the_egress_mtu_after_the_header_is_too_big() {
 /// (the last one planned), and the return path requires the flow's app to be that
 /// app, so every reply to the other app's flows is dropped as `no_flow`.
 #[test]
-#[ignore = "known bug: UDP apps sharing an origin address:port (see docs/udp.md, Limits)"]
 fn two_apps_sharing_an_origin_port_both_get_replies() {
     if !require_root() {
         return;

@@ -12,16 +12,14 @@ use std::os::fd::{AsFd, AsRawFd};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockMap,
-        lpm_trie,
-    },
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, SockMap, lpm_trie},
     programs::{ProgramFd, SkLookup, Xdp, XdpMode, xdp::XdpLinkId},
     util::nr_cpus,
 };
 use forwarder_common::{
-    AppInfo, Counters, DIR_EGRESS, DIR_INGRESS, DropReason, EdgeAddr, FlowKey, FlowState, NatKey,
-    OriginInfo, OriginPortTarget, PortTarget, RuleVerdict, Settings,
+    AppInfo, Counters, DIR_EGRESS, DIR_INGRESS, DropReason, EDGE_V4_INLINE, EdgeAddr, EdgeV4List,
+    FlowKey, FlowState, HINT_EDGE_PORT, HINT_ORIGIN_PORT, MAX_IFINDEX, NatKey, OriginInfo,
+    OriginPortTarget, PortTarget, RuleVerdict, Settings, hint_index,
 };
 use log::{info, warn};
 
@@ -143,12 +141,17 @@ impl Datapath {
                 }
             },
         };
-        // Count this interface's packets from now on.
-        let mut iface: PerCpuHashMap<&mut MapData, u32, Counters> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut("IFACE_STATS").context("IFACE_STATS")?)?;
-        let zeros =
-            PerCpuValues::try_from(vec![Counters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
-        iface.insert(ifindex, zeros, 0)?;
+        // Count this interface's packets from zero (the slot may hold an old
+        // interface's counts; indices above MAX_IFINDEX are not counted).
+        if ifindex < MAX_IFINDEX {
+            let mut iface: PerCpuArray<&mut MapData, Counters> =
+                PerCpuArray::try_from(self.ebpf.map_mut("IFACE_STATS").context("IFACE_STATS")?)?;
+            let zeros =
+                PerCpuValues::try_from(vec![Counters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+            iface.set(ifindex, zeros, 0)?;
+        } else {
+            warn!("{interface}: ifindex {ifindex} >= {MAX_IFINDEX}: its frames are not counted");
+        }
         info!("{interface}: XDP attached in {used:?} mode");
         self.attached
             .insert(interface.to_string(), (ifindex, link, used));
@@ -349,25 +352,57 @@ impl Datapath {
             |app| PortTarget { app },
             Phase::Upsert,
         )?;
-        write_hash(
-            ebpf,
-            "EDGE_ADDRS",
-            &old.edge_addrs,
-            &new.edge_addrs,
-            |a| a,
-            |index| EdgeAddr { index },
-            Phase::Upsert,
-        )?;
+        let (old_v4, old_v6) = split_edges(&old.edge_addrs);
+        let (new_v4, new_v6) = split_edges(&new.edge_addrs);
+        for phase in [Phase::Upsert] {
+            write_hash(
+                ebpf,
+                "EDGE_ADDRS",
+                &old_v6,
+                &new_v6,
+                |a| a,
+                |index| EdgeAddr { index },
+                phase,
+            )?;
+            write_hash(
+                ebpf,
+                "EDGE_ADDRS_V4",
+                &old_v4,
+                &new_v4,
+                |a| a,
+                |index| EdgeAddr { index },
+                phase,
+            )?;
+        }
+        // The inline list changes as one value: every reader sees either list.
+        {
+            let mut list: Array<&mut MapData, EdgeV4List> =
+                Array::try_from(ebpf.map_mut("EDGE_V4_LIST").context("EDGE_V4_LIST")?)?;
+            list.set(0, edge_v4_list(&new_v4), 0)?;
+        }
+        // Hints are a union while both plans' entries may be in the maps.
+        write_port_hints(ebpf, &port_hints(&[old]), &port_hints(&[old, new]))?;
         // Removals last: nothing still configured disappears before its replacement.
-        write_hash(
-            ebpf,
-            "EDGE_ADDRS",
-            &old.edge_addrs,
-            &new.edge_addrs,
-            |a| a,
-            |index| EdgeAddr { index },
-            Phase::Remove,
-        )?;
+        for phase in [Phase::Remove] {
+            write_hash(
+                ebpf,
+                "EDGE_ADDRS",
+                &old_v6,
+                &new_v6,
+                |a| a,
+                |index| EdgeAddr { index },
+                phase,
+            )?;
+            write_hash(
+                ebpf,
+                "EDGE_ADDRS_V4",
+                &old_v4,
+                &new_v4,
+                |a| a,
+                |index| EdgeAddr { index },
+                phase,
+            )?;
+        }
         write_hash(
             ebpf,
             "PORTS",
@@ -386,6 +421,7 @@ impl Datapath {
             |app| OriginPortTarget { app },
             Phase::Remove,
         )?;
+        write_port_hints(ebpf, &port_hints(&[old, new]), &port_hints(&[new]))?;
         Ok(())
     }
 
@@ -431,10 +467,13 @@ impl Datapath {
             let hits: u64 = hits_map.get(&(i as u32), 0)?.iter().sum();
             *rule_hits.entry(label.clone()).or_insert(0) += hits;
         }
-        let iface_map: PerCpuHashMap<&MapData, u32, Counters> =
-            PerCpuHashMap::try_from(self.ebpf.map("IFACE_STATS").context("IFACE_STATS")?)?;
+        let iface_map: PerCpuArray<&MapData, Counters> =
+            PerCpuArray::try_from(self.ebpf.map("IFACE_STATS").context("IFACE_STATS")?)?;
         let mut interfaces = BTreeMap::new();
         for (name, (ifindex, _, _)) in &self.attached {
+            if *ifindex >= MAX_IFINDEX {
+                continue;
+            }
             let values = iface_map.get(ifindex, 0)?;
             interfaces.insert(
                 name.clone(),
@@ -472,6 +511,74 @@ fn zero_slots<V: aya::Pod>(
             let zeros = PerCpuValues::try_from(vec![zero; cpus])?;
             map.set(slot * per_slot + k, zeros, 0)
                 .with_context(|| format!("zeroing {name}[{}]", slot * per_slot + k))?;
+        }
+    }
+    Ok(())
+}
+
+/// Edge addresses split by family: IPv4 keyed by its 4 bytes read as a u32 (the
+/// XDP program's `EDGE_ADDRS_V4` key), IPv6 by its 16 bytes.
+fn split_edges(edges: &BTreeMap<[u8; 16], u32>) -> (BTreeMap<u32, u32>, BTreeMap<[u8; 16], u32>) {
+    let mut v4 = BTreeMap::new();
+    let mut v6 = BTreeMap::new();
+    for (addr, index) in edges {
+        match std::net::Ipv6Addr::from(*addr).to_ipv4_mapped() {
+            Some(ip) => {
+                v4.insert(u32::from_ne_bytes(ip.octets()), *index);
+            }
+            None => {
+                v6.insert(*addr, *index);
+            }
+        }
+    }
+    (v4, v6)
+}
+
+/// The inline IPv4 edge list: the addresses themselves when few, else "use the hash".
+fn edge_v4_list(v4: &BTreeMap<u32, u32>) -> EdgeV4List {
+    let mut list = EdgeV4List::default();
+    if v4.len() > EDGE_V4_INLINE {
+        list.count = u32::MAX;
+        return list;
+    }
+    for (i, (addr, index)) in v4.iter().enumerate() {
+        list.addrs[i] = *addr;
+        list.index[i] = *index;
+    }
+    list.count = v4.len() as u32;
+    list
+}
+
+/// The `PORT_HINTS` bits the entries of `plans` need (their union).
+fn port_hints(plans: &[&Plan]) -> BTreeMap<u32, u8> {
+    let mut hints = BTreeMap::new();
+    for plan in plans {
+        for k in plan.ports.keys() {
+            *hints.entry(hint_index(k.proto, k.port)).or_insert(0) |= HINT_EDGE_PORT;
+        }
+        for k in plan.origin_ports.keys() {
+            *hints.entry(hint_index(k.proto, k.port)).or_insert(0) |= HINT_ORIGIN_PORT;
+        }
+    }
+    hints
+}
+
+/// Writes the hint bytes that differ between `old` and `new` (absent = 0).
+fn write_port_hints(
+    ebpf: &mut Ebpf,
+    old: &BTreeMap<u32, u8>,
+    new: &BTreeMap<u32, u8>,
+) -> anyhow::Result<()> {
+    let mut map: Array<&mut MapData, u8> =
+        Array::try_from(ebpf.map_mut("PORT_HINTS").context("PORT_HINTS")?)?;
+    let indices: std::collections::BTreeSet<u32> = old.keys().chain(new.keys()).copied().collect();
+    for i in indices {
+        let (was, now) = (
+            old.get(&i).copied().unwrap_or(0),
+            new.get(&i).copied().unwrap_or(0),
+        );
+        if was != now {
+            map.set(i, now, 0).context("writing PORT_HINTS")?;
         }
     }
     Ok(())

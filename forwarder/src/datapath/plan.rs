@@ -181,6 +181,7 @@ impl Plan {
         let mut origins = previous.origins.clone();
         let mut origins_used: BTreeSet<u32> = BTreeSet::new();
         let mut origin_ports = BTreeMap::new();
+        let mut udp_return_modes: BTreeMap<OriginPortKeyOrd, (bool, String)> = BTreeMap::new();
         // Where each app's origins go: the same slots as before when it has as many.
         let mut origin_firsts = Vec::with_capacity(config.apps.len());
         let mut fresh = Vec::new();
@@ -260,6 +261,21 @@ impl Plan {
                         proto,
                         port,
                     };
+                    let simple = app.proxy_protocol == ProxyProtocol::Simple;
+                    if let Some((other_simple, other_id)) =
+                        udp_return_modes.insert(key, (simple, app.id.clone()))
+                        && proto == forwarder_common::PROTO_UDP
+                        && other_simple != simple
+                    {
+                        // The return path reads replies from one origin port one way:
+                        // SPP header or NAT port, not both.
+                        bail!(
+                            "apps '{other_id}' and '{}' share UDP origin {}:{port} but only one \
+                             uses proxy_protocol = \"simple\"; give them different origin ports",
+                            app.id,
+                            origin.addr
+                        );
+                    }
                     origin_ports.insert(key, app_index);
                 }
             }

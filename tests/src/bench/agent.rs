@@ -174,7 +174,7 @@ impl InProc {
             let plan = Plan::build(&config, &edges, route_to)?;
             for app in &config.apps {
                 for origin in &app.origins {
-                    keep_neighbour_resolved(&route_to(origin.addr)?)?;
+                    keep_neighbour_resolved(&route_to(origin.addr)?.neighbour())?;
                 }
             }
             let mut datapath = Datapath::load()?;

@@ -315,7 +315,7 @@ impl Scenario for XdpCost {
         let agent = lab.edge().run_in(move || -> Result<Datapath> {
             let edges = [EDGE_CLIENT_V4.into(), EDGE_ORIGIN_V4.into()];
             let plan = Plan::build(&config, &edges, route_to)?;
-            keep_neighbour_resolved(&route_to(ORIGIN_V4.into())?)?;
+            keep_neighbour_resolved(&route_to(ORIGIN_V4.into())?.neighbour())?;
             let mut datapath = Datapath::load()?;
             datapath.apply(&plan)?;
             datapath.attach_xdp(&ec, XdpMode::Driver)?;
