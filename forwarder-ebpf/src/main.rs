@@ -16,10 +16,11 @@ mod maps;
 mod parse;
 mod policy;
 mod steer;
+mod tcp_state;
 mod udp;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use forwarder_common::{DIR_INGRESS, DropReason};
+use forwarder_common::{DIR_INGRESS, DropReason, PROTO_TCP};
 
 use crate::{
     counters::{count_app, count_interface, drop},
@@ -67,6 +68,14 @@ fn classify(ctx: &XdpContext) -> u32 {
     };
     match decide_edge(pkt, edge) {
         Decision::Pass => xdp_action::XDP_PASS,
+        // A segment of a connection opened before a reload removed its app or
+        // origin keeps going to the kernel until the connection ends.
+        Decision::Drop(DropReason::NoApp)
+            if pkt.proto == PROTO_TCP
+                && tcp_state::belongs_to_connection(ctx, pkt, &mut scratch.tuple) =>
+        {
+            xdp_action::XDP_PASS
+        }
         Decision::Drop(reason) => drop(reason),
         Decision::TcpApp { app } => {
             count_app(app, DIR_INGRESS, 0);

@@ -2,7 +2,7 @@
 //! them, and write counters and the UDP flow table.
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup,
+    bindings::{bpf_fib_lookup, bpf_sock_tuple},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
@@ -100,6 +100,7 @@ pub struct Scratch {
     pub rw: Rewrite,
     pub fib: bpf_fib_lookup,
     pub flow: FlowState,
+    pub tuple: bpf_sock_tuple,
 }
 
 #[map]

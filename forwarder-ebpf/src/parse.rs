@@ -71,6 +71,8 @@ pub struct Packet {
     /// Source and destination port (TCP/UDP) in host order; ICMP: type and code.
     pub sport: u16,
     pub dport: u16,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
     /// Bytes of the IP packet (header + payload) as the IP header says.
     pub ip_len: u16,
     /// Number of VLAN tags in front of the IP header.
@@ -153,6 +155,7 @@ fn parse_ipv4(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     pkt.fragment = fragment;
     pkt.sport = 0;
     pkt.dport = 0;
+    pkt.tcp_flags = 0;
     pkt.ip_len = tot_len;
     pkt.vlan_tags = vlan_tags;
     if fragment {
@@ -228,6 +231,7 @@ fn parse_ipv6(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     pkt.fragment = fragment;
     pkt.sport = 0;
     pkt.dport = 0;
+    pkt.tcp_flags = 0;
     pkt.ip_len = (40 + payload_len) as u16;
     pkt.vlan_tags = vlan_tags;
     if fragment {
@@ -268,6 +272,7 @@ fn finish_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Parsed {
             }
             pkt.sport = u16::from_be_bytes([h[0], h[1]]);
             pkt.dport = u16::from_be_bytes([h[2], h[3]]);
+            pkt.tcp_flags = h[13];
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             let Some(h) = ptr_at::<[u8; 4]>(ctx, l4) else {

@@ -161,7 +161,6 @@ fn reload_changes_origins_and_removal_stops_new_connections() {
 /// out of ORIGIN_PORTS, and the client's once the port has no app (`no_app`).
 /// `TcpProxy::live_origins()` lists the origins that still carry connections.
 #[test]
-#[ignore = "datapath: segments of open TCP connections of removed origins/apps are dropped as no_app"]
 fn open_connections_survive_their_origin_leaving_the_config() {
     init();
     if !require_root() {

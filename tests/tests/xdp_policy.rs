@@ -274,6 +274,18 @@ fn ipv4_decisions_follow_spec_order() {
         &tcp4_frame(CLIENT4, 40000, EDGE4, 6011, 0x02),
         Drop(DropReason::NoApp),
     );
+    // Stray segments of no connection the kernel knows: still no_app (only
+    // segments of live connections pass after their app is gone).
+    h.expect(
+        "ACK to an unconfigured port",
+        &tcp4_frame(CLIENT4, 40000, EDGE4, 5001, 0x10),
+        Drop(DropReason::NoApp),
+    );
+    h.expect(
+        "RST to an unconfigured port",
+        &tcp4_frame(CLIENT4, 40000, EDGE4, 5001, 0x04),
+        Drop(DropReason::NoApp),
+    );
     // Apps.
     h.expect(
         "TCP range, first port",

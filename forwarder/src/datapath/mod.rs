@@ -179,7 +179,9 @@ impl Datapath {
         if self.sk_lookup_attached {
             return Ok(());
         }
-        let netns = File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+        // The calling thread's namespace (the process's main thread may be elsewhere).
+        let netns =
+            File::open("/proc/thread-self/ns/net").context("opening /proc/thread-self/ns/net")?;
         let prog: &mut SkLookup = self
             .ebpf
             .program_mut(PROG_SK_LOOKUP)
