@@ -98,7 +98,7 @@ pub fn ipv4_with(
     options: &[u8],
     frag_field: u16,
 ) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40);
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
     let ihl = 20 + options.len();
     let total = ihl + payload.len();
     let mut h = vec![0u8; ihl];

@@ -356,26 +356,24 @@ impl Datapath {
         )?;
         let (old_v4, old_v6) = split_edges(&old.edge_addrs);
         let (new_v4, new_v6) = split_edges(&new.edge_addrs);
-        for phase in [Phase::Upsert] {
-            write_hash(
-                ebpf,
-                "EDGE_ADDRS",
-                &old_v6,
-                &new_v6,
-                |a| a,
-                |index| EdgeAddr { index },
-                phase,
-            )?;
-            write_hash(
-                ebpf,
-                "EDGE_ADDRS_V4",
-                &old_v4,
-                &new_v4,
-                |a| a,
-                |index| EdgeAddr { index },
-                phase,
-            )?;
-        }
+        write_hash(
+            ebpf,
+            "EDGE_ADDRS",
+            &old_v6,
+            &new_v6,
+            |a| a,
+            |index| EdgeAddr { index },
+            Phase::Upsert,
+        )?;
+        write_hash(
+            ebpf,
+            "EDGE_ADDRS_V4",
+            &old_v4,
+            &new_v4,
+            |a| a,
+            |index| EdgeAddr { index },
+            Phase::Upsert,
+        )?;
         // The inline list changes as one value: every reader sees either list.
         {
             let mut list: Array<&mut MapData, EdgeV4List> =
@@ -385,26 +383,24 @@ impl Datapath {
         // Hints are a union while both plans' entries may be in the maps.
         write_port_hints(ebpf, &port_hints(&[old]), &port_hints(&[old, new]))?;
         // Removals last: nothing still configured disappears before its replacement.
-        for phase in [Phase::Remove] {
-            write_hash(
-                ebpf,
-                "EDGE_ADDRS",
-                &old_v6,
-                &new_v6,
-                |a| a,
-                |index| EdgeAddr { index },
-                phase,
-            )?;
-            write_hash(
-                ebpf,
-                "EDGE_ADDRS_V4",
-                &old_v4,
-                &new_v4,
-                |a| a,
-                |index| EdgeAddr { index },
-                phase,
-            )?;
-        }
+        write_hash(
+            ebpf,
+            "EDGE_ADDRS",
+            &old_v6,
+            &new_v6,
+            |a| a,
+            |index| EdgeAddr { index },
+            Phase::Remove,
+        )?;
+        write_hash(
+            ebpf,
+            "EDGE_ADDRS_V4",
+            &old_v4,
+            &new_v4,
+            |a| a,
+            |index| EdgeAddr { index },
+            Phase::Remove,
+        )?;
         write_hash(
             ebpf,
             "PORTS",
