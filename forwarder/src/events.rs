@@ -188,7 +188,12 @@ impl EventLog {
     }
 
     pub fn emit(&self, event: &Event) {
-        for observer in self.observers.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for observer in self
+            .observers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             observer(event);
         }
         let line = match serde_json::to_string(event) {

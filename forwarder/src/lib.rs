@@ -12,6 +12,6 @@ pub mod reload;
 pub mod route;
 pub mod spectrum;
 pub mod stats;
-pub mod udp_flows;
 pub mod tcp;
+pub mod udp_flows;
 pub mod wire;

@@ -161,7 +161,16 @@ impl StatsSnapshot {
             ));
             out.push_str(&format!(
                 "  {:<24} {:<14} {:>3} {:>8} {:>14} {:>14} {:>10} {:>10} {:>10} {:>10}\n",
-                "APP", "EVENT", "IP", "COUNT", "BYTES IN", "BYTES OUT", "AVG", "MEDIAN", "90TH", "99TH"
+                "APP",
+                "EVENT",
+                "IP",
+                "COUNT",
+                "BYTES IN",
+                "BYTES OUT",
+                "AVG",
+                "MEDIAN",
+                "90TH",
+                "99TH"
             ));
             for r in &self.analytics.rows {
                 out.push_str(&format!(
