@@ -41,7 +41,7 @@ pub struct Options {
 impl Options {
     pub const USAGE: &'static str = "\
 usage: bench [--scenario NAME]... [--quick] [--rounds N] [--time-scale X] [--out DIR]
-             [--gen-cpu N] [--edge-cpu N] [--list]
+             [--gen-cpu N] [--edge-cpu N] [--list] [--probe]
 
   --scenario NAME  run only NAME (repeatable); see --list
   --quick          one short round per scenario (smoke test; numbers mean little)
@@ -50,7 +50,8 @@ usage: bench [--scenario NAME]... [--quick] [--rounds N] [--time-scale X] [--out
   --out DIR        where results.json and results.svg go (default target/bench)
   --gen-cpu N      CPU for generators, clients and origins (default 0)
   --edge-cpu N     CPU for the edge: its NAPI threads, proxies, agent (default 1)
-  --list           list the scenarios and exit";
+  --list           list the scenarios and exit
+  --probe          only measure the load generator's raw rates (diagnostics)";
 
     /// Parses the arguments after the program name. `Ok(None)`: `--help`/`--list`
     /// was handled.
