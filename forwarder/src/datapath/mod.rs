@@ -336,89 +336,19 @@ impl Datapath {
                 }
             }
         }
-        write_hash(
-            ebpf,
-            "ORIGIN_PORTS",
-            &old.origin_ports,
-            &new.origin_ports,
-            |k| k.key(),
-            |app| OriginPortTarget { app },
-            Phase::Upsert,
-        )?;
-        write_hash(
-            ebpf,
-            "PORTS",
-            &old.ports,
-            &new.ports,
-            |k| k.key(),
-            |app| PortTarget { app },
-            Phase::Upsert,
-        )?;
-        let (old_v4, old_v6) = split_edges(&old.edge_addrs);
-        let (new_v4, new_v6) = split_edges(&new.edge_addrs);
-        write_hash(
-            ebpf,
-            "EDGE_ADDRS",
-            &old_v6,
-            &new_v6,
-            |a| a,
-            |index| EdgeAddr { index },
-            Phase::Upsert,
-        )?;
-        write_hash(
-            ebpf,
-            "EDGE_ADDRS_V4",
-            &old_v4,
-            &new_v4,
-            |a| a,
-            |index| EdgeAddr { index },
-            Phase::Upsert,
-        )?;
-        // The inline list changes as one value: every reader sees either list.
+        // Hints are the union of both plans while both plans' entries may be there
+        // (written first: a hint only ever lets a packet on to the real lookup).
+        write_port_hints(ebpf, &port_hints(&[old]), &port_hints(&[old, new]))?;
+        write_lookup_maps(ebpf, old, new, Phase::Upsert)?;
+        // The inline edge list changes as one value: every reader sees either list.
         {
+            let (new_v4, _) = split_edges(&new.edge_addrs);
             let mut list: Array<&mut MapData, EdgeV4List> =
                 Array::try_from(ebpf.map_mut("EDGE_V4_LIST").context("EDGE_V4_LIST")?)?;
             list.set(0, edge_v4_list(&new_v4), 0)?;
         }
-        // Hints are a union while both plans' entries may be in the maps.
-        write_port_hints(ebpf, &port_hints(&[old]), &port_hints(&[old, new]))?;
         // Removals last: nothing still configured disappears before its replacement.
-        write_hash(
-            ebpf,
-            "EDGE_ADDRS",
-            &old_v6,
-            &new_v6,
-            |a| a,
-            |index| EdgeAddr { index },
-            Phase::Remove,
-        )?;
-        write_hash(
-            ebpf,
-            "EDGE_ADDRS_V4",
-            &old_v4,
-            &new_v4,
-            |a| a,
-            |index| EdgeAddr { index },
-            Phase::Remove,
-        )?;
-        write_hash(
-            ebpf,
-            "PORTS",
-            &old.ports,
-            &new.ports,
-            |k| k.key(),
-            |app| PortTarget { app },
-            Phase::Remove,
-        )?;
-        write_hash(
-            ebpf,
-            "ORIGIN_PORTS",
-            &old.origin_ports,
-            &new.origin_ports,
-            |k| k.key(),
-            |app| OriginPortTarget { app },
-            Phase::Remove,
-        )?;
+        write_lookup_maps(ebpf, old, new, Phase::Remove)?;
         write_port_hints(ebpf, &port_hints(&[old, new]), &port_hints(&[new]))?;
         Ok(())
     }
@@ -512,6 +442,69 @@ fn zero_slots<V: aya::Pod>(
         }
     }
     Ok(())
+}
+
+/// One phase of the hash maps a packet's lookups go through. Upserts go from the
+/// maps looked up last to the one looked up first (origin ports, ports, edge
+/// addresses), removals the other way round, so a packet never finds an entry that
+/// points at something not there yet or any more.
+fn write_lookup_maps(ebpf: &mut Ebpf, old: &Plan, new: &Plan, phase: Phase) -> anyhow::Result<()> {
+    let (old_v4, old_v6) = split_edges(&old.edge_addrs);
+    let (new_v4, new_v6) = split_edges(&new.edge_addrs);
+    let origin_ports = |ebpf: &mut Ebpf| {
+        write_hash(
+            ebpf,
+            "ORIGIN_PORTS",
+            &old.origin_ports,
+            &new.origin_ports,
+            |k| k.key(),
+            |app| OriginPortTarget { app },
+            phase,
+        )
+    };
+    let ports = |ebpf: &mut Ebpf| {
+        write_hash(
+            ebpf,
+            "PORTS",
+            &old.ports,
+            &new.ports,
+            |k| k.key(),
+            |app| PortTarget { app },
+            phase,
+        )
+    };
+    let edges = |ebpf: &mut Ebpf| {
+        write_hash(
+            ebpf,
+            "EDGE_ADDRS",
+            &old_v6,
+            &new_v6,
+            |a| a,
+            |index| EdgeAddr { index },
+            phase,
+        )?;
+        write_hash(
+            ebpf,
+            "EDGE_ADDRS_V4",
+            &old_v4,
+            &new_v4,
+            |a| a,
+            |index| EdgeAddr { index },
+            phase,
+        )
+    };
+    match phase {
+        Phase::Upsert => {
+            origin_ports(ebpf)?;
+            ports(ebpf)?;
+            edges(ebpf)
+        }
+        Phase::Remove => {
+            edges(ebpf)?;
+            ports(ebpf)?;
+            origin_ports(ebpf)
+        }
+    }
 }
 
 /// Edge addresses split by family: IPv4 keyed by its 4 bytes read as a u32 (the
