@@ -55,7 +55,7 @@ fn check_config_accepts_the_examples() {
         ),
         (
             "demo.toml",
-            "config OK: 2 apps (1 tcp, 1 udp), 1 access rule, 1 pass entry, interfaces veth-edge-c, veth-edge-o\n",
+            "config OK: 4 apps (3 tcp, 1 udp), 1 access rule, 1 pass entry, interfaces veth-edge-c, veth-edge-o\n",
         ),
     ] {
         let output = check_config(&manifest_dir().join("../examples").join(example));
