@@ -4,7 +4,9 @@
 //! the starting variant rotating every round so no variant always goes first), a
 //! fixed duration per round, and reports medians with min–max and the ratio to the
 //! scenario's baseline measured in the same run: on a shared, noisy machine only
-//! ratios within one run mean anything.
+//! ratios within one run mean anything. Ratios are paired: variant / baseline within
+//! each round (measured minutes apart at most), then the median over rounds, so a
+//! slow phase of the machine that hits one round hits both sides of its ratio.
 
 pub mod agent;
 pub mod bpf;
@@ -265,6 +267,7 @@ fn run_scenario(scenario: &mut dyn Scenario, opts: &Options) -> report::Scenario
                         for (samples, v) in rows[i].samples.iter_mut().zip(values) {
                             samples.push(v);
                         }
+                        rows[i].rounds.push(round);
                     }
                     Err(e) => {
                         eprintln!("   round {}: {name}: failed: {e:#}", round + 1);

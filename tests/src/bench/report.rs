@@ -10,11 +10,12 @@ use anyhow::{Context as _, Result};
 use super::sys::{Machine, median_min_max};
 use super::{Metric, Options, Target, Variant};
 
-/// One variant's samples (`samples[metric][round]`).
+/// One variant's samples (`samples[metric][k]`, measured in round `rounds[k]`).
 #[derive(Debug, Clone)]
 pub struct VariantResult {
     pub variant: Variant,
     pub samples: Vec<Vec<f64>>,
+    pub rounds: Vec<usize>,
     pub unavailable: Option<String>,
     pub errors: Vec<String>,
 }
@@ -24,6 +25,7 @@ impl VariantResult {
         VariantResult {
             variant,
             samples: vec![Vec::new(); metrics],
+            rounds: Vec::new(),
             unavailable: None,
             errors: Vec::new(),
         }
@@ -55,8 +57,28 @@ impl ScenarioResult {
         self.metrics.iter().position(|m| m.name == name)
     }
 
-    /// `variant`'s median over `vs`'s median for `metric`.
+    /// `variant` / `vs` for `metric`: the median over rounds of the ratio within
+    /// each round where both were measured (paired), else the ratio of medians.
     pub fn ratio(&self, variant: &str, vs: &str, metric: usize) -> Option<f64> {
+        let a = self.variant(variant)?;
+        let b = self.variant(vs)?;
+        let mut paired = Vec::new();
+        for (k, round) in a.rounds.iter().enumerate() {
+            if let Some(j) = b.rounds.iter().position(|r| r == round) {
+                let (x, y) = (a.samples[metric][k], b.samples[metric][j]);
+                if y != 0.0 && x.is_finite() && y.is_finite() {
+                    paired.push(x / y);
+                }
+            }
+        }
+        if !paired.is_empty() {
+            return Some(median_min_max(&paired).0);
+        }
+        self.ratio_of_medians(variant, vs, metric)
+    }
+
+    /// `variant`'s median over `vs`'s median for `metric`.
+    pub fn ratio_of_medians(&self, variant: &str, vs: &str, metric: usize) -> Option<f64> {
         let a = self.variant(variant)?.median(metric)?;
         let b = self.variant(vs)?.median(metric)?;
         (b != 0.0).then_some(a / b)
@@ -150,7 +172,7 @@ impl Report {
             "metric".into(),
             "median".into(),
             "min–max".into(),
-            "vs baseline".into(),
+            "vs baseline (paired)".into(),
         ]];
         for s in &self.scenarios {
             for v in &s.variants {
@@ -305,14 +327,17 @@ impl Report {
                     let samples = &v.samples[mi];
                     let (med, lo, hi) = median_min_max(samples);
                     let ratio = s.ratio(v.variant.name, s.baseline, mi);
+                    let of_medians = s.ratio_of_medians(v.variant.name, s.baseline, mi);
                     stats.push(format!(
-                        "{}: {{\"samples\": [{}], \"median\": {}, \"min\": {}, \"max\": {}, \"ratio_to_baseline\": {}}}",
+                        "{}: {{\"samples\": [{}], \"rounds\": [{}], \"median\": {}, \"min\": {}, \"max\": {}, \"ratio_to_baseline\": {}, \"ratio_of_medians\": {}}}",
                         js(metric.name),
                         samples.iter().map(|x| jn(*x)).collect::<Vec<_>>().join(", "),
+                        v.rounds.iter().map(|r| (r + 1).to_string()).collect::<Vec<_>>().join(", "),
                         jn(med),
                         jn(lo),
                         jn(hi),
-                        ratio.map_or("null".into(), jn)
+                        ratio.map_or("null".into(), jn),
+                        of_medians.map_or("null".into(), jn)
                     ));
                 }
                 let status = match &v.unavailable {
