@@ -85,10 +85,10 @@ pub fn to_origin(ctx: &XdpContext, s: &mut Scratch, app: u32, info: &AppInfo) ->
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let flow = match FLOWS.get_ptr_mut(&key) {
-        Some(flow) => flow,
+    let (flow, created) = match FLOWS.get_ptr_mut(&key) {
+        Some(flow) => (flow, false),
         None => match new_flow(ctx, pkt, &mut s.flow, &key, app, info, now) {
-            Some(flow) => flow,
+            Some(flow) => (flow, true),
             None => return drop(DropReason::NoFlow),
         },
     };
@@ -127,7 +127,22 @@ pub fn to_origin(ctx: &XdpContext, s: &mut Scratch, app: u32, info: &AppInfo) ->
     let out_ifindex = rw.out_ifindex;
     let payload = match rewrite_udp(ctx, &s.pkt, &s.rw, &mut s.fib) {
         Ok(payload) => payload,
-        Err(reason) => return drop(reason),
+        Err(reason) => {
+            // A flow whose first datagram never left is no flow: release it and
+            // the NAT port it claimed.
+            if created {
+                if info.proxy != PROXY_SIMPLE {
+                    let nat = NatKey {
+                        local: origin.local,
+                        local_port,
+                        _pad: 0,
+                    };
+                    let _ = NAT_PORTS.remove(&nat);
+                }
+                let _ = FLOWS.remove(&key);
+            }
+            return drop(reason);
+        }
     };
     // SAFETY: atomic adds on the shared map value; plain stores of our own fields.
     unsafe {

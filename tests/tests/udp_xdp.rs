@@ -1091,11 +1091,18 @@ fn datagram_exceeding_the_egress_mtu_after_the_header_is_too_big() {
             // v2 adds 28 bytes: 1280 - 20 - 8 - 28 = 1224 fits, 1225 does not.
             let client = sa(CLIENT_V4, 46001);
             let edge = sa(EDGE_CLIENT_V4, 5002);
+            let flows_before = h.datapath.udp_flows().expect("flows").len();
             h.expect_drop(
                 "IPv4 v2 first datagram one byte too big",
                 &udp_in(client, edge, &[7u8; 1225], None),
                 true,
                 DropReason::TooBig,
+            );
+            // A first datagram that never left leaves no flow (nor a NAT port).
+            assert_eq!(
+                h.datapath.udp_flows().expect("flows").len(),
+                flows_before,
+                "a dropped first datagram leaves no flow behind"
             );
             // IPv6: 40 + 8 + 38 + 1270 > 1280; 1194 fits exactly.
             let client = sa(CLIENT_V6, 46000);
@@ -1118,12 +1125,11 @@ fn datagram_exceeding_the_egress_mtu_after_the_header_is_too_big() {
     lab.close().expect("lab teardown");
 }
 
-// ---- known bugs -------------------------------------------------------------------
+// ---- regressions -----------------------------------------------------------------
 
 /// Two UDP apps whose origins share an address and port: replies must reach the
-/// clients of both. Today `ORIGIN_PORTS` names only one app per (address, port)
-/// (the last one planned), and the return path requires the flow's app to be that
-/// app, so every reply to the other app's flows is dropped as `no_flow`.
+/// clients of both. `ORIGIN_PORTS` names only one app per (address, port); the
+/// return path must go by the flow (its origin and its app), not by that app.
 #[test]
 fn two_apps_sharing_an_origin_port_both_get_replies() {
     if !require_root() {
