@@ -19,7 +19,6 @@ pub const MAX_ORIGINS: u32 = 16384;
 pub const MAX_EDGE_ADDRS: u32 = 1024;
 pub const MAX_RULES: u32 = 16384;
 pub const MAX_PORT_ENTRIES: u32 = 1 << 20;
-pub const MAX_INTERFACES: u32 = 64;
 /// Default capacity of the UDP flow table (the agent may size it from config).
 pub const MAX_FLOWS: u32 = 262_144;
 

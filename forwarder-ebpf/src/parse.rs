@@ -56,8 +56,6 @@ pub fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
 /// What the classifier needs to know about a frame.
 #[repr(C)]
 pub struct Packet {
-    /// Offset of the IP header.
-    pub l3: usize,
     /// Offset of the transport header.
     pub l4: usize,
     /// 4 or 6.
@@ -73,8 +71,6 @@ pub struct Packet {
     pub dport: u16,
     /// TCP flags byte (0 for other protocols).
     pub tcp_flags: u8,
-    /// Bytes of the IP packet (header + payload) as the IP header says.
-    pub ip_len: u16,
     /// Number of VLAN tags in front of the IP header.
     pub vlan_tags: u8,
 }
@@ -147,7 +143,6 @@ fn parse_ipv4(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
     // MF set or a non-zero offset: a fragment (the DF bit is not one).
     let fragment = frag & 0x3fff != 0;
-    pkt.l3 = l3;
     pkt.l4 = l3 + ihl;
     pkt.family = 4;
     pkt.proto = hdr[9];
@@ -156,7 +151,6 @@ fn parse_ipv4(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     pkt.sport = 0;
     pkt.dport = 0;
     pkt.tcp_flags = 0;
-    pkt.ip_len = tot_len;
     pkt.vlan_tags = vlan_tags;
     if fragment {
         return Parsed::Ip;
@@ -224,7 +218,6 @@ fn parse_ipv6(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
             _ => break,
         }
     }
-    pkt.l3 = l3;
     pkt.l4 = off;
     pkt.family = 6;
     pkt.proto = next;
@@ -232,7 +225,6 @@ fn parse_ipv6(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     pkt.sport = 0;
     pkt.dport = 0;
     pkt.tcp_flags = 0;
-    pkt.ip_len = (40 + payload_len) as u16;
     pkt.vlan_tags = vlan_tags;
     if fragment {
         return Parsed::Ip;
