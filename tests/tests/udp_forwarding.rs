@@ -239,57 +239,18 @@ impl Setup {
     }
 }
 
-/// The fields of one flat JSON object (the event log's lines) as text: strings
-/// unquoted, numbers and `null` as written.
+/// The fields of one event-log line as text: strings unquoted, numbers and `null`
+/// as written.
 fn json_fields(line: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut chars = line.trim().trim_start_matches('{').chars().peekable();
-    loop {
-        // Key.
-        while chars.peek().is_some_and(|c| *c != '"') {
-            chars.next();
-        }
-        if chars.next().is_none() {
-            break;
-        }
-        let key: String = chars.by_ref().take_while(|c| *c != '"').collect();
-        while chars.peek().is_some_and(|c| *c == ':' || c.is_whitespace()) {
-            chars.next();
-        }
-        // Value.
-        let value = if chars.peek() == Some(&'"') {
-            chars.next();
-            let mut v = String::new();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some(n) = chars.next() {
-                            v.push(n);
-                        }
-                    }
-                    '"' => break,
-                    c => v.push(c),
-                }
-            }
-            v
-        } else {
-            let mut v = String::new();
-            while let Some(c) = chars.peek() {
-                if *c == ',' || *c == '}' {
-                    break;
-                }
-                v.push(*c);
-                chars.next();
-            }
-            v.trim().to_string()
-        };
-        out.insert(key, value);
-        // Separator.
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-    }
-    out
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str(line) else {
+        return BTreeMap::new();
+    };
+    map.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect()
 }
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {

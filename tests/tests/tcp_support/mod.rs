@@ -8,7 +8,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -49,31 +48,17 @@ pub fn start_agent(lab: &Lab, apps: &str) -> AgentProcess {
     AgentProcess::start(lab, &config(lab, "", apps)).expect("starting forwarder run")
 }
 
-/// One event line, as a flat map of its fields.
+/// One event line, as the JSON object the event log wrote.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Ev(pub BTreeMap<String, Json>);
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Json {
-    Str(String),
-    Num(u64),
-    Null,
-    Other(String),
-}
+pub struct Ev(pub serde_json::Map<String, serde_json::Value>);
 
 impl Ev {
     pub fn str(&self, key: &str) -> Option<&str> {
-        match self.0.get(key) {
-            Some(Json::Str(s)) => Some(s),
-            _ => None,
-        }
+        self.0.get(key)?.as_str()
     }
 
     pub fn num(&self, key: &str) -> Option<u64> {
-        match self.0.get(key) {
-            Some(Json::Num(n)) => Some(*n),
-            _ => None,
-        }
+        self.0.get(key)?.as_u64()
     }
 
     pub fn event(&self) -> &str {
@@ -111,63 +96,18 @@ impl Ev {
     }
 }
 
-/// Parses one flat JSON object (string, unsigned number and null values; what the
-/// event log writes). `None` for anything else.
-pub fn parse_flat_json(line: &str) -> Option<Ev> {
-    let body = line.trim().strip_prefix('{')?.strip_suffix('}')?;
-    let mut map = BTreeMap::new();
-    let mut rest = body.trim_start();
-    while !rest.is_empty() {
-        let (key, after) = parse_string(rest)?;
-        rest = after.trim_start().strip_prefix(':')?.trim_start();
-        let value;
-        if rest.starts_with('"') {
-            let (s, after) = parse_string(rest)?;
-            value = Json::Str(s);
-            rest = after;
-        } else {
-            let end = rest.find(',').unwrap_or(rest.len());
-            let token = rest[..end].trim();
-            value = if token == "null" {
-                Json::Null
-            } else if let Ok(n) = token.parse() {
-                Json::Num(n)
-            } else {
-                Json::Other(token.to_string())
-            };
-            rest = &rest[end..];
-        }
-        map.insert(key, value);
-        rest = rest.trim_start();
-        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+/// Parses one event line; `None` for anything that is not a JSON object (the
+/// agent's stdout also carries other output).
+pub fn parse_event(line: &str) -> Option<Ev> {
+    match serde_json::from_str(line.trim()).ok()? {
+        serde_json::Value::Object(map) => Some(Ev(map)),
+        _ => None,
     }
-    Some(Ev(map))
-}
-
-fn parse_string(text: &str) -> Option<(String, &str)> {
-    let text = text.strip_prefix('"')?;
-    let mut out = String::new();
-    let mut chars = text.char_indices();
-    while let Some((i, c)) = chars.next() {
-        match c {
-            '"' => return Some((out, &text[i + 1..])),
-            '\\' => {
-                let (_, e) = chars.next()?;
-                out.push(match e {
-                    'n' => '\n',
-                    't' => '\t',
-                    other => other,
-                });
-            }
-            c => out.push(c),
-        }
-    }
-    None
 }
 
 /// Every event the agent has written so far.
 pub fn events(agent: &AgentProcess) -> Vec<Ev> {
-    agent.stdout().lines().filter_map(parse_flat_json).collect()
+    agent.stdout().lines().filter_map(parse_event).collect()
 }
 
 /// TCP events of app `app`.
