@@ -239,7 +239,17 @@ fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, V
     let edges = config
         .resolve_edge_addresses(&host)
         .map_err(|e| anyhow!("{e}"))?;
-    let plan = Plan::rebuild(previous, config, &edges, route_to)?;
+    // Each origin's route is resolved once per config (it shells out to iproute2).
+    let mut routes: BTreeMap<std::net::IpAddr, crate::route::OriginRoute> = BTreeMap::new();
+    let mut resolve = |addr| -> anyhow::Result<crate::route::OriginRoute> {
+        if let Some(route) = routes.get(&addr) {
+            return Ok(route.clone());
+        }
+        let route = route_to(addr)?;
+        routes.insert(addr, route.clone());
+        Ok(route)
+    };
+    let plan = Plan::rebuild(previous, config, &edges, &mut resolve)?;
     let mut wanted = Vec::new();
     let udp_apps: Vec<_> = config
         .apps
@@ -248,7 +258,7 @@ fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, V
         .collect();
     for app in &udp_apps {
         for origin in &app.origins {
-            wanted.push(route_to(origin.addr)?.neighbour());
+            wanted.push(resolve(origin.addr)?.neighbour());
         }
     }
     if !udp_apps.is_empty() {
@@ -256,7 +266,6 @@ fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, V
             wanted.extend(default_gateways(interface)?);
         }
     }
-    wanted.dedup();
     let mut unique: Vec<Neighbour> = Vec::new();
     for n in wanted {
         if !unique.contains(&n) {
