@@ -39,13 +39,16 @@ pub enum DropReason {
     SppInvalid = 6,
     NoFlow = 7,
     TooBig = 8,
+    /// A reply for a live flow that did not arrive on the interface the route to
+    /// the flow's origin uses, or not from that route's next-hop MAC.
+    Spoofed = 9,
     /// Not in SPEC §6's list: the origin (or, on the way back, the client) has no
     /// route or no resolved neighbour from the XDP program's point of view.
-    NoRoute = 9,
+    NoRoute = 10,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::Fragment,
@@ -56,6 +59,7 @@ impl DropReason {
         DropReason::SppInvalid,
         DropReason::NoFlow,
         DropReason::TooBig,
+        DropReason::Spoofed,
         DropReason::NoRoute,
     ];
 
@@ -71,6 +75,7 @@ impl DropReason {
             DropReason::SppInvalid => "spp_invalid",
             DropReason::NoFlow => "no_flow",
             DropReason::TooBig => "too_big",
+            DropReason::Spoofed => "spoofed",
             DropReason::NoRoute => "no_route",
         }
     }
@@ -222,6 +227,30 @@ pub struct Settings {
     /// Source ports of the agent towards origins for plain-NAT UDP flows.
     pub nat_port_low: u16,
     pub nat_port_high: u16,
+    /// Bumped by the agent on every applied config (written after all other maps):
+    /// a UDP flow classified under another generation is classified again.
+    pub generation: u32,
+}
+
+/// `ROUTE_EPOCH[0]`: bumped by the agent when routes, neighbours, addresses or links
+/// change (and periodically); a `RouteCache` of another epoch is looked up again.
+pub const ROUTE_EPOCH_INDEX: u32 = 0;
+
+/// A cached route result: where a flow's datagrams leave and with which MACs.
+/// Valid while `epoch` equals `ROUTE_EPOCH[0]`; `epoch` 0 means "never filled" (the
+/// agent starts the epoch at 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RouteCache {
+    pub ifindex: u32,
+    pub epoch: u32,
+    /// The largest L3 length the FIB lookup of this epoch accepted (the MTU check):
+    /// a longer datagram is looked up again.
+    pub mtu_ok: u16,
+    pub _pad: u16,
+    /// Next hop's MAC (destination of frames sent by this route) and ours.
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
 }
 
 /// Per-CPU counters of one app in one direction (`APP_STATS`).
@@ -243,12 +272,14 @@ pub struct FlowKey {
 }
 
 /// Value of `FLOWS`. Counters are updated with atomic adds from every CPU.
+///
+/// There is no per-packet timestamp: the agent sees a flow is idle when its
+/// packet counts stop moving between scans.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowState {
-    /// `bpf_ktime_get_ns()` of the first and the latest packet either way.
+    /// `bpf_ktime_get_ns()` of the first packet.
     pub first_seen_ns: u64,
-    pub last_seen_ns: u64,
     pub packets_in: u64,
     pub bytes_in: u64,
     pub packets_out: u64,
@@ -262,13 +293,29 @@ pub struct FlowState {
     pub local_port: u16,
     /// `FLOW_*` bits.
     pub flags: u32,
-    /// The interface the client's first datagram arrived on: replies leave by it.
+    /// The interface the client's first datagram arrived on: the route lookup
+    /// towards the client is done as output from it.
     pub client_ifindex: u32,
+    /// `Settings::generation` the flow was classified under.
+    pub generation: u32,
+    /// The access rule the client matched (`RULE_NONE`: none), counted per packet.
+    pub rule: u32,
     pub _pad: u32,
+    /// Cached egress towards the origin and towards the client.
+    pub to_origin: RouteCache,
+    pub to_client: RouteCache,
 }
 
-/// The PROXY v2 header has been sent on this flow (v2 sends it once).
+/// `FlowState::rule` when no access rule matched (or the app has no firewall).
+pub const RULE_NONE: u32 = u32::MAX;
+
+/// `FlowState::flags`: the PROXY v2 header has been sent on this flow (v2 sends it
+/// once).
 pub const FLOW_V2_HEADER_SENT: u32 = 1;
+/// The flow's app uses SPP (replies carry the flow in their header; no NAT port).
+pub const FLOW_SPP: u32 = 2;
+/// The flow's app uses PROXY v2 (a NAT port, and a header on the first datagram).
+pub const FLOW_V2: u32 = 4;
 
 /// Key of `NAT_PORTS`: the agent's (local address, local port) of a plain-NAT or v2
 /// flow. Ports are unique per local address among live flows; the value names the
@@ -281,14 +328,35 @@ pub struct NatKey {
     pub _pad: u16,
 }
 
+/// PROXY v2 (HAProxy's proxy-protocol.txt §2.2): the 12-byte signature, then
+/// version/command, family/transport, a 16-bit address length and the addresses.
+pub const PROXY_V2_SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+/// Length of the fixed part (signature, version/command, family, length).
+pub const PROXY_V2_FIXED_LEN: usize = 16;
+/// Version 2, command PROXY.
+pub const PROXY_V2_VER_CMD_PROXY: u8 = 0x21;
+/// Family/transport bytes of a UDP datagram's header (INET or INET6, DGRAM).
+pub const PROXY_V2_INET_DGRAM: u8 = 0x12;
+pub const PROXY_V2_INET6_DGRAM: u8 = 0x22;
+/// Address block lengths: two addresses and two ports.
+pub const PROXY_V2_ADDR_LEN_V4: usize = 12;
+pub const PROXY_V2_ADDR_LEN_V6: usize = 36;
 /// PROXY v2 header lengths in front of a UDP datagram (signature + fixed part +
 /// addresses).
-pub const PROXY_V2_LEN_V4: usize = 16 + 12;
-pub const PROXY_V2_LEN_V6: usize = 16 + 36;
+pub const PROXY_V2_LEN_V4: usize = PROXY_V2_FIXED_LEN + PROXY_V2_ADDR_LEN_V4;
+pub const PROXY_V2_LEN_V6: usize = PROXY_V2_FIXED_LEN + PROXY_V2_ADDR_LEN_V6;
 
-/// Simple Proxy Protocol: header length and magic (SPEC §5).
+/// Simple Proxy Protocol: header length, magic and field offsets (SPEC §5):
+/// magic, client address, proxy address (16 bytes each, IPv4 mapped), client port,
+/// proxy port; all in network byte order.
 pub const SPP_HEADER_LEN: usize = 38;
 pub const SPP_MAGIC: u16 = 0x56EC;
+pub const SPP_CLIENT_ADDR: usize = 2;
+pub const SPP_PROXY_ADDR: usize = 18;
+pub const SPP_CLIENT_PORT: usize = 34;
+pub const SPP_PROXY_PORT: usize = 36;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -309,6 +377,7 @@ mod pod {
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for EdgeV4List {}
+    unsafe impl aya::Pod for RouteCache {}
 }
 
 /// Encodes an IPv4 address (network-order octets) as IPv4-mapped IPv6.
@@ -331,9 +400,10 @@ mod tests {
         assert_eq!(size_of::<OriginInfo>(), 44);
         assert_eq!(size_of::<OriginPortKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 36);
-        assert_eq!(size_of::<FlowState>(), 72);
+        assert_eq!(size_of::<RouteCache>(), 24);
+        assert_eq!(size_of::<FlowState>(), 120);
         assert_eq!(size_of::<NatKey>(), 20);
-        assert_eq!(size_of::<Settings>(), 8);
+        assert_eq!(size_of::<Settings>(), 12);
     }
 
     #[test]
@@ -351,6 +421,7 @@ mod tests {
                 "spp_invalid",
                 "no_flow",
                 "too_big",
+                "spoofed",
                 "no_route"
             ]
         );

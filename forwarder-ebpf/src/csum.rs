@@ -1,6 +1,10 @@
 //! Internet checksum arithmetic (RFC 1071/1624) for rewritten packets. Sums are kept
 //! unfolded in a u64 and folded once at the end.
 
+use aya_ebpf::{bindings::xdp_md, helpers::bpf_csum_diff, programs::XdpContext};
+
+use crate::parse::{ptr_at, ptr_at_mut, read_be16};
+
 /// Folds a running sum to 16 bits.
 #[inline(always)]
 pub fn fold(mut sum: u64) -> u16 {
@@ -54,4 +58,127 @@ pub fn pseudo_header(family: u8, src: &[u8; 16], dst: &[u8; 16], udp_len: u16) -
     };
     // Protocol 17 and the UDP length (IPv6 uses a 32-bit length; the upper half is 0).
     addrs + 17 + udp_len as u64
+}
+
+/// Bytes summed per `bpf_csum_diff` call (the helper takes at most 512).
+const CHUNK: usize = 256;
+/// Longest UDP segment whose checksum the program computes from scratch: more than
+/// any linear XDP frame holds (native XDP without multi-buffer stays below 4 KiB).
+pub const MAX_SUMMED_SEGMENT: usize = 16 * CHUNK;
+
+/// Whether a UDP checksum field holds only the folded pseudo-header sum, as a
+/// same-host sender with checksum offload leaves it (`CHECKSUM_PARTIAL`). A full
+/// checksum equal to that value by chance (1 in 65536) is recomputed from the
+/// payload too, which is merely slower.
+#[inline(always)]
+pub fn is_partial(field: u16, pseudo_header_sum: u64) -> bool {
+    field == fold(pseudo_header_sum)
+}
+
+/// Makes the UDP checksum of the segment at `l4` (`len` bytes) complete if it is
+/// only the pseudo-header sum `pseudo` (see `is_partial`): sums the segment and
+/// writes the full checksum into the frame. Returns false when the segment could
+/// not be summed (longer than `MAX_SUMMED_SEGMENT`).
+///
+/// Not inlined on purpose: a BPF subprogram, so the verifier's many paths through
+/// the summing loop end at its return instead of multiplying the rest of the
+/// program.
+#[inline(never)]
+pub fn complete_partial(ctx: *mut xdp_md, l4: usize, len: usize, pseudo: u64) -> bool {
+    let ctx = XdpContext::new(ctx);
+    let l4 = l4 & 0xfff;
+    let Some(field) = ptr_at_mut::<[u8; 2]>(&ctx, l4 + 6) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at_mut.
+    let current = u16::from_be_bytes(unsafe { *field });
+    // 0: an IPv4 datagram without checksum (the pseudo-header sum is never 0).
+    if current == 0 || !is_partial(current, pseudo) {
+        return true;
+    }
+    // The field holds the pseudo-header sum: the segment's sum with it in place is
+    // the full sum.
+    let Some(sum) = segment_sum(&ctx, l4, len) else {
+        return false;
+    };
+    let checksum = match !sum {
+        0 => 0xffff,
+        c => c,
+    };
+    let Some(field) = ptr_at_mut::<[u8; 2]>(&ctx, l4 + 6) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
+    unsafe { *field = u16::to_be_bytes(checksum) };
+    true
+}
+
+/// Ones' complement sum (big-endian words, folded) of `len` bytes of the packet at
+/// `start`: the whole UDP segment of a partial-checksum frame. The checksum field
+/// of such a frame holds the pseudo-header sum, so the complement of this sum is
+/// the full checksum. `None` when the bytes are not all in the frame or `len`
+/// exceeds `MAX_SUMMED_SEGMENT`.
+#[inline(always)]
+fn segment_sum(ctx: &XdpContext, start: usize, len: usize) -> Option<u16> {
+    if len > MAX_SUMMED_SEGMENT {
+        return None;
+    }
+    let start = start & 0xfff;
+    // bpf_csum_diff sums memory in the CPU's byte order; folded, that is the
+    // big-endian sum byte-swapped (RFC 1071 §2(B)).
+    let mut native = 0u64;
+    let mut off = 0usize;
+    for _ in 0..MAX_SUMMED_SEGMENT / CHUNK {
+        if len - off < CHUNK {
+            break;
+        }
+        native += chunk_sum::<CHUNK>(ctx, start + off)?;
+        off += CHUNK;
+    }
+    // The rest (< 256 bytes): one constant-size chunk per bit of its length.
+    let rest = len - off;
+    if rest & 128 != 0 {
+        native += chunk_sum::<128>(ctx, start + off)?;
+        off += 128;
+    }
+    if rest & 64 != 0 {
+        native += chunk_sum::<64>(ctx, start + off)?;
+        off += 64;
+    }
+    if rest & 32 != 0 {
+        native += chunk_sum::<32>(ctx, start + off)?;
+        off += 32;
+    }
+    if rest & 16 != 0 {
+        native += chunk_sum::<16>(ctx, start + off)?;
+        off += 16;
+    }
+    if rest & 8 != 0 {
+        native += chunk_sum::<8>(ctx, start + off)?;
+        off += 8;
+    }
+    if rest & 4 != 0 {
+        native += chunk_sum::<4>(ctx, start + off)?;
+        off += 4;
+    }
+    let mut sum = fold(native).swap_bytes() as u64;
+    if rest & 2 != 0 {
+        sum += read_be16(ctx, start + off)? as u64;
+        off += 2;
+    }
+    if rest & 1 != 0 {
+        let p = ptr_at::<u8>(ctx, start + off)?;
+        // SAFETY: bounds checked by ptr_at. The odd byte is the high half of a word.
+        sum += (unsafe { *p } as u64) << 8;
+    }
+    Some(fold(sum))
+}
+
+/// `bpf_csum_diff` over `N` bytes (a multiple of 4) of the packet at `offset`.
+#[inline(always)]
+fn chunk_sum<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<u64> {
+    let p = ptr_at::<[u8; N]>(ctx, offset & 0x1fff)?;
+    // SAFETY: the helper reads N bytes that ptr_at proved are inside the packet.
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, 0) };
+    Some(sum as u32 as u64)
 }

@@ -12,21 +12,25 @@
 
 mod counters;
 mod csum;
+mod flow;
 mod maps;
 mod parse;
 mod policy;
+mod rewrite;
+mod route_cache;
+mod scratch;
 mod steer;
 mod tcp_state;
 mod udp;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use forwarder_common::{DIR_INGRESS, DropReason, PROTO_TCP};
+use forwarder_common::{DIR_INGRESS, DropReason, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     counters::{count_app, count_interface, drop},
-    maps::SCRATCH,
     parse::{Parsed, parse},
     policy::{Decision, decide_edge, edge_index, is_neighbour_discovery, udp_return_app},
+    scratch::SCRATCH,
 };
 
 #[xdp]
@@ -53,6 +57,15 @@ fn classify(ctx: &XdpContext) -> u32 {
             };
         }
         Parsed::Ip => {}
+    }
+    // Datagrams of live flows first: one flow lookup instead of the classifier's.
+    let pkt = &scratch.pkt;
+    if pkt.proto == PROTO_UDP
+        && !pkt.fragment
+        && pkt.vlan_tags == 0
+        && let Some(verdict) = udp::established(ctx, scratch)
+    {
+        return verdict;
     }
     let pkt = &scratch.pkt;
     if is_neighbour_discovery(pkt) {
@@ -81,7 +94,7 @@ fn classify(ctx: &XdpContext) -> u32 {
             count_app(app, DIR_INGRESS, 0);
             xdp_action::XDP_PASS
         }
-        Decision::UdpApp { app, info } => udp::to_origin(ctx, scratch, app, &info),
+        Decision::UdpApp { app, info, rule } => udp::to_origin(ctx, scratch, app, &info, rule),
         Decision::UdpReturn { app } => udp::to_client(ctx, scratch, app),
     }
 }

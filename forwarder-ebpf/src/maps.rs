@@ -1,8 +1,8 @@
 //! Every map of the datapath. The agent fills the config maps; the programs only read
-//! them, and write counters and the UDP flow table.
+//! them, and write counters and the UDP flow table. A leaf: it imports only the
+//! shared types of `forwarder-common`.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, bpf_sock_tuple},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
@@ -12,8 +12,6 @@ use forwarder_common::{
     OriginInfo, OriginPortKey, OriginPortTarget, PORT_HINTS_LEN, PortKey, PortTarget, RuleVerdict,
     Settings,
 };
-
-use crate::{parse::Packet, udp::Rewrite};
 
 /// IPv6 edge addresses → their index.
 #[map]
@@ -61,6 +59,10 @@ pub static RULES_V6: LpmTrie<[u8; 16], RuleVerdict> =
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
+/// `ROUTE_EPOCH[0]`: the route epoch (see `RouteCache`), bumped by the agent.
+#[map]
+pub static ROUTE_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Drops per reason, indexed by `DropReason`.
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT as u32, 0);
@@ -89,19 +91,3 @@ pub static NAT_PORTS: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries
 /// One listening socket per TCP app, indexed by app (sk_lookup steering).
 #[map]
 pub static TCP_LISTENERS: SockMap = SockMap::with_max_entries(MAX_APPS, 0);
-
-/// Per-CPU working memory for one packet: the parsed summary, the rewrite plan, the
-/// route lookup and a new flow's state. The BPF stack (512 bytes) cannot hold them
-/// next to the classifier's own; a program run never migrates CPUs, so each CPU's
-/// slot has one user at a time.
-#[repr(C)]
-pub struct Scratch {
-    pub pkt: Packet,
-    pub rw: Rewrite,
-    pub fib: bpf_fib_lookup,
-    pub flow: FlowState,
-    pub tuple: bpf_sock_tuple,
-}
-
-#[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

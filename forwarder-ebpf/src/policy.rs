@@ -4,7 +4,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use forwarder_common::{
     APP_PASS, AppInfo, DropReason, EDGE_V4_INLINE, HINT_EDGE_PORT, HINT_ORIGIN_PORT, OriginPortKey,
-    PROTO_TCP, PROTO_UDP, PortKey, RULE_BLOCK, hint_index,
+    PROTO_TCP, PROTO_UDP, PortKey, RULE_BLOCK, RULE_NONE, hint_index,
 };
 
 use crate::{
@@ -33,6 +33,8 @@ pub enum Decision {
     UdpApp {
         app: u32,
         info: AppInfo,
+        /// The access rule the client matched (counted), or `RULE_NONE`.
+        rule: u32,
     },
 }
 
@@ -67,7 +69,7 @@ pub fn edge_index(addr: &[u8; 16]) -> Option<u32> {
 }
 
 #[inline(always)]
-fn port_hints(proto: u8, port: u16) -> u8 {
+pub fn port_hints(proto: u8, port: u16) -> u8 {
     PORT_HINTS
         .get(hint_index(proto, port))
         .copied()
@@ -124,13 +126,22 @@ pub fn decide_edge(pkt: &Packet, edge: u32) -> Decision {
     let Some(info) = APPS.get(app) else {
         return Decision::Drop(DropReason::NoApp);
     };
-    if info.ip_firewall != 0 && firewall_blocks(pkt) {
-        return Decision::Drop(DropReason::Firewall);
+    let mut rule = RULE_NONE;
+    if info.ip_firewall != 0 {
+        let (blocked, matched) = firewall(pkt);
+        if blocked {
+            return Decision::Drop(DropReason::Firewall);
+        }
+        rule = matched;
     }
     if pkt.proto == PROTO_TCP {
         Decision::TcpApp { app }
     } else {
-        Decision::UdpApp { app, info: *info }
+        Decision::UdpApp {
+            app,
+            info: *info,
+            rule,
+        }
     }
 }
 
@@ -165,9 +176,10 @@ fn icmp_verdict(icmp_type: u16, echo: &[u16; 2], errors: &[u16; 4]) -> Decision 
 
 /// Longest-prefix match of the source over the access rules (the agent resolves
 /// "allow beats block at the same prefix" when it fills the trie); no match falls
-/// back to `[firewall].default`.
+/// back to `[firewall].default`. Returns whether the source is blocked and the rule
+/// that matched (`RULE_NONE`: none), whose hit is counted here.
 #[inline(always)]
-fn firewall_blocks(pkt: &Packet) -> bool {
+fn firewall(pkt: &Packet) -> (bool, u32) {
     let verdict = if pkt.family == 4 {
         RULES_V4.get(Key::new(
             32,
@@ -179,10 +191,13 @@ fn firewall_blocks(pkt: &Packet) -> bool {
     match verdict {
         Some(v) => {
             count_rule_hit(v.rule);
-            v.action == RULE_BLOCK
+            (v.action == RULE_BLOCK, v.rule)
         }
-        None => SETTINGS
-            .get(0)
-            .is_some_and(|s| s.firewall_default == RULE_BLOCK),
+        None => (
+            SETTINGS
+                .get(0)
+                .is_some_and(|s| s.firewall_default == RULE_BLOCK),
+            RULE_NONE,
+        ),
     }
 }

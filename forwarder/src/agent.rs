@@ -139,6 +139,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The route epoch, for the task that owns it from now on.
+    pub fn take_route_epoch(&mut self) -> anyhow::Result<crate::datapath::RouteEpoch> {
+        self.datapath.take_route_epoch()
+    }
+
     /// Announces new UDP flows and ends idle ones (see `udp_flows`).
     pub fn scan_udp_flows(&mut self) -> anyhow::Result<()> {
         self.udp_flows.scan(
@@ -347,6 +352,14 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
 
+    let route_epoch = agent
+        .lock()
+        .map_err(|_| anyhow!("agent lock poisoned"))?
+        .as_mut()
+        .context("agent stopped")?
+        .take_route_epoch()?;
+    let route_follower = tokio::spawn(crate::route::follow_route_changes(route_epoch));
+
     let scan_agent = agent.clone();
     let flow_scanner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(crate::udp_flows::SCAN_INTERVAL);
@@ -398,6 +411,7 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     info!("shutting down");
     flow_scanner.abort();
+    route_follower.abort();
     let mut agent = agent
         .lock()
         .map_err(|_| anyhow!("agent lock poisoned"))?

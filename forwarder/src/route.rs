@@ -193,3 +193,22 @@ pub fn default_gateways(interface: &str) -> anyhow::Result<Vec<Neighbour>> {
     }
     Ok(out)
 }
+
+/// How often the route epoch is bumped even when nothing announced a change: the
+/// bound on how long a flow keeps a stale route (a route, neighbour or link change
+/// is followed within this time).
+pub const ROUTE_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Owns the route epoch for the agent's life: bumps it every
+/// `ROUTE_REFRESH_INTERVAL`, so every flow's next datagram after a change of
+/// routes or neighbours is sent by a fresh `bpf_fib_lookup`.
+pub async fn follow_route_changes(mut epoch: crate::datapath::RouteEpoch) {
+    let mut tick = tokio::time::interval(ROUTE_REFRESH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(err) = epoch.bump() {
+            log::error!("bumping the route epoch failed: {err:#}");
+        }
+    }
+}

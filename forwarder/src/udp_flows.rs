@@ -2,8 +2,13 @@
 //! packets; the agent notices new ones (`connect` events), ends idle ones after
 //! `udp_idle_timeout` (`disconnect` events with byte and packet counts) and keeps
 //! the live-flow gauge. One scan per second; nothing per packet.
+//!
+//! The datapath keeps no per-packet timestamp (reading the clock would cost every
+//! packet ~30 ns): a flow is idle when its packet counts have not moved for
+//! `udp_idle_timeout`, as seen by these scans, so a flow ends between the timeout
+//! and the timeout plus one scan interval after its last packet.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
@@ -17,10 +22,18 @@ use crate::events::{Event, EventKind, EventLog, rfc3339, status};
 /// How often the agent scans the flow table.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What the tracker remembers of an announced flow.
+struct Activity {
+    /// Packets both ways at the last scan that saw them change.
+    packets: u64,
+    /// `monotonic_ns()` of that scan.
+    since_ns: u64,
+}
+
 #[derive(Default)]
 pub struct UdpFlowTracker {
     /// Flows already announced with a `connect` event.
-    announced: HashSet<FlowKey>,
+    announced: HashMap<FlowKey, Activity>,
     /// Live flows per app id, as of the last scan.
     live: BTreeMap<String, u64>,
 }
@@ -108,10 +121,22 @@ impl UdpFlowTracker {
                 connect_timestamp: Some(rfc3339(to_wall(state.first_seen_ns))),
                 disconnect_timestamp: ended.then(|| rfc3339(now_wall)),
             };
-            if self.announced.insert(key) {
-                events.emit(&event(EventKind::Connect, status::OPENED, false));
+            let packets = state.packets_in + state.packets_out;
+            let activity = match self.announced.entry(key) {
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    events.emit(&event(EventKind::Connect, status::OPENED, false));
+                    slot.insert(Activity {
+                        packets,
+                        since_ns: now_mono,
+                    })
+                }
+                std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
+            };
+            if activity.packets != packets {
+                activity.packets = packets;
+                activity.since_ns = now_mono;
             }
-            if now_mono.saturating_sub(state.last_seen_ns) >= idle.as_nanos() as u64 {
+            if now_mono.saturating_sub(activity.since_ns) >= idle.as_nanos() as u64 {
                 if let Err(err) = datapath.remove_udp_flow(&key, &state) {
                     warn!("ending an idle UDP flow failed: {err:#}");
                     continue;
@@ -124,7 +149,7 @@ impl UdpFlowTracker {
             *live.entry(app_id).or_insert(0) += 1;
         }
         // Flows the LRU evicted under pressure vanish without an event of their own.
-        self.announced.retain(|k| present.contains(k));
+        self.announced.retain(|k, _| present.contains(k));
         self.live = live;
         Ok(())
     }

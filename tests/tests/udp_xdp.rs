@@ -238,13 +238,9 @@ impl Harness {
     /// veth) and no drop may be counted.
     #[track_caller]
     fn forward(&self, what: &str, frame: &[u8], from_client: bool) -> Vec<u8> {
-        let ingress = if from_client {
-            self.ec_index
-        } else {
-            self.eo_index
-        };
+        let (frame, ingress) = self.arriving(frame, from_client);
         let before = self.drops();
-        let out = self.run(frame, ingress);
+        let out = self.run(&frame, ingress);
         assert_eq!(self.drops(), before, "{what}: nothing dropped");
         assert_eq!(
             out.verdict, XDP_REDIRECT,
@@ -256,11 +252,27 @@ impl Harness {
     /// Runs `frame` and asserts XDP_DROP with exactly `reason` counted once.
     #[track_caller]
     fn expect_drop(&self, what: &str, frame: &[u8], from_client: bool, reason: DropReason) {
-        let ingress = if from_client {
-            self.ec_index
+        let (frame, ingress) = self.arriving(frame, from_client);
+        self.expect_drop_on(what, &frame, ingress, reason);
+    }
+
+    /// The frame as it arrives from the client (on `ec`, as built) or from the
+    /// origin (on `eo`, sent by the origin's MAC: replies are only accepted from the
+    /// route's next hop).
+    fn arriving(&self, frame: &[u8], from_client: bool) -> (Vec<u8>, u32) {
+        let mut frame = frame.to_vec();
+        if from_client {
+            (frame, self.ec_index)
         } else {
-            self.eo_index
-        };
+            frame[6..12].copy_from_slice(&self.w.oe_mac);
+            (frame, self.eo_index)
+        }
+    }
+
+    /// Runs `frame` exactly as given on interface `ingress` and asserts XDP_DROP
+    /// with exactly `reason` counted once.
+    #[track_caller]
+    fn expect_drop_on(&self, what: &str, frame: &[u8], ingress: u32, reason: DropReason) {
         let before = self.drops();
         let out = self.run(frame, ingress);
         let after = self.drops();

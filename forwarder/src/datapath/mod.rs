@@ -19,7 +19,7 @@ use aya::{
 use forwarder_common::{
     AppInfo, Counters, DIR_EGRESS, DIR_INGRESS, DropReason, EDGE_V4_INLINE, EdgeAddr, EdgeV4List,
     FlowKey, FlowState, HINT_EDGE_PORT, HINT_ORIGIN_PORT, MAX_IFINDEX, NatKey, OriginInfo,
-    OriginPortTarget, PortTarget, RuleVerdict, Settings, hint_index,
+    OriginPortTarget, PortTarget, ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
 };
 use log::{info, warn};
 
@@ -30,6 +30,27 @@ pub use plan::{Plan, addr16};
 pub const PROG_XDP: &str = "xdp_forwarder";
 pub const PROG_XDP_PASS: &str = "xdp_pass";
 pub const PROG_SK_LOOKUP: &str = "sk_lookup_steer";
+
+/// `ROUTE_EPOCH[0]`: bumping it makes every flow's cached route stale, so the next
+/// datagram of each flow looks its route up again (see `RouteCache`).
+pub struct RouteEpoch {
+    map: Array<MapData, u32>,
+    value: u32,
+}
+
+impl RouteEpoch {
+    pub fn bump(&mut self) -> anyhow::Result<()> {
+        // 0 marks a cache never filled: skip it on wrap-around.
+        self.value = self.value.wrapping_add(1).max(1);
+        self.map
+            .set(ROUTE_EPOCH_INDEX, self.value, 0)
+            .context("writing ROUTE_EPOCH")
+    }
+
+    pub fn value(&self) -> u32 {
+        self.value
+    }
+}
 
 /// The loaded object with its programs ready to attach.
 pub struct Datapath {
@@ -89,6 +110,13 @@ impl Datapath {
             let hint = load_hint(&e);
             e.context(hint)
         })?;
+        let mut ebpf = ebpf;
+        {
+            // Epoch 0 marks a route cache never filled: start at 1.
+            let mut epoch: Array<&mut MapData, u32> =
+                Array::try_from(ebpf.map_mut("ROUTE_EPOCH").context("ROUTE_EPOCH")?)?;
+            epoch.set(ROUTE_EPOCH_INDEX, 1, 0)?;
+        }
         Ok(Datapath {
             ebpf,
             attached: BTreeMap::new(),
@@ -247,11 +275,7 @@ impl Datapath {
             .as_ref()
             .and_then(|p| p.origins.get(state.origin as usize))
             .map(|o| o.local);
-        let simple = self
-            .current
-            .as_ref()
-            .and_then(|p| p.apps.get(state.app as usize))
-            .is_some_and(|a| a.proxy == forwarder_common::PROXY_SIMPLE);
+        let simple = state.flags & forwarder_common::FLOW_SPP != 0;
         {
             let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
                 HashMap::try_from(self.map_mut("FLOWS")?)?;
@@ -302,11 +326,6 @@ impl Datapath {
 
     fn write_plan(&mut self, old: &Plan, new: &Plan) -> anyhow::Result<()> {
         let ebpf = &mut self.ebpf;
-        {
-            let mut settings: Array<&mut MapData, Settings> =
-                Array::try_from(ebpf.map_mut("SETTINGS").context("SETTINGS")?)?;
-            settings.set(0, new.settings, 0)?;
-        }
         write_lpm(ebpf, "RULES_V4", &old.rules_v4, &new.rules_v4)?;
         write_lpm(ebpf, "RULES_V6", &old.rules_v6, &new.rules_v6)?;
         {
@@ -350,7 +369,29 @@ impl Datapath {
         // Removals last: nothing still configured disappears before its replacement.
         write_lookup_maps(ebpf, old, new, Phase::Remove)?;
         write_port_hints(ebpf, &port_hints(&[old, new]), &port_hints(&[new]))?;
+        // Settings last: their new generation sends live UDP flows back through the
+        // classifier, which must then see the new maps.
+        {
+            let mut settings: Array<&mut MapData, Settings> =
+                Array::try_from(ebpf.map_mut("SETTINGS").context("SETTINGS")?)?;
+            settings.set(0, new.settings, 0)?;
+        }
         Ok(())
+    }
+
+    /// Takes the route epoch out of the object, set to its first value, for the
+    /// task that follows route changes (`route::follow_route_changes`).
+    pub fn take_route_epoch(&mut self) -> anyhow::Result<RouteEpoch> {
+        let map = self
+            .ebpf
+            .take_map("ROUTE_EPOCH")
+            .context("ROUTE_EPOCH missing (or taken already)")?;
+        let mut epoch = RouteEpoch {
+            map: Array::try_from(map)?,
+            value: 1,
+        };
+        epoch.bump()?;
+        Ok(epoch)
     }
 
     /// Sums the per-CPU counters.

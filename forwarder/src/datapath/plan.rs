@@ -135,6 +135,8 @@ impl Plan {
                 },
                 nat_port_low: config.agent.udp_nat_ports.low,
                 nat_port_high: config.agent.udp_nat_ports.high,
+                // Live UDP flows are classified again under every new plan.
+                generation: previous.settings.generation.wrapping_add(1).max(1),
             },
             ..Plan::default()
         };

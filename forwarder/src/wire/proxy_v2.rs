@@ -40,21 +40,20 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use super::field::{Field, Rest};
 use super::{Error, Result};
 
-/// The 12-byte signature every v2 header starts with.
-pub const SIGNATURE: [u8; 12] = [
-    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
-];
+/// The 12-byte signature every v2 header starts with (one home for the layout:
+/// `forwarder-common`, which the XDP program writes from too).
+pub const SIGNATURE: [u8; 12] = forwarder_common::PROXY_V2_SIGNATURE;
 
 /// Length of the fixed part: signature, version/command, family, length.
-pub const HEADER_LEN: usize = 16;
+pub const HEADER_LEN: usize = forwarder_common::PROXY_V2_FIXED_LEN;
 
 /// The only protocol version this codec knows (high nibble of the byte at offset 12).
 pub const VERSION: u8 = 2;
 
 /// Address block length for TCP/UDP over IPv4.
-pub const ADDR_LEN_INET: usize = 12;
+pub const ADDR_LEN_INET: usize = forwarder_common::PROXY_V2_ADDR_LEN_V4;
 /// Address block length for TCP/UDP over IPv6.
-pub const ADDR_LEN_INET6: usize = 36;
+pub const ADDR_LEN_INET6: usize = forwarder_common::PROXY_V2_ADDR_LEN_V6;
 /// Address block length for AF_UNIX.
 pub const ADDR_LEN_UNIX: usize = 216;
 

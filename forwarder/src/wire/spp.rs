@@ -38,20 +38,22 @@ use std::net::{Ipv6Addr, SocketAddr};
 use super::field::{Field, Rest};
 use super::{Error, Result};
 
-/// Length of the header in bytes.
-pub const HEADER_LEN: usize = 38;
+/// Length of the header in bytes (one home for the layout: `forwarder-common`,
+/// which the XDP program writes from too).
+pub const HEADER_LEN: usize = forwarder_common::SPP_HEADER_LEN;
 
 /// The magic number in the first two bytes.
-pub const MAGIC: u16 = 0x56EC;
+pub const MAGIC: u16 = forwarder_common::SPP_MAGIC;
 
 mod field {
     use super::{Field, Rest};
+    use forwarder_common::{SPP_CLIENT_ADDR, SPP_CLIENT_PORT, SPP_PROXY_ADDR, SPP_PROXY_PORT};
 
-    pub const MAGIC: Field = 0..2;
-    pub const CLIENT_ADDR: Field = 2..18;
-    pub const PROXY_ADDR: Field = 18..34;
-    pub const CLIENT_PORT: Field = 34..36;
-    pub const PROXY_PORT: Field = 36..38;
+    pub const MAGIC: Field = 0..SPP_CLIENT_ADDR;
+    pub const CLIENT_ADDR: Field = SPP_CLIENT_ADDR..SPP_PROXY_ADDR;
+    pub const PROXY_ADDR: Field = SPP_PROXY_ADDR..SPP_CLIENT_PORT;
+    pub const CLIENT_PORT: Field = SPP_CLIENT_PORT..SPP_PROXY_PORT;
+    pub const PROXY_PORT: Field = SPP_PROXY_PORT..super::HEADER_LEN;
     pub const PAYLOAD: Rest = PROXY_PORT.end..;
 }
 
