@@ -8,4 +8,10 @@ fn main() {
         "cargo:rerun-if-changed={}",
         bpf_linker.to_str().expect("utf-8 path")
     );
+    // Small copies and fills (addresses, MACs, keys) inline as loads and stores:
+    // bpf-linker's default (`--bpf-expand-memcpy-in-order`) turns every memmove and
+    // memset into a call of a byte-at-a-time subroutine. (Not
+    // `+allows-misaligned-mem-access`: LLVM then also misaligns stack slots, which
+    // the verifier refuses whatever the CPU.)
+    println!("cargo:rustc-link-arg=--disable-expand-memcpy-in-order");
 }

@@ -189,7 +189,8 @@ pub struct OriginInfo {
 
 /// Key of `ORIGIN_PORTS`: a (protocol, origin address, origin port) the agent talks to.
 /// Packets *from* such a source are return traffic (SPEC §3 step 2).
-#[repr(C)]
+// align(4): the XDP program copies and compares it in 4-byte words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OriginPortKey {
     pub addr: [u8; 16],
@@ -262,7 +263,8 @@ pub struct Counters {
 }
 
 /// Key of `FLOWS`: one UDP flow, as the client sees it.
-#[repr(C)]
+// align(4): the XDP program copies and compares it in 4-byte words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub client: [u8; 16],
@@ -320,7 +322,8 @@ pub const FLOW_V2: u32 = 4;
 /// Key of `NAT_PORTS`: the agent's (local address, local port) of a plain-NAT or v2
 /// flow. Ports are unique per local address among live flows; the value names the
 /// flow, whose origin is checked against the reply's sender.
-#[repr(C)]
+// align(4): the XDP program copies and compares it in 4-byte words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NatKey {
     pub local: [u8; 16],

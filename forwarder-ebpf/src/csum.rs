@@ -39,11 +39,6 @@ pub fn finish(sum: u64) -> u16 {
     !fold(sum)
 }
 
-/// IPv4 header checksum of a 20-byte header whose checksum field is zero.
-#[inline(always)]
-pub fn ipv4_header(header: &[u8; 20]) -> u16 {
-    finish(sum_words(header))
-}
 
 /// Sum of the UDP pseudo-header for either family (addresses as 16 bytes;
 /// IPv4-mapped addresses contribute only their IPv4 part, as `0xffff` pairs would

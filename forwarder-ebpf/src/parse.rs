@@ -54,16 +54,17 @@ pub fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
 }
 
 /// What the classifier needs to know about a frame.
+/// Addresses first, at 8-byte offsets: copies of them are then word-wide.
 #[repr(C)]
 pub struct Packet {
     /// Offset of the transport header.
     pub l4: usize,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     /// 4 or 6.
     pub family: u8,
     /// Transport protocol (after IPv6 extension headers).
     pub proto: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     /// Any fragment, first or not.
     pub fragment: bool,
     /// Source and destination port (TCP/UDP) in host order; ICMP: type and code.

@@ -216,6 +216,20 @@ impl Harness {
         }
     }
 
+    /// Applies `config` as a reload would (the next plan from the current one).
+    fn reload(&mut self, config: &str) {
+        let config = Config::parse(config).expect("valid config");
+        let edges: Vec<IpAddr> = vec![
+            EDGE_CLIENT_V4.into(),
+            EDGE_ORIGIN_V4.into(),
+            EDGE_CLIENT_V6.into(),
+            EDGE_ORIGIN_V6.into(),
+        ];
+        let plan = Plan::rebuild(self.datapath.plan(), &config, &edges, route_to)
+            .expect("plan with the lab's routes");
+        self.datapath.apply(&plan).expect("fill maps");
+    }
+
     fn run(&self, frame: &[u8], ingress: u32) -> TestRunOutput {
         let fd = self.datapath.xdp_program_fd(PROG_XDP).expect("prog fd");
         test_run_xdp(
@@ -1192,4 +1206,297 @@ proxy_protocol = "simple"
         })
         .expect("edge thread");
     lab.close().expect("lab teardown");
+}
+
+// ---- same-host peers: partial checksums --------------------------------------------
+
+/// What a same-host sender with checksum offload leaves in the UDP checksum field
+/// (`CHECKSUM_PARTIAL`): the folded pseudo-header sum, not complemented.
+fn partial_checksum(src: SocketAddr, dst: SocketAddr, payload_len: usize) -> u16 {
+    pseudo_header_sum(src.ip(), dst.ip(), PROTO_UDP, 8 + payload_len) as u16
+}
+
+/// A frame as a same-host peer sends it: its checksum is only the pseudo-header sum.
+fn udp_partial(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let frame = udp_in(src, dst, payload, Some(partial_checksum(src, dst, payload.len())));
+    assert!(
+        !frame_checksum_ok(&frame),
+        "the crafted partial frame must not verify as it stands"
+    );
+    frame
+}
+
+/// Whether the UDP checksum of a whole frame verifies (no options, no extension
+/// headers).
+fn frame_checksum_ok(frame: &[u8]) -> bool {
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        ETH_P_IPV4 => {
+            let src = IpAddr::from([frame[26], frame[27], frame[28], frame[29]]);
+            let dst = IpAddr::from([frame[30], frame[31], frame[32], frame[33]]);
+            transport_checksum_ok(src, dst, PROTO_UDP, &frame[34..])
+        }
+        _ => {
+            let src = IpAddr::from(<[u8; 16]>::try_from(&frame[22..38]).unwrap());
+            let dst = IpAddr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap());
+            transport_checksum_ok(src, dst, PROTO_UDP, &frame[54..])
+        }
+    }
+}
+
+fn partial_both_ways(h: &mut Harness, f: &Family) {
+    let w = h.w.clone();
+    // Odd, empty, and long enough for whole 256-byte chunks plus every tail size.
+    let payloads: [Vec<u8>; 4] = [
+        b"hello, origin".to_vec(),
+        Vec::new(),
+        (0..1000u32).map(|i| (i * 7) as u8).collect(),
+        vec![0xff; 511],
+    ];
+    for (i, payload) in payloads.iter().enumerate() {
+        let what = |m: &str| format!("{m} ({}, payload {} bytes)", f.client, payload.len());
+        // SPP, both ways.
+        let client = sa(f.client, 46000 + i as u16);
+        let edge = sa(f.edge, 5000);
+        let out = h.forward(&what("SPP request"), &udp_partial(client, edge, payload), true);
+        let want = udp_out(
+            w.oe_mac,
+            w.eo_mac,
+            sa(f.local, 5000),
+            sa(f.origin, 5000),
+            &spp_payload(client, edge, payload),
+            false,
+        );
+        check_sent(&what("SPP request"), &out, false);
+        assert_frame(&what("SPP request"), &out, &want);
+        let reply = spp_payload(client, edge, payload);
+        let out = h.forward(
+            &what("SPP reply"),
+            &udp_partial(sa(f.origin, 5000), sa(f.local, 5000), &reply),
+            false,
+        );
+        let want = udp_out(w.cl_mac, w.ec_mac, edge, client, payload, false);
+        check_sent(&what("SPP reply"), &out, false);
+        assert_frame(&what("SPP reply"), &out, &want);
+
+        // Plain NAT, both ways.
+        let client = sa(f.client, 46100 + i as u16);
+        let edge = sa(f.edge, 5001);
+        let out = h.forward(&what("NAT request"), &udp_partial(client, edge, payload), true);
+        let port = h.new_nat_port(client, edge, f.local);
+        let want = udp_out(
+            w.oe_mac,
+            w.eo_mac,
+            sa(f.local, port),
+            sa(f.origin, 5001),
+            payload,
+            false,
+        );
+        check_sent(&what("NAT request"), &out, false);
+        assert_frame(&what("NAT request"), &out, &want);
+        let out = h.forward(
+            &what("NAT reply"),
+            &udp_partial(sa(f.origin, 5001), sa(f.local, port), payload),
+            false,
+        );
+        let want = udp_out(w.cl_mac, w.ec_mac, edge, client, payload, false);
+        assert_frame(&what("NAT reply"), &out, &want);
+
+        // PROXY v2 on the first datagram, plain on the next.
+        let client = sa(f.client, 46200 + i as u16);
+        let edge = sa(f.edge, 5002);
+        let out = h.forward(&what("v2 first"), &udp_partial(client, edge, payload), true);
+        let port = h.new_nat_port(client, edge, f.local);
+        let want = udp_out(
+            w.oe_mac,
+            w.eo_mac,
+            sa(f.local, port),
+            sa(f.origin, 5002),
+            &v2_payload(client, edge, payload),
+            false,
+        );
+        assert_frame(&what("v2 first"), &out, &want);
+        let out = h.forward(&what("v2 second"), &udp_partial(client, edge, payload), true);
+        let want = udp_out(
+            w.oe_mac,
+            w.eo_mac,
+            sa(f.local, port),
+            sa(f.origin, 5002),
+            payload,
+            false,
+        );
+        assert_frame(&what("v2 second"), &out, &want);
+    }
+}
+
+/// Same-host peers (containers on the forwarder's host) send `CHECKSUM_PARTIAL`
+/// frames: the output carries the full, correct checksum, exactly as for a wire
+/// peer's frame, in every mode, family and direction.
+#[test]
+fn partial_checksums_of_same_host_peers_are_completed() {
+    with_harness(|h| {
+        partial_both_ways(h, &V4);
+        partial_both_ways(h, &V6);
+    });
+}
+
+// ---- replies only from the origin ----------------------------------------------------
+
+fn spoofed_replies(h: &mut Harness, f: &Family) {
+    let client = sa(f.client, 47000);
+    let edge = sa(f.edge, 5000);
+    let origin = sa(f.origin, 5000);
+    let local = sa(f.local, 5000);
+    h.forward("SPP request", &udp_in(client, edge, b"x", None), true);
+    let forged = udp_in(origin, local, &spp_payload(client, edge, b"forged"), None);
+    // From the client side, with the origin's address and port.
+    h.expect_drop_on(
+        "SPP reply arriving on the client-side interface",
+        &forged,
+        h.ec_index,
+        DropReason::Spoofed,
+    );
+    // On the origin's interface, but not from the origin's (next hop's) MAC.
+    h.expect_drop_on(
+        "SPP reply from another MAC on the origin's interface",
+        &forged,
+        h.eo_index,
+        DropReason::Spoofed,
+    );
+    // Sent to the edge address itself (what a client can reach), from the client side.
+    h.expect_drop_on(
+        "SPP reply to the edge address from the client side",
+        &udp_in(origin, edge, &spp_payload(client, edge, b"forged"), None),
+        h.ec_index,
+        DropReason::Spoofed,
+    );
+    // The real thing still goes through.
+    h.forward("SPP reply from the origin", &forged, false);
+
+    let client = sa(f.client, 47001);
+    let edge = sa(f.edge, 5001);
+    h.forward("NAT request", &udp_in(client, edge, b"x", None), true);
+    let port = h.new_nat_port(client, edge, f.local);
+    let forged = udp_in(sa(f.origin, 5001), sa(f.local, port), b"forged", None);
+    h.expect_drop_on(
+        "NAT reply arriving on the client-side interface",
+        &forged,
+        h.ec_index,
+        DropReason::Spoofed,
+    );
+    h.expect_drop_on(
+        "NAT reply from another MAC on the origin's interface",
+        &forged,
+        h.eo_index,
+        DropReason::Spoofed,
+    );
+    h.forward("NAT reply from the origin", &forged, false);
+}
+
+/// A datagram with the origin's address and port is a reply only when it arrives
+/// where the route to the origin leaves, from that route's next hop (XDP runs
+/// before rp_filter): anything else is `spoofed`.
+#[test]
+fn replies_not_from_the_origins_interface_and_next_hop_are_spoofed() {
+    with_harness(|h| {
+        spoofed_replies(h, &V4);
+        spoofed_replies(h, &V6);
+    });
+}
+
+// ---- reloads re-classify live flows --------------------------------------------------
+
+/// A reload that adds a block rule stops a live flow's client at its next
+/// datagram (counted as `firewall` and as a hit of the rule); removing the rule
+/// lets it through again. Rule hits of a live flow are counted per packet.
+#[test]
+fn a_reload_that_adds_a_block_rule_stops_a_live_flow() {
+    with_harness(|h| {
+        let allow = format!(
+            "{}\n[[access_rules]]\nmode = \"allow\"\ntarget = \"ip\"\nvalue = \"{CLIENT_V4}\"\n",
+            config(&h.w.ec, &h.w.eo)
+        );
+        h.reload(&allow);
+        let client = sa(CLIENT_V4, 48000);
+        let edge = sa(EDGE_CLIENT_V4, 5000);
+        for _ in 0..3 {
+            h.forward("request", &udp_in(client, edge, b"ok", None), true);
+        }
+        let hits = |h: &Harness, rule: &str| {
+            h.datapath
+                .counters()
+                .expect("counters")
+                .rule_hits
+                .get(rule)
+                .copied()
+                .unwrap_or(0)
+        };
+        assert_eq!(
+            hits(h, &CLIENT_V4.to_string()),
+            3,
+            "the allow rule is hit by every datagram of the live flow"
+        );
+        let block = format!(
+            "{}\n[[access_rules]]\nmode = \"block\"\ntarget = \"ip_range\"\nvalue = \"10.0.1.0/24\"\n",
+            config(&h.w.ec, &h.w.eo)
+        );
+        h.reload(&block);
+        h.expect_drop(
+            "the live flow's next datagram after the reload",
+            &udp_in(client, edge, b"blocked", None),
+            true,
+            DropReason::Firewall,
+        );
+        h.expect_drop(
+            "and the one after",
+            &udp_in(client, edge, b"blocked", None),
+            true,
+            DropReason::Firewall,
+        );
+        assert_eq!(hits(h, "10.0.1.0/24"), 2, "the block rule counts both");
+        h.reload(&config(&h.w.ec, &h.w.eo));
+        h.forward(
+            "the flow after the rule is gone",
+            &udp_in(client, edge, b"again", None),
+            true,
+        );
+    });
+}
+
+// ---- what the JIT made ----------------------------------------------------------------
+
+/// LLVM turns small copies and fills into calls of byte-at-a-time memmove/memset
+/// subroutines unless told otherwise (forwarder-ebpf/build.rs): the loaded datapath
+/// must contain no such subprogram (and the listing must be the datapath's: its
+/// entry is there). The JIT compiles every BPF subprogram and call one to one; the
+/// check reads the translated program (`bpftool prog dump xlated`), as this
+/// bpftool is built without the disassembler that `dump jited` needs.
+#[test]
+fn the_loaded_datapath_calls_no_memory_subroutines() {
+    with_harness(|h| {
+        let id = h
+            .datapath
+            .xdp_program_id(PROG_XDP)
+            .expect("program id")
+            .to_string();
+        let out = std::process::Command::new("bpftool")
+            .args(["prog", "dump", "xlated", "id", &id])
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let functions: Vec<&str> = text
+            .lines()
+            .filter(|l| l.ends_with(':') && !l.starts_with(' ') && !l.starts_with(';'))
+            .collect();
+        assert!(
+            functions.iter().any(|f| f.contains("xdp_forwarder")),
+            "the dump shows the program's functions: {functions:?}"
+        );
+        for name in ["memmove", "memset", "memcpy", "memcmp", "bcmp"] {
+            assert!(
+                !functions.iter().any(|f| f.contains(name)),
+                "the JIT output has a {name} subroutine: {functions:?}"
+            );
+        }
+    });
 }

@@ -135,6 +135,16 @@ impl Datapath {
         Ok(prog.fd()?)
     }
 
+    /// The kernel's id of a loaded XDP program (for `bpftool prog dump jited id N`).
+    pub fn xdp_program_id(&self, name: &str) -> anyhow::Result<u32> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        Ok(prog.info()?.id())
+    }
+
     /// Attaches the datapath to `interface`. `auto` tries driver mode and falls back
     /// to skb (generic) mode with a log line saying so.
     pub fn attach_xdp(&mut self, interface: &str, mode: ConfigXdpMode) -> anyhow::Result<XdpMode> {
