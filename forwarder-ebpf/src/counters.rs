@@ -8,11 +8,17 @@ use crate::maps::{APP_STATS, DROPS, IFACE_STATS, RULE_HITS};
 /// Counts a drop and returns the verdict, so call sites read `return drop(reason)`.
 #[inline(always)]
 pub fn drop(reason: DropReason) -> u32 {
+    count_drop(reason);
+    xdp_action::XDP_DROP
+}
+
+/// Counts a dropped datagram whose frame is reused (an ICMP error goes back in it).
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
     if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *c += 1 };
     }
-    xdp_action::XDP_DROP
 }
 
 #[inline(always)]

@@ -39,7 +39,6 @@ pub fn finish(sum: u64) -> u16 {
     !fold(sum)
 }
 
-
 /// Sum of the UDP pseudo-header for either family (addresses as 16 bytes;
 /// IPv4-mapped addresses contribute only their IPv4 part, as `0xffff` pairs would
 /// otherwise be added).

@@ -13,6 +13,7 @@
 mod counters;
 mod csum;
 mod flow;
+mod icmp;
 mod maps;
 mod parse;
 mod policy;

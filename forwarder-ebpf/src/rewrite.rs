@@ -64,7 +64,7 @@ pub struct Sizes {
 }
 
 #[inline(always)]
-fn proxy_header_len(add: ProxyHeader, family: u8) -> usize {
+pub fn proxy_header_len(add: ProxyHeader, family: u8) -> usize {
     match add {
         ProxyHeader::None => 0,
         ProxyHeader::Spp => SPP_HEADER_LEN,

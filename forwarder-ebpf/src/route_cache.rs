@@ -130,9 +130,9 @@ fn lookup(ctx: &XdpContext, p: &mut FibParams, q: &Query) -> Result<(), RouteErr
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(()),
         // SAFETY: on FRAG_NEEDED the kernel wrote the MTU into the union.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(RouteError::TooBig(unsafe {
-            p.__bindgen_anon_1.mtu_result
-        })),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Err(RouteError::TooBig(unsafe { p.__bindgen_anon_1.mtu_result }))
+        }
         _ => Err(RouteError::NoRoute),
     }
 }

@@ -13,13 +13,14 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AppInfo, DIR_EGRESS, DIR_INGRESS, DropReason, FLOW_SPP, FLOW_V2, FLOW_V2_HEADER_SENT,
-    FlowState, HINT_EDGE_PORT, RouteCache, HINT_ORIGIN_PORT, PROTO_UDP, PROXY_SIMPLE, PROXY_V2, RULE_NONE,
-    SPP_CLIENT_ADDR, SPP_CLIENT_PORT, SPP_HEADER_LEN, SPP_MAGIC, SPP_PROXY_ADDR, SPP_PROXY_PORT,
+    FlowState, HINT_EDGE_PORT, HINT_ORIGIN_PORT, PROTO_UDP, PROXY_SIMPLE, PROXY_V2, RULE_NONE,
+    RouteCache, SPP_CLIENT_ADDR, SPP_CLIENT_PORT, SPP_HEADER_LEN, SPP_MAGIC, SPP_PROXY_ADDR,
+    SPP_PROXY_PORT,
 };
 
 use crate::{
-    counters::{count_app, count_rule_hit, drop},
-    csum, flow,
+    counters::{count_app, count_drop, count_rule_hit, drop},
+    csum, flow, icmp,
     maps::{APPS, NAT_PORTS, ORIGINS, SETTINGS},
     parse::{Packet, ptr_at},
     policy::port_hints,
@@ -199,7 +200,12 @@ pub fn to_client(ctx: &XdpContext, s: &mut Scratch, app: u32) -> u32 {
 /// Sends the client datagram in `s.pkt` to the origin of `flow` (key in `s.key`).
 /// A flow `created` for this datagram is removed again if the datagram cannot leave.
 #[inline(always)]
-fn forward_to_origin(ctx: &XdpContext, s: &mut Scratch, flow: *mut FlowState, created: bool) -> u32 {
+fn forward_to_origin(
+    ctx: &XdpContext,
+    s: &mut Scratch,
+    flow: *mut FlowState,
+    created: bool,
+) -> u32 {
     // SAFETY: `flow` points into the map value; fields are read once.
     let (app, origin_index, origin_port, local_port, flags) = unsafe {
         (
@@ -240,12 +246,22 @@ fn forward_to_origin(ctx: &XdpContext, s: &mut Scratch, flow: *mut FlowState, cr
     let result = send(ctx, pkt, &mut s.fib, &rw, route, origin.ifindex, epoch);
     let (payload, ifindex) = match result {
         Ok(sent) => sent,
-        Err(reason) => {
+        Err(Refused { reason, mtu }) => {
             // A flow whose first datagram never left is no flow: release it and the
             // NAT port it claimed.
             if created {
                 s.nat.local = origin.local;
                 flow::remove(&s.key, &mut s.nat, flags, local_port);
+            }
+            // Too big for the path once the header is added: tell the client how
+            // big a datagram may be (the header's bytes come off the path MTU).
+            if mtu != 0 {
+                let usable =
+                    mtu.saturating_sub(rewrite::proxy_header_len(add, s.pkt.family) as u16);
+                if let Some(verdict) = icmp::too_big(ctx, &s.pkt, usable) {
+                    count_drop(reason);
+                    return verdict;
+                }
             }
             return drop(reason);
         }
@@ -332,7 +348,7 @@ fn forward_to_client(ctx: &XdpContext, s: &mut Scratch, flow: *mut FlowState) ->
     let result = send(ctx, pkt, &mut s.fib, &rw, route, client_ifindex, epoch);
     let (payload, ifindex) = match result {
         Ok(sent) => sent,
-        Err(reason) => return drop(reason),
+        Err(Refused { reason, .. }) => return drop(reason),
     };
     // SAFETY: as in forward_to_origin.
     unsafe {
@@ -341,6 +357,20 @@ fn forward_to_client(ctx: &XdpContext, s: &mut Scratch, flow: *mut FlowState) ->
     }
     count_app(app, DIR_EGRESS, payload);
     transmit(ctx, ifindex)
+}
+
+/// Why a datagram could not be sent: the drop reason and, when the route's MTU
+/// was the reason, that MTU (else 0).
+struct Refused {
+    reason: DropReason,
+    mtu: u16,
+}
+
+impl From<DropReason> for Refused {
+    #[inline(always)]
+    fn from(reason: DropReason) -> Refused {
+        Refused { reason, mtu: 0 }
+    }
 }
 
 /// Rewrites the datagram as `rw` says and frames it for `route` (refreshed first
@@ -355,7 +385,7 @@ fn send(
     route: *mut RouteCache,
     ifindex: u32,
     epoch: u32,
-) -> Result<(u64, u32), DropReason> {
+) -> Result<(u64, u32), Refused> {
     let sz = rewrite::sizes(ctx, pkt, rw)?;
     let query = Query {
         family: rw.family,
@@ -367,8 +397,13 @@ fn send(
         l3_len: sz.l3_len,
     };
     // SAFETY: the callers pass a cache inside a live flow.
-    unsafe { route_cache::resolve(ctx, fib, route, epoch, &query) }
-        .map_err(|e: RouteError| e.reason())?;
+    unsafe { route_cache::resolve(ctx, fib, route, epoch, &query) }.map_err(|e| match e {
+        RouteError::TooBig(mtu) => Refused {
+            reason: DropReason::TooBig,
+            mtu,
+        },
+        RouteError::NoRoute => DropReason::NoRoute.into(),
+    })?;
     // SAFETY: as above; copied out.
     let (out, dmac, smac) = unsafe { ((*route).ifindex, (*route).dmac, (*route).smac) };
     rewrite::apply(ctx, pkt, rw, &sz, &dmac, &smac)?;
@@ -422,8 +457,10 @@ fn spp_flow_key(
     if u16::from_be_bytes([h[0], h[1]]) != SPP_MAGIC {
         return Err(DropReason::SppInvalid);
     }
-    key.client.copy_from_slice(&h[SPP_CLIENT_ADDR..SPP_PROXY_ADDR]);
-    key.edge.copy_from_slice(&h[SPP_PROXY_ADDR..SPP_CLIENT_PORT]);
+    key.client
+        .copy_from_slice(&h[SPP_CLIENT_ADDR..SPP_PROXY_ADDR]);
+    key.edge
+        .copy_from_slice(&h[SPP_PROXY_ADDR..SPP_CLIENT_PORT]);
     key.client_port = u16::from_be_bytes([h[SPP_CLIENT_PORT], h[SPP_CLIENT_PORT + 1]]);
     key.edge_port = u16::from_be_bytes([h[SPP_PROXY_PORT], h[SPP_PROXY_PORT + 1]]);
     Ok(())

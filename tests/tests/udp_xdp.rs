@@ -27,6 +27,7 @@ use forwarder_tests::{
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const NAT_LOW: u16 = 40000;
@@ -270,6 +271,24 @@ impl Harness {
         self.expect_drop_on(what, &frame, ingress, reason);
     }
 
+    /// Runs a client's `frame` that is too big for the path once the header is
+    /// added: the verdict is XDP_TX (the ICMP error goes back out of `ec`), the
+    /// datagram is counted as `too_big`; returns the ICMP frame.
+    #[track_caller]
+    fn expect_icmp(&self, what: &str, frame: &[u8]) -> Vec<u8> {
+        let before = self.drops();
+        let out = self.run(frame, self.ec_index);
+        let after = self.drops();
+        assert_eq!(
+            out.verdict, XDP_TX,
+            "{what}: XDP_TX (ICMP back to the client)"
+        );
+        let mut want = before;
+        want[DropReason::TooBig as usize] += 1;
+        assert_eq!(after, want, "{what}: counted as too_big only");
+        out.frame
+    }
+
     /// The frame as it arrives from the client (on `ec`, as built) or from the
     /// origin (on `eo`, sent by the origin's MAC: replies are only accepted from the
     /// route's next hop).
@@ -350,6 +369,11 @@ fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
 
 /// The IPv4 header the forwarder writes: no options, id 0, DF, TTL 64, UDP.
 fn ipv4_df(src: IpAddr, dst: IpAddr, payload: &[u8]) -> Vec<u8> {
+    ipv4_df_proto(src, dst, PROTO_UDP, payload)
+}
+
+/// As `ipv4_df`, carrying protocol `proto`.
+fn ipv4_df_proto(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
     let (IpAddr::V4(src), IpAddr::V4(dst)) = (src, dst) else {
         panic!("IPv4 addresses expected");
     };
@@ -358,7 +382,7 @@ fn ipv4_df(src: IpAddr, dst: IpAddr, payload: &[u8]) -> Vec<u8> {
     h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
     h[6] = 0x40;
     h[8] = 64;
-    h[9] = PROTO_UDP;
+    h[9] = proto;
     h[12..16].copy_from_slice(&src.octets());
     h[16..20].copy_from_slice(&dst.octets());
     let c = internet_checksum(&h);
@@ -1101,11 +1125,12 @@ fn datagram_exceeding_the_egress_mtu_after_the_header_is_too_big() {
             // IPv4: 20 + 8 + 38 + 1270 = 1336 > 1280; 1214 fits exactly (1280).
             let client = sa(CLIENT_V4, 46000);
             let edge = sa(EDGE_CLIENT_V4, 5000);
-            h.expect_drop(
-                "IPv4 1270-byte payload + SPP",
-                &udp_in(client, edge, &[7u8; 1270], None),
-                true,
-                DropReason::TooBig,
+            let frame = udp_in(client, edge, &[7u8; 1270], None);
+            let out = h.expect_icmp("IPv4 1270-byte payload + SPP", &frame);
+            assert_frame(
+                "IPv4 fragmentation needed, MTU 1280 - 38",
+                &out,
+                &too_big_icmp(&frame, 1280 - 38),
             );
             let out = h.forward(
                 "IPv4 payload filling the MTU exactly",
@@ -1118,11 +1143,12 @@ fn datagram_exceeding_the_egress_mtu_after_the_header_is_too_big() {
             let client = sa(CLIENT_V4, 46001);
             let edge = sa(EDGE_CLIENT_V4, 5002);
             let flows_before = h.datapath.udp_flows().expect("flows").len();
-            h.expect_drop(
-                "IPv4 v2 first datagram one byte too big",
-                &udp_in(client, edge, &[7u8; 1225], None),
-                true,
-                DropReason::TooBig,
+            let frame = udp_in(client, edge, &[7u8; 1225], None);
+            let out = h.expect_icmp("IPv4 v2 first datagram one byte too big", &frame);
+            assert_frame(
+                "IPv4 fragmentation needed, MTU 1280 - 28",
+                &out,
+                &too_big_icmp(&frame, 1280 - 28),
             );
             // A first datagram that never left leaves no flow (nor a NAT port).
             assert_eq!(
@@ -1133,11 +1159,12 @@ fn datagram_exceeding_the_egress_mtu_after_the_header_is_too_big() {
             // IPv6: 40 + 8 + 38 + 1270 > 1280; 1194 fits exactly.
             let client = sa(CLIENT_V6, 46000);
             let edge = sa(EDGE_CLIENT_V6, 5000);
-            h.expect_drop(
-                "IPv6 1270-byte payload + SPP",
-                &udp_in(client, edge, &[7u8; 1270], None),
-                true,
-                DropReason::TooBig,
+            let frame = udp_in(client, edge, &[7u8; 1270], None);
+            let out = h.expect_icmp("IPv6 1270-byte payload + SPP", &frame);
+            assert_frame(
+                "IPv6 packet too big, MTU 1280 - 38",
+                &out,
+                &too_big_icmp(&frame, 1280 - 38),
             );
             let out = h.forward(
                 "IPv6 payload filling the MTU exactly",
@@ -1146,9 +1173,81 @@ fn datagram_exceeding_the_egress_mtu_after_the_header_is_too_big() {
             );
             assert_eq!(out.len(), 14 + 1280);
             check_sent("IPv6 at the MTU", &out, false);
+
+            // An established flow's datagram that outgrows the path gets the ICMP
+            // error too, and the flow lives on.
+            let out = h.expect_icmp(
+                "IPv6 established flow, too big",
+                &udp_in(client, edge, &[7u8; 1195], None),
+            );
+            assert_eq!(out[54], 2, "ICMPv6 packet too big");
+            h.forward(
+                "IPv6 established flow, fits again",
+                &udp_in(client, edge, &[7u8; 100], None),
+                true,
+            );
+
+            // Rate-limited per CPU: a burst of too-big datagrams gets at most a
+            // burst's worth of messages; every datagram is counted.
+            let before = h.drops()[DropReason::TooBig as usize];
+            let mut icmp = 0;
+            for i in 0..40u16 {
+                let frame = udp_in(
+                    sa(CLIENT_V4, 47000 + i),
+                    sa(EDGE_CLIENT_V4, 5000),
+                    &[7u8; 1270],
+                    None,
+                );
+                match h.run(&frame, h.ec_index).verdict {
+                    XDP_TX => icmp += 1,
+                    XDP_DROP => {}
+                    other => panic!("too-big datagram: verdict {other}"),
+                }
+            }
+            assert_eq!(h.drops()[DropReason::TooBig as usize] - before, 40);
+            assert!(
+                icmp < 40 && icmp <= 2 * 10 + 2,
+                "ICMP errors are rate-limited (10 per CPU in a burst): {icmp} of 40"
+            );
         })
         .expect("edge thread");
     lab.close().expect("lab teardown");
+}
+
+/// The ICMP error the forwarder sends back for the client's `frame` (as it was
+/// received): from the edge address to the client, MACs swapped, quoting the
+/// client's IP header and UDP header, announcing `mtu`.
+fn too_big_icmp(frame: &[u8], mtu: u16) -> Vec<u8> {
+    let dst_mac: [u8; 6] = frame[6..12].try_into().unwrap();
+    let src_mac: [u8; 6] = frame[0..6].try_into().unwrap();
+    let mut rest = vec![0u8, 0];
+    rest.extend_from_slice(&mtu.to_be_bytes());
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        ETH_P_IPV4 => {
+            let client = IpAddr::from([frame[26], frame[27], frame[28], frame[29]]);
+            let edge = IpAddr::from([frame[30], frame[31], frame[32], frame[33]]);
+            rest.extend_from_slice(&frame[14..14 + 28]);
+            let icmp = icmp4(3, 4, &rest);
+            eth(
+                dst_mac,
+                src_mac,
+                ETH_P_IPV4,
+                &ipv4_df_proto(edge, client, PROTO_ICMP, &icmp),
+            )
+        }
+        _ => {
+            let client = Ipv6Addr::from(<[u8; 16]>::try_from(&frame[22..38]).unwrap());
+            let edge = Ipv6Addr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap());
+            rest.extend_from_slice(&frame[14..14 + 48]);
+            let icmp = icmp6(edge, client, 2, 0, &rest);
+            eth(
+                dst_mac,
+                src_mac,
+                ETH_P_IPV6,
+                &ipv6(edge, client, PROTO_ICMPV6, &icmp),
+            )
+        }
+    }
 }
 
 // ---- regressions -----------------------------------------------------------------
@@ -1218,7 +1317,12 @@ fn partial_checksum(src: SocketAddr, dst: SocketAddr, payload_len: usize) -> u16
 
 /// A frame as a same-host peer sends it: its checksum is only the pseudo-header sum.
 fn udp_partial(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let frame = udp_in(src, dst, payload, Some(partial_checksum(src, dst, payload.len())));
+    let frame = udp_in(
+        src,
+        dst,
+        payload,
+        Some(partial_checksum(src, dst, payload.len())),
+    );
     assert!(
         !frame_checksum_ok(&frame),
         "the crafted partial frame must not verify as it stands"
@@ -1257,7 +1361,11 @@ fn partial_both_ways(h: &mut Harness, f: &Family) {
         // SPP, both ways.
         let client = sa(f.client, 46000 + i as u16);
         let edge = sa(f.edge, 5000);
-        let out = h.forward(&what("SPP request"), &udp_partial(client, edge, payload), true);
+        let out = h.forward(
+            &what("SPP request"),
+            &udp_partial(client, edge, payload),
+            true,
+        );
         let want = udp_out(
             w.oe_mac,
             w.eo_mac,
@@ -1281,7 +1389,11 @@ fn partial_both_ways(h: &mut Harness, f: &Family) {
         // Plain NAT, both ways.
         let client = sa(f.client, 46100 + i as u16);
         let edge = sa(f.edge, 5001);
-        let out = h.forward(&what("NAT request"), &udp_partial(client, edge, payload), true);
+        let out = h.forward(
+            &what("NAT request"),
+            &udp_partial(client, edge, payload),
+            true,
+        );
         let port = h.new_nat_port(client, edge, f.local);
         let want = udp_out(
             w.oe_mac,
@@ -1315,7 +1427,11 @@ fn partial_both_ways(h: &mut Harness, f: &Family) {
             false,
         );
         assert_frame(&what("v2 first"), &out, &want);
-        let out = h.forward(&what("v2 second"), &udp_partial(client, edge, payload), true);
+        let out = h.forward(
+            &what("v2 second"),
+            &udp_partial(client, edge, payload),
+            true,
+        );
         let want = udp_out(
             w.oe_mac,
             w.eo_mac,
