@@ -105,6 +105,23 @@ pub struct Ifaces {
     pub origin: String,
 }
 
+/// How the client and origin hosts send (SPEC §8): both kinds exist in production
+/// and the UDP fast path must handle both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// Hosts across a real link: tx checksum offload off on `cl` and `oe`, so every
+    /// frame carries a full checksum.
+    WireLike,
+    /// Containers on the forwarder's own host: `cl` and `oe` keep the veth's
+    /// default offloads, so UDP frames leave them `CHECKSUM_PARTIAL` (the checksum
+    /// field holds only the pseudo-header sum).
+    SameHost,
+}
+
+impl Peers {
+    pub const BOTH: [Peers; 2] = [Peers::WireLike, Peers::SameHost];
+}
+
 /// A lab: namespaces `fwd-<pid>-<n>-{client,edge,origin}` joined by two veth pairs.
 /// Dropping it (also during a panic) detaches the stubs, kills every process left
 /// in its namespaces, deletes the veths and the namespaces.
@@ -118,11 +135,18 @@ pub struct Lab {
     /// Namespaces `ip netns add` has created so far (for cleanup of a half-built lab).
     created: Vec<Role>,
     stubs: Mutex<Vec<XdpStub>>,
+    peers: Peers,
 }
 
 impl Lab {
-    /// Builds a lab; see the module docs and `docs/lab.md` for what it sets up.
+    /// Builds a lab with wire-like peers; see the module docs and `docs/lab.md`
+    /// for what it sets up.
     pub fn new() -> Result<Lab> {
+        Lab::with_peers(Peers::WireLike)
+    }
+
+    /// Builds a lab whose client and origin are `peers`.
+    pub fn with_peers(peers: Peers) -> Result<Lab> {
         if let Err(e) = cleanup_stale() {
             log::warn!("lab: removing stale namespaces: {e:#}");
         }
@@ -152,6 +176,7 @@ impl Lab {
             ifaces,
             created: Vec::new(),
             stubs: Mutex::new(Vec::new()),
+            peers,
         };
         // On error `lab` is dropped here, which removes whatever was created.
         lab.build()
@@ -222,6 +247,10 @@ impl Lab {
             // `sysctl -a` output (the kernel ORs/ANDs them with `all` anyway).
             ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0")?;
             ns.sysctl(&format!("net.ipv4.conf.{ifname}.rp_filter"), "0")?;
+            // Same-host peers keep the veth defaults (partial checksums out).
+            if self.peers == Peers::SameHost && role != Role::Edge {
+                continue;
+            }
             // Full checksums on the wire, the stack verifying what it receives, no
             // GRO batching: see docs/lab.md.
             ns.run(
@@ -259,6 +288,29 @@ impl Lab {
             format!("route add default via {EDGE_ORIGIN_V6} dev {oe} src {ORIGIN_V6}"),
         ])?;
         Ok(())
+    }
+
+    /// What kind of hosts the client and origin are.
+    pub fn peers(&self) -> Peers {
+        self.peers
+    }
+
+    /// UDP datagrams the client and the origin dropped for a bad checksum
+    /// (`UdpInCsumErrors` + `Udp6InCsumErrors` of each namespace).
+    pub fn udp_checksum_errors(&self) -> Result<u64> {
+        let mut total = 0;
+        for role in [Role::Client, Role::Origin] {
+            let out = self.netns(role).run("nstat", &["-asz", "-j"])?;
+            let json: serde_json::Value =
+                serde_json::from_str(&out).context("parsing `nstat -j`")?;
+            for key in ["UdpInCsumErrors", "Udp6InCsumErrors"] {
+                total += json
+                    .pointer(&format!("/kernel/{key}"))
+                    .and_then(|v| v.as_u64())
+                    .with_context(|| format!("{key} missing from nstat"))?;
+            }
+        }
+        Ok(total)
     }
 
     /// `fwd-<pid>-<n>`: the namespace names are `<id>-client`, `<id>-edge`, `<id>-origin`.

@@ -25,7 +25,7 @@ use forwarder_tests::agent::{AgentProcess, drops};
 use forwarder_tests::spp_origin::{ProxyV2EchoOrigin, SppEchoOrigin, UdpEchoOrigin, spp_datagram};
 use forwarder_tests::{
     CLIENT_V4, CLIENT_V6, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Lab,
-    ORIGIN_V4, ORIGIN_V6, OutputOk as _, require_root,
+    ORIGIN_V4, ORIGIN_V6, OutputOk as _, Peers, require_root,
 };
 
 const ORIGIN2_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
@@ -184,8 +184,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(idle_timeout: &str) -> Setup {
-        let lab = Lab::new().expect("lab");
+    fn new(idle_timeout: &str, peers: Peers) -> Setup {
+        let lab = Lab::with_peers(peers).expect("lab");
         lab.add_origin_address("10.0.2.3/24")
             .expect("second origin address");
         lab.attach_pass_stubs().expect("pass stubs on cl and oe");
@@ -197,6 +197,19 @@ impl Setup {
         let setup = Setup { agent, lab, dir };
         setup.wait_for_origin_neighbours();
         setup
+    }
+
+    /// Neither the client nor the origin dropped a datagram for a bad checksum
+    /// (what same-host peers' partial checksums would cause if the forwarder left
+    /// them as they came).
+    #[track_caller]
+    fn assert_no_checksum_errors(&self) {
+        assert_eq!(
+            self.lab.udp_checksum_errors().expect("nstat"),
+            0,
+            "UDP checksum errors at the client or origin ({:?} peers)",
+            self.lab.peers()
+        );
     }
 
     /// The agent asked the kernel to keep the origins' neighbours resolved; the
@@ -301,11 +314,20 @@ fn tagged(client: SocketAddr, payload: &str) -> Vec<u8> {
 /// the client gets the origin's payload from the edge address and port. A port
 /// range lands on the right origin ports.
 #[test]
-fn spp_origin_sees_client_and_edge_and_client_sees_the_edge() -> Result<()> {
+fn spp_origin_sees_client_and_edge_and_client_sees_the_edge_wire_like_peers() -> Result<()> {
+    spp_origin_sees_client_and_edge_and_client_sees_the_edge(Peers::WireLike)
+}
+
+#[test]
+fn spp_origin_sees_client_and_edge_and_client_sees_the_edge_same_host_peers() -> Result<()> {
+    spp_origin_sees_client_and_edge_and_client_sees_the_edge(Peers::SameHost)
+}
+
+fn spp_origin_sees_client_and_edge_and_client_sees_the_edge(peers: Peers) -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new(LONG_IDLE);
+    let s = Setup::new(LONG_IDLE, peers);
     for (client_ip, edge_ip, origin_ip, local_ip) in [
         (
             IpAddr::from(CLIENT_V4),
@@ -383,6 +405,7 @@ fn spp_origin_sees_client_and_edge_and_client_sees_the_edge() -> Result<()> {
     assert_eq!(snap.apps["spp4"].egress_packets, 9);
     assert_eq!(snap.apps["spp6"].ingress_packets, 9);
     assert_eq!(snap.apps["range4"].ingress_packets, 4);
+    s.assert_no_checksum_errors();
     Ok(())
 }
 
@@ -390,11 +413,20 @@ fn spp_origin_sees_client_and_edge_and_client_sees_the_edge() -> Result<()> {
 /// the origin host that is not the flow's origin (SPP and plain NAT), are dropped in
 /// XDP: the client never gets them and `no_flow` grows by exactly one each.
 #[test]
-fn forged_and_foreign_replies_are_dropped() -> Result<()> {
+fn forged_and_foreign_replies_are_dropped_wire_like_peers() -> Result<()> {
+    forged_and_foreign_replies_are_dropped(Peers::WireLike)
+}
+
+#[test]
+fn forged_and_foreign_replies_are_dropped_same_host_peers() -> Result<()> {
+    forged_and_foreign_replies_are_dropped(Peers::SameHost)
+}
+
+fn forged_and_foreign_replies_are_dropped(peers: Peers) -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new(LONG_IDLE);
+    let s = Setup::new(LONG_IDLE, peers);
     let origin = SppEchoOrigin::start(s.lab.origin(), sa(ORIGIN_V4, 5000))?;
     let edge = sa(EDGE_CLIENT_V4, 5000);
     let sock = s.client_socket(sa(CLIENT_V4, 0));
@@ -471,19 +503,29 @@ fn forged_and_foreign_replies_are_dropped() -> Result<()> {
     // The flow still works for its own origin.
     let (reply, _) = exchange(&sock, edge, b"still");
     assert_eq!(reply, tagged(nat, "still"));
+    s.assert_no_checksum_errors();
     Ok(())
 }
 
 /// 1,000 flows from distinct source ports at once (in batches of 100 in flight):
 /// every one gets its own reply, and the origin saw 1,000 distinct clients.
 #[test]
-fn a_thousand_concurrent_flows_get_their_own_replies() -> Result<()> {
+fn a_thousand_concurrent_flows_get_their_own_replies_wire_like_peers() -> Result<()> {
+    a_thousand_concurrent_flows_get_their_own_replies(Peers::WireLike)
+}
+
+#[test]
+fn a_thousand_concurrent_flows_get_their_own_replies_same_host_peers() -> Result<()> {
+    a_thousand_concurrent_flows_get_their_own_replies(Peers::SameHost)
+}
+
+fn a_thousand_concurrent_flows_get_their_own_replies(peers: Peers) -> Result<()> {
     if !require_root() {
         return Ok(());
     }
     const FLOWS: usize = 1000;
     const BATCH: usize = 100;
-    let s = Setup::new(LONG_IDLE);
+    let s = Setup::new(LONG_IDLE, peers);
     let origin = SppEchoOrigin::start(s.lab.origin(), sa(ORIGIN_V4, 5000))?;
     let edge = sa(EDGE_CLIENT_V4, 5000);
     let socks: Vec<UdpSocket> = s
@@ -554,6 +596,7 @@ fn a_thousand_concurrent_flows_get_their_own_replies() -> Result<()> {
         "no drops: {:?}",
         snap.drops
     );
+    s.assert_no_checksum_errors();
     Ok(())
 }
 
@@ -562,11 +605,20 @@ fn a_thousand_concurrent_flows_get_their_own_replies() -> Result<()> {
 /// the first datagram of a flow carries a DGRAM header naming client and edge, the
 /// second does not. IPv4 and IPv6.
 #[test]
-fn plain_nat_ports_and_proxy_v2_on_the_first_datagram() -> Result<()> {
+fn plain_nat_ports_and_proxy_v2_on_the_first_datagram_wire_like_peers() -> Result<()> {
+    plain_nat_ports_and_proxy_v2_on_the_first_datagram(Peers::WireLike)
+}
+
+#[test]
+fn plain_nat_ports_and_proxy_v2_on_the_first_datagram_same_host_peers() -> Result<()> {
+    plain_nat_ports_and_proxy_v2_on_the_first_datagram(Peers::SameHost)
+}
+
+fn plain_nat_ports_and_proxy_v2_on_the_first_datagram(peers: Peers) -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new(LONG_IDLE);
+    let s = Setup::new(LONG_IDLE, peers);
     for (client_ip, edge_ip, origin_ip, local_ip) in [
         (
             IpAddr::from(CLIENT_V4),
@@ -648,17 +700,27 @@ fn plain_nat_ports_and_proxy_v2_on_the_first_datagram() -> Result<()> {
         "no drops: {:?}",
         snap.drops
     );
+    s.assert_no_checksum_errors();
     Ok(())
 }
 
 /// Idle flows end after `udp_idle_timeout` (2 s) with a `disconnect` event whose
 /// counts are exactly the traffic sent, and the apps' live gauges return to 0.
 #[test]
-fn idle_flows_expire_with_exact_disconnect_events() -> Result<()> {
+fn idle_flows_expire_with_exact_disconnect_events_wire_like_peers() -> Result<()> {
+    idle_flows_expire_with_exact_disconnect_events(Peers::WireLike)
+}
+
+#[test]
+fn idle_flows_expire_with_exact_disconnect_events_same_host_peers() -> Result<()> {
+    idle_flows_expire_with_exact_disconnect_events(Peers::SameHost)
+}
+
+fn idle_flows_expire_with_exact_disconnect_events(peers: Peers) -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new(SHORT_IDLE);
+    let s = Setup::new(SHORT_IDLE, peers);
     let spp4 = SppEchoOrigin::start(s.lab.origin(), sa(ORIGIN_V4, 5000))?;
     let off4 = UdpEchoOrigin::start(s.lab.origin(), sa(ORIGIN_V4, 5001))?;
     let v2_4 = ProxyV2EchoOrigin::start(s.lab.origin(), sa(ORIGIN_V4, 5002))?;
@@ -795,17 +857,27 @@ fn idle_flows_expire_with_exact_disconnect_events() -> Result<()> {
     s.agent.wait("no live flows left", |snap| {
         flows.iter().all(|f| snap.apps[f.app].live == 0)
     });
+    s.assert_no_checksum_errors();
     Ok(())
 }
 
 /// A real client against a real server: `dig` in `client` asks dnsmasq in `origin`
 /// through the edge (udp/53, proxy protocol off).
 #[test]
-fn dig_resolves_through_the_edge_against_dnsmasq() -> Result<()> {
+fn dig_resolves_through_the_edge_against_dnsmasq_wire_like_peers() -> Result<()> {
+    dig_resolves_through_the_edge_against_dnsmasq(Peers::WireLike)
+}
+
+#[test]
+fn dig_resolves_through_the_edge_against_dnsmasq_same_host_peers() -> Result<()> {
+    dig_resolves_through_the_edge_against_dnsmasq(Peers::SameHost)
+}
+
+fn dig_resolves_through_the_edge_against_dnsmasq(peers: Peers) -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let s = Setup::new(LONG_IDLE);
+    let s = Setup::new(LONG_IDLE, peers);
     let pid_file = s.dir.0.join("dnsmasq.pid");
     let mut cmd = s.lab.origin().cmd(
         "dnsmasq",
@@ -871,6 +943,170 @@ fn dig_resolves_through_the_edge_against_dnsmasq() -> Result<()> {
         snap.drops
     );
     dnsmasq.terminate(Duration::from_secs(2))?;
+    s.assert_no_checksum_errors();
+    Ok(())
+}
+
+/// Sends `count` UDP datagrams from the client namespace with a forged source
+/// (`hping3 -a`): `from` → `to`, carrying `payload`.
+fn hping_forged(
+    lab: &Lab,
+    dir: &TempDir,
+    from: SocketAddr,
+    to: SocketAddr,
+    payload: &[u8],
+    count: u32,
+) {
+    let file = dir.0.join(format!("forged-{}.bin", to.port()));
+    std::fs::write(&file, payload).expect("payload file");
+    // hping3 exits 1 when nothing answers (the point here): only its own errors
+    // (no "packets transmitted" line) fail the test.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.client().name(), "hping3"])
+        .args([
+            "--udp",
+            "-a",
+            &from.ip().to_string(),
+            "-s",
+            &from.port().to_string(),
+            "-k",
+            "-p",
+            &to.port().to_string(),
+            "-c",
+            &count.to_string(),
+            "-i",
+            "u20000",
+            "-d",
+            &payload.len().to_string(),
+            "-E",
+            &file.display().to_string(),
+            &to.ip().to_string(),
+        ])
+        .output()
+        .expect("hping3 runs");
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        report.contains(&format!("{count} packets transmitted")),
+        "hping3 sent {count} datagrams: {report}"
+    );
+}
+
+/// From the client side, datagrams with the origin's address and port, to the
+/// edge address and port (SPP, naming a live client) and to the NAT port: never
+/// delivered to the live clients, counted `spoofed`, and the flows work on.
+fn spoofed_replies_from_the_client_side_are_never_delivered(peers: Peers) -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let s = Setup::new(LONG_IDLE, peers);
+    let _spp = SppEchoOrigin::start(s.lab.origin(), sa(ORIGIN_V4, 5000))?;
+    let nat_origin = UdpEchoOrigin::start(s.lab.origin(), sa(ORIGIN_V4, 5001))?;
+    let sock = s.client_socket(sa(CLIENT_V4, 0));
+    let me = sock.local_addr()?;
+    let spp_edge = sa(EDGE_CLIENT_V4, 5000);
+    let (reply, _) = exchange(&sock, spp_edge, b"real");
+    assert_eq!(reply, tagged(me, "real"));
+    let nat_edge = sa(EDGE_CLIENT_V4, 5001);
+    let (reply, _) = exchange(&sock, nat_edge, b"nat");
+    let nat = nat_origin.received()[0].from;
+    assert_eq!(reply, tagged(nat, "nat"));
+
+    let before = s.agent.drops("spoofed");
+    // SPP: to the edge address and port, a header naming the live client.
+    hping_forged(
+        &s.lab,
+        &s.dir,
+        sa(ORIGIN_V4, 5000),
+        spp_edge,
+        &spp_datagram(me, spp_edge, b"forged"),
+        3,
+    );
+    // SPP: to the agent's origin-side address, which the client can route to.
+    hping_forged(
+        &s.lab,
+        &s.dir,
+        sa(ORIGIN_V4, 5000),
+        sa(EDGE_ORIGIN_V4, 5000),
+        &spp_datagram(me, spp_edge, b"forged"),
+        3,
+    );
+    // Plain NAT: to the flow's NAT port.
+    hping_forged(&s.lab, &s.dir, sa(ORIGIN_V4, 5001), nat, b"forged", 3);
+    assert_eq!(s.agent.wait_drops("spoofed", before + 9), before + 9);
+    assert_nothing_received(&sock, "forged replies from the client side");
+    let (reply, _) = exchange(&sock, spp_edge, b"still");
+    assert_eq!(reply, tagged(me, "still"));
+    let (reply, _) = exchange(&sock, nat_edge, b"still");
+    assert_eq!(reply, tagged(nat, "still"));
+    s.assert_no_checksum_errors();
+    Ok(())
+}
+
+#[test]
+fn spoofed_replies_from_the_client_side_are_never_delivered_wire_like_peers() -> Result<()> {
+    spoofed_replies_from_the_client_side_are_never_delivered(Peers::WireLike)
+}
+
+#[test]
+fn spoofed_replies_from_the_client_side_are_never_delivered_same_host_peers() -> Result<()> {
+    spoofed_replies_from_the_client_side_are_never_delivered(Peers::SameHost)
+}
+
+/// The origin's MAC changes and the edge learns the new one: a live flow's
+/// datagrams (both ways) follow within a second, without a reload — the cached
+/// route of every flow is looked up again after each route epoch.
+#[test]
+fn a_neighbour_mac_change_mid_flow_is_followed_within_a_second() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let s = Setup::new(LONG_IDLE, Peers::WireLike);
+    let origin = SppEchoOrigin::start(s.lab.origin(), sa(ORIGIN_V4, 5000))?;
+    let sock = s.client_socket(sa(CLIENT_V4, 0));
+    let me = sock.local_addr()?;
+    let edge = sa(EDGE_CLIENT_V4, 5000);
+    let (reply, _) = exchange(&sock, edge, b"before");
+    assert_eq!(reply, tagged(me, "before"));
+
+    let oe = s.lab.ifaces().origin.clone();
+    let eo = s.lab.ifaces().edge_origin.clone();
+    let new_mac = "02:00:00:00:aa:01";
+    s.lab
+        .origin()
+        .ip(&["link", "set", "dev", &oe, "address", new_mac])?;
+    s.lab.edge().ip(&[
+        "neigh",
+        "replace",
+        "10.0.2.2",
+        "lladdr",
+        new_mac,
+        "dev",
+        &eo,
+        "nud",
+        "reachable",
+    ])?;
+    let changed = Instant::now();
+    // Datagrams sent meanwhile may go to the old MAC; within a second one must
+    // arrive at the new one and its reply come back.
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut buf = [0u8; 2048];
+    let mut answered = None;
+    while changed.elapsed() < Duration::from_secs(3) {
+        sock.send_to(b"after", edge)?;
+        if let Ok((n, _)) = sock.recv_from(&mut buf)
+            && buf[..n] == tagged(me, "after")[..]
+        {
+            answered = Some(changed.elapsed());
+            break;
+        }
+    }
+    let answered = answered.expect("the flow never followed the new MAC");
+    assert!(
+        answered < Duration::from_millis(1000),
+        "the flow followed the new MAC after {answered:?}"
+    );
+    assert!(origin.count() >= 2);
     Ok(())
 }
 
