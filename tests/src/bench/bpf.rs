@@ -9,7 +9,15 @@
 //!   It rewrites the whole frame every time because live-frame pages are recycled
 //!   without resetting their contents, and the forwarder rewrites headers in place;
 //! * the **sink**: `XDP_DROP`, attached to the origin's veth, where the interface's
-//!   `rx_packets` counts every frame that arrived.
+//!   `rx_packets` counts every frame that arrived;
+//! * the **restorer**: puts the frame it was built for back in place (head and
+//!   bytes), then tail-calls the program in slot 0 of a program array. Run with
+//!   `BPF_PROG_TEST_RUN` and a large `repeat`, it lets the datapath rewrite the
+//!   same frame again and again in one syscall (the kernel does not restore the
+//!   frame between repetitions): the hot-loop cost of a rewrite is the run time
+//!   through the restorer minus the run time of the restorer tail-calling the
+//!   trivial program. With a counter map it also gives every repetition another
+//!   client port (and last address byte): a new flow each time.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -17,7 +25,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use forwarder::datapath::test_run::{BPF_F_TEST_XDP_LIVE_FRAMES, TestRunOptions, test_run_xdp};
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
+const HELPER_TAIL_CALL: i32 = 12;
+const HELPER_XDP_ADJUST_HEAD: i32 = 44;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
@@ -58,7 +74,101 @@ const MOV64_REG: u8 = 0xbf;
 const MOV64_IMM: u8 = 0xb7;
 const ADD64_IMM: u8 = 0x07;
 const JGT_REG: u8 = 0x2d;
+const JNE_IMM: u8 = 0x55;
+const SUB64_REG: u8 = 0x1f;
+const RSH64_IMM: u8 = 0x77;
+const STX_W: u8 = 0x63; // BPF_STX | BPF_W | BPF_MEM
+const STX_H: u8 = 0x6b; // BPF_STX | BPF_H | BPF_MEM
+const STX_B: u8 = 0x73; // BPF_STX | BPF_B | BPF_MEM
+const LD_IMM64: u8 = 0x18;
+const CALL: u8 = 0x85;
 const EXIT: u8 = 0x95;
+
+/// `union bpf_attr` for `BPF_MAP_CREATE`.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// `union bpf_attr` for `BPF_MAP_UPDATE_ELEM`.
+#[repr(C)]
+#[derive(Default)]
+struct MapUpdateAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// A one-slot map with 4-byte keys and values: a program array or a plain array.
+#[derive(Debug)]
+pub struct OneSlotMap {
+    fd: OwnedFd,
+}
+
+impl OneSlotMap {
+    fn create(map_type: u32) -> Result<OneSlotMap> {
+        let mut attr = MapCreateAttr {
+            map_type,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1,
+            map_flags: 0,
+        };
+        let fd = bpf(
+            BPF_MAP_CREATE,
+            (&mut attr as *mut MapCreateAttr).cast(),
+            size_of::<MapCreateAttr>(),
+        )
+        .context("creating a BPF map")?;
+        // SAFETY: new fd owned by nobody else.
+        Ok(OneSlotMap {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// A program array whose slot 0 the restorer tail-calls.
+    pub fn prog_array() -> Result<OneSlotMap> {
+        OneSlotMap::create(BPF_MAP_TYPE_PROG_ARRAY)
+    }
+
+    /// A u32 counter.
+    pub fn counter() -> Result<OneSlotMap> {
+        OneSlotMap::create(BPF_MAP_TYPE_ARRAY)
+    }
+
+    /// Slot 0 := `value` (a program fd for a program array).
+    pub fn set(&self, value: u32) -> Result<()> {
+        let key = 0u32;
+        let mut attr = MapUpdateAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: &key as *const u32 as u64,
+            value: &value as *const u32 as u64,
+            ..Default::default()
+        };
+        bpf(
+            BPF_MAP_UPDATE_ELEM,
+            (&mut attr as *mut MapUpdateAttr).cast(),
+            size_of::<MapUpdateAttr>(),
+        )
+        .context("updating a BPF map")?;
+        Ok(())
+    }
+
+    /// The two instructions that load this map's address into `dst`.
+    fn load(&self, dst: u8) -> [Insn; 2] {
+        [
+            insn(LD_IMM64, dst, BPF_PSEUDO_MAP_FD, 0, self.fd.as_raw_fd()),
+            insn(0, 0, 0, 0, 0),
+        ]
+    }
+}
 
 /// `union bpf_attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`.
 #[repr(C)]
@@ -113,6 +223,13 @@ impl AsFd for RawProg {
 
 impl RawProg {
     fn load(name: &str, insns: &[Insn]) -> Result<RawProg> {
+        RawProg::load_for(name, insns, 0)
+    }
+
+    /// As `load`, with an expected attach type: a program array only takes
+    /// programs whose expected attach type equals its first user's, and aya loads
+    /// the datapath's XDP programs with `BPF_XDP`.
+    fn load_for(name: &str, insns: &[Insn], expected_attach_type: u32) -> Result<RawProg> {
         let license = c"GPL";
         let mut log = vec![0u8; 64 * 1024];
         let mut prog_name = [0u8; 16];
@@ -128,6 +245,7 @@ impl RawProg {
             log_size: log.len() as u32,
             log_buf: log.as_mut_ptr() as u64,
             prog_name,
+            expected_attach_type,
             ..Default::default()
         };
         match bpf(
@@ -212,6 +330,99 @@ impl RawProg {
             insn(EXIT, 0, 0, 0, 0),
         ]);
         RawProg::load("bench_gen", &p)
+    }
+
+    /// The restorer for `frame` (see the module docs): puts the packet head back
+    /// `frame.len()` bytes before its (unchanged) end, writes `frame` there and
+    /// tail-calls slot 0 of `target`. With `counter`, repetition `n` carries
+    /// client port `n & 0xffff` and client address last byte `n >> 16` (an IPv4
+    /// frame without options): a new flow every time. Aborts (`XDP_ABORTED`) if
+    /// any step fails.
+    pub fn restorer(
+        frame: &[u8],
+        target: &OneSlotMap,
+        counter: Option<&OneSlotMap>,
+    ) -> Result<RawProg> {
+        let len = frame.len();
+        if len > 1500 {
+            bail!("restorer frame of {len} bytes is too long");
+        }
+        let mut p = vec![
+            insn(MOV64_REG, 6, 1, 0, 0),
+            // r3 = data_end - data - len: the head's way back to the frame's start.
+            insn(LDX_W, 2, 6, 0, 0),
+            insn(LDX_W, 3, 6, 4, 0),
+            insn(SUB64_REG, 3, 2, 0, 0),
+            insn(ADD64_IMM, 3, 0, 0, -(len as i32)),
+            insn(MOV64_REG, 1, 6, 0, 0),
+            insn(MOV64_REG, 2, 3, 0, 0),
+            insn(CALL, 0, 0, 0, HELPER_XDP_ADJUST_HEAD),
+        ];
+        // Jumps to `abort` are patched once its position is known.
+        let mut to_abort = vec![p.len()];
+        p.push(insn(JNE_IMM, 0, 0, 0, 0));
+        if let Some(counter) = counter {
+            p.extend([insn(ST_W, 10, 0, -4, 0)]);
+            p.extend(counter.load(1));
+            p.extend([
+                insn(MOV64_REG, 2, 10, 0, 0),
+                insn(ADD64_IMM, 2, 0, 0, -4),
+                insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),
+            ]);
+            to_abort.push(p.len());
+            p.push(insn(JEQ_IMM, 0, 0, 0, 0));
+            p.extend([
+                insn(LDX_W, 7, 0, 0, 0),
+                insn(ADD64_IMM, 7, 0, 0, 1),
+                insn(STX_W, 0, 7, 0, 0),
+            ]);
+        }
+        p.extend([
+            insn(LDX_W, 2, 6, 0, 0),
+            insn(LDX_W, 3, 6, 4, 0),
+            insn(MOV64_REG, 4, 2, 0, 0),
+            insn(ADD64_IMM, 4, 0, 0, len as i32),
+        ]);
+        to_abort.push(p.len());
+        p.push(insn(JGT_REG, 4, 3, 0, 0));
+        let mut off = 0usize;
+        while off + 4 <= len {
+            let w = u32::from_ne_bytes(frame[off..off + 4].try_into().expect("4 bytes"));
+            p.push(insn(ST_W, 2, 0, off as i16, w as i32));
+            off += 4;
+        }
+        if off + 2 <= len {
+            let h = u16::from_ne_bytes(frame[off..off + 2].try_into().expect("2 bytes"));
+            p.push(insn(ST_H, 2, 0, off as i16, h as i32));
+            off += 2;
+        }
+        if off < len {
+            p.push(insn(ST_B, 2, 0, off as i16, frame[off] as i32));
+        }
+        if counter.is_some() {
+            // UDP source port (offset 34) := n (its bytes as they fall: any order
+            // makes distinct ports); last address byte (offset 29) := n >> 16.
+            p.extend([
+                insn(STX_H, 2, 7, 34, 0),
+                insn(RSH64_IMM, 7, 0, 0, 16),
+                insn(STX_B, 2, 7, 29, 0),
+            ]);
+        }
+        p.extend([insn(MOV64_REG, 1, 6, 0, 0)]);
+        p.extend(target.load(2));
+        p.extend([
+            insn(MOV64_IMM, 3, 0, 0, 0),
+            insn(CALL, 0, 0, 0, HELPER_TAIL_CALL),
+        ]);
+        let abort = p.len();
+        p.extend([
+            insn(MOV64_IMM, 0, 0, 0, XDP_ABORTED as i32),
+            insn(EXIT, 0, 0, 0, 0),
+        ]);
+        for at in to_abort {
+            p[at].off = (abort - at - 1) as i16;
+        }
+        RawProg::load_for("bench_restore", &p, BPF_XDP)
     }
 
     /// Attaches the program in driver (native) mode to interface `ifindex` of the
