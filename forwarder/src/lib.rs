@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod events;
 pub mod metrics;
+pub mod netlink;
 pub mod reload;
 pub mod route;
 pub mod spectrum;
