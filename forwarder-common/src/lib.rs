@@ -303,8 +303,7 @@ pub struct FlowState {
     /// The access rule the client matched (`RULE_NONE`: none), counted per packet.
     pub rule: u32,
     pub _pad: u32,
-    /// Cached egress towards the origin and towards the client.
-    pub to_origin: RouteCache,
+    /// Cached egress towards the client (towards the origin: `ORIGIN_ROUTES`).
     pub to_client: RouteCache,
 }
 
@@ -404,7 +403,7 @@ mod tests {
         assert_eq!(size_of::<OriginPortKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<RouteCache>(), 24);
-        assert_eq!(size_of::<FlowState>(), 120);
+        assert_eq!(size_of::<FlowState>(), 96);
         assert_eq!(size_of::<NatKey>(), 20);
         assert_eq!(size_of::<Settings>(), 12);
     }

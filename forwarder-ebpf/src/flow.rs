@@ -1,6 +1,6 @@
-//! The UDP flow table: creating a flow (origin by hash, NAT port claimed
-//! atomically), releasing one whose first datagram never left, and the NAT return
-//! path's port map.
+//! The UDP flow table: preparing a flow (origin by hash, NAT port claimed
+//! atomically), inserting it once its first datagram has left (or giving its NAT
+//! port back when it did not), removing one, and the NAT return path's port map.
 
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
@@ -34,14 +34,15 @@ pub fn lookup(key: &FlowKey) -> Option<*mut FlowState> {
     FLOWS.get_ptr_mut(key)
 }
 
-/// Creates the flow for `key` (app `app`, classified under `generation` with access
-/// rule `rule`): picks its origin by a hash of the client address and port, and
-/// its local port (plain NAT and v2: a free port of `udp_nat_ports`). `state` is
-/// scratch memory for the new value. `None` when the app has no origin or no NAT
-/// port is free.
+/// Prepares the flow for `key` in `state` (app `app`, classified under
+/// `generation` with access rule `rule`): picks its origin by a hash of the client
+/// address and port, and its local port (plain NAT and v2: a free port of
+/// `udp_nat_ports`, claimed now; `nat` then names the claim). The flow enters the
+/// table only once its first datagram has left (`insert`). `None` when the app has
+/// no origin or no NAT port is free.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn create(
+pub fn prepare(
     ctx: &XdpContext,
     state: &mut FlowState,
     nat: &mut NatKey,
@@ -50,7 +51,7 @@ pub fn create(
     info: &AppInfo,
     generation: u32,
     rule: u32,
-) -> Option<*mut FlowState> {
+) -> Option<()> {
     if info.origin_count == 0 {
         return None;
     }
@@ -87,20 +88,41 @@ pub fn create(
     state.generation = generation;
     state.rule = rule;
     state._pad = 0;
-    state.to_origin = RouteCache::default();
     state.to_client = RouteCache::default();
-    if FLOWS.insert(key, state, BPF_NOEXIST as u64).is_err() {
-        // Another CPU created it meanwhile: use theirs, and give back the NAT port
-        // this CPU claimed if theirs is another one.
-        let theirs = FLOWS.get_ptr_mut(key)?;
-        // SAFETY: a live map value; one field read.
-        if !simple && unsafe { (*theirs).local_port } != local_port {
-            nat.local_port = local_port;
+    Some(())
+}
+
+/// Inserts the prepared flow `state`, whose first datagram has left and is counted
+/// in it. If another CPU created the flow meanwhile, theirs stays: the datagram is
+/// added to its counters, and the NAT port this CPU claimed (`nat`) is given back
+/// if theirs is another one.
+#[inline(always)]
+pub fn insert(key: &FlowKey, state: &FlowState, nat: &mut NatKey) {
+    if FLOWS.insert(key, state, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    let Some(theirs) = FLOWS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a live map value; atomic adds and one field read.
+    unsafe {
+        crate::udp::atomic_add(&raw mut (*theirs).packets_in, state.packets_in);
+        crate::udp::atomic_add(&raw mut (*theirs).bytes_in, state.bytes_in);
+        if state.flags & FLOW_SPP == 0 && (*theirs).local_port != state.local_port {
+            nat.local_port = state.local_port;
             release_nat_port(nat, key);
         }
-        return Some(theirs);
     }
-    FLOWS.get_ptr_mut(key)
+}
+
+/// Gives back what a prepared flow claimed (its NAT port) when its first datagram
+/// did not leave: then there is no flow.
+#[inline(always)]
+pub fn abandon(key: &FlowKey, state: &FlowState, nat: &mut NatKey) {
+    if state.flags & FLOW_SPP == 0 {
+        nat.local_port = state.local_port;
+        release_nat_port(nat, key);
+    }
 }
 
 /// Removes the flow `key` and, for a NAT flow, its port claim (`nat.local` must hold

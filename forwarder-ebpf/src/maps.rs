@@ -9,8 +9,8 @@ use aya_ebpf::{
 use forwarder_common::{
     AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowKey, FlowState, MAX_APPS,
     MAX_EDGE_ADDRS, MAX_FLOWS, MAX_IFINDEX, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES, NatKey,
-    OriginInfo, OriginPortKey, OriginPortTarget, PORT_HINTS_LEN, PortKey, PortTarget, RuleVerdict,
-    Settings,
+    OriginInfo, OriginPortKey, OriginPortTarget, PORT_HINTS_LEN, PortKey, PortTarget, RouteCache,
+    RuleVerdict, Settings,
 };
 
 /// IPv6 edge addresses → their index.
@@ -40,6 +40,11 @@ pub static APPS: Array<AppInfo> = Array::with_max_entries(MAX_APPS, 0);
 
 #[map]
 pub static ORIGINS: Array<OriginInfo> = Array::with_max_entries(MAX_ORIGINS, 0);
+
+/// Cached egress towards each origin (indexed as `ORIGINS`), written by the program:
+/// one route lookup per origin and route epoch serves all its flows.
+#[map]
+pub static ORIGIN_ROUTES: Array<RouteCache> = Array::with_max_entries(MAX_ORIGINS, 0);
 
 /// (protocol, origin address, origin port) of every origin: packets from these are
 /// return traffic (SPEC §3 step 2).

@@ -17,6 +17,8 @@ pub struct Scratch {
     pub pkt: Packet,
     /// The flow a datagram belongs to (client-side 4-tuple).
     pub key: FlowKey,
+    /// `udp::established` looked `key` up and found no flow.
+    pub flow_missed: bool,
     /// Lookup key of the NAT return path.
     pub nat: NatKey,
     /// A new flow's state before it is inserted.

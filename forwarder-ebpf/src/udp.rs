@@ -21,7 +21,7 @@ use forwarder_common::{
 use crate::{
     counters::{count_app, count_drop, count_rule_hit, drop},
     csum, flow, icmp,
-    maps::{APPS, NAT_PORTS, ORIGINS, SETTINGS},
+    maps::{APPS, NAT_PORTS, ORIGIN_ROUTES, ORIGINS, SETTINGS},
     parse::{Packet, ptr_at},
     policy::port_hints,
     rewrite::{self, ProxyHeader, Rewrite},
@@ -61,9 +61,12 @@ pub fn established(ctx: &XdpContext, s: &mut Scratch) -> Option<u32> {
         return Some(drop(DropReason::TooBig));
     }
     let generation = generation();
+    s.flow_missed = false;
     if to_app_port {
         flow::stage_key(&s.pkt, &mut s.key);
-        if let Some(flow) = flow::lookup(&s.key) {
+        let found = flow::lookup(&s.key);
+        s.flow_missed = found.is_none();
+        if let Some(flow) = found {
             // SAFETY: a live map value; plain reads.
             let (flow_generation, rule) = unsafe { ((*flow).generation, (*flow).rule) };
             if flow_generation == generation {
@@ -72,7 +75,7 @@ pub fn established(ctx: &XdpContext, s: &mut Scratch) -> Option<u32> {
                 if rule != RULE_NONE {
                     count_rule_hit(rule);
                 }
-                return Some(forward_to_origin(ctx, s, flow, false));
+                return Some(forward_to_origin(ctx, s, flow));
             }
         }
     }
@@ -142,13 +145,19 @@ pub fn to_origin(ctx: &XdpContext, s: &mut Scratch, app: u32, info: &AppInfo, ru
     }
     let generation = generation();
     flow::stage_key(&s.pkt, &mut s.key);
-    if let Some(flow) = flow::lookup(&s.key) {
+    // `established` looked this key up a moment ago; a miss need not be repeated.
+    let found = if s.flow_missed {
+        None
+    } else {
+        flow::lookup(&s.key)
+    };
+    if let Some(flow) = found {
         // SAFETY: a live map value; plain reads and stores of our own fields.
         unsafe {
             if (*flow).app == app && (*flow).flags & (FLOW_SPP | FLOW_V2) == mode_flags(info) {
                 (*flow).generation = generation;
                 (*flow).rule = rule;
-                return forward_to_origin(ctx, s, flow, false);
+                return forward_to_origin(ctx, s, flow);
             }
             // A reload gave the port to another app or mode: the old flow ends
             // (the agent sees it gone) and a new one begins.
@@ -159,7 +168,22 @@ pub fn to_origin(ctx: &XdpContext, s: &mut Scratch, app: u32, info: &AppInfo, ru
             flow::remove(&s.key, &mut s.nat, (*flow).flags, (*flow).local_port);
         }
     }
-    let Some(flow) = flow::create(
+    first_datagram(ctx, s, app, info, generation, rule)
+}
+
+/// The first datagram of a flow: the flow is prepared in scratch memory, the
+/// datagram sent with it, and only then is the flow inserted (with this datagram
+/// counted), so a datagram that cannot leave leaves no flow behind.
+#[inline(always)]
+fn first_datagram(
+    ctx: &XdpContext,
+    s: &mut Scratch,
+    app: u32,
+    info: &AppInfo,
+    generation: u32,
+    rule: u32,
+) -> u32 {
+    if flow::prepare(
         ctx,
         &mut s.flow,
         &mut s.nat,
@@ -168,10 +192,28 @@ pub fn to_origin(ctx: &XdpContext, s: &mut Scratch, app: u32, info: &AppInfo, ru
         info,
         generation,
         rule,
-    ) else {
+    )
+    .is_none()
+    {
         return drop(DropReason::NoFlow);
-    };
-    forward_to_origin(ctx, s, flow, true)
+    }
+    let state: *mut FlowState = &raw mut s.flow;
+    match send_to_origin(ctx, s, state) {
+        Ok((payload, ifindex, add)) => {
+            s.flow.packets_in = 1;
+            s.flow.bytes_in = payload;
+            if add == ProxyHeader::V2 {
+                s.flow.flags |= FLOW_V2_HEADER_SENT;
+            }
+            flow::insert(&s.key, &s.flow, &mut s.nat);
+            count_app(app, DIR_INGRESS, payload);
+            transmit(ctx, ifindex)
+        }
+        Err(refused) => {
+            flow::abandon(&s.key, &s.flow, &mut s.nat);
+            refuse(ctx, s, state, refused)
+        }
+    }
 }
 
 /// A datagram from an origin of UDP app `app` (SPEC §3 step 2 recognised it).
@@ -197,35 +239,82 @@ pub fn to_client(ctx: &XdpContext, s: &mut Scratch, app: u32) -> u32 {
     forward_to_client(ctx, s, flow)
 }
 
-/// Sends the client datagram in `s.pkt` to the origin of `flow` (key in `s.key`).
-/// A flow `created` for this datagram is removed again if the datagram cannot leave.
+/// Sends the client datagram in `s.pkt` to the origin of the live `flow`.
 #[inline(always)]
-fn forward_to_origin(
+fn forward_to_origin(ctx: &XdpContext, s: &mut Scratch, flow: *mut FlowState) -> u32 {
+    match send_to_origin(ctx, s, flow) {
+        Ok((payload, ifindex, add)) => {
+            // SAFETY: atomic adds on the shared map value; a plain store of our own
+            // field.
+            unsafe {
+                atomic_add(&raw mut (*flow).packets_in, 1);
+                atomic_add(&raw mut (*flow).bytes_in, payload);
+                if add == ProxyHeader::V2 {
+                    (*flow).flags |= FLOW_V2_HEADER_SENT;
+                }
+                count_app((*flow).app, DIR_INGRESS, payload);
+            }
+            transmit(ctx, ifindex)
+        }
+        Err(refused) => refuse(ctx, s, flow, refused),
+    }
+}
+
+/// A client datagram that could not be sent to `flow`'s origin: dropped, and when
+/// it was too big for the path, answered with an ICMP error telling the client how
+/// big a datagram may be (the proxy header's bytes come off the path MTU).
+#[inline(always)]
+fn refuse(ctx: &XdpContext, s: &Scratch, flow: *const FlowState, refused: Refused) -> u32 {
+    let Refused { reason, mtu } = refused;
+    if mtu != 0 {
+        // SAFETY: `flow` is a live map value or the scratch state.
+        let add = proxy_header(unsafe { (*flow).flags });
+        let usable = mtu.saturating_sub(rewrite::proxy_header_len(add, s.pkt.family) as u16);
+        if let Some(verdict) = icmp::too_big(ctx, &s.pkt, usable) {
+            count_drop(reason);
+            return verdict;
+        }
+    }
+    drop(reason)
+}
+
+/// The header a flow's next datagram to the origin gets.
+#[inline(always)]
+fn proxy_header(flags: u32) -> ProxyHeader {
+    if flags & FLOW_SPP != 0 {
+        ProxyHeader::Spp
+    } else if flags & (FLOW_V2 | FLOW_V2_HEADER_SENT) == FLOW_V2 {
+        ProxyHeader::V2
+    } else {
+        ProxyHeader::None
+    }
+}
+
+/// Rewrites the client datagram in `s.pkt` for the origin of `flow` (a live map
+/// value or a prepared flow in scratch memory). Returns the payload length, the
+/// interface to send it out of and the header added.
+#[inline(always)]
+fn send_to_origin(
     ctx: &XdpContext,
     s: &mut Scratch,
-    flow: *mut FlowState,
-    created: bool,
-) -> u32 {
-    // SAFETY: `flow` points into the map value; fields are read once.
-    let (app, origin_index, origin_port, local_port, flags) = unsafe {
+    flow: *const FlowState,
+) -> Result<(u64, u32, ProxyHeader), Refused> {
+    // SAFETY: `flow` points into a map value or scratch; fields are read once.
+    let (origin_index, origin_port, local_port, flags) = unsafe {
         (
-            (*flow).app,
             (*flow).origin,
             (*flow).origin_port,
             (*flow).local_port,
             (*flow).flags,
         )
     };
-    let Some(origin) = ORIGINS.get(origin_index) else {
-        return drop(DropReason::NoFlow);
+    let (Some(origin), Some(route)) = (
+        ORIGINS.get(origin_index),
+        ORIGIN_ROUTES.get_ptr_mut(origin_index),
+    ) else {
+        return Err(DropReason::NoFlow.into());
     };
-    let add = if flags & FLOW_SPP != 0 {
-        ProxyHeader::Spp
-    } else if flags & (FLOW_V2 | FLOW_V2_HEADER_SENT) == FLOW_V2 {
-        ProxyHeader::V2
-    } else {
-        ProxyHeader::None
-    };
+    let add = proxy_header(flags);
     let pkt = &s.pkt;
     let rw = Rewrite {
         family: pkt.family,
@@ -240,42 +329,9 @@ fn forward_to_origin(
         client_port: pkt.sport,
         edge_port: pkt.dport,
     };
-    // SAFETY: `flow` is a live map value.
-    let route = unsafe { &raw mut (*flow).to_origin };
     let epoch = route_cache::current_epoch();
-    let result = send(ctx, pkt, &mut s.fib, &rw, route, origin.ifindex, epoch);
-    let (payload, ifindex) = match result {
-        Ok(sent) => sent,
-        Err(Refused { reason, mtu }) => {
-            // A flow whose first datagram never left is no flow: release it and the
-            // NAT port it claimed.
-            if created {
-                s.nat.local = origin.local;
-                flow::remove(&s.key, &mut s.nat, flags, local_port);
-            }
-            // Too big for the path once the header is added: tell the client how
-            // big a datagram may be (the header's bytes come off the path MTU).
-            if mtu != 0 {
-                let usable =
-                    mtu.saturating_sub(rewrite::proxy_header_len(add, s.pkt.family) as u16);
-                if let Some(verdict) = icmp::too_big(ctx, &s.pkt, usable) {
-                    count_drop(reason);
-                    return verdict;
-                }
-            }
-            return drop(reason);
-        }
-    };
-    // SAFETY: atomic adds on the shared map value; a plain store of our own field.
-    unsafe {
-        atomic_add(&raw mut (*flow).packets_in, 1);
-        atomic_add(&raw mut (*flow).bytes_in, payload);
-        if add == ProxyHeader::V2 {
-            (*flow).flags = flags | FLOW_V2_HEADER_SENT;
-        }
-    }
-    count_app(app, DIR_INGRESS, payload);
-    transmit(ctx, ifindex)
+    let (payload, ifindex) = send(ctx, pkt, &mut s.fib, &rw, route, origin.ifindex, epoch)?;
+    Ok((payload, ifindex, add))
 }
 
 /// Sends the origin's datagram in `s.pkt` to the client of `flow` (key in `s.key`),
@@ -315,9 +371,10 @@ fn forward_to_client(ctx: &XdpContext, s: &mut Scratch, flow: *mut FlowState) ->
         ifindex: origin.ifindex,
         l3_len: 0,
     };
-    // SAFETY: `flow` is a live map value.
-    let route = unsafe { &raw mut (*flow).to_origin };
-    // SAFETY: as above.
+    let Some(route) = ORIGIN_ROUTES.get_ptr_mut(origin_index) else {
+        return drop(DropReason::NoFlow);
+    };
+    // SAFETY: a live map value.
     if let Err(e) = unsafe { route_cache::resolve(ctx, &mut s.fib, route, epoch, &to_origin) } {
         return drop(e.reason());
     }
@@ -412,7 +469,7 @@ fn send(
 
 /// An atomic add (BPF_ATOMIC): flow counters are shared by every CPU.
 #[inline(always)]
-unsafe fn atomic_add(dst: *mut u64, value: u64) {
+pub unsafe fn atomic_add(dst: *mut u64, value: u64) {
     // SAFETY: the caller passes a pointer into a live map value.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
