@@ -17,7 +17,7 @@ pub fn fold(mut sum: u64) -> u16 {
 
 /// Sum of the big-endian 16-bit words of `bytes` (an even, constant length).
 #[inline(always)]
-pub fn sum_words<const N: usize>(bytes: &[u8; N]) -> u64 {
+pub const fn sum_words<const N: usize>(bytes: &[u8; N]) -> u64 {
     let mut sum = 0u64;
     let mut i = 0;
     while i + 1 < N {
@@ -27,10 +27,20 @@ pub fn sum_words<const N: usize>(bytes: &[u8; N]) -> u64 {
     sum
 }
 
-/// The ones' complement negation of a sum: adding it subtracts the sum.
+/// The ones' complement negation of a sum below 2^48: adding it subtracts the sum.
+/// (2^48 − 1 is 0 in ones' complement arithmetic, as 2^16 ≡ 1 modulo 0xffff, so no
+/// fold is needed.)
 #[inline(always)]
 pub fn negate(sum: u64) -> u64 {
-    (!fold(sum)) as u64
+    0xffff_ffff_ffff - sum
+}
+
+/// Combines a sum of big-endian words and a sum of words read in the CPU's byte
+/// order: the folded ones' complement sum of little-endian words is the
+/// byte-swapped sum of big-endian ones (RFC 1071 §2(B)).
+#[inline(always)]
+pub fn combine(be: u64, native: u64) -> u64 {
+    be + fold(native).swap_bytes() as u64
 }
 
 /// The checksum field value for a final sum.
@@ -39,19 +49,60 @@ pub fn finish(sum: u64) -> u16 {
     !fold(sum)
 }
 
+/// Sum in the CPU's byte order of 16-bit words (see `combine`).
+#[inline(always)]
+pub fn native_words<const N: usize>(words: &[u16; N]) -> u64 {
+    let mut native = 0u64;
+    let mut i = 0;
+    while i < N {
+        native += words[i] as u64;
+        i += 1;
+    }
+    native
+}
+
+/// A 16-byte address as four 32-bit words.
+///
+/// Every address the program handles lives in a field at a 4-byte-aligned offset
+/// of a 4-byte-aligned struct (`Packet`, `FlowKey`, `NatKey`, `OriginInfo`), so the
+/// cast is aligned; reading words instead of bytes keeps sums and copies short.
+#[inline(always)]
+pub fn addr_words(a: &[u8; 16]) -> &[u32; 4] {
+    // SAFETY: same size, alignment 4 holds for every caller (see above).
+    unsafe { &*(a as *const [u8; 16] as *const [u32; 4]) }
+}
+
+/// Sum of a whole 16-byte address in the CPU's byte order (see `combine`).
+#[inline(always)]
+pub fn native_addr(a: &[u8; 16]) -> u64 {
+    let w = addr_words(a);
+    w[0] as u64 + w[1] as u64 + w[2] as u64 + w[3] as u64
+}
+
+/// Sum of the IPv4 part of an IPv4-mapped address in the CPU's byte order.
+#[inline(always)]
+pub fn native_addr_v4(a: &[u8; 16]) -> u64 {
+    addr_words(a)[3] as u64
+}
+
+/// Sum in the CPU's byte order of the addresses of a datagram of `family`, as its
+/// pseudo-header counts them (IPv4-mapped addresses by their IPv4 part only).
+#[inline(always)]
+pub fn native_addrs(family: u8, src: &[u8; 16], dst: &[u8; 16]) -> u64 {
+    if family == 4 {
+        native_addr_v4(src) + native_addr_v4(dst)
+    } else {
+        native_addr(src) + native_addr(dst)
+    }
+}
+
 /// Sum of the UDP pseudo-header for either family (addresses as 16 bytes;
 /// IPv4-mapped addresses contribute only their IPv4 part, as `0xffff` pairs would
 /// otherwise be added).
 #[inline(always)]
 pub fn pseudo_header(family: u8, src: &[u8; 16], dst: &[u8; 16], udp_len: u16) -> u64 {
-    let addrs = if family == 4 {
-        sum_words(&[src[12], src[13], src[14], src[15]])
-            + sum_words(&[dst[12], dst[13], dst[14], dst[15]])
-    } else {
-        sum_words(src) + sum_words(dst)
-    };
     // Protocol 17 and the UDP length (IPv6 uses a 32-bit length; the upper half is 0).
-    addrs + 17 + udp_len as u64
+    combine(17 + udp_len as u64, native_addrs(family, src, dst))
 }
 
 /// Bytes summed per `bpf_csum_diff` call (the helper takes at most 512).

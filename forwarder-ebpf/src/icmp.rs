@@ -149,8 +149,7 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, usable: u16) -> Option<u32> {
         // Type 2 (packet too big), code 0, MTU (32 bits).
         m[0..8].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
         m[6..8].copy_from_slice(&usable.to_be_bytes());
-        let sum = csum::sum_words(&pkt.dst)
-            + csum::sum_words(&pkt.src)
+        let sum = csum::combine(0, csum::native_addrs(6, &pkt.dst, &pkt.src))
             + icmp_len as u64
             + PROTO_ICMPV6 as u64
             + csum::sum_words(m);

@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use forwarder_common::{PROTO_TCP, PROTO_UDP, v4_mapped};
+use forwarder_common::{PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IPV4: u16 = 0x0800;
@@ -51,6 +51,37 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 pub fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
     // SAFETY: ptr_at checked both bytes are inside the packet; [u8; 2] has align 1.
     ptr_at::<[u8; 2]>(ctx, offset).map(|p| u16::from_be_bytes(unsafe { *p }))
+}
+
+/// `Packet` addresses as words (they sit at 8-byte offsets of the struct).
+#[inline(always)]
+fn addr_words_mut(a: &mut [u8; 16]) -> &mut [u16; 8] {
+    // SAFETY: same size; `Packet` keeps its addresses 8-byte aligned.
+    unsafe { &mut *(a as *mut [u8; 16] as *mut [u16; 8]) }
+}
+
+/// Stores the IPv4 address at `offset` (inside the already bounds-checked header)
+/// as IPv4-mapped IPv6, a 16-bit word at a time (packet data is 2-byte aligned).
+#[inline(always)]
+fn set_mapped(a: &mut [u8; 16], ctx: &XdpContext, offset: usize) {
+    let w = addr_words_mut(a);
+    let Some(p) = ptr_at::<[u16; 2]>(ctx, offset) else {
+        return;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let v4 = unsafe { *p };
+    *w = [0, 0, 0, 0, 0, 0xffff, v4[0], v4[1]];
+}
+
+/// Stores the IPv6 address at `offset` (inside the already bounds-checked header).
+#[inline(always)]
+fn set_v6(a: &mut [u8; 16], ctx: &XdpContext, offset: usize) {
+    let w = addr_words_mut(a);
+    let Some(p) = ptr_at::<[u16; 8]>(ctx, offset) else {
+        return;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    *w = unsafe { *p };
 }
 
 /// What the classifier needs to know about a frame.
@@ -126,7 +157,7 @@ fn parse_ipv4(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     };
     // SAFETY: bounds checked by ptr_at.
     let hdr = unsafe { &*hdr };
-    pkt.dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    set_mapped(&mut pkt.dst, ctx, l3 + 16);
     let malformed = Parsed::MalformedTo;
     if hdr[0] >> 4 != 4 {
         return malformed;
@@ -147,7 +178,7 @@ fn parse_ipv4(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     pkt.l4 = l3 + ihl;
     pkt.family = 4;
     pkt.proto = hdr[9];
-    pkt.src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    set_mapped(&mut pkt.src, ctx, l3 + 12);
     pkt.fragment = fragment;
     pkt.sport = 0;
     pkt.dport = 0;
@@ -167,7 +198,7 @@ fn parse_ipv6(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     };
     // SAFETY: bounds checked by ptr_at.
     let hdr = unsafe { &*hdr };
-    pkt.dst.copy_from_slice(&hdr[24..40]);
+    set_v6(&mut pkt.dst, ctx, l3 + 24);
     let malformed = Parsed::MalformedTo;
     if hdr[0] >> 4 != 6 {
         return malformed;
@@ -178,7 +209,7 @@ fn parse_ipv6(ctx: &XdpContext, pkt: &mut Packet, l3: usize, vlan_tags: u8) -> P
     if payload_len > available {
         return malformed;
     }
-    pkt.src.copy_from_slice(&hdr[8..24]);
+    set_v6(&mut pkt.src, ctx, l3 + 8);
     let mut next = hdr[6];
     let mut off = l3 + 40;
     let mut fragment = false;

@@ -10,8 +10,8 @@ use aya_ebpf::{EbpfContext as _, helpers::bpf_xdp_adjust_head, programs::XdpCont
 use forwarder_common::{
     DropReason, PROXY_V2_ADDR_LEN_V4, PROXY_V2_ADDR_LEN_V6, PROXY_V2_INET_DGRAM,
     PROXY_V2_INET6_DGRAM, PROXY_V2_LEN_V4, PROXY_V2_LEN_V6, PROXY_V2_SIGNATURE,
-    PROXY_V2_VER_CMD_PROXY, SPP_CLIENT_ADDR, SPP_CLIENT_PORT, SPP_HEADER_LEN, SPP_MAGIC,
-    SPP_PROXY_ADDR, SPP_PROXY_PORT,
+    PROXY_V2_VER_CMD_PROXY, RouteCache, SPP_CLIENT_ADDR, SPP_CLIENT_PORT, SPP_HEADER_LEN,
+    SPP_MAGIC, SPP_PROXY_ADDR, SPP_PROXY_PORT,
 };
 
 use crate::{
@@ -52,10 +52,8 @@ pub struct Rewrite<'a> {
 /// The datagram's sizes before and after the rewrite.
 pub struct Sizes {
     old_len: u16,
-    /// The sender's checksum (completed by `udp::established` if it was partial)
-    /// and pseudo-header sum.
+    /// The sender's checksum (completed by `udp::established` if it was partial).
     old_csum: u16,
-    old_pseudo: u64,
     /// Payload bytes (proxy headers excluded): what flows count.
     pub payload: u64,
     new_udp_len: u16,
@@ -93,7 +91,6 @@ pub fn sizes(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite) -> Result<Sizes, Drop
     if pkt.family == 6 && old_csum == 0 {
         return Err(DropReason::Malformed);
     }
-    let old_pseudo = csum::pseudo_header(pkt.family, &pkt.src, &pkt.dst, old_len);
     let strip = if rw.strip_spp { SPP_HEADER_LEN } else { 0 };
     if (old_len as usize) < 8 + strip {
         return Err(DropReason::SppInvalid);
@@ -103,49 +100,59 @@ pub fn sizes(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite) -> Result<Sizes, Drop
     Ok(Sizes {
         old_len,
         old_csum,
-        old_pseudo,
         payload: payload as u64,
         new_udp_len,
         l3_len: ip_header_len(rw.family) as u16 + new_udp_len,
     })
 }
 
-/// Rewrites the datagram in place, framed from `smac` to `dmac`. On error nothing
+/// Rewrites the datagram in place, framed for `route` (its MACs). On error nothing
 /// has been changed.
+///
+/// Packet data starts at an even address (the kernel keeps XDP headroom even and
+/// every header length is even; the BPF verifier lets no program test a packet
+/// pointer's bits), so headers are read and written in 16-bit words. (Even a
+/// misaligned one would only be slower on x86, where the JIT runs them.)
 #[inline(always)]
 pub fn apply(
     ctx: &XdpContext,
     pkt: &Packet,
     rw: &Rewrite,
     sz: &Sizes,
-    dmac: &[u8; 6],
-    smac: &[u8; 6],
+    route: &RouteCache,
 ) -> Result<(), DropReason> {
     let l4 = pkt.l4 & 0xfff;
     let strip = if rw.strip_spp { SPP_HEADER_LEN } else { 0 };
     // Sum of the stripped SPP header, read before the bytes go away.
-    let mut strip_sum = 0u64;
+    let mut strip_native = 0u64;
     if rw.strip_spp {
-        let Some(h) = ptr_at::<[u8; SPP_HEADER_LEN]>(ctx, l4 + 8) else {
+        let Some(h) = ptr_at::<[u16; SPP_HEADER_LEN / 2]>(ctx, l4 + 8) else {
             return Err(DropReason::SppInvalid);
         };
-        // SAFETY: bounds checked by ptr_at.
-        strip_sum = csum::sum_words(unsafe { &*h });
+        // SAFETY: bounds checked by ptr_at; 2-byte aligned (see above).
+        strip_native = csum::native_words(unsafe { &*h });
     }
     // An IPv4 sender that sent no checksum gets none added (RFC 768 allows it).
     let no_checksum = pkt.family == 4 && sz.old_csum == 0;
     let new_csum = if no_checksum {
         0
     } else {
-        // Take the sender's, remove what changes, add what is new.
-        let mut sum = (!sz.old_csum) as u64;
-        sum += csum::negate(sz.old_pseudo);
-        sum += csum::negate(pkt.sport as u64 + pkt.dport as u64 + sz.old_len as u64);
-        sum += csum::negate(strip_sum);
-        sum += csum::pseudo_header(rw.family, rw.src, rw.dst, sz.new_udp_len);
-        sum += rw.sport as u64 + rw.dport as u64 + sz.new_udp_len as u64;
-        sum += proxy_header_sum(rw);
-        match csum::finish(sum) {
+        // Take the sender's, remove what changes, add what is new. Addresses are
+        // summed as read (CPU byte order), the rest as big-endian words; one fold
+        // joins them (`csum::combine`).
+        let old_lengths = 17 + 2 * sz.old_len as u64;
+        let new_lengths = 17 + 2 * sz.new_udp_len as u64;
+        let be = (!sz.old_csum) as u64
+            + csum::negate(old_lengths + pkt.sport as u64 + pkt.dport as u64)
+            + new_lengths
+            + rw.sport as u64
+            + rw.dport as u64
+            + proxy_header_be(rw);
+        let native =
+            csum::negate(csum::native_addrs(pkt.family, &pkt.src, &pkt.dst) + strip_native)
+                + csum::native_addrs(rw.family, rw.src, rw.dst)
+                + proxy_header_native(rw);
+        match csum::finish(csum::combine(be, native)) {
             0 => 0xffff,
             c => c,
         }
@@ -159,143 +166,175 @@ pub fn apply(
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, delta) } != 0 {
         return Err(DropReason::TooBig);
     }
-    write_headers(ctx, rw, dmac, smac, sz.new_udp_len, new_csum).ok_or(DropReason::Malformed)
+    write_headers(ctx, rw, route, sz.new_udp_len, new_csum).ok_or(DropReason::Malformed)
 }
 
-/// Sum of the proxy header `rw.add` as it will be written.
+/// The signature's sum, a constant.
+const SIGNATURE_SUM: u64 = csum::sum_words(&PROXY_V2_SIGNATURE);
+
+/// Sum of the proxy header `rw.add` as it will be written, but for the addresses
+/// (`proxy_header_native`).
 #[inline(always)]
-fn proxy_header_sum(rw: &Rewrite) -> u64 {
+fn proxy_header_be(rw: &Rewrite) -> u64 {
+    let ports = rw.client_port as u64 + rw.edge_port as u64;
     match rw.add {
         ProxyHeader::None => 0,
-        ProxyHeader::Spp => {
-            SPP_MAGIC as u64
-                + csum::sum_words(rw.client)
-                + csum::sum_words(rw.edge)
-                + rw.client_port as u64
-                + rw.edge_port as u64
+        ProxyHeader::Spp => SPP_MAGIC as u64 + ports,
+        ProxyHeader::V2 if rw.family == 4 => {
+            SIGNATURE_SUM
+                + (((PROXY_V2_VER_CMD_PROXY as u64) << 8) | PROXY_V2_INET_DGRAM as u64)
+                + PROXY_V2_ADDR_LEN_V4 as u64
+                + ports
         }
         ProxyHeader::V2 => {
-            let (fam, len, addrs) = if rw.family == 4 {
-                (
-                    PROXY_V2_INET_DGRAM,
-                    PROXY_V2_ADDR_LEN_V4,
-                    csum::sum_words(&[rw.client[12], rw.client[13], rw.client[14], rw.client[15]])
-                        + csum::sum_words(&[rw.edge[12], rw.edge[13], rw.edge[14], rw.edge[15]]),
-                )
-            } else {
-                (
-                    PROXY_V2_INET6_DGRAM,
-                    PROXY_V2_ADDR_LEN_V6,
-                    csum::sum_words(rw.client) + csum::sum_words(rw.edge),
-                )
-            };
-            csum::sum_words(&PROXY_V2_SIGNATURE)
-                + (((PROXY_V2_VER_CMD_PROXY as u64) << 8) | fam as u64)
-                + len as u64
-                + addrs
-                + rw.client_port as u64
-                + rw.edge_port as u64
+            SIGNATURE_SUM
+                + (((PROXY_V2_VER_CMD_PROXY as u64) << 8) | PROXY_V2_INET6_DGRAM as u64)
+                + PROXY_V2_ADDR_LEN_V6 as u64
+                + ports
         }
+    }
+}
+
+/// Sum of the addresses in the proxy header `rw.add`, in the CPU's byte order (SPP
+/// carries IPv4 clients IPv4-mapped; PROXY v2 carries them as IPv4).
+#[inline(always)]
+fn proxy_header_native(rw: &Rewrite) -> u64 {
+    match rw.add {
+        ProxyHeader::None => 0,
+        ProxyHeader::Spp => csum::native_addr(rw.client) + csum::native_addr(rw.edge),
+        ProxyHeader::V2 => csum::native_addrs(rw.family, rw.client, rw.edge),
+    }
+}
+
+/// `N` 16-bit words of packet memory at `offset` (even: see `apply`).
+#[inline(always)]
+fn words_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&mut [u16; N]> {
+    // SAFETY: bounds checked by ptr_at_mut; 2-byte aligned; packet memory is ours.
+    ptr_at_mut::<[u16; N]>(ctx, offset).map(|p| unsafe { &mut *p })
+}
+
+/// A 16-byte address (4-byte aligned, see `csum::addr_words`) as 16-bit words.
+#[inline(always)]
+fn addr16(a: &[u8; 16]) -> &[u16; 8] {
+    // SAFETY: same size; the address is at least 4-byte aligned.
+    unsafe { &*(a as *const [u8; 16] as *const [u16; 8]) }
+}
+
+/// A MAC of a `RouteCache` (at offsets 12 and 18 of a 4-byte aligned struct).
+#[inline(always)]
+fn mac16(m: &[u8; 6]) -> &[u16; 3] {
+    // SAFETY: same size; 2-byte aligned inside `RouteCache`.
+    unsafe { &*(m as *const [u8; 6] as *const [u16; 3]) }
+}
+
+/// Copies `N` words.
+#[inline(always)]
+fn put<const N: usize>(dst: &mut [u16], src: &[u16; N]) {
+    let mut i = 0;
+    while i < N {
+        dst[i] = src[i];
+        i += 1;
     }
 }
 
 /// Writes Ethernet, IP, UDP and proxy headers at the (new) start of the frame,
-/// straight into packet memory.
+/// straight into packet memory, a 16-bit word at a time.
 #[inline(always)]
 fn write_headers(
     ctx: &XdpContext,
     rw: &Rewrite,
-    dmac: &[u8; 6],
-    smac: &[u8; 6],
+    route: &RouteCache,
     udp_len: u16,
     udp_csum: u16,
 ) -> Option<()> {
-    // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-    let eth = unsafe { &mut *ptr_at_mut::<[u8; ETH_HLEN]>(ctx, 0)? };
-    let ether_type = if rw.family == 4 {
+    let be = u16::to_be;
+    let eth = words_at::<7>(ctx, 0)?;
+    put(&mut eth[0..3], mac16(&route.dmac));
+    put(&mut eth[3..6], mac16(&route.smac));
+    eth[6] = be(if rw.family == 4 {
         ETH_P_IPV4
     } else {
         ETH_P_IPV6
-    };
-    eth[0..6].copy_from_slice(dmac);
-    eth[6..12].copy_from_slice(smac);
-    eth[12..14].copy_from_slice(&ether_type.to_be_bytes());
+    });
+    let (src, dst) = (addr16(rw.src), addr16(rw.dst));
     let l4 = if rw.family == 4 {
-        // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-        let h = unsafe { &mut *ptr_at_mut::<[u8; 20]>(ctx, ETH_HLEN)? };
-        h[0] = 0x45;
-        h[1] = 0;
-        h[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
-        h[4] = 0;
-        h[5] = 0;
+        let h = words_at::<10>(ctx, ETH_HLEN)?;
+        let total = 20 + udp_len;
+        h[0] = be(0x4500);
+        h[1] = be(total);
+        h[2] = 0;
         // DF: the forwarder never fragments (too-big datagrams are dropped).
-        h[6] = 0x40;
-        h[7] = 0;
-        h[8] = TTL;
-        h[9] = 17;
-        h[12..16].copy_from_slice(&rw.src[12..16]);
-        h[16..20].copy_from_slice(&rw.dst[12..16]);
+        h[3] = be(0x4000);
+        h[4] = be(((TTL as u16) << 8) | 17);
+        h[6] = src[6];
+        h[7] = src[7];
+        h[8] = dst[6];
+        h[9] = dst[7];
         // The header checksum from what was just written (the field counts as 0).
-        let sum = ((0x4500u64 + 20 + udp_len as u64) + 0x4000 + ((TTL as u64) << 8) + 17)
-            + csum::sum_words(&[rw.src[12], rw.src[13], rw.src[14], rw.src[15]])
-            + csum::sum_words(&[rw.dst[12], rw.dst[13], rw.dst[14], rw.dst[15]]);
-        h[10..12].copy_from_slice(&csum::finish(sum).to_be_bytes());
+        let fixed = 0x4500u64 + total as u64 + 0x4000 + (((TTL as u64) << 8) | 17);
+        let sum = csum::combine(fixed, csum::native_addrs(4, rw.src, rw.dst));
+        h[5] = be(csum::finish(sum));
         ETH_HLEN + 20
     } else {
-        // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-        let h = unsafe { &mut *ptr_at_mut::<[u8; 40]>(ctx, ETH_HLEN)? };
-        h[0] = 0x60;
+        let h = words_at::<20>(ctx, ETH_HLEN)?;
+        h[0] = be(0x6000);
         h[1] = 0;
-        h[2] = 0;
-        h[3] = 0;
-        h[4..6].copy_from_slice(&udp_len.to_be_bytes());
-        h[6] = 17;
-        h[7] = TTL;
-        h[8..24].copy_from_slice(rw.src);
-        h[24..40].copy_from_slice(rw.dst);
+        h[2] = be(udp_len);
+        h[3] = be((17 << 8) | TTL as u16);
+        put(&mut h[4..12], src);
+        put(&mut h[12..20], dst);
         ETH_HLEN + 40
     };
-    // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-    let u = unsafe { &mut *ptr_at_mut::<[u8; 8]>(ctx, l4)? };
-    u[0..2].copy_from_slice(&rw.sport.to_be_bytes());
-    u[2..4].copy_from_slice(&rw.dport.to_be_bytes());
-    u[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    u[6..8].copy_from_slice(&udp_csum.to_be_bytes());
+    let u = words_at::<4>(ctx, l4)?;
+    u[0] = be(rw.sport);
+    u[1] = be(rw.dport);
+    u[2] = be(udp_len);
+    u[3] = be(udp_csum);
+    let (client, edge) = (addr16(rw.client), addr16(rw.edge));
     match rw.add {
         ProxyHeader::None => {}
         ProxyHeader::Spp => {
-            // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-            let h = unsafe { &mut *ptr_at_mut::<[u8; SPP_HEADER_LEN]>(ctx, l4 + 8)? };
-            h[0..SPP_CLIENT_ADDR].copy_from_slice(&SPP_MAGIC.to_be_bytes());
-            h[SPP_CLIENT_ADDR..SPP_PROXY_ADDR].copy_from_slice(rw.client);
-            h[SPP_PROXY_ADDR..SPP_CLIENT_PORT].copy_from_slice(rw.edge);
-            h[SPP_CLIENT_PORT..SPP_PROXY_PORT].copy_from_slice(&rw.client_port.to_be_bytes());
-            h[SPP_PROXY_PORT..SPP_HEADER_LEN].copy_from_slice(&rw.edge_port.to_be_bytes());
+            let h = words_at::<{ SPP_HEADER_LEN / 2 }>(ctx, l4 + 8)?;
+            h[0] = be(SPP_MAGIC);
+            put(&mut h[SPP_CLIENT_ADDR / 2..SPP_PROXY_ADDR / 2], client);
+            put(&mut h[SPP_PROXY_ADDR / 2..SPP_CLIENT_PORT / 2], edge);
+            h[SPP_CLIENT_PORT / 2] = be(rw.client_port);
+            h[SPP_PROXY_PORT / 2] = be(rw.edge_port);
         }
         ProxyHeader::V2 if rw.family == 4 => {
-            // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-            let h = unsafe { &mut *ptr_at_mut::<[u8; PROXY_V2_LEN_V4]>(ctx, l4 + 8)? };
-            h[0..12].copy_from_slice(&PROXY_V2_SIGNATURE);
-            h[12] = PROXY_V2_VER_CMD_PROXY;
-            h[13] = PROXY_V2_INET_DGRAM;
-            h[14..16].copy_from_slice(&(PROXY_V2_ADDR_LEN_V4 as u16).to_be_bytes());
-            h[16..20].copy_from_slice(&rw.client[12..16]);
-            h[20..24].copy_from_slice(&rw.edge[12..16]);
-            h[24..26].copy_from_slice(&rw.client_port.to_be_bytes());
-            h[26..28].copy_from_slice(&rw.edge_port.to_be_bytes());
+            let h = words_at::<{ PROXY_V2_LEN_V4 / 2 }>(ctx, l4 + 8)?;
+            put(&mut h[0..6], &SIGNATURE_WORDS);
+            h[6] = be(((PROXY_V2_VER_CMD_PROXY as u16) << 8) | PROXY_V2_INET_DGRAM as u16);
+            h[7] = be(PROXY_V2_ADDR_LEN_V4 as u16);
+            h[8] = client[6];
+            h[9] = client[7];
+            h[10] = edge[6];
+            h[11] = edge[7];
+            h[12] = be(rw.client_port);
+            h[13] = be(rw.edge_port);
         }
         ProxyHeader::V2 => {
-            // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.
-            let h = unsafe { &mut *ptr_at_mut::<[u8; PROXY_V2_LEN_V6]>(ctx, l4 + 8)? };
-            h[0..12].copy_from_slice(&PROXY_V2_SIGNATURE);
-            h[12] = PROXY_V2_VER_CMD_PROXY;
-            h[13] = PROXY_V2_INET6_DGRAM;
-            h[14..16].copy_from_slice(&(PROXY_V2_ADDR_LEN_V6 as u16).to_be_bytes());
-            h[16..32].copy_from_slice(rw.client);
-            h[32..48].copy_from_slice(rw.edge);
-            h[48..50].copy_from_slice(&rw.client_port.to_be_bytes());
-            h[50..52].copy_from_slice(&rw.edge_port.to_be_bytes());
+            let h = words_at::<{ PROXY_V2_LEN_V6 / 2 }>(ctx, l4 + 8)?;
+            put(&mut h[0..6], &SIGNATURE_WORDS);
+            h[6] = be(((PROXY_V2_VER_CMD_PROXY as u16) << 8) | PROXY_V2_INET6_DGRAM as u16);
+            h[7] = be(PROXY_V2_ADDR_LEN_V6 as u16);
+            put(&mut h[8..16], client);
+            put(&mut h[16..24], edge);
+            h[24] = be(rw.client_port);
+            h[25] = be(rw.edge_port);
         }
     }
     Some(())
 }
+
+/// The PROXY v2 signature as the 16-bit words it is written with.
+const SIGNATURE_WORDS: [u16; 6] = {
+    let s = PROXY_V2_SIGNATURE;
+    let mut w = [0u16; 6];
+    let mut i = 0;
+    while i < 6 {
+        w[i] = u16::from_ne_bytes([s[2 * i], s[2 * i + 1]]);
+        i += 1;
+    }
+    w
+};

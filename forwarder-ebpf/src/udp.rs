@@ -461,10 +461,10 @@ fn send(
         },
         RouteError::NoRoute => DropReason::NoRoute.into(),
     })?;
-    // SAFETY: as above; copied out.
-    let (out, dmac, smac) = unsafe { ((*route).ifindex, (*route).dmac, (*route).smac) };
-    rewrite::apply(ctx, pkt, rw, &sz, &dmac, &smac)?;
-    Ok((sz.payload, out))
+    // SAFETY: as above.
+    let route = unsafe { &*route };
+    rewrite::apply(ctx, pkt, rw, &sz, route)?;
+    Ok((sz.payload, route.ifindex))
 }
 
 /// An atomic add (BPF_ATOMIC): flow counters are shared by every CPU.
