@@ -145,6 +145,19 @@ impl Datapath {
         Ok(prog.info()?.id())
     }
 
+    /// The kernel's run statistics of a loaded XDP program: total run time (ns) and
+    /// run count. Both stay 0 unless statistics are enabled (`BPF_ENABLE_STATS` or
+    /// `kernel.bpf_stats_enabled`).
+    pub fn xdp_program_stats(&self, name: &str) -> anyhow::Result<(u64, u64)> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        let info = prog.info()?;
+        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+    }
+
     /// Attaches the datapath to `interface`. `auto` tries driver mode and falls back
     /// to skb (generic) mode with a log line saying so.
     pub fn attach_xdp(&mut self, interface: &str, mode: ConfigXdpMode) -> anyhow::Result<XdpMode> {

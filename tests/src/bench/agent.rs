@@ -225,6 +225,12 @@ impl InProc {
         let datapath = self.datapath.as_ref().context("datapath gone")?;
         Ok(datapath.counters()?.drop_count(reason))
     }
+
+    /// The kernel's (run time ns, run count) of the datapath program.
+    pub fn run_stats(&self) -> Result<(u64, u64)> {
+        let datapath = self.datapath.as_ref().context("datapath gone")?;
+        datapath.xdp_program_stats(forwarder::datapath::PROG_XDP)
+    }
 }
 
 impl Drop for InProc {

@@ -28,6 +28,8 @@ use forwarder::datapath::test_run::{BPF_F_TEST_XDP_LIVE_FRAMES, TestRunOptions, 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+const BPF_STATS_RUN_TIME: u32 = 0;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
@@ -447,6 +449,18 @@ impl RawProg {
             _fd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }
+}
+
+/// Turns on the kernel's run-time statistics of every BPF program
+/// (`BPF_ENABLE_STATS`) for as long as the returned fd is open: no global sysctl to
+/// restore.
+pub fn enable_run_stats() -> Result<OwnedFd> {
+    let mut attr = [0u8; 8];
+    attr[..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
+    let fd = bpf(BPF_ENABLE_STATS, attr.as_mut_ptr(), attr.len())
+        .context("enabling BPF run-time statistics")?;
+    // SAFETY: new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// An XDP attachment through a bpf_link: closing the fd detaches, in any namespace.

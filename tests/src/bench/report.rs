@@ -65,8 +65,14 @@ impl ScenarioResult {
         let mut paired = Vec::new();
         for (k, round) in a.rounds.iter().enumerate() {
             if let Some(j) = b.rounds.iter().position(|r| r == round) {
-                let (x, y) = (a.samples[metric][k], b.samples[metric][j]);
-                if y != 0.0 && x.is_finite() && y.is_finite() {
+                // A variant may not measure every metric (n/a).
+                let x = a.samples.get(metric).and_then(|s| s.get(k));
+                let y = b.samples.get(metric).and_then(|s| s.get(j));
+                if let (Some(&x), Some(&y)) = (x, y)
+                    && y != 0.0
+                    && x.is_finite()
+                    && y.is_finite()
+                {
                     paired.push(x / y);
                 }
             }
@@ -200,6 +206,9 @@ impl Report {
                                 .map(|r| format!("{} {}", fmt_ratio(r), s.baseline))
                                 .unwrap_or_default()
                         };
+                    } else if v.errors.is_empty() && v.samples.iter().any(|s| !s.is_empty()) {
+                        // The variant measured other metrics but not this one.
+                        row[3] = "n/a".into();
                     } else {
                         row[3] = "no samples".into();
                     }

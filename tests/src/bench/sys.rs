@@ -108,6 +108,20 @@ pub fn link_stat(ns: &Netns, ifname: &str, stat: &str) -> Result<u64> {
         .with_context(|| format!("parsing {ifname} {stat}: {out:?}"))
 }
 
+/// A counter of `ethtool -S ifname` in `ns` (e.g. veth's
+/// `tx_queue_0_xdp_xmit_errors`).
+pub fn ethtool_stat(ns: &Netns, ifname: &str, stat: &str) -> Result<u64> {
+    let out = ns.run("ethtool", &["-S", ifname])?;
+    out.lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .find(|(k, _)| k.trim() == stat)
+        .with_context(|| format!("{ifname} has no ethtool counter {stat}"))?
+        .1
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {ifname} {stat}"))
+}
+
 /// The MAC address of `ifname` in `ns`.
 pub fn mac(ns: &Netns, ifname: &str) -> Result<[u8; 6]> {
     let out = ns.ip(&["-br", "link", "show", "dev", ifname])?;
