@@ -85,11 +85,99 @@ impl DropReason {
 pub const DIR_INGRESS: u32 = 0;
 pub const DIR_EGRESS: u32 = 1;
 
-/// How UDP datagrams of an app are presented to the origin (`AppInfo::proxy`).
-pub const PROXY_OFF: u8 = 0;
-pub const PROXY_V1: u8 = 1;
-pub const PROXY_V2: u8 = 2;
-pub const PROXY_SIMPLE: u8 = 3;
+/// Which client-address header an app's origin receives: the config's
+/// `proxy_protocol`, the agent's plan and the XDP program's `AppInfo::proxy` (as
+/// its `code`) all use this one type.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ProxyMode {
+    /// Nothing: TCP is spliced as is; UDP is plain NAT.
+    #[default]
+    Off = 0,
+    /// HAProxy PROXY v1 (text); TCP only.
+    V1 = 1,
+    /// HAProxy PROXY v2 (binary); TCP and UDP (UDP: on a flow's first datagram).
+    V2 = 2,
+    /// Cloudflare Simple Proxy Protocol; UDP only, on every datagram.
+    Simple = 3,
+}
+
+impl ProxyMode {
+    pub const ALL: [ProxyMode; 4] = [
+        ProxyMode::Off,
+        ProxyMode::V1,
+        ProxyMode::V2,
+        ProxyMode::Simple,
+    ];
+
+    /// The config keyword.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Off => "off",
+            ProxyMode::V1 => "v1",
+            ProxyMode::V2 => "v2",
+            ProxyMode::Simple => "simple",
+        }
+    }
+
+    /// The byte stored in `AppInfo::proxy`.
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub const fn from_code(code: u8) -> Option<ProxyMode> {
+        match code {
+            0 => Some(ProxyMode::Off),
+            1 => Some(ProxyMode::V1),
+            2 => Some(ProxyMode::V2),
+            3 => Some(ProxyMode::Simple),
+            _ => None,
+        }
+    }
+
+    /// Whether TCP apps can use it (SPP is UDP only).
+    pub const fn for_tcp(self) -> bool {
+        !matches!(self, ProxyMode::Simple)
+    }
+
+    /// Whether UDP apps can use it (v1 is TCP only).
+    pub const fn for_udp(self) -> bool {
+        !matches!(self, ProxyMode::V1)
+    }
+
+    /// Whether a UDP app's replies come back through a NAT port (plain NAT and v2)
+    /// rather than naming their flow in an SPP header.
+    pub const fn udp_returns_via_nat(self) -> bool {
+        !matches!(self, ProxyMode::Simple)
+    }
+}
+
+impl core::fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `proxy_protocol` keyword that is not one of `ProxyMode::ALL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownProxyMode;
+
+impl core::fmt::Display for UnknownProxyMode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("not one of off, v1, v2, simple")
+    }
+}
+
+impl core::str::FromStr for ProxyMode {
+    type Err = UnknownProxyMode;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        ProxyMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == text)
+            .ok_or(UnknownProxyMode)
+    }
+}
 
 /// `PORT_HINTS[hint_index(proto, port)]` bits: a cheap array lookup that lets the
 /// XDP program drop a packet for an unconfigured port without any hash lookup.
@@ -161,6 +249,7 @@ pub struct AppInfo {
     /// Index of the app's first origin in `ORIGINS`; its origins are consecutive.
     pub origin_first: u32,
     pub proto: u8,
+    /// `ProxyMode::code`.
     pub proxy: u8,
     /// 1 when `[[access_rules]]`/`[firewall]` apply to this app.
     pub ip_firewall: u8,
@@ -430,6 +519,23 @@ mod tests {
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
         }
+    }
+
+    #[test]
+    fn proxy_modes_round_trip_their_codes_and_keywords() {
+        for m in ProxyMode::ALL {
+            assert_eq!(ProxyMode::from_code(m.code()), Some(m));
+            assert_eq!(m.as_str().parse::<ProxyMode>(), Ok(m));
+        }
+        assert_eq!(ProxyMode::from_code(4), None);
+        assert_eq!("spp".parse::<ProxyMode>(), Err(UnknownProxyMode));
+        assert_eq!(
+            ProxyMode::ALL.map(ProxyMode::code),
+            [0, 1, 2, 3],
+            "the codes are map values: they never change"
+        );
+        assert!(!ProxyMode::Simple.for_tcp() && !ProxyMode::V1.for_udp());
+        assert!(ProxyMode::V2.udp_returns_via_nat() && !ProxyMode::Simple.udp_returns_via_nat());
     }
 
     #[test]

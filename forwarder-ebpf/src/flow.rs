@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use forwarder_common::{
-    AppInfo, FLOW_SPP, FLOW_V2, FlowKey, FlowState, NatKey, PROXY_SIMPLE, PROXY_V2, RouteCache,
+    AppInfo, FLOW_SPP, FLOW_V2, FlowKey, FlowState, NatKey, ProxyMode, RouteCache,
 };
 
 use crate::{
@@ -59,7 +59,7 @@ pub fn prepare(
     let origin_index = info.origin_first + (hash % info.origin_count as u32);
     let origin = ORIGINS.get(origin_index)?;
     let origin_port = origin.port_low + (key.edge_port - info.edge_port_low);
-    let simple = info.proxy == PROXY_SIMPLE;
+    let simple = info.proxy == ProxyMode::Simple.code();
     let local_port = if simple {
         // SPP replies carry the flow in their header: one local port serves all.
         key.edge_port
@@ -79,7 +79,7 @@ pub fn prepare(
     state.local_port = local_port;
     state.flags = if simple {
         FLOW_SPP
-    } else if info.proxy == PROXY_V2 {
+    } else if info.proxy == ProxyMode::V2.code() {
         FLOW_V2
     } else {
         0
@@ -140,7 +140,7 @@ pub fn remove(key: &FlowKey, nat: &mut NatKey, flags: u32, local_port: u16) {
 #[inline(always)]
 fn release_nat_port(nat: &NatKey, key: &FlowKey) {
     // SAFETY: copied out at once.
-    if unsafe { NAT_PORTS.get(&*nat) }.is_some_and(|owner| owner == key) {
+    if unsafe { NAT_PORTS.get(nat) }.is_some_and(|owner| owner == key) {
         let _ = NAT_PORTS.remove(nat);
     }
 }

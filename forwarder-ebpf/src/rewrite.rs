@@ -207,6 +207,8 @@ fn proxy_header_native(rw: &Rewrite) -> u64 {
 }
 
 /// `N` 16-bit words of packet memory at `offset` (even: see `apply`).
+// The packet is this program run's to write, whatever `ctx` is borrowed as.
+#[allow(clippy::mut_from_ref)]
 #[inline(always)]
 fn words_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&mut [u16; N]> {
     // SAFETY: bounds checked by ptr_at_mut; 2-byte aligned; packet memory is ours.

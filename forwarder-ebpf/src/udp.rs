@@ -13,9 +13,8 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AppInfo, DIR_EGRESS, DIR_INGRESS, DropReason, FLOW_SPP, FLOW_V2, FLOW_V2_HEADER_SENT,
-    FlowState, HINT_EDGE_PORT, HINT_ORIGIN_PORT, PROTO_UDP, PROXY_SIMPLE, PROXY_V2, RULE_NONE,
-    RouteCache, SPP_CLIENT_ADDR, SPP_CLIENT_PORT, SPP_HEADER_LEN, SPP_MAGIC, SPP_PROXY_ADDR,
-    SPP_PROXY_PORT,
+    FlowState, HINT_EDGE_PORT, HINT_ORIGIN_PORT, PROTO_UDP, ProxyMode, RULE_NONE, RouteCache,
+    SPP_CLIENT_ADDR, SPP_CLIENT_PORT, SPP_HEADER_LEN, SPP_MAGIC, SPP_PROXY_ADDR, SPP_PROXY_PORT,
 };
 
 use crate::{
@@ -38,9 +37,9 @@ fn generation() -> u32 {
 /// The flow mode bits an app's datagrams get.
 #[inline(always)]
 fn mode_flags(info: &AppInfo) -> u32 {
-    match info.proxy {
-        PROXY_SIMPLE => FLOW_SPP,
-        PROXY_V2 => FLOW_V2,
+    match ProxyMode::from_code(info.proxy) {
+        Some(ProxyMode::Simple) => FLOW_SPP,
+        Some(ProxyMode::V2) => FLOW_V2,
         _ => 0,
     }
 }
@@ -225,7 +224,7 @@ pub fn to_client(ctx: &XdpContext, s: &mut Scratch, app: u32) -> u32 {
     let Some(info) = APPS.get(app) else {
         return drop(DropReason::NoFlow);
     };
-    let flow = if info.proxy == PROXY_SIMPLE {
+    let flow = if info.proxy == ProxyMode::Simple.code() {
         if let Err(reason) = spp_flow_key(ctx, &s.pkt, &mut s.key) {
             return drop(reason);
         }

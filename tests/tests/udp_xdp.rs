@@ -1206,7 +1206,7 @@ fn datagram_exceeding_the_egress_mtu_after_the_header_is_too_big() {
             }
             assert_eq!(h.drops()[DropReason::TooBig as usize] - before, 40);
             assert!(
-                icmp < 40 && icmp <= 2 * 10 + 2,
+                (10..=2 * 10 + 2).contains(&icmp),
                 "ICMP errors are rate-limited (10 per CPU in a burst): {icmp} of 40"
             );
         })

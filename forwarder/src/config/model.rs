@@ -569,56 +569,15 @@ impl Origin {
     }
 }
 
-/// Which client-address header the origin receives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum ProxyProtocol {
-    #[default]
-    Off,
-    /// HAProxy PROXY v1 (text); TCP only.
-    V1,
-    /// HAProxy PROXY v2 (binary); TCP and UDP.
-    V2,
-    /// Cloudflare Simple Proxy Protocol; UDP only.
-    Simple,
-}
+/// Which client-address header the origin receives: one type for the config, the
+/// plan and the XDP program (`forwarder_common::ProxyMode`).
+pub use forwarder_common::ProxyMode as ProxyProtocol;
 
-impl ProxyProtocol {
-    pub const ALL: [ProxyProtocol; 4] = [
-        ProxyProtocol::Off,
-        ProxyProtocol::V1,
-        ProxyProtocol::V2,
-        ProxyProtocol::Simple,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyProtocol::Off => "off",
-            ProxyProtocol::V1 => "v1",
-            ProxyProtocol::V2 => "v2",
-            ProxyProtocol::Simple => "simple",
-        }
-    }
-
-    /// Whether this header exists for `protocol` (v1 is TCP only, simple is UDP only).
-    pub fn supports(self, protocol: Protocol) -> bool {
-        !matches!(
-            (self, protocol),
-            (ProxyProtocol::V1, Protocol::Udp) | (ProxyProtocol::Simple, Protocol::Tcp)
-        )
-    }
-}
-
-impl fmt::Display for ProxyProtocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ProxyProtocol {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        parse_keyword(text, &Self::ALL, |proxy| proxy.as_str())
+/// Whether `proxy` exists for `protocol` (v1 is TCP only, simple is UDP only).
+pub fn proxy_supports(proxy: ProxyProtocol, protocol: Protocol) -> bool {
+    match protocol {
+        Protocol::Tcp => proxy.for_tcp(),
+        Protocol::Udp => proxy.for_udp(),
     }
 }
 

@@ -10,9 +10,23 @@ use super::Problem;
 use super::duration::parse_duration;
 use super::model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, IpFamily, Origin, PortSpec, Prefix,
-    Protocol, ProxyProtocol, RuleAction, RuleTarget, XdpMode,
+    Protocol, ProxyProtocol, RuleAction, RuleTarget, XdpMode, proxy_supports,
 };
 use super::raw::{RawAccessRule, RawAgent, RawApp, RawFirewall, RawSections, app_location};
+
+/// `proxy_protocol` as the config reader parses it: the error names the keyword
+/// given and the ones allowed.
+struct ProxyKeyword(ProxyProtocol);
+
+impl FromStr for ProxyKeyword {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.parse::<ProxyProtocol>()
+            .map(ProxyKeyword)
+            .map_err(|e| format!("'{text}' is {e}"))
+    }
+}
 
 /// Longest interface name Linux accepts (`IFNAMSIZ` - 1).
 const MAX_INTERFACE_NAME_LEN: usize = 15;
@@ -447,14 +461,14 @@ impl Validator<'_> {
             self.udp_families(&location, spec.protocol, edge_ips, &origins);
         }
 
-        let proxy_protocol = self.parse_or(
+        let ProxyKeyword(proxy_protocol) = self.parse_or(
             &location,
             "proxy_protocol",
             raw.proxy_protocol.as_ref(),
-            ProxyProtocol::default(),
+            ProxyKeyword(ProxyProtocol::default()),
         );
         if let Some(spec) = spec
-            && !proxy_protocol.supports(spec.protocol)
+            && !proxy_supports(proxy_protocol, spec.protocol)
         {
             let reason = match proxy_protocol {
                 ProxyProtocol::V1 => "'v1' is TCP only; use 'v2' or 'simple' for UDP",

@@ -10,8 +10,7 @@ use std::net::IpAddr;
 use anyhow::{Context as _, bail};
 use forwarder_common::{
     APP_PASS, AppInfo, MAX_APPS, MAX_EDGE_ADDRS, MAX_ORIGINS, MAX_RULES, OriginInfo, OriginPortKey,
-    PROXY_OFF, PROXY_SIMPLE, PROXY_V1, PROXY_V2, PortKey, RULE_ALLOW, RULE_BLOCK, RuleVerdict,
-    Settings,
+    PortKey, RULE_ALLOW, RULE_BLOCK, RuleVerdict, Settings,
 };
 
 use crate::config::{Config, IpFamily, Protocol, ProxyProtocol, RuleAction};
@@ -263,7 +262,7 @@ impl Plan {
                         proto,
                         port,
                     };
-                    let simple = app.proxy_protocol == ProxyProtocol::Simple;
+                    let simple = !app.proxy_protocol.udp_returns_via_nat();
                     if let Some((other_simple, other_id)) =
                         udp_return_modes.insert(key, (simple, app.id.clone()))
                         && proto == forwarder_common::PROTO_UDP
@@ -286,12 +285,7 @@ impl Plan {
                 origin_count: app.origins.len() as u16,
                 origin_first,
                 proto,
-                proxy: match app.proxy_protocol {
-                    ProxyProtocol::Off => PROXY_OFF,
-                    ProxyProtocol::V1 => PROXY_V1,
-                    ProxyProtocol::V2 => PROXY_V2,
-                    ProxyProtocol::Simple => PROXY_SIMPLE,
-                },
+                proxy: app.proxy_protocol.code(),
                 ip_firewall: app.ip_firewall as u8,
                 _pad: 0,
             };
@@ -389,7 +383,7 @@ const UNUSED_APP: AppInfo = AppInfo {
     origin_count: 0,
     origin_first: 0,
     proto: 0,
-    proxy: PROXY_OFF,
+    proxy: ProxyProtocol::Off.code(),
     ip_firewall: 0,
     _pad: 0,
 };
@@ -565,7 +559,7 @@ mod tests {
         );
         let plan = plan_for(&toml, &["10.0.1.1", "fd00:1::1"]);
         assert_eq!(plan.ports.len(), 1);
-        assert_eq!(plan.apps[0].proxy, PROXY_SIMPLE);
+        assert_eq!(plan.apps[0].proxy, ProxyProtocol::Simple.code());
     }
 
     #[test]
