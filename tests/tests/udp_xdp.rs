@@ -1349,6 +1349,21 @@ fn frame_checksum_ok(frame: &[u8]) -> bool {
 
 fn partial_both_ways(h: &mut Harness, f: &Family) {
     let w = h.w.clone();
+    // What the forwarder sends the origin from local port `local` to origin port
+    // `port`, and the client from the edge.
+    let to_origin = |local: u16, port: u16, body: &[u8]| {
+        udp_out(
+            w.oe_mac,
+            w.eo_mac,
+            sa(f.local, local),
+            sa(f.origin, port),
+            body,
+            false,
+        )
+    };
+    let to_client = |edge: SocketAddr, client: SocketAddr, body: &[u8]| {
+        udp_out(w.cl_mac, w.ec_mac, edge, client, body, false)
+    };
     // Odd, empty, and long enough for whole 256-byte chunks plus every tail size.
     let payloads: [Vec<u8>; 4] = [
         b"hello, origin".to_vec(),
@@ -1366,14 +1381,7 @@ fn partial_both_ways(h: &mut Harness, f: &Family) {
             &udp_partial(client, edge, payload),
             true,
         );
-        let want = udp_out(
-            w.oe_mac,
-            w.eo_mac,
-            sa(f.local, 5000),
-            sa(f.origin, 5000),
-            &spp_payload(client, edge, payload),
-            false,
-        );
+        let want = to_origin(5000, 5000, &spp_payload(client, edge, payload));
         check_sent(&what("SPP request"), &out, false);
         assert_frame(&what("SPP request"), &out, &want);
         let reply = spp_payload(client, edge, payload);
@@ -1382,7 +1390,7 @@ fn partial_both_ways(h: &mut Harness, f: &Family) {
             &udp_partial(sa(f.origin, 5000), sa(f.local, 5000), &reply),
             false,
         );
-        let want = udp_out(w.cl_mac, w.ec_mac, edge, client, payload, false);
+        let want = to_client(edge, client, payload);
         check_sent(&what("SPP reply"), &out, false);
         assert_frame(&what("SPP reply"), &out, &want);
 
@@ -1395,14 +1403,7 @@ fn partial_both_ways(h: &mut Harness, f: &Family) {
             true,
         );
         let port = h.new_nat_port(client, edge, f.local);
-        let want = udp_out(
-            w.oe_mac,
-            w.eo_mac,
-            sa(f.local, port),
-            sa(f.origin, 5001),
-            payload,
-            false,
-        );
+        let want = to_origin(port, 5001, payload);
         check_sent(&what("NAT request"), &out, false);
         assert_frame(&what("NAT request"), &out, &want);
         let out = h.forward(
@@ -1410,7 +1411,7 @@ fn partial_both_ways(h: &mut Harness, f: &Family) {
             &udp_partial(sa(f.origin, 5001), sa(f.local, port), payload),
             false,
         );
-        let want = udp_out(w.cl_mac, w.ec_mac, edge, client, payload, false);
+        let want = to_client(edge, client, payload);
         assert_frame(&what("NAT reply"), &out, &want);
 
         // PROXY v2 on the first datagram, plain on the next.
@@ -1418,28 +1419,14 @@ fn partial_both_ways(h: &mut Harness, f: &Family) {
         let edge = sa(f.edge, 5002);
         let out = h.forward(&what("v2 first"), &udp_partial(client, edge, payload), true);
         let port = h.new_nat_port(client, edge, f.local);
-        let want = udp_out(
-            w.oe_mac,
-            w.eo_mac,
-            sa(f.local, port),
-            sa(f.origin, 5002),
-            &v2_payload(client, edge, payload),
-            false,
-        );
+        let want = to_origin(port, 5002, &v2_payload(client, edge, payload));
         assert_frame(&what("v2 first"), &out, &want);
         let out = h.forward(
             &what("v2 second"),
             &udp_partial(client, edge, payload),
             true,
         );
-        let want = udp_out(
-            w.oe_mac,
-            w.eo_mac,
-            sa(f.local, port),
-            sa(f.origin, 5002),
-            payload,
-            false,
-        );
+        let want = to_origin(port, 5002, payload);
         assert_frame(&what("v2 second"), &out, &want);
     }
 }
