@@ -310,6 +310,11 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
 }
 
 pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
+    match crate::fd_limit::raise_to_hard() {
+        Ok((old, new)) if new > old => info!("open-file limit raised from {old} to {new}"),
+        Ok((_, limit)) => info!("open-file limit {limit}"),
+        Err(err) => warn!("could not raise the open-file limit: {err}"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -7,6 +7,7 @@ pub mod control;
 pub mod datapath;
 pub mod ebpf;
 pub mod events;
+pub mod fd_limit;
 pub mod metrics;
 pub mod netlink;
 pub mod reload;

@@ -101,7 +101,21 @@ impl AgentProcess {
     /// [`START_TIMEOUT`]) until the control socket answers. Fails, with the agent's
     /// output in the error, if it exits or does not answer in time.
     pub fn start(lab: &Lab, config_toml: &str) -> Result<AgentProcess> {
-        let mut agent = Self::spawn(lab, config_toml)?;
+        Self::start_limited(lab, config_toml, None)
+    }
+
+    /// Like [`AgentProcess::start`], with the agent's soft open-file limit set to
+    /// `soft_fd_limit` (the hard limit stays the test process's).
+    pub fn start_with_fd_limit(
+        lab: &Lab,
+        config_toml: &str,
+        soft_fd_limit: u64,
+    ) -> Result<AgentProcess> {
+        Self::start_limited(lab, config_toml, Some(soft_fd_limit))
+    }
+
+    fn start_limited(lab: &Lab, config_toml: &str, soft: Option<u64>) -> Result<AgentProcess> {
+        let mut agent = Self::spawn_limited(lab, config_toml, soft)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = agent.child.try_wait()? {
@@ -128,6 +142,10 @@ impl AgentProcess {
     /// Like [`AgentProcess::start`] without waiting for anything: for tests of an
     /// agent that must refuse to start (see [`AgentProcess::wait_exit`]).
     pub fn spawn(lab: &Lab, config_toml: &str) -> Result<AgentProcess> {
+        Self::spawn_limited(lab, config_toml, None)
+    }
+
+    fn spawn_limited(lab: &Lab, config_toml: &str, soft: Option<u64>) -> Result<AgentProcess> {
         let bin = forwarder_bin()?;
         let n = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!(
@@ -161,6 +179,27 @@ impl AgentProcess {
             .stderr(File::create(&stderr).context("creating the stderr log")?)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1");
+        if let Some(soft) = soft {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork
+            // and exec; the limit passes through `ip netns exec` to the agent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = lab.edge().spawn(cmd)?;
         Ok(AgentProcess {
             child,

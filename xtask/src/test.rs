@@ -97,6 +97,16 @@ struct Outcome {
     note: String,
 }
 
+/// The integration test binaries of the TCP proxy (run with each engine).
+const TCP_TESTS: [&str; 6] = [
+    "tcp_stream",
+    "tcp_errors",
+    "tcp_lifecycle",
+    "tcp_proxy_protocol",
+    "tcp_ftp",
+    "tcp_synflood",
+];
+
 pub fn test() -> Result<()> {
     let mut outcomes = Vec::new();
 
@@ -132,6 +142,18 @@ pub fn test() -> Result<()> {
             .env("FORWARDER_BIN", util::forwarder_bin())
             .args(["test", "-p", "forwarder-tests", "--", "--test-threads=2"]);
         outcomes.push(outcome("integration", run_cargo_test(&mut cmd)));
+        // The TCP tests once more with the other forwarding engine (the default,
+        // `auto`, copies; `on` splices): both must pass everything.
+        let mut cmd = command("cargo");
+        cmd.env("FORWARDER_INTEGRATION", "1")
+            .env("FORWARDER_BIN", util::forwarder_bin())
+            .env("FORWARDER_TEST_TCP_SPLICE", "on")
+            .args(["test", "-p", "forwarder-tests"]);
+        for test in TCP_TESTS {
+            cmd.args(["--test", test]);
+        }
+        cmd.args(["--", "--test-threads=2"]);
+        outcomes.push(outcome("tcp (splice)", run_cargo_test(&mut cmd)));
     } else {
         eprintln!(
             "error: integration tests need root (network namespaces, XDP); \

@@ -25,7 +25,7 @@ pub use duration::{format_duration, parse_duration};
 pub use host::interface_addresses;
 pub use model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, IpFamily, Origin, PortRange, PortSpec,
-    Protocol, ProxyProtocol, RuleAction, RuleTarget, XdpMode,
+    Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, XdpMode,
 };
 pub(crate) use raw::{RawApp, app_location};
 
@@ -262,6 +262,7 @@ fn raw_agent(agent: &AgentConfig) -> RawAgent {
         udp_idle_timeout: Some(format_duration(agent.udp_idle_timeout)),
         udp_nat_ports: Some(agent.udp_nat_ports.to_string()),
         tcp_idle_timeout: Some(format_duration(agent.tcp_idle_timeout)),
+        tcp_splice: Some(agent.tcp_splice.to_string()),
     }
 }
 

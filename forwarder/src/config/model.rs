@@ -35,6 +35,51 @@ pub struct AgentConfig {
     pub udp_idle_timeout: Duration,
     pub udp_nat_ports: PortRange,
     pub tcp_idle_timeout: Duration,
+    pub tcp_splice: TcpSplice,
+}
+
+/// How the agent moves a TCP connection's bytes (`tcp_splice`): see docs/tcp.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TcpSplice {
+    /// The agent's choice: copying through a per-thread buffer (measured cheaper
+    /// than splicing wherever the NIC does no scatter-gather, and no pipes held).
+    #[default]
+    Auto,
+    /// `splice(2)` through a pipe per direction.
+    On,
+    /// Copying through a per-thread buffer.
+    Off,
+}
+
+impl TcpSplice {
+    pub const ALL: [TcpSplice; 3] = [TcpSplice::Auto, TcpSplice::On, TcpSplice::Off];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpSplice::Auto => "auto",
+            TcpSplice::On => "on",
+            TcpSplice::Off => "off",
+        }
+    }
+
+    /// Whether connections splice (else they copy).
+    pub fn splices(self) -> bool {
+        self == TcpSplice::On
+    }
+}
+
+impl fmt::Display for TcpSplice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TcpSplice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_keyword(text, &Self::ALL, |s| s.as_str())
+    }
 }
 
 impl AgentConfig {
@@ -57,6 +102,7 @@ impl AgentConfig {
             udp_idle_timeout: Self::DEFAULT_UDP_IDLE_TIMEOUT,
             udp_nat_ports: Self::DEFAULT_UDP_NAT_PORTS,
             tcp_idle_timeout: Self::DEFAULT_TCP_IDLE_TIMEOUT,
+            tcp_splice: TcpSplice::default(),
         }
     }
 }

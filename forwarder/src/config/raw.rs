@@ -50,6 +50,8 @@ pub(crate) struct RawAgent {
     pub udp_nat_ports: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_idle_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_splice: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, serde::Deserialize, Serialize)]

@@ -172,6 +172,7 @@ fn minimal_config_gets_every_default() {
                 high: 59999
             },
             tcp_idle_timeout: Duration::from_secs(3600),
+            tcp_splice: TcpSplice::Auto,
         }
     );
     assert_eq!(config.firewall.default, RuleAction::Allow);
@@ -505,6 +506,25 @@ fn durations_parse_and_are_positive() {
     ));
     assert_eq!(config.agent.udp_idle_timeout, Duration::from_millis(500));
     assert_eq!(config.agent.tcp_idle_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn tcp_splice_takes_auto_on_off() {
+    for (text, want) in [
+        ("auto", TcpSplice::Auto),
+        ("on", TcpSplice::On),
+        ("off", TcpSplice::Off),
+    ] {
+        let config = parse_ok(&format!("{AGENT}tcp_splice = \"{text}\"\n"));
+        assert_eq!(config.agent.tcp_splice, want);
+        assert_eq!(want.splices(), want == TcpSplice::On);
+    }
+    assert_problem(
+        &format!("{AGENT}tcp_splice = \"yes\"\n"),
+        "agent",
+        "tcp_splice",
+        "'yes' is not one of auto, on, off",
+    );
 }
 
 #[test]

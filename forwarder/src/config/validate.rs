@@ -10,7 +10,7 @@ use super::Problem;
 use super::duration::parse_duration;
 use super::model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, IpFamily, Origin, PortSpec, Prefix,
-    Protocol, ProxyProtocol, RuleAction, RuleTarget, XdpMode, proxy_supports,
+    Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, XdpMode, proxy_supports,
 };
 use super::raw::{RawAccessRule, RawAgent, RawApp, RawFirewall, RawSections, app_location};
 
@@ -283,6 +283,12 @@ impl Validator<'_> {
                 "tcp_idle_timeout",
                 raw.tcp_idle_timeout.as_ref(),
                 AgentConfig::DEFAULT_TCP_IDLE_TIMEOUT,
+            ),
+            tcp_splice: self.parse_or(
+                AGENT,
+                "tcp_splice",
+                raw.tcp_splice.as_ref(),
+                TcpSplice::default(),
             ),
         }
     }

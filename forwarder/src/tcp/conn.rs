@@ -14,8 +14,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Shared;
+use super::copy;
 use super::origin;
-use super::splice::{Fault, Pipe, forward};
+use super::splice::{self, Fault, Pipe};
 use super::stats::AppCounters;
 use crate::config::{App, ProxyProtocol};
 use crate::events::{Event, EventKind, rfc3339, status};
@@ -361,7 +362,7 @@ async fn write_proxy_header(
     }
 }
 
-/// Splices both directions until both ended, one failed, the connection idled out
+/// Moves both directions (spliced or copied, `tcp_splice`) until both ended, one failed, the connection idled out
 /// or the drain time is over.
 async fn pump(
     shared: &Shared,
@@ -371,35 +372,37 @@ async fn pump(
     activity: &Activity,
     close: &mut tokio::sync::watch::Receiver<bool>,
 ) -> End {
-    let mut up = match Pipe::new() {
-        Ok(p) => p,
-        Err(err) => {
-            log::warn!("pipe: {err}");
-            return End::Fault {
-                side: Side::Client,
-                status: status::UNKNOWN,
-            };
+    // Pipes only for the splice engine (two per connection, four fds).
+    let pipes = if shared.splices() {
+        match (Pipe::new(), Pipe::new()) {
+            (Ok(up), Ok(down)) => Some((up, down)),
+            (Err(err), _) | (_, Err(err)) => {
+                log::warn!("pipe: {err}");
+                return End::Fault {
+                    side: Side::Client,
+                    status: status::UNKNOWN,
+                };
+            }
         }
+    } else {
+        None
     };
-    let mut down = match Pipe::new() {
-        Ok(p) => p,
-        Err(err) => {
-            log::warn!("pipe: {err}");
-            return End::Fault {
-                side: Side::Client,
-                status: status::UNKNOWN,
-            };
-        }
+    let (mut up, mut down) = match pipes {
+        Some((up, down)) => (Some(up), Some(down)),
+        None => (None, None),
     };
     let client_to_origin = async {
-        forward(client, origin, &mut up, |n| {
+        let on_bytes = |n| {
             activity.client_bytes.fetch_add(n, Ordering::Relaxed);
             activity
                 .last_client
                 .store(activity.now(), Ordering::Relaxed);
             counters.add_client_bytes(n);
-        })
-        .await
+        };
+        match up.as_mut() {
+            Some(pipe) => splice::forward(client, origin, pipe, on_bytes).await,
+            None => copy::forward(client, origin, on_bytes).await,
+        }
         .map_err(|fault| match fault {
             Fault::Read(e) => End::Fault {
                 side: Side::Client,
@@ -412,14 +415,17 @@ async fn pump(
         })
     };
     let origin_to_client = async {
-        forward(origin, client, &mut down, |n| {
+        let on_bytes = |n| {
             activity.origin_bytes.fetch_add(n, Ordering::Relaxed);
             activity
                 .last_origin
                 .store(activity.now(), Ordering::Relaxed);
             counters.add_origin_bytes(n);
-        })
-        .await
+        };
+        match down.as_mut() {
+            Some(pipe) => splice::forward(origin, client, pipe, on_bytes).await,
+            None => copy::forward(origin, client, on_bytes).await,
+        }
         .map_err(|fault| match fault {
             Fault::Read(e) => End::Fault {
                 side: Side::Origin,

@@ -11,6 +11,7 @@
 //! `docs/tcp.md` describes the design, the status codes, the limits and the sysctls.
 
 pub mod conn;
+pub mod copy;
 pub mod listener;
 pub mod origin;
 pub mod splice;
@@ -57,6 +58,8 @@ pub(crate) struct Shared {
     apps: RwLock<BTreeMap<String, Arc<App>>>,
     idle_timeout: RwLock<Duration>,
     connect_timeout: RwLock<Duration>,
+    /// `tcp_splice`: new connections splice (else copy).
+    splice: std::sync::atomic::AtomicBool,
     max_connections: AtomicUsize,
     events: RwLock<EventLog>,
     /// Counters by app id; kept after an app is removed (counters never go back).
@@ -71,6 +74,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn splices(&self) -> bool {
+        self.splice.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn idle_timeout(&self) -> Duration {
         *self.idle_timeout.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -162,6 +169,7 @@ impl TcpProxy {
             apps: RwLock::new(BTreeMap::new()),
             idle_timeout: RwLock::new(config.agent.tcp_idle_timeout),
             connect_timeout: RwLock::new(connect_timeout),
+            splice: std::sync::atomic::AtomicBool::new(config.agent.tcp_splice.splices()),
             max_connections: AtomicUsize::new(DEFAULT_MAX_CONNECTIONS_PER_APP),
             events: RwLock::new(events),
             stats: Mutex::new(BTreeMap::new()),
@@ -197,6 +205,9 @@ impl TcpProxy {
             .idle_timeout
             .write()
             .unwrap_or_else(|e| e.into_inner()) = config.agent.tcp_idle_timeout;
+        self.shared
+            .splice
+            .store(config.agent.tcp_splice.splices(), Ordering::Relaxed);
 
         // New and moved apps first, so no configured port is without a socket.
         for id in tcp_apps.keys() {

@@ -35,11 +35,20 @@ pub fn init() {
     });
 }
 
-/// The agent's config: both edge veths, events to stdout, then `apps` (TOML).
+/// Environment variable that runs the TCP tests with another forwarding engine:
+/// its value becomes `[agent] tcp_splice` (`cargo xtask test` runs them with the
+/// default and again with `on`).
+pub const ENGINE_ENV: &str = "FORWARDER_TEST_TCP_SPLICE";
+
+/// The agent's config: both edge veths, events to stdout, the engine of
+/// `ENGINE_ENV` if set, then `apps` (TOML).
 pub fn config(lab: &Lab, extra_agent: &str, apps: &str) -> String {
     let [ec, eo] = lab.edge_ifaces();
+    let engine = std::env::var(ENGINE_ENV)
+        .map(|e| format!("tcp_splice = \"{e}\"\n"))
+        .unwrap_or_default();
     format!(
-        "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\nevent_log = \"-\"\n{extra_agent}\n\n{apps}\n"
+        "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\nevent_log = \"-\"\n{engine}{extra_agent}\n\n{apps}\n"
     )
 }
 

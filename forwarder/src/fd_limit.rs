@@ -1,0 +1,49 @@
+//! The open-file limit. The agent holds two sockets per proxied TCP connection (two
+//! pipes more with `tcp_splice = "on"`), plus its listeners, maps and control
+//! sockets: the usual soft limit of 1024 would cap it at a few hundred connections.
+//! At start it raises the soft limit to the hard limit (which an unprivileged
+//! process may do; the systemd unit sets the hard limit with `LimitNOFILE`).
+
+use std::io;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns (old soft, new soft).
+pub fn raise_to_hard() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let old = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above; raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((old, limit.rlim_cur))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_limit_ends_at_the_hard_limit() {
+        let (_, new) = raise_to_hard().expect("rlimit");
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid out-pointer.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+        assert_eq!(new, limit.rlim_cur);
+    }
+}

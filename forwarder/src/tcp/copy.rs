@@ -1,0 +1,266 @@
+//! Copy forwarding of one direction of a connection: `recv` into a per-thread
+//! scratch buffer and `send` from it at once. Without scatter-gather offloads (veth,
+//! many virtual NICs) splicing does not save the copy it promises and costs two
+//! pipes (four fds, their pages) per connection; copying holds nothing per idle
+//! connection. Memory is bounded: a per-connection stash exists only while the
+//! destination accepts less than was read, and at most one read's worth.
+//!
+//! Readiness: a read shorter than the buffer drained the socket, so tokio's read
+//! readiness is cleared then and there (the closure reports `WouldBlock` after
+//! handling the bytes) instead of by one more `recv` that would fail with `EAGAIN`.
+//! tokio only clears readiness that no newer event has refreshed, so a byte
+//! arriving meanwhile is never missed.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::splice::{Fault, shutdown_write};
+
+/// Size of each thread's scratch buffer: one read's worth.
+pub const SCRATCH_LEN: usize = 128 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// What one read did.
+enum Step {
+    /// Bytes read (and sent, or stashed).
+    Moved(usize),
+    /// The source sent FIN.
+    Eof,
+    /// Sending to the destination failed.
+    WriteFailed(io::Error),
+}
+
+/// Moves everything `src` sends to `dst` until `src` sends FIN; then sends FIN to
+/// `dst` (half-close) and returns the byte count. `on_bytes` is called with each
+/// chunk's size as it is read from `src`.
+pub async fn forward(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mut on_bytes: impl FnMut(u64),
+) -> Result<u64, Fault> {
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    // Bytes read but not yet accepted by a slow destination.
+    let mut stash: Vec<u8> = Vec::new();
+    let mut total = 0u64;
+    loop {
+        // A slow destination's leftovers first: nothing more is read meanwhile, so
+        // the stash never exceeds one read.
+        while !stash.is_empty() {
+            dst.writable().await.map_err(Fault::Write)?;
+            match dst.try_io(Interest::WRITABLE, || send(dst_fd, &stash)) {
+                Ok(n) => {
+                    stash.drain(..n);
+                }
+                Err(e) if would_block(&e) => continue,
+                Err(e) => return Err(Fault::Write(e)),
+            }
+        }
+        if stash.capacity() > 0 {
+            // The destination caught up: give the memory back.
+            stash = Vec::new();
+        }
+        src.readable().await.map_err(Fault::Read)?;
+        let mut step = None;
+        let result = src.try_io(Interest::READABLE, || {
+            SCRATCH.with_borrow_mut(|buf| {
+                if buf.len() < SCRATCH_LEN {
+                    buf.resize(SCRATCH_LEN, 0);
+                }
+                let n = recv(src_fd, buf)?;
+                if n == 0 {
+                    step = Some(Step::Eof);
+                    return Ok(());
+                }
+                // Straight on from the scratch buffer; keep what does not fit.
+                let sent = match send(dst_fd, &buf[..n]) {
+                    Ok(sent) => sent,
+                    Err(e) if would_block(&e) => 0,
+                    Err(e) => {
+                        step = Some(Step::WriteFailed(e));
+                        return Ok(());
+                    }
+                };
+                if sent < n {
+                    stash.extend_from_slice(&buf[sent..n]);
+                }
+                step = Some(Step::Moved(n));
+                if n < buf.len() {
+                    // A short read drained the socket: clear the readiness now.
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            })
+        });
+        if let Err(e) = result
+            && !would_block(&e)
+        {
+            return Err(Fault::Read(e));
+        }
+        match step.take() {
+            None => continue,
+            Some(Step::Eof) => {
+                shutdown_write(dst).map_err(Fault::Write)?;
+                return Ok(total);
+            }
+            Some(Step::WriteFailed(e)) => return Err(Fault::Write(e)),
+            Some(Step::Moved(n)) => {
+                total += n as u64;
+                on_bytes(n as u64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    fn data(len: u32) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn forwards_and_half_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, a_in) = pair(&listener).await;
+        let (b_out, mut server) = pair(&listener).await;
+        let data = data(3_000_000);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut seen = 0;
+        let (moved, received) = tokio::join!(forward(&a_in, &b_out, |n| seen += n), async {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        assert_eq!(moved.unwrap(), data.len() as u64);
+        assert_eq!(seen, data.len() as u64);
+        assert!(received == data, "payload differs");
+        let mut client = writer.await.unwrap();
+        server.write_all(b"reply").await.unwrap();
+        drop(server);
+        let (moved, reply) = tokio::join!(forward(&b_out, &a_in, |_| {}), async {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        assert_eq!(moved.unwrap(), 5);
+        assert_eq!(reply, b"reply");
+    }
+
+    /// A destination that reads slowly: the stash path carries every byte, in order.
+    #[tokio::test]
+    async fn a_slow_destination_gets_every_byte_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, a_in) = pair(&listener).await;
+        let (b_out, mut server) = pair(&listener).await;
+        let data = data(8_000_000);
+        let sent = data.clone();
+        tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+        });
+        let (moved, received) = tokio::join!(forward(&a_in, &b_out, |_| {}), async {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = server.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break got;
+                }
+                got.extend_from_slice(&buf[..n]);
+                if got.len() % 65_536 < 4096 {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        });
+        assert_eq!(moved.unwrap(), data.len() as u64);
+        assert!(received == data, "payload differs");
+    }
+
+    #[tokio::test]
+    async fn reset_is_a_read_fault() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, a_in) = pair(&listener).await;
+        let (b_out, _server) = pair(&listener).await;
+        crate::tcp::conn::reset(&client);
+        drop(client);
+        match forward(&a_in, &b_out, |_| {}).await {
+            Err(Fault::Read(e)) => assert_eq!(e.raw_os_error(), Some(libc::ECONNRESET)),
+            other => panic!("expected a read fault, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_destination_that_reset_is_a_write_fault() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, a_in) = pair(&listener).await;
+        let (b_out, server) = pair(&listener).await;
+        crate::tcp::conn::reset(&server);
+        drop(server);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let writer = tokio::spawn(async move {
+            // Enough that the reset is seen while sending.
+            let _ = client.write_all(&vec![1u8; 1 << 20]).await;
+            client
+        });
+        match forward(&a_in, &b_out, |_| {}).await {
+            Err(Fault::Write(_)) => {}
+            other => panic!("expected a write fault, got {other:?}"),
+        }
+        drop(writer.await);
+    }
+}
