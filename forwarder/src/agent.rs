@@ -315,8 +315,11 @@ pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
         Ok((_, limit)) => info!("open-file limit {limit}"),
         Err(err) => warn!("could not raise the open-file limit: {err}"),
     }
+    // One worker per CPU the agent may run on (its affinity): an agent pinned to
+    // one CPU then runs one worker, without cross-thread wake-ups.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

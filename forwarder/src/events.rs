@@ -196,15 +196,19 @@ impl EventLog {
         {
             observer(event);
         }
+        let Ok(mut target) = self.target.lock() else {
+            return;
+        };
+        // Serialised only when a sink wants the line.
+        if matches!(*target, Target::Discard) {
+            return;
+        }
         let line = match serde_json::to_string(event) {
             Ok(line) => line,
             Err(err) => {
                 warn!("event not serialisable: {err}");
                 return;
             }
-        };
-        let Ok(mut target) = self.target.lock() else {
-            return;
         };
         let result = match &mut *target {
             Target::Stdout => {

@@ -227,7 +227,7 @@ pub(crate) async fn serve(
         edge,
         accepted: Instant::now(),
     };
-    let _ = client_stream.set_nodelay(true);
+    // TCP_NODELAY comes from the listener (inherited by accept).
     let mut close = shared.close_signal();
     let events = || shared.events();
 

@@ -100,6 +100,8 @@ pub fn open(backlog: i32) -> io::Result<TcpListener> {
         "IPV6_V6ONLY=0",
     )?;
     set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
+    // Accepted sockets inherit it: no setsockopt per connection.
+    set_int(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1, "TCP_NODELAY")?;
     // SAFETY: all-zero is a valid sockaddr_in6 ([::]:0).
     let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;

@@ -422,7 +422,7 @@ async fn accept_loop(
             biased;
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => dispatch(stream, &app_id, &shared),
+                Ok((stream, peer)) => dispatch(stream, peer, &app_id, &shared),
                 Err(err) => {
                     if listener::accept_error_is_transient(&err) {
                         debug!("app {app_id}: accept: {err}");
@@ -438,12 +438,12 @@ async fn accept_loop(
     match listener.into_std() {
         Ok(listener) => loop {
             match listener.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let stream = stream
                         .set_nonblocking(true)
                         .and_then(|()| tokio::net::TcpStream::from_std(stream));
                     if let Ok(stream) = stream {
-                        dispatch(stream, &app_id, &shared);
+                        dispatch(stream, peer, &app_id, &shared);
                     }
                 }
                 Err(err) if listener::accept_error_is_transient(&err) => continue,
@@ -456,11 +456,17 @@ async fn accept_loop(
 }
 
 /// Starts the task of one accepted connection, or refuses it.
-fn dispatch(stream: tokio::net::TcpStream, listener_app: &str, shared: &Arc<Shared>) {
-    let (local, peer) = match (stream.local_addr(), stream.peer_addr()) {
-        (Ok(local), Ok(peer)) => (unmap(local), unmap(peer)),
+/// `peer` is what accept returned (no `getpeername` per connection).
+fn dispatch(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    listener_app: &str,
+    shared: &Arc<Shared>,
+) {
+    let (local, peer) = match stream.local_addr() {
+        Ok(local) => (unmap(local), unmap(peer)),
         // Reset before we got to it.
-        _ => return,
+        Err(_) => return,
     };
     let Some(app) = shared.app_for(listener_app, local) else {
         debug!("connection from {peer} to {local} matches no TCP app; closing");
