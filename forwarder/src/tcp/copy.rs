@@ -38,13 +38,17 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    send_flags(fd, buf, 0)
+}
+
+fn send_flags(fd: RawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: `buf` is valid for `buf.len()` bytes.
     let n = unsafe {
         libc::send(
             fd,
             buf.as_ptr().cast(),
             buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags,
         )
     };
     if n < 0 {
@@ -100,7 +104,11 @@ pub async fn forward(
             // The destination caught up: give the memory back.
             stash = Vec::new();
         }
-        src.readable().await.map_err(Fault::Read)?;
+        // Read-closed (the peer's FIN has arrived) means this read is the last one
+        // with data: it is sent with MSG_MORE, so that the FIN the next round sends
+        // (`shutdown`) leaves in the same segment instead of one more.
+        let ready = src.ready(Interest::READABLE).await.map_err(Fault::Read)?;
+        let last = ready.is_read_closed();
         let mut step = None;
         let result = src.try_io(Interest::READABLE, || {
             SCRATCH.with_borrow_mut(|buf| {
@@ -113,7 +121,8 @@ pub async fn forward(
                     return Ok(());
                 }
                 // Straight on from the scratch buffer; keep what does not fit.
-                let sent = match send(dst_fd, &buf[..n]) {
+                let more = if last { libc::MSG_MORE } else { 0 };
+                let sent = match send_flags(dst_fd, &buf[..n], more) {
                     Ok(sent) => sent,
                     Err(e) if would_block(&e) => 0,
                     Err(e) => {
