@@ -194,6 +194,7 @@ impl Agent {
                 app.ingress_bytes = app.ingress_bytes.saturating_add(tcp.client_bytes);
                 app.egress_bytes = app.egress_bytes.saturating_add(tcp.origin_bytes);
                 app.live = tcp.live;
+                app.refused = tcp.rejected;
             }
         }
         snapshot.connections = self.event_stats.totals();

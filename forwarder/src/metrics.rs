@@ -40,6 +40,7 @@ pub mod names {
     pub const CONNECTION_DURATION: &str = "forwarder_connection_duration";
     pub const UDP_FLOWS: &str = "forwarder_udp_flows";
     pub const TCP_CONNECTIONS: &str = "forwarder_tcp_connections";
+    pub const TCP_REFUSED: &str = "forwarder_tcp_refused";
     pub const FIREWALL_RULE_HITS: &str = "forwarder_firewall_rule_hits";
     pub const INTERFACE_PACKETS: &str = "forwarder_interface_packets";
 }
@@ -186,6 +187,15 @@ impl Collector for SnapshotCollector {
         )?;
         counter(
             &mut encoder,
+            names::TCP_REFUSED,
+            "TCP connections refused at once: the app's connection limit or the agent's open-file capacity.",
+            s.apps
+                .iter()
+                .filter(|(_, a)| a.protocol == "tcp")
+                .map(|(id, a)| (vec![("app", id.as_str())], a.refused)),
+        )?;
+        counter(
+            &mut encoder,
             names::FIREWALL_RULE_HITS,
             "Packets whose source matched an access rule (by the rule's value).",
             s.rule_hits
@@ -287,6 +297,7 @@ mod tests {
                 egress_packets: 2,
                 egress_bytes: 200,
                 live: 1,
+                refused: 0,
             },
         );
         s.apps.insert(
@@ -294,6 +305,7 @@ mod tests {
             AppStats {
                 protocol: "tcp".into(),
                 live: 4,
+                refused: 7,
                 ..AppStats::default()
             },
         );
@@ -343,6 +355,7 @@ mod tests {
             "forwarder_connection_duration_seconds_count{app=\"web\"} 0",
             "forwarder_udp_flows{app=\"game\"} 1",
             "forwarder_tcp_connections{app=\"web\"} 4",
+            "forwarder_tcp_refused_total{app=\"web\"} 7",
             "forwarder_firewall_rule_hits_total{rule=\"10.0.1.128/25\"} 9",
             "# EOF",
         ] {

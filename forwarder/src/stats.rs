@@ -41,6 +41,10 @@ pub struct AppStats {
     pub egress_bytes: u64,
     /// Live UDP flows or open TCP connections.
     pub live: u64,
+    /// TCP connections refused at once (the app's connection limit, or the agent's
+    /// open-file capacity).
+    #[serde(default)]
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +75,7 @@ impl StatsSnapshot {
                         egress_packets: c.egress.packets,
                         egress_bytes: c.egress.bytes,
                         live: 0,
+                        refused: 0,
                     },
                 )
             })

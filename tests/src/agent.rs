@@ -111,11 +111,26 @@ impl AgentProcess {
         config_toml: &str,
         soft_fd_limit: u64,
     ) -> Result<AgentProcess> {
-        Self::start_limited(lab, config_toml, Some(soft_fd_limit))
+        Self::start_limited(lab, config_toml, Some((soft_fd_limit, None)))
     }
 
-    fn start_limited(lab: &Lab, config_toml: &str, soft: Option<u64>) -> Result<AgentProcess> {
-        let mut agent = Self::spawn_limited(lab, config_toml, soft)?;
+    /// Like [`AgentProcess::start`], with the agent's soft and hard open-file limits
+    /// set (the hard one only lowered).
+    pub fn start_with_fd_limits(
+        lab: &Lab,
+        config_toml: &str,
+        soft: u64,
+        hard: u64,
+    ) -> Result<AgentProcess> {
+        Self::start_limited(lab, config_toml, Some((soft, Some(hard))))
+    }
+
+    fn start_limited(
+        lab: &Lab,
+        config_toml: &str,
+        limits: Option<(u64, Option<u64>)>,
+    ) -> Result<AgentProcess> {
+        let mut agent = Self::spawn_limited(lab, config_toml, limits)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = agent.child.try_wait()? {
@@ -145,7 +160,11 @@ impl AgentProcess {
         Self::spawn_limited(lab, config_toml, None)
     }
 
-    fn spawn_limited(lab: &Lab, config_toml: &str, soft: Option<u64>) -> Result<AgentProcess> {
+    fn spawn_limited(
+        lab: &Lab,
+        config_toml: &str,
+        limits: Option<(u64, Option<u64>)>,
+    ) -> Result<AgentProcess> {
         let bin = forwarder_bin()?;
         let n = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!(
@@ -179,7 +198,7 @@ impl AgentProcess {
             .stderr(File::create(&stderr).context("creating the stderr log")?)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1");
-        if let Some(soft) = soft {
+        if let Some((soft, hard)) = limits {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork
             // and exec; the limit passes through `ip netns exec` to the agent.
@@ -191,6 +210,9 @@ impl AgentProcess {
                     };
                     if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                    if let Some(hard) = hard {
+                        limit.rlim_max = hard.min(limit.rlim_max);
                     }
                     limit.rlim_cur = soft.min(limit.rlim_max);
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use forwarder_tests::agent::AgentProcess;
 use forwarder_tests::{EDGE_CLIENT_V4, Lab, ORIGIN_V4, require_root};
-use tcp_support::{config, init, origin_listener};
+use tcp_support::{config, init, origin_listener, set_linger_zero};
 
 const IDLE: usize = 3000;
 const SOFT_LIMIT: u64 = 1024;
@@ -104,4 +104,113 @@ fn an_agent_started_under_a_soft_limit_of_1024_holds_3000_idle_connections() {
     stop.store(true, Ordering::Relaxed);
     let origin_saw = held.join().expect("origin thread");
     assert_eq!(origin_saw, IDLE + 1, "the origin saw every connection");
+}
+
+/// At the open-file capacity (hard limit 1024: (1024 − 256 reserved) / 2 fds = 384
+/// connections) further connections are refused at once with a RST and counted,
+/// while `stats` and `/metrics` still answer and the held connections still work;
+/// when some close, new ones are served again.
+#[test]
+fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
+    if !require_root() {
+        return;
+    }
+    init();
+    forwarder::fd_limit::raise_to_hard().expect("raising the test's own fd limit");
+    let lab = Lab::new().expect("lab");
+    let listener = origin_listener(&lab, SocketAddr::from((ORIGIN_V4, 7301)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let held = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            listener.set_nonblocking(true).expect("nonblocking");
+            let mut held = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.write_all(b"hi\n");
+                        held.push(s);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        })
+    };
+    let agent = AgentProcess::start_with_fd_limits(
+        &lab,
+        &config(
+            &lab,
+            "metrics_listen = \"127.0.0.1:9477\"",
+            "[[apps]]\nid = \"cap\"\nprotocol = \"tcp/7301\"\norigin_direct = [\"tcp://10.0.2.2:7301\"]\n",
+        ),
+        1024,
+        1024,
+    )
+    .expect("forwarder run starts with a hard fd limit of 1024");
+    const CAPACITY: usize = 384;
+    let edge = SocketAddr::from((EDGE_CLIENT_V4, 7301));
+    let greet = move || -> std::io::Result<TcpStream> {
+        let mut s = TcpStream::connect_timeout(&edge, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut greeting = [0u8; 3];
+        s.read_exact(&mut greeting)?;
+        Ok(s)
+    };
+    let mut idle: Vec<TcpStream> = lab
+        .client()
+        .run_in(move || {
+            (0..CAPACITY)
+                .map(|_| greet())
+                .collect::<std::io::Result<_>>()
+        })
+        .expect("client thread")
+        .expect("connections up to the capacity are served");
+    // Beyond: refused at once (RST: the greeting never comes).
+    let refused = lab
+        .client()
+        .run_in(move || (0..10).filter(|_| greet().is_err()).count())
+        .expect("client thread");
+    assert_eq!(
+        refused, 10,
+        "every connection beyond the capacity is refused"
+    );
+    let stats = agent.stats().expect("stats answer at the capacity");
+    assert_eq!(stats.apps["cap"].live, CAPACITY as u64);
+    assert_eq!(stats.apps["cap"].refused, 10, "refusals are counted");
+    let metrics = lab
+        .edge()
+        .run_in(|| -> std::io::Result<String> {
+            use std::io::Write as _;
+            let mut s = TcpStream::connect("127.0.0.1:9477")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: edge\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .expect("edge thread")
+        .expect("/metrics answers at the capacity");
+    assert!(
+        metrics.contains("forwarder_tcp_refused_total{app=\"cap\"} 10"),
+        "the refusals are in /metrics:\n{metrics}"
+    );
+    assert!(
+        agent.logs().contains("fill the open-file limit"),
+        "the refusal is logged:\n{}",
+        agent.logs()
+    );
+    // Clients that reset five connections (a plain close would only half-close
+    // them: the origin holds its side) make room again.
+    for s in idle.drain(CAPACITY - 5..) {
+        set_linger_zero(&s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    lab.client()
+        .run_in(greet)
+        .expect("client thread")
+        .expect("a connection is served again once others closed");
+    stop.store(true, Ordering::Relaxed);
+    held.join().expect("origin thread");
 }

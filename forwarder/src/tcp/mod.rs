@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use log::{debug, info, warn};
@@ -61,6 +61,11 @@ pub(crate) struct Shared {
     /// `tcp_splice`: new connections splice (else copy).
     splice: std::sync::atomic::AtomicBool,
     max_connections: AtomicUsize,
+    /// Open connections of all apps that the fd limit allows (see `fd_limit`).
+    capacity: AtomicU64,
+    /// When a refusal was last logged (ms since the proxy started).
+    refusal_logged_ms: AtomicU64,
+    started: Instant,
     events: RwLock<EventLog>,
     /// Counters by app id; kept after an app is removed (counters never go back).
     stats: Mutex<BTreeMap<String, Arc<stats::AppCounters>>>,
@@ -171,6 +176,9 @@ impl TcpProxy {
             connect_timeout: RwLock::new(connect_timeout),
             splice: std::sync::atomic::AtomicBool::new(config.agent.tcp_splice.splices()),
             max_connections: AtomicUsize::new(DEFAULT_MAX_CONNECTIONS_PER_APP),
+            capacity: AtomicU64::new(fd_capacity(config.agent.tcp_splice.splices())),
+            refusal_logged_ms: AtomicU64::new(0),
+            started: Instant::now(),
             events: RwLock::new(events),
             stats: Mutex::new(BTreeMap::new()),
             origins_live: Mutex::new(BTreeMap::new()),
@@ -208,6 +216,10 @@ impl TcpProxy {
         self.shared
             .splice
             .store(config.agent.tcp_splice.splices(), Ordering::Relaxed);
+        self.shared.capacity.store(
+            fd_capacity(config.agent.tcp_splice.splices()),
+            Ordering::Relaxed,
+        );
 
         // New and moved apps first, so no configured port is without a socket.
         for id in tcp_apps.keys() {
@@ -455,6 +467,16 @@ async fn accept_loop(
     debug!("app {app_id}: listener closed");
 }
 
+/// Connections the open-file limit allows: two sockets each, two pipes more when
+/// splicing.
+fn fd_capacity(splices: bool) -> u64 {
+    let per_connection = if splices { 6 } else { 2 };
+    match crate::fd_limit::soft() {
+        Ok(soft) => crate::fd_limit::connection_capacity(soft, per_connection),
+        Err(_) => u64::MAX,
+    }
+}
+
 /// Starts the task of one accepted connection, or refuses it.
 /// `peer` is what accept returned (no `getpeername` per connection).
 fn dispatch(
@@ -475,10 +497,36 @@ fn dispatch(
     };
     let counters = shared.counters(&app.id);
     let limit = shared.max_connections.load(Ordering::Relaxed) as u64;
-    if counters.live() >= limit {
+    let capacity = shared.capacity.load(Ordering::Relaxed);
+    let why = if counters.live() >= limit {
+        Some(format!("the app has {limit} connections open"))
+    } else if shared.live.load(Ordering::Relaxed) >= capacity {
+        Some(format!(
+            "{capacity} connections open fill the open-file limit (less {} fds kept for \
+             stats, metrics and the agent itself)",
+            crate::fd_limit::RESERVED_FDS
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        // Refused before it costs an fd more: a RST, counted; logged at most every
+        // 10 s (a flood must not flood the log).
         counters.reject();
-        warn!("app {}: {limit} connections open, refusing {peer}", app.id);
         conn::reset(&stream);
+        let now = shared.started.elapsed().as_millis() as u64;
+        let last = shared.refusal_logged_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 10_000)
+            && shared
+                .refusal_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(
+                "app {}: refusing {peer} (and any more for 10 s without a log line): {why}",
+                app.id
+            );
+        }
         return;
     }
     let guard = conn::LiveGuard::new(shared.clone(), counters.clone());
