@@ -244,7 +244,7 @@ fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, V
     let host = interface_addresses().context("reading interface addresses")?;
     let edges = config
         .resolve_edge_addresses(&host)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| crate::config::ConfigRejected(e.to_string()))?;
     // Each origin's route is resolved once per config (it shells out to iproute2).
     let mut routes: BTreeMap<std::net::IpAddr, crate::route::OriginRoute> = BTreeMap::new();
     let mut resolve = |addr| -> anyhow::Result<crate::route::OriginRoute> {
@@ -307,7 +307,9 @@ fn manage_neighbours(
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
+    Config::load(path).map_err(|e| {
+        crate::config::ConfigRejected(format!("invalid config {}:\n{e}", path.display())).into()
+    })
 }
 
 pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {

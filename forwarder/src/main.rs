@@ -75,7 +75,15 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            // A config `run` refuses: EX_CONFIG, so systemd does not restart in vain.
+            if err
+                .chain()
+                .any(|e| e.is::<forwarder::config::ConfigRejected>())
+            {
+                ExitCode::from(forwarder::config::EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -313,14 +313,20 @@ fn sighup_applies_a_new_config_and_keeps_the_old_one_on_error() {
     assert_nothing_left(&lab, &agent);
 }
 
-/// Spawns an agent that must refuse to start; returns its stderr after asserting a
-/// non-zero exit and that nothing was left behind.
-fn refused(lab: &Lab, config: &str) -> String {
+/// Exit code of a config `run` refuses (sysexits `EX_CONFIG`), and of any other
+/// failure to start.
+const EX_CONFIG: i32 = 78;
+const FAILURE: i32 = 1;
+
+/// Spawns an agent that must refuse to start; returns its stderr after asserting the
+/// exit code `code` and that nothing was left behind.
+fn refused(lab: &Lab, config: &str, code: i32) -> String {
     let mut agent = AgentProcess::spawn(lab, config).unwrap();
     let status = agent.wait_exit(REFUSE_TIMEOUT).unwrap();
-    assert!(
-        !status.success(),
-        "forwarder run should fail\n{}",
+    assert_eq!(
+        status.code(),
+        Some(code),
+        "forwarder run should fail with exit code {code}\n{}",
         agent.logs()
     );
     assert_nothing_left(lab, &agent);
@@ -337,6 +343,7 @@ fn refuses_a_missing_interface_naming_it() {
     let stderr = refused(
         &lab,
         &format!("[agent]\ninterfaces = [\"{ec}\", \"nosuch0\"]\n{UDP_5000}"),
+        EX_CONFIG,
     );
     assert!(
         stderr.contains("interface 'nosuch0' does not exist"),
@@ -356,6 +363,7 @@ fn refuses_an_invalid_config_naming_the_problem() {
             &lab,
             "[[apps]]\nid = \"web\"\nprotocol = \"tcp/6000-6010\"\norigin_direct = [\"tcp://10.0.2.2:7000-7005\"]\n",
         ),
+        EX_CONFIG,
     );
     assert!(
         stderr.contains("app 'web' (apps[0]): origin_direct:")
@@ -366,6 +374,7 @@ fn refuses_an_invalid_config_naming_the_problem() {
     let stderr = refused(
         &lab,
         &config_with(&lab, "edge_addresses = [\"10.0.1.99\"]\n", UDP_5000),
+        EX_CONFIG,
     );
     assert!(
         stderr.contains("edge_addresses") && stderr.contains("10.0.1.99"),
@@ -385,6 +394,7 @@ fn a_failed_attach_leaves_nothing_attached() {
     let stderr = refused(
         &lab,
         &format!("[agent]\ninterfaces = [\"{ec}\", \"lo\"]\nxdp_mode = \"driver\"\n{UDP_5000}"),
+        FAILURE,
     );
     assert!(
         stderr.contains("attaching XDP to lo in driver mode"),

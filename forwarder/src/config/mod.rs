@@ -291,6 +291,23 @@ pub(crate) fn apps_to_toml(apps: &[RawApp]) -> Result<String, toml::ser::Error> 
     })
 }
 
+/// `run` refused its config (invalid, or not matching this host: interfaces,
+/// addresses). `forwarder run` then exits with `EX_CONFIG`, which the systemd unit
+/// does not restart on (`RestartPreventExitStatus=78`): restarting cannot fix it.
+#[derive(Debug)]
+pub struct ConfigRejected(pub String);
+
+/// sysexits.h `EX_CONFIG`.
+pub const EX_CONFIG: u8 = 78;
+
+impl std::fmt::Display for ConfigRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigRejected {}
+
 /// `forwarder check-config --config PATH`: exit 0 with a summary on stdout, or exit 1
 /// with one line per problem on stderr.
 pub fn check_config_cli(config: &Path) -> anyhow::Result<ExitCode> {
