@@ -256,6 +256,13 @@ fn parse_port(text: &str) -> Result<u16, String> {
     if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
         return Err(format!("'{text}' is not a port number (ports are 1-65535)"));
     }
+    // `080` is 80 to us and octal or a typo to a reader: say which one is meant.
+    if text.len() > 1 && text.starts_with('0') {
+        return Err(format!(
+            "'{text}' has a leading zero; write the port as {}",
+            text.trim_start_matches('0')
+        ));
+    }
     match text.parse::<u32>() {
         Ok(0) => Err("port 0 is not allowed (ports are 1-65535)".to_string()),
         Ok(port) => u16::try_from(port)
@@ -461,6 +468,17 @@ impl FromStr for Prefix {
                 }
             },
         };
+        // `::ffff:a.b.c.d/96+n` is `a.b.c.d/n`: IPv4 clients match IPv4 rules only.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && len >= 96
+        {
+            return Ok(Prefix {
+                addr: IpAddr::V4(v4),
+                len: len - 96,
+                explicit_len: len_text.is_some(),
+            });
+        }
         Ok(Prefix {
             addr,
             len,
@@ -595,7 +613,8 @@ impl Origin {
             let addr: Ipv6Addr = host
                 .parse()
                 .map_err(|_| format!("'{host}' in '{text}' is not an IPv6 address"))?;
-            (IpAddr::V6(addr), ports)
+            // `[::ffff:a.b.c.d]` is `a.b.c.d`: judged as IPv4.
+            (IpAddr::V6(addr).to_canonical(), ports)
         } else {
             let Some((host, ports)) = rest.rsplit_once(':') else {
                 return Err(format!("missing :PORT after the address in '{text}'"));

@@ -104,7 +104,8 @@ pub(crate) struct RawSections {
 /// Where an app is, for messages: `app 'game' (apps[0])`, or `apps[0]` without an id.
 pub(crate) fn app_location(id: Option<&str>, index: usize) -> String {
     match id {
-        Some(id) => format!("app '{id}' (apps[{index}])"),
+        // Escaped: an id with a newline must not forge a line of the error report.
+        Some(id) => format!("app '{}' (apps[{index}])", id.escape_debug()),
         None => format!("apps[{index}]"),
     }
 }

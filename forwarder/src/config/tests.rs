@@ -404,6 +404,97 @@ fn edge_addresses_must_parse() {
     );
 }
 
+/// IPv4-mapped IPv6 addresses are the IPv4 addresses they carry: the same checks,
+/// the same duplicates.
+#[test]
+fn mapped_ipv6_addresses_are_judged_as_ipv4() {
+    assert_problem(
+        &format!("{AGENT}edge_addresses = [\"::ffff:0.0.0.0\"]\n"),
+        "agent",
+        "edge_addresses",
+        "unspecified or multicast",
+    );
+    assert_problem(
+        &format!("{AGENT}edge_addresses = [\"::ffff:224.0.0.1\"]\n"),
+        "agent",
+        "edge_addresses",
+        "unspecified or multicast",
+    );
+    assert_problem(
+        &format!("{AGENT}edge_addresses = [\"192.0.2.1\", \"::ffff:192.0.2.1\"]\n"),
+        "agent",
+        "edge_addresses",
+        "192.0.2.1 is listed more than once",
+    );
+    assert_problem(
+        &format!(
+            "{AGENT}[[apps]]\nprotocol = \"udp/53\"\norigin_direct = [\"udp://[::ffff:127.0.0.1]:53\"]\n"
+        ),
+        "app 'udp-53' (apps[0])",
+        "origin_direct",
+        "127.0.0.1 is a loopback address",
+    );
+    let config = parse_ok(&format!(
+        "{AGENT}edge_addresses = [\"::ffff:192.0.2.1\"]\n[[apps]]\nprotocol = \"udp/53\"\norigin_direct = [\"udp://[::ffff:10.0.0.5]:53\"]\n"
+    ));
+    assert_eq!(
+        config.agent.edge_addresses,
+        ["192.0.2.1".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        config.apps[0].origins[0].addr,
+        "10.0.0.5".parse::<IpAddr>().unwrap()
+    );
+}
+
+#[test]
+fn mapped_ipv6_access_rules_are_ipv4_rules() {
+    let prefix: crate::config::model::Prefix = "::ffff:198.51.100.0/120".parse().unwrap();
+    assert_eq!(
+        (prefix.addr, prefix.len),
+        ("198.51.100.0".parse::<IpAddr>().unwrap(), 24)
+    );
+    let prefix: crate::config::model::Prefix = "::ffff:198.51.100.7".parse().unwrap();
+    assert_eq!(
+        (prefix.addr, prefix.len),
+        ("198.51.100.7".parse::<IpAddr>().unwrap(), 32)
+    );
+}
+
+#[test]
+fn ports_with_leading_zeros_are_refused() {
+    assert_problem(
+        &format!(
+            "{AGENT}[[apps]]\nprotocol = \"tcp/080\"\norigin_direct = [\"tcp://10.0.0.5:80\"]\n"
+        ),
+        "apps[0]",
+        "protocol",
+        "'080' has a leading zero; write the port as 80",
+    );
+}
+
+#[test]
+fn an_id_with_a_newline_is_escaped_in_the_report() {
+    let problems = problems_of(&format!(
+        "{AGENT}[[apps]]\nid = \"web\\nerror: forged\"\nprotocol = \"tcp/80\"\norigin_direct = [\"tcp://10.0.0.5:80\"]\n"
+    ));
+    let report = ConfigError {
+        problems: problems.clone(),
+    }
+    .to_string();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.field == "id" && p.reason.contains("control characters")),
+        "{report}"
+    );
+    assert!(
+        !report.lines().any(|l| l.starts_with("error: forged")),
+        "no forged line:\n{report}"
+    );
+    assert!(report.contains("web\\nerror: forged"), "escaped:\n{report}");
+}
+
 #[test]
 fn pass_entries_must_parse() {
     assert_problem(

@@ -154,7 +154,8 @@ impl Validator<'_> {
         let mut addresses = Vec::with_capacity(texts.len());
         let mut all_parsed = true;
         for text in texts {
-            match text.parse::<IpAddr>() {
+            // `::ffff:a.b.c.d` is `a.b.c.d`: judged (and compared) as IPv4.
+            match text.parse::<IpAddr>().map(|addr| addr.to_canonical()) {
                 Ok(addr) if addresses.contains(&addr) => {
                     self.problem(location, field, format!("{addr} is listed more than once"));
                 }
