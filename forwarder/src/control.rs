@@ -1,5 +1,9 @@
 //! The agent's control socket: a Unix stream socket on which `forwarder stats`
 //! asks for a snapshot of the counters. One request line, one JSON reply, close.
+//!
+//! Bounded: a request is one line of at most `MAX_REQUEST` bytes, read within
+//! `REQUEST_TIMEOUT`; anything else gets an `{"error": …}` reply. The socket file is
+//! mode 0660 whatever the umask (owner and group may ask; others may not).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +18,13 @@ use crate::stats::StatsSnapshot;
 
 /// Where `run` listens and `stats` connects unless told otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/forwarder/control.sock";
+
+/// Longest request line accepted (with its newline).
+pub const MAX_REQUEST: u64 = 256;
+/// Time a client has to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Mode of the socket file.
+pub const SOCKET_MODE: u32 = 0o660;
 
 /// Produces a snapshot on request (the agent's counters, summed at call time).
 pub type SnapshotFn = Arc<dyn Fn() -> anyhow::Result<StatsSnapshot> + Send + Sync>;
@@ -39,6 +50,11 @@ impl ControlSocket {
         }
         let listener =
             UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+        }
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -72,21 +88,51 @@ impl Drop for ControlSocket {
 }
 
 async fn serve(stream: UnixStream, snapshot: SnapshotFn) -> anyhow::Result<()> {
-    let (read, mut write) = stream.into_split();
+    use tokio::io::AsyncReadExt as _;
+    let (mut read_half, mut write) = stream.into_split();
     let mut line = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        BufReader::new(read).read_line(&mut line),
+    let read = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        BufReader::new((&mut read_half).take(MAX_REQUEST)).read_line(&mut line),
     )
-    .await
-    .context("request timed out")??;
-    let reply = match line.trim() {
-        "stats" => serde_json::to_string(&snapshot()?)?,
-        other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
+    .await;
+    let error = |text: String| serde_json::json!({ "error": text }).to_string();
+    let reply = match read {
+        Err(_) => error(format!(
+            "no request line within {}s",
+            REQUEST_TIMEOUT.as_secs()
+        )),
+        Ok(Err(err)) => error(format!("reading the request: {err}")),
+        Ok(Ok(_)) if !line.ends_with('\n') => error(format!(
+            "the request must be one line of at most {MAX_REQUEST} bytes"
+        )),
+        Ok(Ok(_)) => match line.trim() {
+            "stats" => match snapshot() {
+                Ok(s) => serde_json::to_string(&s)?,
+                Err(err) => error(format!("{err:#}")),
+            },
+            other => error(format!(
+                "unknown request {:?}",
+                other.escape_debug().to_string()
+            )),
+        },
     };
     write.write_all(reply.as_bytes()).await?;
     write.write_all(b"\n").await?;
     write.shutdown().await?;
+    // What an over-long request left unread would turn the close into a reset that
+    // loses the reply: discard a bounded amount first (64 KiB, 100 ms).
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(100), async {
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match read_half.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
     Ok(())
 }
 
@@ -103,5 +149,53 @@ pub fn request_stats(path: &Path) -> anyhow::Result<StatsSnapshot> {
     stream.write_all(b"stats\n")?;
     let mut reply = String::new();
     std::io::BufReader::new(stream).read_line(&mut reply)?;
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&reply)
+        && let Some(error) = map.get("error").and_then(|e| e.as_str())
+    {
+        bail!("the agent refused the request: {error}");
+    }
     serde_json::from_str(&reply).context("parsing the agent's reply")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    async fn ask(path: &Path, request: &[u8]) -> serde_json::Value {
+        let mut s = UnixStream::connect(path).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await.unwrap();
+        serde_json::from_str(&reply).unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_are_bounded_and_bad_ones_get_an_error_reply() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("fwd-control-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let socket = ControlSocket::bind(&path, Arc::new(|| Ok(StatsSnapshot::default()))).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, SOCKET_MODE, "mode 0660 whatever the umask");
+
+        let ok = ask(&path, b"stats\n").await;
+        assert!(ok.get("drops").is_some(), "a snapshot: {ok}");
+        let unknown = ask(&path, b"shutdown\n").await;
+        assert_eq!(unknown["error"], "unknown request \"shutdown\"");
+        let long = vec![b'x'; 1000];
+        let too_long = ask(&path, &long).await;
+        assert!(
+            too_long["error"]
+                .as_str()
+                .unwrap()
+                .contains("at most 256 bytes"),
+            "{too_long}"
+        );
+        drop(socket);
+        assert!(!path.exists(), "the socket file goes with the agent");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
