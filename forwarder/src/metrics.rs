@@ -7,6 +7,8 @@
 //! `docs/metrics.md` lists every metric, its labels and where it comes from.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -238,6 +240,26 @@ async fn metrics(State(snapshot): State<SnapshotFn>) -> Response {
     }
 }
 
+/// Bounds of the metrics HTTP server: a scraper is one or two connections, so a
+/// flood of slow or half-sent requests must not hold sockets (and fds) for long.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Time to send a request's headers.
+    pub header_timeout: Duration,
+    /// Longest life of one connection, keep-alive included.
+    pub connection_timeout: Duration,
+}
+
+impl HttpLimits {
+    pub const DEFAULT: HttpLimits = HttpLimits {
+        max_connections: 64,
+        header_timeout: Duration::from_secs(5),
+        connection_timeout: Duration::from_secs(30),
+    };
+}
+
 /// The HTTP server; stops when dropped.
 pub struct MetricsServer {
     local_addr: SocketAddr,
@@ -248,6 +270,15 @@ impl MetricsServer {
     /// Listens on `addr` and serves `GET /metrics` from `snapshot`. Must run inside
     /// a tokio runtime.
     pub async fn bind(addr: SocketAddr, snapshot: SnapshotFn) -> anyhow::Result<MetricsServer> {
+        Self::bind_with(addr, snapshot, HttpLimits::DEFAULT).await
+    }
+
+    /// As `bind`, with other limits.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        snapshot: SnapshotFn,
+        limits: HttpLimits,
+    ) -> anyhow::Result<MetricsServer> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("binding the metrics listener to {addr} (agent.metrics_listen)")
         })?;
@@ -255,9 +286,31 @@ impl MetricsServer {
         let router = Router::new()
             .route("/metrics", get(metrics))
             .with_state(snapshot);
+        let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let task = tokio::spawn(async move {
-            if let Err(err) = axum::serve(listener, router).await {
-                warn!("metrics server stopped: {err}");
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        warn!("metrics accept failed: {err}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Over the cap: closed at once, not queued.
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                tokio::spawn(async move {
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
+                    drop(permit);
+                });
             }
         });
         info!("metrics at http://{local_addr}/metrics");
@@ -365,6 +418,63 @@ mod tests {
             );
         }
         assert!(!text.contains("forwarder_udp_flows{app=\"web\"}"));
+    }
+
+    #[tokio::test]
+    async fn half_sent_requests_time_out_and_connections_are_capped() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let limits = HttpLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_millis(300),
+            connection_timeout: Duration::from_secs(2),
+        };
+        let server = MetricsServer::bind_with(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|| Ok(snapshot())),
+            limits,
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr();
+        // Four half-sent requests take every slot...
+        let mut slow = Vec::new();
+        for _ in 0..4 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            slow.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...so a fifth connection is closed at once, without an answer.
+        let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = fifth
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(1), fifth.read_to_end(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "over the cap: no answer");
+        // The half-sent ones are closed after the header timeout...
+        for s in &mut slow {
+            let mut buf = Vec::new();
+            let done = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+            assert!(
+                done.is_ok(),
+                "a half-sent request is closed after the header timeout"
+            );
+        }
+        // ...and the slots are free again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     }
 
     #[tokio::test]
