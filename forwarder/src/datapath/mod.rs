@@ -26,6 +26,46 @@ use log::{info, warn};
 use crate::config::XdpMode as ConfigXdpMode;
 pub use plan::{Plan, addr16};
 
+/// Fault injection for tests of `Datapath::apply`: the Nth map write from now fails.
+pub mod faults {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+    /// Writes left before the injected failure; negative: no fault armed.
+    static BUDGET: AtomicI64 = AtomicI64::new(-1);
+    static SUSPENDED: AtomicBool = AtomicBool::new(false);
+
+    /// Makes map write number `n` (0-based, counted from now) fail. Process-wide:
+    /// for tests that own their process's datapath.
+    pub fn fail_write(n: u32) {
+        BUDGET.store(i64::from(n), Ordering::SeqCst);
+    }
+
+    /// Disarms the fault.
+    pub fn clear() {
+        BUDGET.store(-1, Ordering::SeqCst);
+    }
+
+    /// A rollback is never failed on purpose.
+    pub(super) fn suspend(on: bool) {
+        SUSPENDED.store(on, Ordering::SeqCst);
+    }
+
+    /// Called before every map write.
+    pub(super) fn charge(what: &str) -> anyhow::Result<()> {
+        if SUSPENDED.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match BUDGET.fetch_sub(1, Ordering::SeqCst) {
+            0 => anyhow::bail!("injected fault writing {what}"),
+            n if n < 0 => {
+                BUDGET.store(-1, Ordering::SeqCst);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Names of the programs in the eBPF object.
 pub const PROG_XDP: &str = "xdp_forwarder";
 pub const PROG_XDP_PASS: &str = "xdp_pass";
@@ -338,13 +378,148 @@ impl Datapath {
     /// Writes `plan` into the maps. With a plan already in place, only the difference
     /// is written, in an order that never leaves a configured port unowned: first
     /// everything new (rules, origins, apps, ports, edge addresses), then removals.
+    /// Writes `plan` into the maps, all or nothing: if any write fails, what was
+    /// written is rolled back so the maps hold exactly the previous plan again (the
+    /// only trace: counters of app or rule slots the new plan reassigned were
+    /// zeroed).
     pub fn apply(&mut self, plan: &Plan) -> anyhow::Result<()> {
         let old = self.current.take().unwrap_or_default();
-        let result = self.write_plan(&old, plan);
-        // Even on failure the maps hold some of `plan`; remember it as current so the
-        // next apply rewrites everything that differs.
-        self.current = Some(plan.clone());
-        result
+        let Err(err) = self.write_plan(&old, plan) else {
+            self.current = Some(plan.clone());
+            return Ok(());
+        };
+        // From whatever part of `plan` made it in back to `old`: upserts of `old`'s
+        // entries (its own capacity suffices), removal of `plan`'s extras (those
+        // never written are skipped).
+        faults::suspend(true);
+        let rollback = self.write_plan(plan, &old);
+        faults::suspend(false);
+        match rollback {
+            Ok(()) => {
+                self.current = Some(old);
+                Err(err.context("the datapath maps were rolled back to the previous config"))
+            }
+            Err(rollback) => {
+                // Unknown state: remember `plan` so the next apply rewrites every
+                // entry that differs from it.
+                self.current = Some(plan.clone());
+                Err(err.context(format!("rolling the maps back failed too: {rollback:#}")))
+            }
+        }
+    }
+
+    /// Whether the configuration maps hold exactly `plan` (for tests of `apply`):
+    /// every hash map's key set and values, the array slots `plan` uses, the port
+    /// hints, the inline edge list and the settings. Returns the first difference.
+    pub fn maps_hold(&self, plan: &Plan) -> anyhow::Result<()> {
+        fn same_hash<
+            PK: Ord + Copy,
+            K: aya::Pod + Eq + std::hash::Hash + std::fmt::Debug,
+            V: aya::Pod + PartialEq + std::fmt::Debug,
+        >(
+            ebpf: &Ebpf,
+            name: &str,
+            want: &BTreeMap<PK, u32>,
+            key: impl Fn(PK) -> K,
+            value: impl Fn(u32) -> V,
+        ) -> anyhow::Result<()> {
+            let map: HashMap<&MapData, K, V> =
+                HashMap::try_from(ebpf.map(name).with_context(|| name.to_string())?)?;
+            let got: std::collections::HashMap<K, V> = map
+                .iter()
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {name}"))?;
+            let expected: std::collections::HashMap<K, V> =
+                want.iter().map(|(k, v)| (key(*k), value(*v))).collect();
+            if got.len() != expected.len() {
+                bail!(
+                    "{name}: {} entries, the plan has {}",
+                    got.len(),
+                    expected.len()
+                );
+            }
+            for (k, v) in &expected {
+                if got.get(k) != Some(v) {
+                    bail!("{name}[{k:?}] is {:?}, the plan says {v:?}", got.get(k));
+                }
+            }
+            Ok(())
+        }
+        let ebpf = &self.ebpf;
+        let (v4, v6) = split_edges(&plan.edge_addrs);
+        same_hash(
+            ebpf,
+            "PORTS",
+            &plan.ports,
+            |k| k.key(),
+            |app| PortTarget { app },
+        )?;
+        same_hash(
+            ebpf,
+            "ORIGIN_PORTS",
+            &plan.origin_ports,
+            |k| k.key(),
+            |app| OriginPortTarget { app },
+        )?;
+        same_hash(ebpf, "EDGE_ADDRS", &v6, |a| a, |index| EdgeAddr { index })?;
+        same_hash(
+            ebpf,
+            "EDGE_ADDRS_V4",
+            &v4,
+            |a| a,
+            |index| EdgeAddr { index },
+        )?;
+        let apps: Array<&MapData, AppInfo> = Array::try_from(ebpf.map("APPS").context("APPS")?)?;
+        for (i, a) in plan.apps.iter().enumerate() {
+            if apps.get(&(i as u32), 0)? != *a {
+                bail!("APPS[{i}] differs from the plan");
+            }
+        }
+        let origins: Array<&MapData, OriginInfo> =
+            Array::try_from(ebpf.map("ORIGINS").context("ORIGINS")?)?;
+        for (i, o) in plan.origins.iter().enumerate() {
+            if origins.get(&(i as u32), 0)? != *o {
+                bail!("ORIGINS[{i}] differs from the plan");
+            }
+        }
+        let hints: Array<&MapData, u8> =
+            Array::try_from(ebpf.map("PORT_HINTS").context("PORT_HINTS")?)?;
+        for (i, h) in port_hints(&[plan]) {
+            if hints.get(&i, 0)? != h {
+                bail!("PORT_HINTS[{i}] differs from the plan");
+            }
+        }
+        let list: Array<&MapData, EdgeV4List> =
+            Array::try_from(ebpf.map("EDGE_V4_LIST").context("EDGE_V4_LIST")?)?;
+        if list.get(&0, 0)? != edge_v4_list(&v4) {
+            bail!("EDGE_V4_LIST differs from the plan");
+        }
+        let settings: Array<&MapData, Settings> =
+            Array::try_from(ebpf.map("SETTINGS").context("SETTINGS")?)?;
+        if settings.get(&0, 0)? != plan.settings {
+            bail!("SETTINGS differ from the plan");
+        }
+        for (name, rules) in [
+            ("RULES_V4", plan.rules_v4.len()),
+            ("RULES_V6", plan.rules_v6.len()),
+        ] {
+            let count = match name {
+                "RULES_V4" => {
+                    let t: LpmTrie<&MapData, [u8; 4], RuleVerdict> =
+                        LpmTrie::try_from(ebpf.map(name).context("RULES_V4")?)?;
+                    t.keys().count()
+                }
+                _ => {
+                    let t: LpmTrie<&MapData, [u8; 16], RuleVerdict> =
+                        LpmTrie::try_from(ebpf.map(name).context("RULES_V6")?)?;
+                    t.keys().count()
+                }
+            };
+            if count != rules {
+                bail!("{name}: {count} rules, the plan has {rules}");
+            }
+        }
+        Ok(())
     }
 
     fn write_plan(&mut self, old: &Plan, new: &Plan) -> anyhow::Result<()> {
@@ -356,6 +531,7 @@ impl Datapath {
                 Array::try_from(ebpf.map_mut("ORIGINS").context("ORIGINS")?)?;
             for (i, o) in new.origins.iter().enumerate() {
                 if old.origins.get(i) != Some(o) {
+                    faults::charge("ORIGINS")?;
                     origins.set(i as u32, *o, 0)?;
                 }
             }
@@ -374,6 +550,7 @@ impl Datapath {
                 Array::try_from(ebpf.map_mut("APPS").context("APPS")?)?;
             for (i, a) in new.apps.iter().enumerate() {
                 if old.apps.get(i) != Some(a) {
+                    faults::charge("APPS")?;
                     apps.set(i as u32, *a, 0)?;
                 }
             }
@@ -387,6 +564,7 @@ impl Datapath {
             let (new_v4, _) = split_edges(&new.edge_addrs);
             let mut list: Array<&mut MapData, EdgeV4List> =
                 Array::try_from(ebpf.map_mut("EDGE_V4_LIST").context("EDGE_V4_LIST")?)?;
+            faults::charge("EDGE_V4_LIST")?;
             list.set(0, edge_v4_list(&new_v4), 0)?;
         }
         // Removals last: nothing still configured disappears before its replacement.
@@ -397,6 +575,7 @@ impl Datapath {
         {
             let mut settings: Array<&mut MapData, Settings> =
                 Array::try_from(ebpf.map_mut("SETTINGS").context("SETTINGS")?)?;
+            faults::charge("SETTINGS")?;
             settings.set(0, new.settings, 0)?;
         }
         Ok(())
@@ -633,6 +812,7 @@ fn write_port_hints(
             new.get(&i).copied().unwrap_or(0),
         );
         if was != now {
+            faults::charge("PORT_HINTS")?;
             map.set(i, now, 0).context("writing PORT_HINTS")?;
         }
     }
@@ -648,6 +828,16 @@ enum Phase {
 }
 
 /// Writes one phase of the difference between two plans' entries of a hash map.
+/// A removal of a key that is not there (kernels answer ENOENT; aya says so for
+/// hash maps).
+fn is_not_found(err: &aya::maps::MapError) -> bool {
+    match err {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn write_hash<PK: Ord + Copy, K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &str,
@@ -663,6 +853,7 @@ fn write_hash<PK: Ord + Copy, K: aya::Pod, V: aya::Pod>(
         Phase::Upsert => {
             for (k, v) in new {
                 if old.get(k) != Some(v) {
+                    faults::charge(name)?;
                     map.insert(key(*k), value(*v), 0)
                         .with_context(|| format!("writing {name}"))?;
                 }
@@ -670,8 +861,14 @@ fn write_hash<PK: Ord + Copy, K: aya::Pod, V: aya::Pod>(
         }
         Phase::Remove => {
             for k in old.keys().filter(|k| !new.contains_key(*k)) {
-                map.remove(&key(*k))
-                    .with_context(|| format!("removing from {name}"))?;
+                faults::charge(name)?;
+                match map.remove(&key(*k)) {
+                    // Never written (a rollback of a plan that failed half way).
+                    Err(err) if !is_not_found(&err) => {
+                        return Err(err).with_context(|| format!("removing from {name}"));
+                    }
+                    _ => {}
+                }
             }
         }
     }
@@ -691,12 +888,19 @@ where
         LpmTrie::try_from(ebpf.map_mut(name).with_context(|| name.to_string())?)?;
     for ((prefix, net), verdict) in new {
         if old.get(&(*prefix, *net)) != Some(verdict) {
+            faults::charge(name)?;
             trie.insert(&lpm_trie::Key::new(*prefix, *net), *verdict, 0)?;
         }
     }
     let keep: HashSet<&(u32, [u8; N])> = new.keys().collect();
     for (prefix, net) in old.keys().filter(|k| !keep.contains(k)) {
-        trie.remove(&lpm_trie::Key::new(*prefix, *net))?;
+        faults::charge(name)?;
+        match trie.remove(&lpm_trie::Key::new(*prefix, *net)) {
+            Err(err) if !is_not_found(&err) => {
+                return Err(err).with_context(|| format!("removing from {name}"));
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
