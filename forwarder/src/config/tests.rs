@@ -461,6 +461,38 @@ fn mapped_ipv6_access_rules_are_ipv4_rules() {
     );
 }
 
+/// Whatever `run` would refuse, `check-config` refuses first: an SPP app and a NAT
+/// app sharing a UDP origin port, and more port entries than the datapath holds.
+#[test]
+fn check_config_refuses_what_the_datapath_cannot_hold() {
+    assert_problem(
+        &format!(
+            "{AGENT}[[apps]]\nid = \"a\"\nprotocol = \"udp/5000\"\norigin_direct = [\"udp://10.0.0.5:9000\"]\nproxy_protocol = \"simple\"\n\
+             [[apps]]\nid = \"b\"\nprotocol = \"udp/5001\"\norigin_direct = [\"udp://10.0.0.5:8990-9010\"]\nedge_ips = []\n"
+        ),
+        "app 'b' (apps[1])",
+        "origin_direct",
+        "shares UDP origin 10.0.0.5 port(s) 8990-9010 with app 'a' (apps[0])",
+    );
+    // Two SPP apps may share it (the flow in the header tells them apart).
+    parse_ok(&format!(
+        "{AGENT}[[apps]]\nid = \"a\"\nprotocol = \"udp/5000\"\norigin_direct = [\"udp://10.0.0.5:9000\"]\nproxy_protocol = \"simple\"\n\
+         [[apps]]\nid = \"b\"\nprotocol = \"udp/5001\"\norigin_direct = [\"udp://10.0.0.5:9000\"]\nproxy_protocol = \"simple\"\n"
+    ));
+    // 20 edge addresses × 55,536 ports > 1,048,576 entries.
+    let edges: Vec<String> = (1..=20).map(|i| format!("\"192.0.2.{i}\"")).collect();
+    assert_problem(
+        &format!(
+            "[agent]\ninterfaces = [\"eth0\"]\nedge_addresses = [{}]\n\
+             [[apps]]\nprotocol = \"tcp/10000-65535\"\norigin_direct = [\"tcp://10.0.0.5:10000-65535\"]\n",
+            edges.join(", ")
+        ),
+        "apps",
+        "protocol",
+        "need 1110720 (edge address, protocol, port) entries; the datapath holds 1048576",
+    );
+}
+
 #[test]
 fn ports_with_leading_zeros_are_refused() {
     assert_problem(

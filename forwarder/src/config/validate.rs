@@ -77,6 +77,8 @@ pub(crate) fn build(sections: &RawSections, problems: &mut Vec<Problem>) -> Conf
     validator.overlapping_apps(&apps);
     validator.pass_overlaps(&agent, &apps);
     validator.nat_port_overlaps(&agent, &apps);
+    validator.udp_return_paths(&apps);
+    validator.port_entries(&agent, &apps);
 
     Config {
         agent,
@@ -667,6 +669,80 @@ impl Validator<'_> {
                     ),
                 );
             }
+        }
+    }
+
+    /// Replies from one UDP origin port are read one way: an SPP app and a plain
+    /// NAT / v2 app may not share an origin address and port (the datapath would
+    /// not know which return path a reply takes).
+    fn udp_return_paths(&mut self, apps: &[IndexedApp]) {
+        let udp: Vec<&IndexedApp> = apps
+            .iter()
+            .filter(|a| a.app.protocol == Protocol::Udp)
+            .collect();
+        for (position, later) in udp.iter().enumerate() {
+            for earlier in &udp[..position] {
+                let (a, b) = (&earlier.app, &later.app);
+                if a.proxy_protocol.udp_returns_via_nat() == b.proxy_protocol.udp_returns_via_nat()
+                {
+                    continue;
+                }
+                for oa in &a.origins {
+                    for ob in b.origins.iter().filter(|ob| ob.addr == oa.addr) {
+                        if oa.ports.low <= ob.ports.high && ob.ports.low <= oa.ports.high {
+                            self.problem(
+                                &later.location(),
+                                "origin_direct",
+                                format!(
+                                    "shares UDP origin {} port(s) {} with {}, but only one of \
+                                     the two uses proxy_protocol = \"simple\"; give them \
+                                     different origin ports",
+                                    ob.addr,
+                                    ob.ports,
+                                    earlier.location()
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The datapath's port table holds `MAX_PORT_ENTRIES` (edge address, protocol,
+    /// port) entries. Where the edge addresses are known from the file (an app's
+    /// `edge_ips`, or `agent.edge_addresses`), a config that needs more is refused
+    /// here; otherwise `run` checks it once it knows the host's addresses.
+    fn port_entries(&mut self, agent: &AgentConfig, apps: &[IndexedApp]) {
+        let all_edges = agent.edge_addresses.len();
+        let mut total = 0u64;
+        for app in apps {
+            let edges = if !app.app.edge_ips.is_empty() {
+                app.app.edge_ips.len()
+            } else if all_edges > 0 {
+                all_edges
+            } else {
+                return;
+            };
+            total += edges as u64 * app.app.ports.len() as u64;
+        }
+        if all_edges > 0 {
+            total += agent
+                .pass
+                .iter()
+                .map(|p| all_edges as u64 * p.ports.len() as u64)
+                .sum::<u64>();
+        }
+        let max = u64::from(forwarder_common::MAX_PORT_ENTRIES);
+        if total > max {
+            self.problem(
+                "apps",
+                "protocol",
+                format!(
+                    "the apps and pass entries need {total} (edge address, protocol, port) \
+                     entries; the datapath holds {max}: use fewer ports or edge addresses"
+                ),
+            );
         }
     }
 

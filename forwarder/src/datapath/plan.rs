@@ -9,8 +9,8 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, bail};
 use forwarder_common::{
-    APP_PASS, AppInfo, MAX_APPS, MAX_EDGE_ADDRS, MAX_ORIGINS, MAX_RULES, OriginInfo, OriginPortKey,
-    PortKey, RULE_ALLOW, RULE_BLOCK, RuleVerdict, Settings,
+    APP_PASS, AppInfo, MAX_APPS, MAX_EDGE_ADDRS, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES,
+    OriginInfo, OriginPortKey, PortKey, RULE_ALLOW, RULE_BLOCK, RuleVerdict, Settings,
 };
 
 use crate::config::{Config, IpFamily, Protocol, ProxyProtocol, RuleAction};
@@ -290,6 +290,21 @@ impl Plan {
                 _pad: 0,
             };
             app_ids[app_index as usize] = app.id.clone();
+        }
+        if ports.len()
+            + config
+                .agent
+                .pass
+                .iter()
+                .map(|p| p.ports.len() as usize * plan.edge_addrs.len())
+                .sum::<usize>()
+            > MAX_PORT_ENTRIES as usize
+        {
+            bail!(
+                "the apps and pass entries need more than {MAX_PORT_ENTRIES} (edge address, \
+                 protocol, port) entries on this host's edge addresses; use fewer ports or \
+                 edge addresses"
+            );
         }
         for pass in &config.agent.pass {
             let proto = pass.protocol.ip_proto();
