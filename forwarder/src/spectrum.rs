@@ -48,8 +48,70 @@ pub fn why_ignored(field: &str) -> &'static str {
     }
 }
 
+/// Walks any JSON document and fails on an object with the same key twice, which a
+/// JSON value would keep silently (the last one wins).
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeysVisitor)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<NoDuplicateKeys, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<NoDuplicateKeys, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<NoDuplicateKeys, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<NoDuplicateKeys, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<NoDuplicateKeys, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<NoDuplicateKeys, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<NoDuplicateKeys, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<NoDuplicateKeys, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {key:?} appears twice in one object"
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(NoDuplicateKeys)
+    }
+}
+
 /// Converts Spectrum JSON into `[[apps]]` TOML.
 pub fn import(json: &str) -> anyhow::Result<Import> {
+    serde_json::from_str::<NoDuplicateKeys>(json).context("not valid JSON")?;
     let document: Value = serde_json::from_str(json).context("not valid JSON")?;
     let mut ignored = Vec::new();
     let apps: Vec<Value> = match document {
@@ -267,6 +329,20 @@ mod tests {
 
     fn wrap(toml: &str) -> String {
         format!("[agent]\ninterfaces = [\"eth0\"]\n\n{toml}")
+    }
+
+    #[test]
+    fn a_duplicate_key_is_an_error_naming_it() {
+        let json = r#"[{"protocol": "tcp/22", "protocol": "tcp/23", "origin_direct": ["tcp://192.0.2.1:22"]}]"#;
+        let err = format!("{:#}", import(json).expect_err("a duplicate key"));
+        assert!(
+            err.contains("the key \"protocol\" appears twice in one object")
+                && err.contains("line 1"),
+            "{err}"
+        );
+        // The same key in two objects is fine.
+        let json = r#"[{"protocol": "tcp/22", "origin_direct": ["tcp://192.0.2.1:22"]}, {"protocol": "tcp/23", "origin_direct": ["tcp://192.0.2.1:23"]}]"#;
+        import(json).expect("two apps");
     }
 
     #[test]
