@@ -20,6 +20,42 @@ use tcp_support::{config, init, origin_listener, set_linger_zero};
 const IDLE: usize = 3000;
 const SOFT_LIMIT: u64 = 1024;
 
+/// An origin on `listener` that greets every connection with `hi\n` and keeps it
+/// open, on one thread, until `stop` (or 120 s); returns how many it held.
+fn greeting_origin(
+    listener: std::net::TcpListener,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        use std::io::Write as _;
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut held = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.write_all(b"hi\n");
+                    held.push(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        held.len()
+    })
+}
+
+/// A connection to `edge` that got the origin's greeting through the proxy.
+fn greeted(edge: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&edge, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut greeting = [0u8; 3];
+    s.read_exact(&mut greeting)?;
+    if &greeting != b"hi\n" {
+        return Err(std::io::Error::other(format!("greeting {greeting:?}")));
+    }
+    Ok(s)
+}
+
 #[test]
 fn an_agent_started_under_a_soft_limit_of_1024_holds_3000_idle_connections() {
     if !require_root() {
@@ -33,25 +69,7 @@ fn an_agent_started_under_a_soft_limit_of_1024_holds_3000_idle_connections() {
     let listener = origin_listener(&lab, origin_addr);
     // The origin greets every connection and keeps it open, on one thread.
     let stop = Arc::new(AtomicBool::new(false));
-    let held = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            use std::io::Write as _;
-            listener.set_nonblocking(true).expect("nonblocking");
-            let mut held = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.write_all(b"hi\n");
-                        held.push(s);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-            held.len()
-        })
-    };
+    let held = greeting_origin(listener, stop.clone());
     let agent = AgentProcess::start_with_fd_limit(
         &lab,
         &config(
@@ -71,16 +89,7 @@ fn an_agent_started_under_a_soft_limit_of_1024_holds_3000_idle_connections() {
     );
 
     let edge = SocketAddr::from((EDGE_CLIENT_V4, 7300));
-    let connect_and_greet = move || -> std::io::Result<TcpStream> {
-        let mut s = TcpStream::connect_timeout(&edge, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut greeting = [0u8; 3];
-        s.read_exact(&mut greeting)?;
-        if &greeting != b"hi\n" {
-            return Err(std::io::Error::other(format!("greeting {greeting:?}")));
-        }
-        Ok(s)
-    };
+    let connect_and_greet = move || greeted(edge);
     let idle: Vec<TcpStream> = lab
         .client()
         .run_in(move || {
@@ -120,24 +129,7 @@ fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
     let lab = Lab::new().expect("lab");
     let listener = origin_listener(&lab, SocketAddr::from((ORIGIN_V4, 7301)));
     let stop = Arc::new(AtomicBool::new(false));
-    let held = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            use std::io::Write as _;
-            listener.set_nonblocking(true).expect("nonblocking");
-            let mut held = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.write_all(b"hi\n");
-                        held.push(s);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        })
-    };
+    let held = greeting_origin(listener, stop.clone());
     let agent = AgentProcess::start_with_fd_limits(
         &lab,
         &config(
@@ -151,13 +143,7 @@ fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
     .expect("forwarder run starts with a hard fd limit of 1024");
     const CAPACITY: usize = 384;
     let edge = SocketAddr::from((EDGE_CLIENT_V4, 7301));
-    let greet = move || -> std::io::Result<TcpStream> {
-        let mut s = TcpStream::connect_timeout(&edge, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut greeting = [0u8; 3];
-        s.read_exact(&mut greeting)?;
-        Ok(s)
-    };
+    let greet = move || greeted(edge);
     let mut idle: Vec<TcpStream> = lab
         .client()
         .run_in(move || {

@@ -164,14 +164,9 @@ pub async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tcp::test_util::pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-        let addr = listener.local_addr().unwrap();
-        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.unwrap(), b.unwrap().0)
-    }
 
     fn data(len: u32) -> Vec<u8> {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()

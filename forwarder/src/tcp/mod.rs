@@ -540,3 +540,16 @@ fn dispatch(
         local,
     ));
 }
+
+/// Helpers of the forwarding engines' unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Both ends of one loopback connection to `listener`.
+    pub async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+}

@@ -153,14 +153,9 @@ pub async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tcp::test_util::pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-        let addr = listener.local_addr().unwrap();
-        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.unwrap(), b.unwrap().0)
-    }
 
     #[tokio::test]
     async fn forwards_and_half_closes() {
