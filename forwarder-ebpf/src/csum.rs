@@ -3,7 +3,10 @@
 
 use aya_ebpf::{bindings::xdp_md, helpers::bpf_csum_diff, programs::XdpContext};
 
-use crate::parse::{ptr_at, ptr_at_mut, read_be16};
+use crate::{
+    addr,
+    parse::{ptr_at, ptr_at_mut, read_be16},
+};
 
 /// Folds a running sum to 16 bits.
 #[inline(always)]
@@ -61,28 +64,17 @@ pub fn native_words<const N: usize>(words: &[u16; N]) -> u64 {
     native
 }
 
-/// A 16-byte address as four 32-bit words.
-///
-/// Every address the program handles lives in a field at a 4-byte-aligned offset
-/// of a 4-byte-aligned struct (`Packet`, `FlowKey`, `NatKey`, `OriginInfo`), so the
-/// cast is aligned; reading words instead of bytes keeps sums and copies short.
-#[inline(always)]
-pub fn addr_words(a: &[u8; 16]) -> &[u32; 4] {
-    // SAFETY: same size, alignment 4 holds for every caller (see above).
-    unsafe { &*(a as *const [u8; 16] as *const [u32; 4]) }
-}
-
 /// Sum of a whole 16-byte address in the CPU's byte order (see `combine`).
 #[inline(always)]
 pub fn native_addr(a: &[u8; 16]) -> u64 {
-    let w = addr_words(a);
+    let w = addr::u32s(a);
     w[0] as u64 + w[1] as u64 + w[2] as u64 + w[3] as u64
 }
 
 /// Sum of the IPv4 part of an IPv4-mapped address in the CPU's byte order.
 #[inline(always)]
 pub fn native_addr_v4(a: &[u8; 16]) -> u64 {
-    addr_words(a)[3] as u64
+    addr::v4(a) as u64
 }
 
 /// Sum in the CPU's byte order of the addresses of a datagram of `family`, as its
@@ -120,29 +112,19 @@ pub fn is_partial(field: u16, pseudo_header_sum: u64) -> bool {
     field == fold(pseudo_header_sum)
 }
 
-/// Makes the UDP checksum of the segment at `l4` (`len` bytes) complete if it is
-/// only the pseudo-header sum `pseudo` (see `is_partial`): sums the segment and
-/// writes the full checksum into the frame. Returns false when the segment could
-/// not be summed (longer than `MAX_SUMMED_SEGMENT`).
+/// Completes the UDP checksum of the segment at `l4` (`len` bytes), whose field
+/// holds only the pseudo-header sum (the caller checked: see `is_partial`): the
+/// segment's sum with that field in place is the full sum, written into the frame.
+/// Returns false when the segment could not be summed (longer than
+/// `MAX_SUMMED_SEGMENT`).
 ///
 /// Not inlined on purpose: a BPF subprogram, so the verifier's many paths through
 /// the summing loop end at its return instead of multiplying the rest of the
 /// program.
 #[inline(never)]
-pub fn complete_partial(ctx: *mut xdp_md, l4: usize, len: usize, pseudo: u64) -> bool {
+pub fn complete_partial(ctx: *mut xdp_md, l4: usize, len: usize) -> bool {
     let ctx = XdpContext::new(ctx);
     let l4 = l4 & 0xfff;
-    let Some(field) = ptr_at_mut::<[u8; 2]>(&ctx, l4 + 6) else {
-        return false;
-    };
-    // SAFETY: bounds checked by ptr_at_mut.
-    let current = u16::from_be_bytes(unsafe { *field });
-    // 0: an IPv4 datagram without checksum (the pseudo-header sum is never 0).
-    if current == 0 || !is_partial(current, pseudo) {
-        return true;
-    }
-    // The field holds the pseudo-header sum: the segment's sum with it in place is
-    // the full sum.
     let Some(sum) = segment_sum(&ctx, l4, len) else {
         return false;
     };

@@ -108,9 +108,8 @@ pub fn insert(key: &FlowKey, state: &FlowState, nat: &mut NatKey) {
     unsafe {
         crate::udp::atomic_add(&raw mut (*theirs).packets_in, state.packets_in);
         crate::udp::atomic_add(&raw mut (*theirs).bytes_in, state.bytes_in);
-        if state.flags & FLOW_SPP == 0 && (*theirs).local_port != state.local_port {
-            nat.local_port = state.local_port;
-            release_nat_port(nat, key);
+        if (*theirs).local_port != state.local_port {
+            release_claim(key, nat, state.flags, state.local_port);
         }
     }
 }
@@ -119,21 +118,25 @@ pub fn insert(key: &FlowKey, state: &FlowState, nat: &mut NatKey) {
 /// did not leave: then there is no flow.
 #[inline(always)]
 pub fn abandon(key: &FlowKey, state: &FlowState, nat: &mut NatKey) {
-    if state.flags & FLOW_SPP == 0 {
-        nat.local_port = state.local_port;
-        release_nat_port(nat, key);
-    }
+    release_claim(key, nat, state.flags, state.local_port);
 }
 
 /// Removes the flow `key` and, for a NAT flow, its port claim (`nat.local` must hold
 /// the origin's local address).
 #[inline(always)]
 pub fn remove(key: &FlowKey, nat: &mut NatKey, flags: u32, local_port: u16) {
+    release_claim(key, nat, flags, local_port);
+    let _ = FLOWS.remove(key);
+}
+
+/// Gives back the NAT port `local_port` a flow with `flags` holds (SPP flows hold
+/// none) if it is still held for `key`.
+#[inline(always)]
+fn release_claim(key: &FlowKey, nat: &mut NatKey, flags: u32, local_port: u16) {
     if flags & FLOW_SPP == 0 {
         nat.local_port = local_port;
         release_nat_port(nat, key);
     }
-    let _ = FLOWS.remove(key);
 }
 
 /// Gives back the NAT port `nat` if it is still held for `key`.

@@ -10,6 +10,7 @@
 // the 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod addr;
 mod counters;
 mod csum;
 mod flow;

@@ -8,6 +8,8 @@ use core::mem::size_of;
 use aya_ebpf::programs::XdpContext;
 use forwarder_common::{PROTO_TCP, PROTO_UDP};
 
+use crate::addr;
+
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
@@ -53,18 +55,11 @@ pub fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
     ptr_at::<[u8; 2]>(ctx, offset).map(|p| u16::from_be_bytes(unsafe { *p }))
 }
 
-/// `Packet` addresses as words (they sit at 8-byte offsets of the struct).
-#[inline(always)]
-fn addr_words_mut(a: &mut [u8; 16]) -> &mut [u16; 8] {
-    // SAFETY: same size; `Packet` keeps its addresses 8-byte aligned.
-    unsafe { &mut *(a as *mut [u8; 16] as *mut [u16; 8]) }
-}
-
 /// Stores the IPv4 address at `offset` (inside the already bounds-checked header)
 /// as IPv4-mapped IPv6, a 16-bit word at a time (packet data is 2-byte aligned).
 #[inline(always)]
 fn set_mapped(a: &mut [u8; 16], ctx: &XdpContext, offset: usize) {
-    let w = addr_words_mut(a);
+    let w = addr::u16s_mut(a);
     let Some(p) = ptr_at::<[u16; 2]>(ctx, offset) else {
         return;
     };
@@ -76,7 +71,7 @@ fn set_mapped(a: &mut [u8; 16], ctx: &XdpContext, offset: usize) {
 /// Stores the IPv6 address at `offset` (inside the already bounds-checked header).
 #[inline(always)]
 fn set_v6(a: &mut [u8; 16], ctx: &XdpContext, offset: usize) {
-    let w = addr_words_mut(a);
+    let w = addr::u16s_mut(a);
     let Some(p) = ptr_at::<[u16; 8]>(ctx, offset) else {
         return;
     };

@@ -8,6 +8,7 @@ use forwarder_common::{
 };
 
 use crate::{
+    addr,
     counters::count_rule_hit,
     maps::{
         APPS, EDGE_ADDRS, EDGE_ADDRS_V4, EDGE_V4_LIST, ORIGIN_PORTS, PORT_HINTS, PORTS, RULES_V4,
@@ -45,13 +46,12 @@ pub fn is_neighbour_discovery(pkt: &Packet) -> bool {
     pkt.proto == PROTO_ICMPV6 && !pkt.fragment && (133..=137).contains(&pkt.sport)
 }
 
-/// The index of edge address `addr` (16-byte form), if it is one.
+/// The index of edge address `address` (16-byte form), if it is one.
 #[inline(always)]
-pub fn edge_index(addr: &[u8; 16]) -> Option<u32> {
-    let is_v4_mapped = addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff;
+pub fn edge_index(address: &[u8; 16]) -> Option<u32> {
     // SAFETY (both lookups): the value is copied out at once.
-    if is_v4_mapped {
-        let v4 = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    if addr::is_v4_mapped(address) {
+        let v4 = addr::v4(address);
         if let Some(list) = EDGE_V4_LIST.get(0)
             && list.count as usize <= EDGE_V4_INLINE
         {
@@ -64,7 +64,7 @@ pub fn edge_index(addr: &[u8; 16]) -> Option<u32> {
         }
         unsafe { EDGE_ADDRS_V4.get(&v4) }.map(|e| e.index)
     } else {
-        unsafe { EDGE_ADDRS.get(addr) }.map(|e| e.index)
+        unsafe { EDGE_ADDRS.get(address) }.map(|e| e.index)
     }
 }
 

@@ -15,7 +15,7 @@ use forwarder_common::{
 };
 
 use crate::{
-    csum,
+    addr, csum,
     parse::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, Packet, ptr_at, ptr_at_mut},
 };
 
@@ -215,13 +215,6 @@ fn words_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&mut [u16
     ptr_at_mut::<[u16; N]>(ctx, offset).map(|p| unsafe { &mut *p })
 }
 
-/// A 16-byte address (4-byte aligned, see `csum::addr_words`) as 16-bit words.
-#[inline(always)]
-fn addr16(a: &[u8; 16]) -> &[u16; 8] {
-    // SAFETY: same size; the address is at least 4-byte aligned.
-    unsafe { &*(a as *const [u8; 16] as *const [u16; 8]) }
-}
-
 /// A MAC of a `RouteCache` (at offsets 12 and 18 of a 4-byte aligned struct).
 #[inline(always)]
 fn mac16(m: &[u8; 6]) -> &[u16; 3] {
@@ -258,7 +251,7 @@ fn write_headers(
     } else {
         ETH_P_IPV6
     });
-    let (src, dst) = (addr16(rw.src), addr16(rw.dst));
+    let (src, dst) = (addr::u16s(rw.src), addr::u16s(rw.dst));
     let l4 = if rw.family == 4 {
         let h = words_at::<10>(ctx, ETH_HLEN)?;
         let total = 20 + udp_len;
@@ -292,7 +285,7 @@ fn write_headers(
     u[1] = be(rw.dport);
     u[2] = be(udp_len);
     u[3] = be(udp_csum);
-    let (client, edge) = (addr16(rw.client), addr16(rw.edge));
+    let (client, edge) = (addr::u16s(rw.client), addr::u16s(rw.edge));
     match rw.add {
         ProxyHeader::None => {}
         ProxyHeader::Spp => {

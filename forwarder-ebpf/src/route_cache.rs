@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{DropReason, ROUTE_EPOCH_INDEX, RouteCache};
 
-use crate::maps::ROUTE_EPOCH;
+use crate::{addr, maps::ROUTE_EPOCH};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -109,14 +109,12 @@ fn lookup(ctx: &XdpContext, p: &mut FibParams, q: &Query) -> Result<(), RouteErr
     p.__bindgen_anon_2.flowinfo = 0;
     if q.family == 4 {
         p.family = AF_INET;
-        p.__bindgen_anon_3.ipv4_src =
-            u32::from_ne_bytes([q.src[12], q.src[13], q.src[14], q.src[15]]);
-        p.__bindgen_anon_4.ipv4_dst =
-            u32::from_ne_bytes([q.dst[12], q.dst[13], q.dst[14], q.dst[15]]);
+        p.__bindgen_anon_3.ipv4_src = addr::v4(q.src);
+        p.__bindgen_anon_4.ipv4_dst = addr::v4(q.dst);
     } else {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = words(q.src);
-        p.__bindgen_anon_4.ipv6_dst = words(q.dst);
+        p.__bindgen_anon_3.ipv6_src = *addr::u32s(q.src);
+        p.__bindgen_anon_4.ipv6_dst = *addr::u32s(q.dst);
     }
     // SAFETY: `p` is a fully initialised request in map memory.
     let rc = unsafe {
@@ -135,14 +133,4 @@ fn lookup(ctx: &XdpContext, p: &mut FibParams, q: &Query) -> Result<(), RouteErr
         }
         _ => Err(RouteError::NoRoute),
     }
-}
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::parse::Packet;
+use crate::{addr, parse::Packet};
 
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -27,31 +27,16 @@ pub fn belongs_to_connection(ctx: &XdpContext, pkt: &Packet, tuple: &mut bpf_soc
         return false;
     }
     let size = if pkt.family == 4 {
-        tuple.__bindgen_anon_1.ipv4.saddr =
-            u32::from_ne_bytes([pkt.src[12], pkt.src[13], pkt.src[14], pkt.src[15]]);
-        tuple.__bindgen_anon_1.ipv4.daddr =
-            u32::from_ne_bytes([pkt.dst[12], pkt.dst[13], pkt.dst[14], pkt.dst[15]]);
+        tuple.__bindgen_anon_1.ipv4.saddr = addr::v4(&pkt.src);
+        tuple.__bindgen_anon_1.ipv4.daddr = addr::v4(&pkt.dst);
         tuple.__bindgen_anon_1.ipv4.sport = pkt.sport.to_be();
         tuple.__bindgen_anon_1.ipv4.dport = pkt.dport.to_be();
         core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
     } else {
-        for i in 0..4 {
-            let j = i * 4;
-            // SAFETY: writing plain integers into the union's IPv6 variant.
-            unsafe {
-                tuple.__bindgen_anon_1.ipv6.saddr[i] = u32::from_ne_bytes([
-                    pkt.src[j],
-                    pkt.src[j + 1],
-                    pkt.src[j + 2],
-                    pkt.src[j + 3],
-                ]);
-                tuple.__bindgen_anon_1.ipv6.daddr[i] = u32::from_ne_bytes([
-                    pkt.dst[j],
-                    pkt.dst[j + 1],
-                    pkt.dst[j + 2],
-                    pkt.dst[j + 3],
-                ]);
-            }
+        // SAFETY: writing plain integers into the union's IPv6 variant.
+        unsafe {
+            tuple.__bindgen_anon_1.ipv6.saddr = *addr::u32s(&pkt.src);
+            tuple.__bindgen_anon_1.ipv6.daddr = *addr::u32s(&pkt.dst);
         }
         tuple.__bindgen_anon_1.ipv6.sport = pkt.sport.to_be();
         tuple.__bindgen_anon_1.ipv6.dport = pkt.dport.to_be();

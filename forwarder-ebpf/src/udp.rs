@@ -116,7 +116,7 @@ fn complete_partial_checksum(ctx: &XdpContext, pkt: &Packet) -> bool {
     if field == 0 || !csum::is_partial(field, pseudo) {
         return true;
     }
-    csum::complete_partial(ctx.ctx, l4, udp_len as usize, pseudo)
+    csum::complete_partial(ctx.ctx, l4, udp_len as usize)
 }
 
 /// The flow a plain-NAT reply's destination port names (its key left in `s.key`).
