@@ -33,11 +33,8 @@ pub fn belongs_to_connection(ctx: &XdpContext, pkt: &Packet, tuple: &mut bpf_soc
         tuple.__bindgen_anon_1.ipv4.dport = pkt.dport.to_be();
         core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
     } else {
-        // SAFETY: writing plain integers into the union's IPv6 variant.
-        unsafe {
-            tuple.__bindgen_anon_1.ipv6.saddr = *addr::u32s(&pkt.src);
-            tuple.__bindgen_anon_1.ipv6.daddr = *addr::u32s(&pkt.dst);
-        }
+        tuple.__bindgen_anon_1.ipv6.saddr = *addr::u32s(&pkt.src);
+        tuple.__bindgen_anon_1.ipv6.daddr = *addr::u32s(&pkt.dst);
         tuple.__bindgen_anon_1.ipv6.sport = pkt.sport.to_be();
         tuple.__bindgen_anon_1.ipv6.dport = pkt.dport.to_be();
         core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
