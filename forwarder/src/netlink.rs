@@ -381,6 +381,11 @@ pub(crate) mod test_netns {
         }
     }
 
+    /// An address written in a test.
+    pub fn addr(text: &str) -> std::net::IpAddr {
+        text.parse().expect("test address")
+    }
+
     /// Runs `ip ARGS` in the calling thread's network namespace (a child process
     /// inherits the namespace of the thread that starts it).
     pub fn ip(args: &[&str]) {

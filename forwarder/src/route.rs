@@ -453,11 +453,7 @@ mod tests {
     use netlink_packet_route::neighbour::NeighbourAddress;
 
     use super::*;
-    use crate::netlink::test_netns::{in_new_netns, ip, veth_lab};
-
-    fn addr(text: &str) -> IpAddr {
-        text.parse().expect("test address")
-    }
+    use crate::netlink::test_netns::{addr, in_new_netns, ip, veth_lab};
 
     #[test]
     fn loopback_routes_through_lo() {

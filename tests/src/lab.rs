@@ -49,6 +49,14 @@ pub const EDGE_ORIGIN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1);
 /// Origin IPv6 address (on `oe`).
 pub const ORIGIN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2);
 /// The client ↔ edge IPv4 subnet (`/PREFIX_V4`).
+/// Every address of the edge: both veths, both families.
+pub const EDGE_ADDRESSES: [IpAddr; 4] = [
+    IpAddr::V4(EDGE_CLIENT_V4),
+    IpAddr::V4(EDGE_ORIGIN_V4),
+    IpAddr::V6(EDGE_CLIENT_V6),
+    IpAddr::V6(EDGE_ORIGIN_V6),
+];
+
 pub const CLIENT_NET_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 0);
 /// The edge ↔ origin IPv4 subnet (`/PREFIX_V4`).
 pub const ORIGIN_NET_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 0);

@@ -8,10 +8,10 @@ pub mod lab;
 pub mod spp_origin;
 
 pub use lab::{
-    CLIENT_NET_V4, CLIENT_NET_V6, CLIENT_V4, CLIENT_V6, EDGE_CLIENT_V4, EDGE_CLIENT_V6,
-    EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Ifaces, Lab, Netns, NsChild, NsTask, ORIGIN_NET_V4,
-    ORIGIN_NET_V6, ORIGIN_V4, ORIGIN_V6, OutputOk, PREFIX_V4, PREFIX_V6, Peers, Role, XdpStub,
-    cleanup_stale,
+    CLIENT_NET_V4, CLIENT_NET_V6, CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, EDGE_CLIENT_V4,
+    EDGE_CLIENT_V6, EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Ifaces, Lab, Netns, NsChild, NsTask,
+    ORIGIN_NET_V4, ORIGIN_NET_V6, ORIGIN_V4, ORIGIN_V6, OutputOk, PREFIX_V4, PREFIX_V6, Peers,
+    Role, XdpStub, cleanup_stale,
 };
 
 /// Environment variable `cargo xtask test` sets when it runs the root-only tests.

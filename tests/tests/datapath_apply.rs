@@ -9,10 +9,7 @@ use std::net::IpAddr;
 use forwarder::config::Config;
 use forwarder::datapath::{Datapath, Plan, faults};
 use forwarder::route::route_to;
-use forwarder_tests::{
-    EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Lab, ORIGIN_V4, ORIGIN_V6,
-    require_root,
-};
+use forwarder_tests::{EDGE_ADDRESSES, Lab, ORIGIN_V4, ORIGIN_V6, require_root};
 
 fn config(ec: &str, eo: &str, version: u8) -> String {
     let common = format!(
@@ -81,12 +78,7 @@ fn a_reload_failing_at_any_map_write_leaves_the_previous_maps() {
     let (ec, eo) = (ec.to_owned(), eo.to_owned());
     lab.edge()
         .run_in(move || {
-            let edges: Vec<IpAddr> = vec![
-                EDGE_CLIENT_V4.into(),
-                EDGE_ORIGIN_V4.into(),
-                EDGE_CLIENT_V6.into(),
-                EDGE_ORIGIN_V6.into(),
-            ];
+            let edges = EDGE_ADDRESSES;
             let parse = |v| Config::parse(&config(&ec, &eo, v)).expect("valid config");
             let mut datapath = Datapath::load().expect("load");
             let a = Plan::build(&parse(0), &edges, route_to).expect("plan A");

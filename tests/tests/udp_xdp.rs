@@ -21,8 +21,8 @@ use forwarder::wire::{ProxyKind, proxy_header, spp};
 use forwarder_common::{DropReason, FlowKey, FlowState};
 use forwarder_tests::frames::*;
 use forwarder_tests::{
-    CLIENT_V4, CLIENT_V6, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Lab,
-    ORIGIN_V4, ORIGIN_V6, require_root,
+    CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4,
+    EDGE_ORIGIN_V6, Lab, ORIGIN_V4, ORIGIN_V6, require_root,
 };
 
 const XDP_DROP: u32 = 1;
@@ -181,16 +181,6 @@ fn lab() -> (Lab, Wires) {
     (lab, wires)
 }
 
-/// The edge's addresses (both veths, both families).
-fn lab_edges() -> Vec<IpAddr> {
-    vec![
-        EDGE_CLIENT_V4.into(),
-        EDGE_ORIGIN_V4.into(),
-        EDGE_CLIENT_V6.into(),
-        EDGE_ORIGIN_V6.into(),
-    ]
-}
-
 /// The datapath loaded in the edge namespace with the test config and real routes.
 /// Only used on a thread inside that namespace.
 struct Harness {
@@ -209,7 +199,7 @@ impl Harness {
 
     fn with_config(w: &Wires, config: &str) -> Harness {
         let config = Config::parse(config).expect("valid config");
-        let edges = lab_edges();
+        let edges = EDGE_ADDRESSES;
         let plan = Plan::build(&config, &edges, route_to).expect("plan with the lab's routes");
         let mut datapath = Datapath::load().expect("load the eBPF object");
         datapath.apply(&plan).expect("fill maps");
@@ -225,7 +215,7 @@ impl Harness {
     /// Applies `config` as a reload would (the next plan from the current one).
     fn reload(&mut self, config: &str) {
         let config = Config::parse(config).expect("valid config");
-        let edges = lab_edges();
+        let edges = EDGE_ADDRESSES;
         let plan = Plan::rebuild(self.datapath.plan(), &config, &edges, route_to)
             .expect("plan with the lab's routes");
         self.datapath.apply(&plan).expect("fill maps");

@@ -87,11 +87,7 @@ mod netns_tests {
     use std::net::IpAddr;
 
     use super::interface_addresses;
-    use crate::netlink::test_netns::{in_new_netns, veth_lab};
-
-    fn ip(text: &str) -> IpAddr {
-        text.parse().expect("test address")
-    }
+    use crate::netlink::test_netns::{addr as ip, in_new_netns, veth_lab};
 
     #[test]
     fn lists_every_interface_with_its_addresses_ipv4_first() {

@@ -86,6 +86,28 @@ const LD_IMM64: u8 = 0x18;
 const CALL: u8 = 0x85;
 const EXIT: u8 = 0x95;
 
+/// Instructions that write `frame` at the packet start held in r2, as immediate
+/// stores of 4, 2 and 1 bytes (bounds checked by the caller).
+fn store_frame(frame: &[u8]) -> Vec<Insn> {
+    let len = frame.len();
+    let mut stores = Vec::new();
+    let mut off = 0usize;
+    while off + 4 <= len {
+        let w = u32::from_ne_bytes(frame[off..off + 4].try_into().expect("4 bytes"));
+        stores.push(insn(ST_W, 2, 0, off as i16, w as i32));
+        off += 4;
+    }
+    if off + 2 <= len {
+        let h = u16::from_ne_bytes(frame[off..off + 2].try_into().expect("2 bytes"));
+        stores.push(insn(ST_H, 2, 0, off as i16, h as i32));
+        off += 2;
+    }
+    if off < len {
+        stores.push(insn(ST_B, 2, 0, off as i16, frame[off] as i32));
+    }
+    stores
+}
+
 /// `union bpf_attr` for `BPF_MAP_CREATE`.
 #[repr(C)]
 #[derive(Default)]
@@ -299,21 +321,7 @@ impl RawProg {
         if len > 1500 {
             bail!("generator frame of {len} bytes is too long");
         }
-        let mut body = Vec::new();
-        let mut off = 0usize;
-        while off + 4 <= len {
-            let w = u32::from_ne_bytes(frame[off..off + 4].try_into().expect("4 bytes"));
-            body.push(insn(ST_W, 2, 0, off as i16, w as i32));
-            off += 4;
-        }
-        if off + 2 <= len {
-            let h = u16::from_ne_bytes(frame[off..off + 2].try_into().expect("2 bytes"));
-            body.push(insn(ST_H, 2, 0, off as i16, h as i32));
-            off += 2;
-        }
-        if off < len {
-            body.push(insn(ST_B, 2, 0, off as i16, frame[off] as i32));
-        }
+        let body = store_frame(frame);
         let mut p = vec![
             // r2 = ctx->data; r3 = ctx->data_end
             insn(LDX_W, 2, 1, 0, 0),
@@ -387,20 +395,7 @@ impl RawProg {
         ]);
         to_abort.push(p.len());
         p.push(insn(JGT_REG, 4, 3, 0, 0));
-        let mut off = 0usize;
-        while off + 4 <= len {
-            let w = u32::from_ne_bytes(frame[off..off + 4].try_into().expect("4 bytes"));
-            p.push(insn(ST_W, 2, 0, off as i16, w as i32));
-            off += 4;
-        }
-        if off + 2 <= len {
-            let h = u16::from_ne_bytes(frame[off..off + 2].try_into().expect("2 bytes"));
-            p.push(insn(ST_H, 2, 0, off as i16, h as i32));
-            off += 2;
-        }
-        if off < len {
-            p.push(insn(ST_B, 2, 0, off as i16, frame[off] as i32));
-        }
+        p.extend(store_frame(frame));
         if counter.is_some() {
             // UDP source port (offset 34) := n (its bytes as they fall: any order
             // makes distinct ports); last address byte (offset 29) := n >> 16.
