@@ -19,8 +19,18 @@ pub const MAX_ORIGINS: u32 = 16384;
 pub const MAX_EDGE_ADDRS: u32 = 1024;
 pub const MAX_RULES: u32 = 16384;
 pub const MAX_PORT_ENTRIES: u32 = 1 << 20;
-/// Default capacity of the UDP flow table (the agent may size it from config).
+/// Capacity of the table of assured UDP flows (`FLOWS`: flows whose client spoke
+/// again after the origin answered). Never evicted by the datapath: only the agent
+/// ends these flows (idle timeout, reload).
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of the table of new UDP flows (`NEW_FLOWS`: not yet assured). An LRU:
+/// a flood of one-way flows churns this table and nothing else.
+pub const MAX_NEW_FLOWS: u32 = 65_536;
+/// Capacity of `NAT_PORTS`: one claim per (origin-side address, port) in use.
+pub const MAX_NAT_CLAIMS: u32 = MAX_FLOWS + MAX_NEW_FLOWS;
+/// Capacity of `SOURCE_WINDOWS` (per-source new-flow limit): an LRU, so a flood
+/// of random sources forgets old ones rather than failing.
+pub const MAX_SOURCE_WINDOWS: u32 = 65_536;
 
 /// `PortTarget::app` value of a `pass` entry: hand the packet to the kernel as is.
 pub const APP_PASS: u32 = u32::MAX;
@@ -45,10 +55,13 @@ pub enum DropReason {
     /// Not in SPEC §6's list: the origin (or, on the way back, the client) has no
     /// route or no resolved neighbour from the XDP program's point of view.
     NoRoute = 10,
+    /// Not in SPEC §6's list: a client source (its /32, or /64 for IPv6) opened
+    /// more new UDP flows in the current second than `udp_new_flows_per_source`.
+    SourceLimit = 11,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::Fragment,
@@ -61,6 +74,7 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::Spoofed,
         DropReason::NoRoute,
+        DropReason::SourceLimit,
     ];
 
     /// The `reason` label value.
@@ -77,6 +91,7 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::Spoofed => "spoofed",
             DropReason::NoRoute => "no_route",
+            DropReason::SourceLimit => "source_limit",
         }
     }
 }
@@ -320,6 +335,9 @@ pub struct Settings {
     /// Bumped by the agent on every applied config (written after all other maps):
     /// a UDP flow classified under another generation is classified again.
     pub generation: u32,
+    /// New UDP flows a client source (/32, or /64 for IPv6) may open per second;
+    /// 0: no limit.
+    pub new_flows_per_source: u32,
 }
 
 /// `ROUTE_EPOCH[0]`: bumped by the agent when routes, neighbours, addresses or links
@@ -391,7 +409,8 @@ pub struct FlowState {
     pub generation: u32,
     /// The access rule the client matched (`RULE_NONE`: none), counted per packet.
     pub rule: u32,
-    pub _pad: u32,
+    /// `ADMISSION_*`: how far the flow has come towards being assured.
+    pub admission: u32,
     /// Cached egress towards the client (towards the origin: `ORIGIN_ROUTES`).
     pub to_client: RouteCache,
 }
@@ -406,6 +425,69 @@ pub const FLOW_V2_HEADER_SENT: u32 = 1;
 pub const FLOW_SPP: u32 = 2;
 /// The flow's app uses PROXY v2 (a NAT port, and a header on the first datagram).
 pub const FLOW_V2: u32 = 4;
+
+/// `FlowState::admission` of a flow in `NEW_FLOWS` the origin has not answered.
+pub const ADMISSION_NEW: u32 = 0;
+/// A flow in `NEW_FLOWS` the origin has answered: the client's next datagram
+/// promotes it to `FLOWS` (the conntrack rule for UDP: traffic after a reply).
+pub const ADMISSION_REPLIED: u32 = 1;
+/// A flow in `FLOWS` (assured).
+pub const ADMISSION_ASSURED: u32 = 2;
+
+/// Value of `NAT_PORTS`: who holds an origin-side port, and how firmly. `state`
+/// is changed only by compare-and-swap, so exactly one CPU wins a port that is
+/// being reclaimed or promoted.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatClaim {
+    pub owner: FlowKey,
+    pub _pad: u32,
+    /// `CLAIM_*`.
+    pub state: u64,
+}
+
+/// `NatClaim::state`: claimed by a flow whose first datagram is being sent (not
+/// yet in a table): never reclaimed.
+pub const CLAIM_PENDING: u64 = 1;
+/// Held by a flow in `NEW_FLOWS`, or left by one the LRU evicted: reclaimable
+/// when the pool runs out (an orphan — owner in no table — at once).
+pub const CLAIM_NEW: u64 = 2;
+/// Held by an assured flow: never reclaimed; the agent releases it when the flow
+/// ends.
+pub const CLAIM_ASSURED: u64 = 3;
+
+/// Per-CPU counters of flow admission, indexed by `FlowCounter`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowCounter {
+    /// A new flow entered `NEW_FLOWS`.
+    Admitted = 0,
+    /// A flow moved from `NEW_FLOWS` to `FLOWS`.
+    Promoted = 1,
+    /// A new flow was removed to free its NAT port for another new flow.
+    Reclaimed = 2,
+    /// A flow was removed because a reload gave its port to another app or mode.
+    Replaced = 3,
+    /// A promotion failed because `FLOWS` was full (the flow stays new).
+    AssuredFull = 4,
+}
+
+impl FlowCounter {
+    pub const COUNT: usize = 5;
+}
+
+/// Key of `SOURCE_WINDOWS`: a client source, IPv4 /32 as `ff ff ff ff a b c d`,
+/// IPv6 as its first 8 bytes (/64).
+pub type SourceKey = [u8; 8];
+
+/// Value of `SOURCE_WINDOWS`: new flows the source opened in the one-second window
+/// that began at `start_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SourceWindow {
+    pub start_ns: u64,
+    pub count: u64,
+}
 
 /// Key of `NAT_PORTS`: the agent's (local address, local port) of a plain-NAT or v2
 /// flow. Ports are unique per local address among live flows; the value names the
@@ -467,6 +549,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatClaim {}
+    unsafe impl aya::Pod for SourceWindow {}
     unsafe impl aya::Pod for EdgeV4List {}
     unsafe impl aya::Pod for RouteCache {}
 }
@@ -494,7 +578,9 @@ mod tests {
         assert_eq!(size_of::<RouteCache>(), 24);
         assert_eq!(size_of::<FlowState>(), 96);
         assert_eq!(size_of::<NatKey>(), 20);
-        assert_eq!(size_of::<Settings>(), 12);
+        assert_eq!(size_of::<Settings>(), 16);
+        assert_eq!(size_of::<NatClaim>(), 48);
+        assert_eq!(size_of::<SourceWindow>(), 16);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Per-CPU counters: no atomics needed, the agent sums the CPUs at read time.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use forwarder_common::{Counters, DropReason};
+use forwarder_common::{Counters, DropReason, FlowCounter};
 
-use crate::maps::{APP_STATS, DROPS, IFACE_STATS, RULE_HITS};
+use crate::maps::{APP_STATS, DROPS, FLOW_COUNTERS, IFACE_STATS, RULE_HITS};
 
 /// Counts a drop and returns the verdict, so call sites read `return drop(reason)`.
 #[inline(always)]
@@ -17,6 +17,15 @@ pub fn drop(reason: DropReason) -> u32 {
 pub fn count_drop(reason: DropReason) {
     if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts a flow admission event.
+#[inline(always)]
+pub fn count_flow(event: FlowCounter) {
+    if let Some(c) = FLOW_COUNTERS.get_ptr_mut(event as u32) {
+        // SAFETY: per-CPU slot.
         unsafe { *c += 1 };
     }
 }

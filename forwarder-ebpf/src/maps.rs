@@ -7,10 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 use forwarder_common::{
-    AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowKey, FlowState, MAX_APPS,
-    MAX_EDGE_ADDRS, MAX_FLOWS, MAX_IFINDEX, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES, NatKey,
-    OriginInfo, OriginPortKey, OriginPortTarget, PORT_HINTS_LEN, PortKey, PortTarget, RouteCache,
-    RuleVerdict, Settings,
+    AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState,
+    MAX_APPS, MAX_EDGE_ADDRS, MAX_FLOWS, MAX_IFINDEX, MAX_NAT_CLAIMS, MAX_NEW_FLOWS, MAX_ORIGINS,
+    MAX_PORT_ENTRIES, MAX_RULES, MAX_SOURCE_WINDOWS, NatClaim, NatKey, OriginInfo, OriginPortKey,
+    OriginPortTarget, PORT_HINTS_LEN, PortKey, PortTarget, RouteCache, RuleVerdict, Settings,
+    SourceKey, SourceWindow,
 };
 
 /// IPv6 edge addresses → their index.
@@ -85,13 +86,32 @@ pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_RULES
 #[map]
 pub static IFACE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_IFINDEX, 0);
 
-/// Live UDP flows, keyed as the client sees them.
+/// Assured UDP flows (the client spoke again after the origin answered), keyed as
+/// the client sees them. Not an LRU: nothing the datapath does evicts them; the
+/// agent ends them when idle.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+pub static FLOWS: HashMap<FlowKey, FlowState> = HashMap::with_max_entries(MAX_FLOWS, 0);
 
-/// Return path of UDP flows: (origin, agent's local address and port) → flow.
+/// New UDP flows, not yet assured. An LRU of its own: a flood of one-way flows
+/// evicts only other new flows.
 #[map]
-pub static NAT_PORTS: LruHashMap<NatKey, FlowKey> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+pub static NEW_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(MAX_NEW_FLOWS, 0);
+
+/// Return path of plain-NAT and v2 flows: (origin-side address, port) → the flow
+/// holding it (see `NatClaim`).
+#[map]
+pub static NAT_PORTS: HashMap<NatKey, NatClaim> = HashMap::with_max_entries(MAX_NAT_CLAIMS, 0);
+
+/// Flow admission events, indexed by `FlowCounter`.
+#[map]
+pub static FLOW_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(FlowCounter::COUNT as u32, 0);
+
+/// New flows per client source in the current second (`udp_new_flows_per_source`).
+#[map]
+pub static SOURCE_WINDOWS: LruHashMap<SourceKey, SourceWindow> =
+    LruHashMap::with_max_entries(MAX_SOURCE_WINDOWS, 0);
 
 /// One listening socket per TCP app, indexed by app (sk_lookup steering).
 #[map]

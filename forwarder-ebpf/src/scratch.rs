@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::PerCpuArray,
 };
-use forwarder_common::{FlowKey, FlowState, NatKey};
+use forwarder_common::{FlowKey, FlowState, NatClaim, NatKey};
 
 use crate::parse::Packet;
 
@@ -21,8 +21,10 @@ pub struct Scratch {
     pub flow_missed: bool,
     /// Lookup key of the NAT return path.
     pub nat: NatKey,
-    /// A new flow's state before it is inserted.
+    /// A new flow's state before it is inserted (or a promoted flow's copy).
     pub flow: FlowState,
+    /// A new NAT port claim's value before it is inserted.
+    pub claim: NatClaim,
     pub fib: bpf_fib_lookup,
     pub tuple: bpf_sock_tuple,
 }

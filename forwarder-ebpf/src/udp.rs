@@ -12,9 +12,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use forwarder_common::{
-    AppInfo, DIR_EGRESS, DIR_INGRESS, DropReason, FLOW_SPP, FLOW_V2, FLOW_V2_HEADER_SENT,
-    FlowState, HINT_EDGE_PORT, HINT_ORIGIN_PORT, PROTO_UDP, ProxyMode, RULE_NONE, RouteCache,
-    SPP_CLIENT_ADDR, SPP_CLIENT_PORT, SPP_HEADER_LEN, SPP_MAGIC, SPP_PROXY_ADDR, SPP_PROXY_PORT,
+    ADMISSION_NEW, ADMISSION_REPLIED, AppInfo, DIR_EGRESS, DIR_INGRESS, DropReason, FLOW_SPP,
+    FLOW_V2, FLOW_V2_HEADER_SENT, FlowState, HINT_EDGE_PORT, HINT_ORIGIN_PORT,
+    PROTO_UDP, ProxyMode, RULE_NONE, RouteCache, SPP_CLIENT_ADDR, SPP_CLIENT_PORT,
+    SPP_HEADER_LEN, SPP_MAGIC, SPP_PROXY_ADDR, SPP_PROXY_PORT,
 };
 
 use crate::{
@@ -74,7 +75,11 @@ pub fn established(ctx: &XdpContext, s: &mut Scratch) -> Option<u32> {
                 if rule != RULE_NONE {
                     count_rule_hit(rule);
                 }
-                return Some(forward_to_origin(ctx, s, flow));
+                match settle(s, flow) {
+                    Some(flow) => return Some(forward_to_origin(ctx, s, flow)),
+                    // Its NAT port was reclaimed: the datagram starts a new flow.
+                    None => s.flow_missed = true,
+                }
             }
         }
     }
@@ -96,6 +101,17 @@ pub fn established(ctx: &XdpContext, s: &mut Scratch) -> Option<u32> {
         return None;
     }
     Some(forward_to_client(ctx, s, flow))
+}
+
+/// A client datagram for `flow`: a new flow the origin has answered is promoted
+/// first (see `flow`). `None`: the flow lost its NAT port and is gone.
+#[inline(always)]
+fn settle(s: &mut Scratch, flow: *mut FlowState) -> Option<*mut FlowState> {
+    // SAFETY: a live map value; a plain read.
+    if unsafe { (*flow).admission } != ADMISSION_REPLIED {
+        return Some(flow);
+    }
+    flow::promote(&s.key, flow, &mut s.nat, &mut s.flow)
 }
 
 /// Completes the UDP checksum in the frame if the sender left only the
@@ -131,7 +147,7 @@ fn nat_flow(s: &mut Scratch) -> Option<*mut FlowState> {
     s.nat.local_port = port;
     s.nat._pad = 0;
     // SAFETY: copied out at once.
-    s.key = *unsafe { NAT_PORTS.get(&s.nat) }?;
+    s.key = unsafe { NAT_PORTS.get(&s.nat) }?.owner;
     flow::lookup(&s.key)
 }
 
@@ -156,15 +172,18 @@ pub fn to_origin(ctx: &XdpContext, s: &mut Scratch, app: u32, info: &AppInfo, ru
             if (*flow).app == app && (*flow).flags & (FLOW_SPP | FLOW_V2) == mode_flags(info) {
                 (*flow).generation = generation;
                 (*flow).rule = rule;
-                return forward_to_origin(ctx, s, flow);
+                if let Some(flow) = settle(s, flow) {
+                    return forward_to_origin(ctx, s, flow);
+                }
+            } else {
+                // A reload gave the port to another app or mode: the old flow ends
+                // (the agent sees it gone) and a new one begins.
+                let Some(origin) = ORIGINS.get((*flow).origin) else {
+                    return drop(DropReason::NoFlow);
+                };
+                s.nat.local = origin.local;
+                flow::remove(&s.key, &mut s.nat, flow);
             }
-            // A reload gave the port to another app or mode: the old flow ends
-            // (the agent sees it gone) and a new one begins.
-            let Some(origin) = ORIGINS.get((*flow).origin) else {
-                return drop(DropReason::NoFlow);
-            };
-            s.nat.local = origin.local;
-            flow::remove(&s.key, &mut s.nat, (*flow).flags, (*flow).local_port);
         }
     }
     first_datagram(ctx, s, app, info, generation, rule)
@@ -182,15 +201,21 @@ fn first_datagram(
     generation: u32,
     rule: u32,
 ) -> u32 {
+    let now = flow::now_ns();
+    if !flow::within_source_limit(&s.pkt, now) {
+        return drop(DropReason::SourceLimit);
+    }
     if flow::prepare(
         ctx,
         &mut s.flow,
         &mut s.nat,
+        &mut s.claim,
         &s.key,
         app,
         info,
         generation,
         rule,
+        now,
     )
     .is_none()
     {
@@ -406,10 +431,13 @@ fn forward_to_client(ctx: &XdpContext, s: &mut Scratch, flow: *mut FlowState) ->
         Ok(sent) => sent,
         Err(Refused { reason, .. }) => return drop(reason),
     };
-    // SAFETY: as in forward_to_origin.
+    // SAFETY: as in forward_to_origin; a plain store of a constant.
     unsafe {
         atomic_add(&raw mut (*flow).packets_out, 1);
         atomic_add(&raw mut (*flow).bytes_out, payload);
+        if (*flow).admission == ADMISSION_NEW {
+            (*flow).admission = ADMISSION_REPLIED;
+        }
     }
     count_app(app, DIR_EGRESS, payload);
     transmit(ctx, ifindex)

@@ -24,7 +24,7 @@ use crate::route::{
 };
 use crate::stats::StatsSnapshot;
 use crate::tcp::TcpProxy;
-use crate::udp_flows::UdpFlowTracker;
+use crate::udp_flows::{FlowTables, UdpFlowStats};
 
 /// Options of `forwarder run` besides the config.
 #[derive(Debug, Clone)]
@@ -45,7 +45,9 @@ pub struct Agent {
     sysctls: Vec<SysctlChange>,
     /// The event log (`agent.event_log`), shared with the TCP proxy.
     events: EventLog,
-    udp_flows: UdpFlowTracker,
+    /// What the last UDP flow scan found (the scan itself runs without the lock,
+    /// see `run_flow_scans`).
+    udp_flows: UdpFlowStats,
     /// TCP apps: one listener per app, the proxied connections (SPEC §4).
     tcp: TcpProxy,
     /// Connection counts and analytics from the events (an event log observer).
@@ -87,7 +89,7 @@ impl Agent {
             neighbours,
             sysctls,
             events,
-            udp_flows: UdpFlowTracker::default(),
+            udp_flows: UdpFlowStats::default(),
             tcp,
             event_stats,
             filtered: FilteredSummary::default(),
@@ -144,14 +146,66 @@ impl Agent {
         self.datapath.take_route_epoch()
     }
 
-    /// Announces new UDP flows and ends idle ones (see `udp_flows`).
-    pub fn scan_udp_flows(&mut self) -> anyhow::Result<()> {
-        self.udp_flows.scan(
-            &mut self.datapath,
-            &self.config,
-            self.config.agent.udp_idle_timeout,
-            &self.events,
-        )
+    /// Reads the UDP flow tables and what a scan needs to describe them (the
+    /// first step of a scan, see `udp_flows`).
+    pub fn read_flow_tables(&mut self) -> anyhow::Result<FlowTables> {
+        // The counters before the tables: a flow admitted in between is then
+        // live but not yet counted, which can only undercount evictions.
+        let counters = self.datapath.flow_counters()?;
+        let flows = self.datapath.udp_flows()?;
+        let (removed, removed_new) = self.datapath.take_removed_flows();
+        let proxies: BTreeMap<&str, &str> = self
+            .config
+            .apps
+            .iter()
+            .map(|a| (a.id.as_str(), a.proxy_protocol.as_str()))
+            .collect();
+        let (apps, origins) = match self.datapath.plan() {
+            Some(plan) => (
+                plan.app_ids
+                    .iter()
+                    .map(|id| {
+                        let proxy = proxies.get(id.as_str()).copied().unwrap_or_default();
+                        (id.clone(), proxy.to_string())
+                    })
+                    .collect(),
+                plan.origins
+                    .iter()
+                    .map(|o| crate::udp_flows::ip_from16(o.addr))
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        Ok(FlowTables {
+            flows,
+            counters,
+            removed_new,
+            removed,
+            apps,
+            origins,
+            udp_apps: self
+                .config
+                .apps
+                .iter()
+                .filter(|a| a.protocol == Protocol::Udp)
+                .map(|a| a.id.clone())
+                .collect(),
+            idle: self.config.agent.udp_idle_timeout,
+        })
+    }
+
+    /// Ends the idle flows a scan found (their events are written by the scan).
+    pub fn end_udp_flows(&mut self, flows: &[(forwarder_common::FlowKey, forwarder_common::FlowState)]) {
+        for (key, state) in flows {
+            if let Err(err) = self.datapath.remove_udp_flow(key, state) {
+                warn!("ending an idle UDP flow failed: {err:#}");
+            }
+        }
+    }
+
+    /// Keeps what the last scan found, for `snapshot`.
+    pub fn set_udp_flow_stats(&mut self, stats: UdpFlowStats) {
+        self.udp_flows = stats;
     }
 
     /// Emits a `clientFiltered` event for the firewall drops since the last call.
@@ -182,11 +236,12 @@ impl Agent {
             .map(|a| (a.id.clone(), a.protocol.as_str().to_string()))
             .collect();
         let mut snapshot = StatsSnapshot::from_datapath(&counters, &protocols);
-        for (id, live) in self.udp_flows.live() {
+        for (id, live) in &self.udp_flows.live {
             if let Some(app) = snapshot.apps.get_mut(id) {
                 app.live = *live;
             }
         }
+        snapshot.udp_flows = self.udp_flows.clone();
         // TCP: XDP counts a TCP app's packets, the proxy its payload bytes and
         // connections.
         for (id, tcp) in self.tcp.stats() {
@@ -371,20 +426,15 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         .take_route_epoch()?;
     let route_follower = tokio::spawn(crate::route::follow_route_changes(route_epoch));
 
-    let scan_agent = agent.clone();
-    let flow_scanner = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(crate::udp_flows::SCAN_INTERVAL);
-        loop {
-            tick.tick().await;
-            let Ok(mut guard) = scan_agent.lock() else {
-                return;
-            };
-            let Some(agent) = guard.as_mut() else { return };
-            if let Err(err) = agent.scan_udp_flows() {
-                error!("UDP flow scan failed: {err:#}");
-            }
-        }
-    });
+    let stop_scans = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flow_scanner = {
+        let agent = agent.clone();
+        let stop = stop_scans.clone();
+        std::thread::Builder::new()
+            .name("udp-flow-scan".into())
+            .spawn(move || run_flow_scans(&agent, &stop))
+            .context("starting the UDP flow scanner")?
+    };
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -421,7 +471,10 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
     }
     info!("shutting down");
-    flow_scanner.abort();
+    stop_scans.store(true, std::sync::atomic::Ordering::SeqCst);
+    if flow_scanner.join().is_err() {
+        error!("the UDP flow scanner panicked");
+    }
     route_follower.abort();
     let mut agent = agent
         .lock()
@@ -432,6 +485,78 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     agent.shutdown()?;
     info!("detached; bye");
     Ok(())
+}
+
+/// Removals done per hold of the agent's lock (each is a system call or two), so
+/// `stats` and `/metrics` never wait long behind a scan that ends many flows.
+const REMOVALS_PER_LOCK: usize = 1024;
+
+/// The UDP flow scanner (its own thread: a scan of full tables is milliseconds of
+/// CPU the async workers should not wait for). Each scan holds the agent's lock
+/// only to read the tables, to remove idle flows (in chunks) and to store the
+/// result; announcing, ending and accounting happen outside it.
+fn run_flow_scans(agent: &Mutex<Option<Agent>>, stop: &std::sync::atomic::AtomicBool) {
+    let mut tracker = crate::udp_flows::UdpFlowTracker::default();
+    let mut next = std::time::Instant::now();
+    let with_agent = |f: &mut dyn FnMut(&mut Agent)| -> bool {
+        match agent.lock() {
+            Ok(mut guard) => match guard.as_mut() {
+                Some(agent) => {
+                    f(agent);
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        }
+    };
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        next += crate::udp_flows::SCAN_INTERVAL;
+        // Sleep in short steps so a shutdown is not kept waiting.
+        while std::time::Instant::now() < next {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50).min(next - std::time::Instant::now()));
+        }
+        let started = std::time::Instant::now();
+        let mut read = None;
+        let mut events = None;
+        if !with_agent(&mut |a| {
+            read = Some(a.read_flow_tables());
+            events = Some(a.events().clone());
+        }) {
+            return;
+        }
+        let (Some(read), Some(events)) = (read, events) else {
+            return;
+        };
+        let tables = match read {
+            Ok(tables) => tables,
+            Err(err) => {
+                error!("UDP flow scan failed: {err:#}");
+                continue;
+            }
+        };
+        let outcome = tracker.scan(
+            &tables,
+            crate::udp_flows::monotonic_ns(),
+            std::time::SystemTime::now(),
+        );
+        for event in &outcome.events {
+            events.emit(event);
+        }
+        for chunk in outcome.ended.chunks(REMOVALS_PER_LOCK) {
+            if !with_agent(&mut |a| a.end_udp_flows(chunk)) {
+                return;
+            }
+        }
+        let mut stats = tracker.stats(&tables);
+        stats.scan_seconds = started.elapsed().as_secs_f64();
+        if !with_agent(&mut |a| a.set_udp_flow_stats(stats.clone())) {
+            return;
+        }
+    }
 }
 
 /// Parses `--drain` and other command-line durations ("10s", "500ms", "2m").

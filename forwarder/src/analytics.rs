@@ -291,12 +291,14 @@ impl EventStats {
         let now = self.second(at);
         let duration = event_duration(event);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // A summary line stands for the flows it counts.
+        let stands_for = event.flows.unwrap_or(1);
         if event.event != EventKind::ClientFiltered {
             let totals = inner.totals.entry(event.application.clone()).or_default();
             *totals
                 .0
                 .entry((event.event.as_str().to_string(), event.status))
-                .or_insert(0) += 1;
+                .or_insert(0) += stands_for;
             if let Some(d) = duration {
                 totals.1.observe(d.as_secs_f64());
             }
@@ -310,7 +312,7 @@ impl EventStats {
         // A clientFiltered summary stands for the packets it counts.
         let count = match event.event {
             EventKind::ClientFiltered => event.client_packets.unwrap_or(1),
-            _ => 1,
+            _ => stands_for,
         };
         match group.seconds.back_mut() {
             Some(last) if last.at == now => {
@@ -491,6 +493,7 @@ impl FilteredSummary {
             status: crate::events::status::CLIENT_BLOCKED,
             connect_timestamp: None,
             disconnect_timestamp: None,
+            flows: None,
         })
     }
 }
@@ -526,6 +529,7 @@ mod tests {
             },
             connect_timestamp: secs.map(|s| at(s.0)),
             disconnect_timestamp: secs.map(|s| at(s.1)),
+            flows: None,
         }
     }
 

@@ -30,10 +30,14 @@ pub mod status {
     pub const ORIGIN_CONNECT_TIMEOUT: u16 = 522;
     pub const ORIGIN_UNREACHABLE: u16 = 523;
     pub const UNKNOWN: u16 = 999;
+    /// Not in Spectrum's table: a UDP flow the datapath evicted before it was
+    /// assured (the new-flow table was full, or its NAT port was reclaimed for
+    /// another new flow), typically under a flood.
+    pub const FLOW_EVICTED: u16 = 429;
 }
 
 /// `Event` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum EventKind {
     Connect,
@@ -86,6 +90,10 @@ pub struct Event {
     pub status: u16,
     pub connect_timestamp: Option<String>,
     pub disconnect_timestamp: Option<String>,
+    /// On a summary line only (not in Spectrum's dataset): how many UDP flow events
+    /// of this app, kind and status the line stands for (see `udp_flows`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub flows: Option<u64>,
 }
 
 /// Formats a wall-clock time as RFC 3339 UTC with microseconds.
@@ -270,6 +278,7 @@ mod tests {
             status: status::ORIGIN_REFUSED,
             connect_timestamp: None,
             disconnect_timestamp: Some("2024-01-01T00:00:01.000000Z".into()),
+            flows: None,
         };
         let json: serde_json::Value = serde_json::to_value(&event).unwrap();
         for field in [

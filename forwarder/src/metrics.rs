@@ -41,6 +41,11 @@ pub mod names {
     /// With the unit `seconds`: `forwarder_connection_duration_seconds`.
     pub const CONNECTION_DURATION: &str = "forwarder_connection_duration";
     pub const UDP_FLOWS: &str = "forwarder_udp_flows";
+    pub const UDP_FLOW_TABLE: &str = "forwarder_udp_flow_table_entries";
+    pub const UDP_FLOWS_PROMOTED: &str = "forwarder_udp_flows_promoted";
+    pub const UDP_FLOW_EVICTIONS: &str = "forwarder_udp_flow_evictions";
+    /// With the unit `seconds`: `forwarder_udp_flow_scan_seconds`.
+    pub const UDP_FLOW_SCAN: &str = "forwarder_udp_flow_scan";
     pub const TCP_CONNECTIONS: &str = "forwarder_tcp_connections";
     pub const TCP_REFUSED: &str = "forwarder_tcp_refused";
     pub const FIREWALL_RULE_HITS: &str = "forwarder_firewall_rule_hits";
@@ -178,6 +183,41 @@ impl Collector for SnapshotCollector {
                 .filter(|(_, a)| a.protocol == "udp")
                 .map(|(id, a)| (vec![("app", id.as_str())], a.live)),
         )?;
+        let f = &s.udp_flows;
+        gauge(
+            &mut encoder,
+            names::UDP_FLOW_TABLE,
+            "UDP flows in the assured table (the client spoke after the origin answered; never evicted) and in the new-flow table (an LRU).",
+            [
+                (vec![("table", "assured")], f.assured),
+                (vec![("table", "new")], f.new),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            names::UDP_FLOWS_PROMOTED,
+            "UDP flows promoted from the new-flow table to the assured table.",
+            [(vec![], f.promoted)],
+        )?;
+        counter(
+            &mut encoder,
+            names::UDP_FLOW_EVICTIONS,
+            "New UDP flows the datapath evicted: table_full (pushed out of the new-flow table by other new flows), port_reclaimed (their NAT port given to another new flow).",
+            [
+                (vec![("reason", "table_full")], f.evicted_table_full),
+                (vec![("reason", "port_reclaimed")], f.evicted_port_reclaimed),
+            ],
+        )?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                names::UDP_FLOW_SCAN,
+                "How long the agent's last scan of the UDP flow tables took.",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            let no_labels: [(&str, &str); 0] = [];
+            ConstGauge::new(f.scan_seconds).encode(metric.encode_family(&no_labels)?)?;
+        }
         gauge(
             &mut encoder,
             names::TCP_CONNECTIONS,

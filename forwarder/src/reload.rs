@@ -22,8 +22,8 @@ use log::warn;
 
 use crate::config::Config;
 use crate::datapath::Datapath;
-use crate::events::{Event, EventKind, EventLog, rfc3339, status};
-use crate::udp_flows::{ip_from16, monotonic_ns};
+use crate::events::{EventKind, EventLog, status};
+use crate::udp_flows::{flow_event, ip_from16, monotonic_ns};
 
 /// How often the config file is looked at.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -179,7 +179,6 @@ pub fn end_flows_of(
         .collect();
     let now_mono = monotonic_ns();
     let now_wall = SystemTime::now();
-    let to_wall = |ns: u64| now_wall - Duration::from_nanos(now_mono.saturating_sub(ns));
     let mut ended = 0;
     for (key, state) in datapath.udp_flows()? {
         let Some(app) = indices.get(&state.app) else {
@@ -190,28 +189,19 @@ pub fn end_flows_of(
             continue;
         }
         ended += 1;
-        events.emit(&Event {
-            timestamp: rfc3339(now_wall),
-            event: EventKind::Disconnect,
-            application: app.clone(),
-            protocol: "udp".into(),
-            client_ip: Some(ip_from16(key.client)),
-            client_port: Some(key.client_port),
-            server_ip: Some(ip_from16(key.edge)),
-            server_port: Some(key.edge_port),
-            origin_ip: origins
+        events.emit(&flow_event(
+            EventKind::Disconnect,
+            status::NORMAL_CLOSE,
+            &key,
+            &state,
+            app,
+            proxies.get(app.as_str()).unwrap_or(&""),
+            origins
                 .get(state.origin as usize)
                 .map(|o| ip_from16(o.addr)),
-            origin_port: Some(state.origin_port),
-            proxy_protocol: proxies.get(app.as_str()).unwrap_or(&"").to_string(),
-            client_bytes: state.bytes_in,
-            origin_bytes: state.bytes_out,
-            client_packets: Some(state.packets_in),
-            origin_packets: Some(state.packets_out),
-            status: status::NORMAL_CLOSE,
-            connect_timestamp: Some(rfc3339(to_wall(state.first_seen_ns))),
-            disconnect_timestamp: Some(rfc3339(now_wall)),
-        });
+            now_mono,
+            now_wall,
+        ));
     }
     Ok(ended)
 }

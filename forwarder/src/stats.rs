@@ -30,6 +30,9 @@ pub struct StatsSnapshot {
     /// Spectrum's analytics over the last window (see `analytics`).
     #[serde(default)]
     pub analytics: Analytics,
+    /// The UDP flow tables: fill, promotions, evictions, scan cost.
+    #[serde(default)]
+    pub udp_flows: crate::udp_flows::UdpFlowStats,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

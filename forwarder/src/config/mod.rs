@@ -261,6 +261,7 @@ fn raw_agent(agent: &AgentConfig) -> RawAgent {
         event_log: agent.event_log.clone(),
         udp_idle_timeout: Some(format_duration(agent.udp_idle_timeout)),
         udp_nat_ports: Some(agent.udp_nat_ports.to_string()),
+        udp_new_flows_per_source: agent.udp_new_flows_per_source.map(i64::from),
         tcp_idle_timeout: Some(format_duration(agent.tcp_idle_timeout)),
         tcp_splice: Some(agent.tcp_splice.to_string()),
     }

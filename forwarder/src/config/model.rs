@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub event_log: Option<String>,
     pub udp_idle_timeout: Duration,
     pub udp_nat_ports: PortRange,
+    /// New UDP flows one client source (/32, or /64 for IPv6) may open per second;
+    /// `None`: no limit.
+    pub udp_new_flows_per_source: Option<u32>,
     pub tcp_idle_timeout: Duration,
     pub tcp_splice: TcpSplice,
 }
@@ -101,6 +104,7 @@ impl AgentConfig {
             event_log: None,
             udp_idle_timeout: Self::DEFAULT_UDP_IDLE_TIMEOUT,
             udp_nat_ports: Self::DEFAULT_UDP_NAT_PORTS,
+            udp_new_flows_per_source: None,
             tcp_idle_timeout: Self::DEFAULT_TCP_IDLE_TIMEOUT,
             tcp_splice: TcpSplice::default(),
         }

@@ -49,6 +49,8 @@ pub(crate) struct RawAgent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_nat_ports: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_new_flows_per_source: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_idle_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_splice: Option<String>,

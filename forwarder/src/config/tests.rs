@@ -171,6 +171,7 @@ fn minimal_config_gets_every_default() {
                 low: 40000,
                 high: 59999
             },
+            udp_new_flows_per_source: None,
             tcp_idle_timeout: Duration::from_secs(3600),
             tcp_splice: TcpSplice::Auto,
         }
@@ -663,6 +664,31 @@ fn udp_nat_ports_is_a_port_range() {
         "agent",
         "udp_nat_ports",
         "port 0 is not allowed",
+    );
+}
+
+#[test]
+fn udp_new_flows_per_source_is_a_positive_count() {
+    assert_eq!(
+        parse_ok(&format!("{AGENT}udp_new_flows_per_source = 50\n"))
+            .agent
+            .udp_new_flows_per_source,
+        Some(50)
+    );
+    assert_eq!(parse_ok(AGENT).agent.udp_new_flows_per_source, None);
+    for bad in ["0", "-5", "1000001"] {
+        assert_problem(
+            &format!("{AGENT}udp_new_flows_per_source = {bad}\n"),
+            "agent",
+            "udp_new_flows_per_source",
+            "out of range",
+        );
+    }
+    assert_problem(
+        &format!("{AGENT}udp_new_flows_per_source = \"50\"\n"),
+        "agent",
+        "udp_new_flows_per_source",
+        "",
     );
 }
 

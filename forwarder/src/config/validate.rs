@@ -30,6 +30,8 @@ impl FromStr for ProxyKeyword {
 
 /// Longest interface name Linux accepts (`IFNAMSIZ` - 1).
 const MAX_INTERFACE_NAME_LEN: usize = 15;
+/// The largest `udp_new_flows_per_source` (new flows per second per client source).
+const MAX_NEW_FLOWS_PER_SOURCE: i64 = 1_000_000;
 
 /// Validates `sections`; the returned config is only meaningful when `problems` stays empty.
 pub(crate) fn build(sections: &RawSections, problems: &mut Vec<Problem>) -> Config {
@@ -282,6 +284,21 @@ impl Validator<'_> {
                 raw.udp_nat_ports.as_ref(),
                 AgentConfig::DEFAULT_UDP_NAT_PORTS,
             ),
+            udp_new_flows_per_source: match raw.udp_new_flows_per_source {
+                None => None,
+                Some(n) if (1..=MAX_NEW_FLOWS_PER_SOURCE).contains(&n) => Some(n as u32),
+                Some(n) => {
+                    self.problem(
+                        AGENT,
+                        "udp_new_flows_per_source",
+                        format!(
+                            "{n} is out of range: new flows per second per client source, \
+                             1 to {MAX_NEW_FLOWS_PER_SOURCE} (leave the key out for no limit)"
+                        ),
+                    );
+                    None
+                }
+            },
             tcp_idle_timeout: self.duration_or(
                 "tcp_idle_timeout",
                 raw.tcp_idle_timeout.as_ref(),

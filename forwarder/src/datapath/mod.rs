@@ -2,6 +2,7 @@
 //! `Plan`, attach XDP to interfaces and sk_lookup to the network namespace, and read
 //! the counters back.
 
+pub mod batch;
 pub mod plan;
 pub mod test_run;
 
@@ -17,8 +18,9 @@ use aya::{
     util::nr_cpus,
 };
 use forwarder_common::{
-    AppInfo, Counters, DIR_EGRESS, DIR_INGRESS, DropReason, EDGE_V4_INLINE, EdgeAddr, EdgeV4List,
-    FlowKey, FlowState, HINT_EDGE_PORT, HINT_ORIGIN_PORT, MAX_IFINDEX, NatKey, OriginInfo,
+    ADMISSION_ASSURED, AppInfo, CLAIM_ASSURED, Counters, DIR_EGRESS, DIR_INGRESS, DropReason,
+    EDGE_V4_INLINE, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState, HINT_EDGE_PORT,
+    HINT_ORIGIN_PORT, MAX_IFINDEX, NatClaim, NatKey, OriginInfo,
     OriginPortTarget, PortTarget, ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
 };
 use log::{info, warn};
@@ -100,6 +102,11 @@ pub struct Datapath {
     sk_lookup_attached: bool,
     /// The plan currently in the maps.
     current: Option<Plan>,
+    /// UDP flows the agent removed since `take_removed_flows` last ran.
+    removed_flows: Vec<FlowKey>,
+    /// New (not assured) UDP flows the agent removed, ever: flow admission's
+    /// accounting needs them (see `udp_flows::UdpFlowTracker`).
+    removed_new_flows: u64,
 }
 
 /// Explains the usual reasons a load fails, next to the kernel's own message.
@@ -162,6 +169,8 @@ impl Datapath {
             attached: BTreeMap::new(),
             sk_lookup_attached: false,
             current: None,
+            removed_flows: Vec::new(),
+            removed_new_flows: 0,
         })
     }
 
@@ -315,52 +324,82 @@ impl Datapath {
             .unwrap_or_default()
     }
 
-    /// Every live UDP flow with its state.
+    /// Every live UDP flow with its state: the assured ones (`FLOWS`), then the
+    /// new ones (`NEW_FLOWS`); `FlowState::admission` says which. A flow promoted
+    /// while the tables are read may appear in both: the assured copy comes first.
     pub fn udp_flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowState)>> {
-        let flows: HashMap<&MapData, FlowKey, FlowState> =
-            HashMap::try_from(self.ebpf.map("FLOWS").context("FLOWS")?)?;
-        let mut out = Vec::new();
-        for entry in flows.iter() {
-            match entry {
-                Ok(kv) => out.push(kv),
-                // Removed by the LRU or another scan while iterating: skip it.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(err) => return Err(err).context("reading FLOWS"),
-            }
+        let mut flows = Vec::new();
+        for name in ["FLOWS", "NEW_FLOWS"] {
+            let map = match self.ebpf.map(name).with_context(|| name.to_string())? {
+                aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => data,
+                _ => bail!("{name} is not a hash map"),
+            };
+            flows.extend(
+                batch::read_all::<FlowKey, FlowState>(map)
+                    .with_context(|| format!("reading {name}"))?,
+            );
         }
-        Ok(out)
+        Ok(flows)
     }
 
-    /// Ends a UDP flow: removes it and the NAT port it held (SPP flows hold none).
+    /// Ends a UDP flow. An assured flow's NAT port claim is released with it (if it
+    /// is still the flow's); a new flow's is left to be taken by the next flow
+    /// probing it (the datapath decides who gets a reclaimable port, atomically).
     pub fn remove_udp_flow(&mut self, key: &FlowKey, state: &FlowState) -> anyhow::Result<()> {
-        let origin_local = self
+        let assured = state.admission == ADMISSION_ASSURED;
+        let nat_key = self
             .current
             .as_ref()
             .and_then(|p| p.origins.get(state.origin as usize))
-            .map(|o| o.local);
-        let simple = state.flags & forwarder_common::FLOW_SPP != 0;
-        {
-            let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
-                HashMap::try_from(self.map_mut("FLOWS")?)?;
-            match flows.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(err) => return Err(err).context("removing a flow"),
-            }
-        }
-        if let (Some(local), false) = (origin_local, simple) {
-            let mut nat: HashMap<&mut MapData, NatKey, FlowKey> =
-                HashMap::try_from(self.map_mut("NAT_PORTS")?)?;
-            let nat_key = NatKey {
-                local,
+            .filter(|_| assured && state.flags & forwarder_common::FLOW_SPP == 0)
+            .map(|o| NatKey {
+                local: o.local,
                 local_port: state.local_port,
                 _pad: 0,
-            };
-            // Only if the port still belongs to this flow.
-            if nat.get(&nat_key, 0).is_ok_and(|owner| owner == *key) {
+            });
+        // The port first: while the flow is there, no one else may take it.
+        if let Some(nat_key) = nat_key {
+            let mut nat: HashMap<&mut MapData, NatKey, NatClaim> =
+                HashMap::try_from(self.map_mut("NAT_PORTS")?)?;
+            if nat
+                .get(&nat_key, 0)
+                .is_ok_and(|claim| claim.owner == *key && claim.state == CLAIM_ASSURED)
+            {
                 let _ = nat.remove(&nat_key);
             }
         }
-        Ok(())
+        let table = if assured { "FLOWS" } else { "NEW_FLOWS" };
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map_mut(table)?)?;
+        match flows.remove(key) {
+            Ok(()) => {
+                self.removed_flows.push(*key);
+                if !assured {
+                    self.removed_new_flows += 1;
+                }
+                Ok(())
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(err).with_context(|| format!("removing a flow from {table}")),
+        }
+    }
+
+    /// The UDP flows the agent removed since the last call, and how many new
+    /// (not assured) flows it has removed in all.
+    pub fn take_removed_flows(&mut self) -> (Vec<FlowKey>, u64) {
+        (std::mem::take(&mut self.removed_flows), self.removed_new_flows)
+    }
+
+    /// The flow admission counters (`FlowCounter`), summed over CPUs.
+    pub fn flow_counters(&self) -> anyhow::Result<[u64; FlowCounter::COUNT]> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf.map("FLOW_COUNTERS").context("FLOW_COUNTERS")?,
+        )?;
+        let mut counts = [0u64; FlowCounter::COUNT];
+        for (i, slot) in counts.iter_mut().enumerate() {
+            *slot = map.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(counts)
     }
 
     /// The current plan (what the maps hold).

@@ -136,6 +136,7 @@ impl Plan {
                 nat_port_high: config.agent.udp_nat_ports.high,
                 // Live UDP flows are classified again under every new plan.
                 generation: previous.settings.generation.wrapping_add(1).max(1),
+                new_flows_per_source: config.agent.udp_new_flows_per_source.unwrap_or(0),
             },
             ..Plan::default()
         };

@@ -206,6 +206,7 @@ impl Meta {
             status,
             connect_timestamp: None,
             disconnect_timestamp: None,
+            flows: None,
         }
     }
 }
