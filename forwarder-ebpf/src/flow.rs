@@ -12,11 +12,7 @@
 //! state is a compare-and-swap, so exactly one CPU wins a port being reclaimed or
 //! promoted.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_ns,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use forwarder_common::{
     ADMISSION_ASSURED, ADMISSION_NEW, AppInfo, CLAIM_ASSURED, CLAIM_NEW, CLAIM_PENDING, FLOW_SPP,
     FLOW_V2, FlowCounter, FlowKey, FlowState, NatClaim, NatKey, ProxyMode, RouteCache, SourceKey,
@@ -308,12 +304,7 @@ fn release_if(nat: &NatKey, key: &FlowKey, state: u64) {
 /// probed port is held — the port of a flow the origin never answered, whose flow
 /// is then removed. `claim` is scratch room for the new claim's value.
 #[inline(always)]
-fn claim_nat_port(
-    nat: &mut NatKey,
-    claim: &mut NatClaim,
-    key: &FlowKey,
-    hash: u32,
-) -> Option<u16> {
+fn claim_nat_port(nat: &mut NatKey, claim: &mut NatClaim, key: &FlowKey, hash: u32) -> Option<u16> {
     let settings = SETTINGS.get(0)?;
     let low = settings.nat_port_low as u32;
     let span = (settings.nat_port_high as u32).checked_sub(low)? + 1;

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 use forwarder_common::{
-    AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState,
-    MAX_APPS, MAX_EDGE_ADDRS, MAX_FLOWS, MAX_IFINDEX, MAX_NAT_CLAIMS, MAX_NEW_FLOWS, MAX_ORIGINS,
+    AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState, MAX_APPS,
+    MAX_EDGE_ADDRS, MAX_FLOWS, MAX_IFINDEX, MAX_NAT_CLAIMS, MAX_NEW_FLOWS, MAX_ORIGINS,
     MAX_PORT_ENTRIES, MAX_RULES, MAX_SOURCE_WINDOWS, NatClaim, NatKey, OriginInfo, OriginPortKey,
     OriginPortTarget, PORT_HINTS_LEN, PortKey, PortTarget, RouteCache, RuleVerdict, Settings,
     SourceKey, SourceWindow,

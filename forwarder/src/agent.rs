@@ -195,7 +195,10 @@ impl Agent {
     }
 
     /// Ends the idle flows a scan found (their events are written by the scan).
-    pub fn end_udp_flows(&mut self, flows: &[(forwarder_common::FlowKey, forwarder_common::FlowState)]) {
+    pub fn end_udp_flows(
+        &mut self,
+        flows: &[(forwarder_common::FlowKey, forwarder_common::FlowState)],
+    ) {
         for (key, state) in flows {
             if let Err(err) = self.datapath.remove_udp_flow(key, state) {
                 warn!("ending an idle UDP flow failed: {err:#}");

@@ -141,14 +141,12 @@ impl EventBudget {
 
     /// The summary lines of an interval that has ended (and a new interval).
     fn close_interval(&mut self, now_ns: u64, now_wall: SystemTime, out: &mut Vec<Event>) {
-        if now_ns.saturating_sub(self.interval_start_ns) < FLOW_SUMMARY_INTERVAL.as_nanos() as u64
-        {
+        if now_ns.saturating_sub(self.interval_start_ns) < FLOW_SUMMARY_INTERVAL.as_nanos() as u64 {
             return;
         }
         self.interval_start_ns = now_ns;
         self.spent = 0;
-        for ((app, kind, status), [flows, cb, ob, cp, op]) in std::mem::take(&mut self.summarised)
-        {
+        for ((app, kind, status), [flows, cb, ob, cp, op]) in std::mem::take(&mut self.summarised) {
             out.push(Event {
                 timestamp: rfc3339(now_wall),
                 event: kind,
@@ -275,7 +273,12 @@ impl UdpFlowTracker {
     /// One scan of what `tables` holds at `now_mono` (`now_wall`): announce new
     /// flows, end idle ones, close evicted ones, recount live flows and
     /// evictions.
-    pub fn scan(&mut self, tables: &FlowTables, now_mono: u64, now_wall: SystemTime) -> ScanOutcome {
+    pub fn scan(
+        &mut self,
+        tables: &FlowTables,
+        now_mono: u64,
+        now_wall: SystemTime,
+    ) -> ScanOutcome {
         let mut outcome = ScanOutcome::default();
         let idle_ns = tables.idle.as_nanos() as u64;
         let mut live: BTreeMap<String, u64> =
@@ -289,7 +292,11 @@ impl UdpFlowTracker {
                 .filter(|(id, _)| !id.is_empty())
                 .cloned()
                 .unwrap_or_else(|| (format!("app#{}", state.app), String::new()));
-            (app, proxy, tables.origins.get(state.origin as usize).copied())
+            (
+                app,
+                proxy,
+                tables.origins.get(state.origin as usize).copied(),
+            )
         };
         for (key, state) in &tables.flows {
             // A flow promoted while the tables were read is in both; the assured
@@ -488,7 +495,10 @@ mod tests {
     }
 
     fn kinds(events: &[Event]) -> Vec<(EventKind, u16, Option<u64>)> {
-        events.iter().map(|e| (e.event, e.status, e.flows)).collect()
+        events
+            .iter()
+            .map(|e| (e.event, e.status, e.flows))
+            .collect()
     }
 
     #[test]
@@ -518,7 +528,10 @@ mod tests {
         gone.removed = vec![key(2)];
         let out = tracker.scan(&gone, 2 * SECOND, SystemTime::now());
         assert_eq!(kinds(&out.events), [(EventKind::Disconnect, 429, None)]);
-        assert_eq!(out.events[0].client_bytes, 100, "closed with its last counts");
+        assert_eq!(
+            out.events[0].client_bytes, 100,
+            "closed with its last counts"
+        );
         assert_eq!(
             out.events[0].client_ip,
             Some("10.0.0.1".parse().unwrap()),

@@ -18,7 +18,10 @@ use forwarder::datapath::{Datapath, PROG_XDP, Plan, addr16, ifindex};
 use forwarder::route::route_to;
 use forwarder::wire::proxy_v2::Transport;
 use forwarder::wire::{ProxyKind, proxy_header, spp};
-use forwarder_common::{DropReason, FlowKey, FlowState};
+use forwarder_common::{
+    ADMISSION_ASSURED, ADMISSION_NEW, ADMISSION_REPLIED, DropReason, FlowCounter, FlowKey,
+    FlowState, MAX_FLOWS, MAX_NEW_FLOWS,
+};
 use forwarder_tests::frames::*;
 use forwarder_tests::{
     CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4,
@@ -1552,6 +1555,320 @@ fn a_reload_that_adds_a_block_rule_stops_a_live_flow() {
         h.forward(
             "the flow after the rule is gone",
             &udp_in(client, edge, b"again", None),
+            true,
+        );
+    });
+}
+
+// ---- flow admission under floods -------------------------------------------------------
+
+/// A spoofed client: a distinct source address per `n` (172.16.0.0/12).
+fn spoofed(n: u32) -> SocketAddr {
+    let b = n.to_be_bytes();
+    sa(
+        Ipv4Addr::new(172, 16 | (b[1] & 0x0f), b[2], b[3]),
+        1024 + (n % 60_000) as u16,
+    )
+}
+
+/// Every live flow's (local address, NAT port) is its own: no two NAT flows share
+/// a port on the same address.
+#[track_caller]
+fn assert_nat_ports_unique(h: &Harness) {
+    let mut seen = HashSet::new();
+    for (key, state) in h.datapath.udp_flows().expect("flows") {
+        if state.flags & forwarder_common::FLOW_SPP != 0 {
+            continue;
+        }
+        assert!(
+            seen.insert((state.origin, state.local_port)),
+            "NAT port {} held by two live flows (one is {key:?})",
+            state.local_port
+        );
+    }
+}
+
+/// A flow starts new, is marked when the origin answers and becomes assured at
+/// the client's next datagram (SPP and plain NAT alike); forwarding is the same
+/// before and after, the NAT port is kept.
+#[test]
+fn a_flow_is_assured_when_the_client_speaks_after_the_origin_answered() {
+    with_harness(|h| {
+        let w = h.w.clone();
+        let before = h.datapath.flow_counters().expect("counters");
+        // Plain NAT.
+        let client = sa(CLIENT_V4, 42001);
+        let edge = sa(EDGE_CLIENT_V4, 5001);
+        h.forward("NAT first", &udp_in(client, edge, b"one", None), true);
+        assert_eq!(h.flow(client, edge).admission, ADMISSION_NEW);
+        let port = h.new_nat_port(client, edge, V4.local);
+        h.forward(
+            "NAT second, no reply yet",
+            &udp_in(client, edge, b"two", None),
+            true,
+        );
+        assert_eq!(
+            h.flow(client, edge).admission,
+            ADMISSION_NEW,
+            "one-way traffic never promotes"
+        );
+        let reply = udp_in(sa(ORIGIN_V4, 5001), sa(EDGE_ORIGIN_V4, port), b"r", None);
+        h.forward("NAT reply", &reply, false);
+        assert_eq!(h.flow(client, edge).admission, ADMISSION_REPLIED);
+        let out = h.forward(
+            "NAT after reply",
+            &udp_in(client, edge, b"three", None),
+            true,
+        );
+        let want = udp_out(
+            w.oe_mac,
+            w.eo_mac,
+            sa(EDGE_ORIGIN_V4, port),
+            sa(ORIGIN_V4, 5001),
+            b"three",
+            false,
+        );
+        assert_frame("the promoted flow's datagram", &out, &want);
+        let flow = h.flow(client, edge);
+        assert_eq!(flow.admission, ADMISSION_ASSURED);
+        assert_eq!(
+            (flow.packets_in, flow.packets_out),
+            (3, 1),
+            "counts carried over"
+        );
+        h.forward("NAT reply to the assured flow", &reply, false);
+        // SPP.
+        let client = sa(CLIENT_V4, 42000);
+        let edge = sa(EDGE_CLIENT_V4, 5000);
+        h.forward("SPP first", &udp_in(client, edge, b"one", None), true);
+        let reply = udp_in(
+            sa(ORIGIN_V4, 5000),
+            sa(EDGE_ORIGIN_V4, 5000),
+            &spp_payload(client, edge, b"r"),
+            None,
+        );
+        h.forward("SPP reply", &reply, false);
+        h.forward("SPP after reply", &udp_in(client, edge, b"two", None), true);
+        assert_eq!(h.flow(client, edge).admission, ADMISSION_ASSURED);
+        let after = h.datapath.flow_counters().expect("counters");
+        let delta = |c: FlowCounter| after[c as usize] - before[c as usize];
+        assert_eq!(delta(FlowCounter::Admitted), 2);
+        assert_eq!(delta(FlowCounter::Promoted), 2);
+        assert_eq!(delta(FlowCounter::Reclaimed), 0);
+    });
+}
+
+/// More one-way flows than the flow tables hold (a random-source flood) leave
+/// the assured flows alone: still there, same NAT port, replies still delivered.
+/// The flood's own flows are what the LRU evicts.
+#[test]
+fn a_flood_of_one_way_flows_never_evicts_an_assured_flow() {
+    with_harness(|h| {
+        let w = h.w.clone();
+        let nat_client = sa(CLIENT_V4, 43001);
+        let nat_edge = sa(EDGE_CLIENT_V4, 5001);
+        h.forward("NAT first", &udp_in(nat_client, nat_edge, b"a", None), true);
+        let port = h.new_nat_port(nat_client, nat_edge, V4.local);
+        let nat_reply = udp_in(sa(ORIGIN_V4, 5001), sa(EDGE_ORIGIN_V4, port), b"r", None);
+        h.forward("NAT reply", &nat_reply, false);
+        h.forward("NAT again", &udp_in(nat_client, nat_edge, b"b", None), true);
+        let spp_client = sa(CLIENT_V4, 43000);
+        let spp_edge = sa(EDGE_CLIENT_V4, 5000);
+        let spp_reply = udp_in(
+            sa(ORIGIN_V4, 5000),
+            sa(EDGE_ORIGIN_V4, 5000),
+            &spp_payload(spp_client, spp_edge, b"r"),
+            None,
+        );
+        h.forward("SPP first", &udp_in(spp_client, spp_edge, b"a", None), true);
+        h.forward("SPP reply", &spp_reply, false);
+        h.forward("SPP again", &udp_in(spp_client, spp_edge, b"b", None), true);
+        assert_eq!(h.flow(nat_client, nat_edge).admission, ADMISSION_ASSURED);
+        assert_eq!(h.flow(spp_client, spp_edge).admission, ADMISSION_ASSURED);
+
+        // More than both tables hold: a single LRU table of any size would have
+        // evicted the assured flows (the least recently used).
+        let flood = MAX_FLOWS + MAX_NEW_FLOWS;
+        let fd = h.datapath.xdp_program_fd(PROG_XDP).expect("prog fd");
+        for n in 0..flood {
+            let frame = udp_in(spoofed(n), spp_edge, b"x", None);
+            let out = test_run_xdp(
+                fd,
+                &frame,
+                &TestRunOptions {
+                    ingress_ifindex: h.ec_index,
+                    ..Default::default()
+                },
+            )
+            .expect("test run");
+            assert_eq!(out.verdict, XDP_REDIRECT, "flood datagram {n} is forwarded");
+        }
+        let flows = h.datapath.udp_flows().expect("flows");
+        let new = flows
+            .iter()
+            .filter(|(_, s)| s.admission != ADMISSION_ASSURED)
+            .count();
+        assert!(
+            new <= MAX_NEW_FLOWS as usize,
+            "the new-flow table is bounded ({new} new flows)"
+        );
+        assert!(
+            new > MAX_NEW_FLOWS as usize / 2,
+            "the flood filled the new-flow table ({new} new flows)"
+        );
+        assert_eq!(h.flow(nat_client, nat_edge).admission, ADMISSION_ASSURED);
+        assert_eq!(
+            h.flow(nat_client, nat_edge).local_port,
+            port,
+            "NAT port kept"
+        );
+        assert_eq!(h.flow(spp_client, spp_edge).admission, ADMISSION_ASSURED);
+        let out = h.forward("NAT reply after the flood", &nat_reply, false);
+        assert_frame(
+            "NAT reply after the flood",
+            &out,
+            &udp_out(w.cl_mac, w.ec_mac, nat_edge, nat_client, b"r", false),
+        );
+        let out = h.forward("SPP reply after the flood", &spp_reply, false);
+        assert_frame(
+            "SPP reply after the flood",
+            &out,
+            &udp_out(w.cl_mac, w.ec_mac, spp_edge, spp_client, b"r", false),
+        );
+    });
+}
+
+/// A flood of one-way NAT flows larger than the port pool: assured flows keep
+/// their ports; a legitimate client arriving mid-flood still gets a port (one of
+/// a flow the origin never answered is reclaimed, counted) and its reply; no two
+/// live flows ever share a port. With every port held by assured flows, a new
+/// flow is refused rather than taking one.
+#[test]
+fn the_nat_port_pool_is_reclaimed_from_unanswered_flows_only() {
+    with_harness(|h| {
+        let w = h.w.clone();
+        // Two ports in the pool.
+        let small = config(&h.w.ec, &h.w.eo).replace(
+            &format!("udp_nat_ports = \"{NAT_LOW}-{NAT_HIGH}\""),
+            &format!("udp_nat_ports = \"{NAT_LOW}-{}\"", NAT_LOW + 1),
+        );
+        h.reload(&small);
+        let edge = sa(EDGE_CLIENT_V4, 5001);
+        let assure = |h: &mut Harness, client: SocketAddr| -> u16 {
+            h.forward("first", &udp_in(client, edge, b"a", None), true);
+            let port = h.flow(client, edge).local_port;
+            let reply = udp_in(sa(ORIGIN_V4, 5001), sa(EDGE_ORIGIN_V4, port), b"r", None);
+            h.forward("reply", &reply, false);
+            h.forward("again", &udp_in(client, edge, b"b", None), true);
+            assert_eq!(h.flow(client, edge).admission, ADMISSION_ASSURED);
+            port
+        };
+        let legit = sa(CLIENT_V4, 44000);
+        let legit_port = assure(h, legit);
+        let before = h.datapath.flow_counters().expect("counters")[FlowCounter::Reclaimed as usize];
+        for n in 0..200 {
+            let out = h.run(&udp_in(spoofed(n), edge, b"x", None), h.ec_index);
+            assert_eq!(
+                out.verdict, XDP_REDIRECT,
+                "spoofed flow {n} gets the free port"
+            );
+            assert_eq!(h.flow(legit, edge).local_port, legit_port);
+            assert_nat_ports_unique(h);
+        }
+        let reclaimed =
+            h.datapath.flow_counters().expect("counters")[FlowCounter::Reclaimed as usize] - before;
+        assert!(
+            reclaimed >= 150,
+            "unanswered flows gave their port up ({reclaimed})"
+        );
+        // A legitimate newcomer mid-flood is served, and answered.
+        let newcomer = sa(CLIENT_V4, 44001);
+        let out = h.forward("newcomer", &udp_in(newcomer, edge, b"hi", None), true);
+        let port = h.flow(newcomer, edge).local_port;
+        assert_ne!(port, legit_port);
+        assert_frame(
+            "newcomer's datagram",
+            &out,
+            &udp_out(
+                w.oe_mac,
+                w.eo_mac,
+                sa(EDGE_ORIGIN_V4, port),
+                sa(ORIGIN_V4, 5001),
+                b"hi",
+                false,
+            ),
+        );
+        let reply = udp_in(sa(ORIGIN_V4, 5001), sa(EDGE_ORIGIN_V4, port), b"yo", None);
+        let out = h.forward("newcomer's reply", &reply, false);
+        assert_frame(
+            "newcomer's reply",
+            &out,
+            &udp_out(w.cl_mac, w.ec_mac, edge, newcomer, b"yo", false),
+        );
+        h.forward("newcomer again", &udp_in(newcomer, edge, b"b", None), true);
+        assert_eq!(h.flow(newcomer, edge).admission, ADMISSION_ASSURED);
+        // Both ports are now held by assured flows: a new flow gets none.
+        h.expect_drop(
+            "a new flow when every port is assured",
+            &udp_in(spoofed(9999), edge, b"x", None),
+            true,
+            DropReason::NoFlow,
+        );
+        assert_eq!(h.flow(legit, edge).local_port, legit_port);
+        assert_eq!(h.flow(newcomer, edge).local_port, port);
+        assert_nat_ports_unique(h);
+    });
+}
+
+/// `udp_new_flows_per_source`: a source (/32; /64 for IPv6) opening more new
+/// flows in a second than allowed has the extra ones dropped (`source_limit`);
+/// other sources and the source's live flows are not affected.
+#[test]
+fn new_flows_per_source_are_limited() {
+    with_harness(|h| {
+        let limited = config(&h.w.ec, &h.w.eo)
+            .replace("[agent]\n", "[agent]\nudp_new_flows_per_source = 3\n");
+        h.reload(&limited);
+        let edge4 = sa(EDGE_CLIENT_V4, 5000);
+        for port in 45000..45003 {
+            h.forward(
+                "within the limit",
+                &udp_in(sa(CLIENT_V4, port), edge4, b"x", None),
+                true,
+            );
+        }
+        h.expect_drop(
+            "the fourth new flow of the source",
+            &udp_in(sa(CLIENT_V4, 45003), edge4, b"x", None),
+            true,
+            DropReason::SourceLimit,
+        );
+        h.forward(
+            "a live flow of the limited source",
+            &udp_in(sa(CLIENT_V4, 45000), edge4, b"y", None),
+            true,
+        );
+        h.forward(
+            "another source",
+            &udp_in(sa(Ipv4Addr::new(10, 0, 1, 77), 45003), edge4, b"x", None),
+            true,
+        );
+        // IPv6: two hosts of one /64 share the limit; another /64 does not.
+        let edge6 = sa(EDGE_CLIENT_V6, 5000);
+        let host =
+            |net: u16, id: u16, port: u16| sa(Ipv6Addr::new(0xfd00, 1, 0, net, 0, 0, 0, id), port);
+        h.forward("v6 a", &udp_in(host(0, 2, 1), edge6, b"x", None), true);
+        h.forward("v6 b", &udp_in(host(0, 3, 1), edge6, b"x", None), true);
+        h.forward("v6 a", &udp_in(host(0, 2, 2), edge6, b"x", None), true);
+        h.expect_drop(
+            "the fourth new flow of the /64",
+            &udp_in(host(0, 4, 1), edge6, b"x", None),
+            true,
+            DropReason::SourceLimit,
+        );
+        h.forward(
+            "another /64",
+            &udp_in(host(1, 2, 1), edge6, b"x", None),
             true,
         );
     });

@@ -44,11 +44,7 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                cursor.as_ptr() as u64
-            },
+            in_batch: if first { 0 } else { cursor.as_ptr() as u64 },
             out_batch: cursor.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -69,7 +65,12 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
         };
         let err = (rc < 0).then(io::Error::last_os_error);
         let got = (attr.count as usize).min(CHUNK);
-        out.extend(keys[..got].iter().copied().zip(values[..got].iter().copied()));
+        out.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
         match err {
             None if got > 0 => continue,
             None => return Ok(out),

@@ -20,8 +20,8 @@ use aya::{
 use forwarder_common::{
     ADMISSION_ASSURED, AppInfo, CLAIM_ASSURED, Counters, DIR_EGRESS, DIR_INGRESS, DropReason,
     EDGE_V4_INLINE, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState, HINT_EDGE_PORT,
-    HINT_ORIGIN_PORT, MAX_IFINDEX, NatClaim, NatKey, OriginInfo,
-    OriginPortTarget, PortTarget, ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
+    HINT_ORIGIN_PORT, MAX_IFINDEX, NatClaim, NatKey, OriginInfo, OriginPortTarget, PortTarget,
+    ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
 };
 use log::{info, warn};
 
@@ -387,14 +387,16 @@ impl Datapath {
     /// The UDP flows the agent removed since the last call, and how many new
     /// (not assured) flows it has removed in all.
     pub fn take_removed_flows(&mut self) -> (Vec<FlowKey>, u64) {
-        (std::mem::take(&mut self.removed_flows), self.removed_new_flows)
+        (
+            std::mem::take(&mut self.removed_flows),
+            self.removed_new_flows,
+        )
     }
 
     /// The flow admission counters (`FlowCounter`), summed over CPUs.
     pub fn flow_counters(&self) -> anyhow::Result<[u64; FlowCounter::COUNT]> {
-        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf.map("FLOW_COUNTERS").context("FLOW_COUNTERS")?,
-        )?;
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("FLOW_COUNTERS").context("FLOW_COUNTERS")?)?;
         let mut counts = [0u64; FlowCounter::COUNT];
         for (i, slot) in counts.iter_mut().enumerate() {
             *slot = map.get(&(i as u32), 0)?.iter().sum();
