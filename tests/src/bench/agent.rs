@@ -125,6 +125,11 @@ impl AgentProc {
         forwarder::control::request_stats(&self.control)
     }
 
+    /// The agent's process id (`ip netns exec`, `nice` and `taskset` exec into it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         let text = std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();

@@ -14,6 +14,7 @@ pub mod report;
 pub mod sys;
 pub mod tcp;
 pub mod udp;
+pub mod udp_spoof;
 pub mod xdp_cost;
 
 use std::path::PathBuf;
@@ -195,6 +196,7 @@ pub fn all_scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(xdp_cost::XdpCost::default()),
         Box::new(udp::UdpFlood::default()),
         Box::new(udp::UdpForward::default()),
+        Box::new(udp_spoof::UdpSpoofFlood::default()),
         Box::new(tcp::TcpThroughput::default()),
         Box::new(tcp::TcpConnRate::default()),
         Box::new(tcp::SynFlood::default()),
