@@ -16,12 +16,10 @@ use crate::config::{Config, IpFamily, Protocol, interface_addresses};
 use crate::control::{ControlSocket, SnapshotFn};
 use crate::datapath::{Datapath, Plan};
 use crate::events::EventLog;
+use crate::host::HostState;
 use crate::metrics::MetricsServer;
 use crate::reload::ConfigWatch;
-use crate::route::{
-    Neighbour, SysctlChange, default_gateways, enable_forwarding, keep_neighbour_resolved,
-    release_neighbour, restore_sysctls, route_to,
-};
+use crate::route::{Neighbour, default_gateways, route_to};
 use crate::stats::StatsSnapshot;
 use crate::tcp::TcpProxy;
 use crate::udp_flows::{FlowTables, UdpFlowStats};
@@ -32,17 +30,19 @@ pub struct RunOptions {
     pub config: PathBuf,
     pub drain: Duration,
     pub control: PathBuf,
+    /// Where the single-instance lock and the journal of host changes live.
+    pub state_dir: PathBuf,
 }
 
 /// The loaded, attached datapath with the config it was built from.
 pub struct Agent {
     config: Config,
     datapath: Datapath,
-    /// Next hops of UDP origins, and gateways towards clients, whose neighbour
-    /// entries the kernel keeps resolved for us (the XDP fast path needs their MACs).
-    neighbours: Vec<Neighbour>,
-    /// Forwarding sysctls the agent enabled for the UDP fast path; restored on exit.
-    sysctls: Vec<SysctlChange>,
+    /// What the agent changes on the host, journaled and put back on exit: the
+    /// managed neighbour entries of UDP origins' next hops and of gateways towards
+    /// clients (the XDP fast path needs their MACs), forwarding for the UDP fast
+    /// path, SYN cookies and `somaxconn` for TCP listeners.
+    host: HostState,
     /// The event log (`agent.event_log`), shared with the TCP proxy.
     events: EventLog,
     /// What the last UDP flow scan found (the scan itself runs without the lock,
@@ -57,19 +57,15 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Loads the datapath, fills it from `config` and attaches it.
-    pub fn start(config: Config) -> anyhow::Result<Agent> {
+    /// Loads the datapath, fills it from `config` and attaches it. On error, what
+    /// was changed on the host is put back (`host` is dropped).
+    pub fn start(config: Config, mut host: HostState) -> anyhow::Result<Agent> {
         let events = EventLog::open(config.agent.event_log.as_deref())?;
         let event_stats = Arc::new(EventStats::new(EventStats::window_from_env()?));
         let observer = event_stats.clone();
         events.observe(Arc::new(move |event| observer.record(event)));
         let (plan, wanted) = plan_for(&config, None)?;
-        let neighbours = manage_neighbours(&[], &wanted)?;
-        let sysctls = enable_forwarding(
-            &config.agent.interfaces,
-            udp_uses(&config, IpFamily::V4),
-            udp_uses(&config, IpFamily::V6),
-        )?;
+        prepare_host(&mut host, &config, &wanted)?;
         let mut datapath = Datapath::load()?;
         datapath.apply(&plan).context("filling the datapath maps")?;
         // Listeners before XDP: a TCP app's port is never without its socket.
@@ -86,8 +82,7 @@ impl Agent {
         Ok(Agent {
             config,
             datapath,
-            neighbours,
-            sysctls,
+            host,
             events,
             udp_flows: UdpFlowStats::default(),
             tcp,
@@ -108,13 +103,8 @@ impl Agent {
         let (plan, wanted) = plan_for(&config, self.datapath.plan())?;
         let removed =
             crate::reload::removed_app_indices(&self.datapath.app_indices(), &plan.app_indices());
-        self.neighbours = manage_neighbours(&self.neighbours, &wanted)?;
-        // A reload may add the first UDP app of a family.
-        self.sysctls.extend(enable_forwarding(
-            &config.agent.interfaces,
-            udp_uses(&config, IpFamily::V4),
-            udp_uses(&config, IpFamily::V6),
-        )?);
+        // A reload may add the first UDP app of a family, or the first TCP app.
+        prepare_host(&mut self.host, &config, &wanted)?;
         self.datapath
             .apply(&plan)
             .context("updating the datapath maps")?;
@@ -286,11 +276,10 @@ impl Agent {
     }
 
     /// Detaches XDP from every interface (the sk_lookup link and maps go with the
-    /// datapath when it is dropped).
+    /// datapath when it is dropped), then puts back what was changed on the host.
     pub fn shutdown(mut self) -> anyhow::Result<()> {
-        manage_neighbours(&self.neighbours, &[])?;
         let detached = self.datapath.detach_all();
-        restore_sysctls(&self.sysctls);
+        self.host.restore();
         detached
     }
 }
@@ -347,21 +336,20 @@ fn udp_uses(config: &Config, family: IpFamily) -> bool {
         .any(|a| a.protocol == Protocol::Udp && a.family() == Some(family))
 }
 
-/// Keeps the `wanted` neighbours resolved and releases those of `current` that are
-/// no longer wanted. Returns the new set.
-fn manage_neighbours(
-    current: &[Neighbour],
-    wanted: &[Neighbour],
-) -> anyhow::Result<Vec<Neighbour>> {
-    for neighbour in wanted {
-        keep_neighbour_resolved(neighbour)?;
+/// What `config` needs of the host, each change journaled first: the `wanted`
+/// neighbours managed (those no longer wanted put back), forwarding for each family
+/// of its UDP apps, SYN cookies and `somaxconn` when it has TCP apps.
+fn prepare_host(host: &mut HostState, config: &Config, wanted: &[Neighbour]) -> anyhow::Result<()> {
+    host.manage_neighbours(wanted)?;
+    host.enable_forwarding(
+        &config.agent.interfaces,
+        udp_uses(config, IpFamily::V4),
+        udp_uses(config, IpFamily::V6),
+    )?;
+    if config.apps.iter().any(|a| a.protocol == Protocol::Tcp) {
+        host.prepare_tcp_listeners(crate::tcp::LISTEN_BACKLOG)?;
     }
-    for neighbour in current {
-        if !wanted.contains(neighbour) {
-            release_neighbour(neighbour);
-        }
-    }
-    Ok(wanted.to_vec())
+    Ok(())
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Config> {
@@ -403,10 +391,13 @@ fn reload_from_file(path: &Path, agent: &Mutex<Option<Agent>>, why: &str) {
 }
 
 async fn run(options: RunOptions) -> anyhow::Result<()> {
+    // Before anything on the host is touched: one agent per state directory, and
+    // what a dead one left behind put back.
+    let host = HostState::acquire(&options.state_dir, Some(&options.control))?;
     let config = load_config(&options.config)?;
     let metrics_listen = config.agent.metrics_listen;
     let mut watch = ConfigWatch::new(&options.config);
-    let agent = Arc::new(Mutex::new(Some(Agent::start(config)?)));
+    let agent = Arc::new(Mutex::new(Some(Agent::start(config, host)?)));
     let snapshot_agent = agent.clone();
     let snapshot: SnapshotFn = Arc::new(move || {
         let guard = snapshot_agent
@@ -414,7 +405,7 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
             .map_err(|_| anyhow!("agent lock poisoned"))?;
         guard.as_ref().context("agent stopped")?.snapshot()
     });
-    let _control = ControlSocket::bind(&options.control, snapshot.clone())?;
+    let control = ControlSocket::bind(&options.control, snapshot.clone())?;
     info!("control socket at {}", options.control.display());
     let _metrics = match metrics_listen {
         Some(addr) => Some(MetricsServer::bind(addr, snapshot).await?),
@@ -485,6 +476,7 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         .take()
         .context("agent already stopped")?;
     agent.drain_tcp(options.drain).await;
+    drop(control);
     agent.shutdown()?;
     info!("detached; bye");
     Ok(())

@@ -7,13 +7,14 @@ pub mod control;
 pub mod datapath;
 pub mod ebpf;
 pub mod events;
-pub mod fd_limit;
+pub mod host;
 pub mod metrics;
-pub mod netlink;
 pub mod reload;
-pub mod route;
 pub mod spectrum;
 pub mod stats;
 pub mod tcp;
 pub mod udp_flows;
 pub mod wire;
+
+// The modules that moved under `host/`, at their old paths too.
+pub use host::{fd_limit, netlink, route};

@@ -28,6 +28,11 @@ enum Command {
         /// Unix socket on which `forwarder stats` reaches this agent.
         #[arg(long, default_value = forwarder::control::DEFAULT_CONTROL_SOCKET)]
         control: PathBuf,
+        /// Directory of the single-instance lock and of the journal of host changes
+        /// (sysctls, neighbour entries) that a restart after a crash puts back. One
+        /// agent per directory.
+        #[arg(long, default_value = forwarder::host::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Validate a config file; exit non-zero with one line per problem.
     CheckConfig {
@@ -56,11 +61,13 @@ fn main() -> ExitCode {
             config,
             drain,
             control,
+            state_dir,
         } => forwarder::agent::parse_duration_arg(&drain).and_then(|drain| {
             forwarder::agent::run_cli(forwarder::agent::RunOptions {
                 config,
                 drain,
                 control,
+                state_dir,
             })
         }),
         Command::CheckConfig { config } => forwarder::config::check_config_cli(&config),

@@ -49,6 +49,20 @@ pub const DRAIN: &str = "1s";
 /// Per-process counter for unique temporary directories.
 static NEXT_AGENT: AtomicU32 = AtomicU32::new(0);
 
+/// How to start an agent beyond its config ([`AgentProcess::start_with`]). The
+/// defaults are the agent's own temporary directory: `<dir>/control.sock` and
+/// `<dir>/state`, so that agents of parallel tests never share a lock or journal.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// `--state-dir`: share one between agents to test the single-instance lock and
+    /// the repair after a crash.
+    pub state_dir: Option<PathBuf>,
+    /// `--control`.
+    pub control: Option<PathBuf>,
+    /// Soft and (lowered only) hard open-file limits.
+    pub fd_limits: Option<(u64, Option<u64>)>,
+}
+
 /// The `forwarder` binary the tests run (see the module docs).
 pub fn forwarder_bin() -> Result<PathBuf> {
     for var in ["FORWARDER_BIN", "CARGO_BIN_EXE_forwarder"] {
@@ -90,6 +104,7 @@ pub struct AgentProcess {
     dir: PathBuf,
     config: PathBuf,
     control: PathBuf,
+    state_dir: PathBuf,
     stdout: PathBuf,
     stderr: PathBuf,
     status: Option<ExitStatus>,
@@ -97,11 +112,11 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Writes `config_toml` to a temporary file, starts `forwarder run --config F
-    /// --control <dir>/control.sock --drain 1s` in `edge` and waits (up to
-    /// [`START_TIMEOUT`]) until the control socket answers. Fails, with the agent's
-    /// output in the error, if it exits or does not answer in time.
+    /// --control <dir>/control.sock --state-dir <dir>/state --drain 1s` in `edge`
+    /// and waits (up to [`START_TIMEOUT`]) until the control socket answers. Fails,
+    /// with the agent's output in the error, if it exits or does not answer in time.
     pub fn start(lab: &Lab, config_toml: &str) -> Result<AgentProcess> {
-        Self::start_limited(lab, config_toml, None)
+        Self::start_with(lab, config_toml, &AgentOptions::default())
     }
 
     /// Like [`AgentProcess::start`], with the agent's soft open-file limit set to
@@ -111,7 +126,11 @@ impl AgentProcess {
         config_toml: &str,
         soft_fd_limit: u64,
     ) -> Result<AgentProcess> {
-        Self::start_limited(lab, config_toml, Some((soft_fd_limit, None)))
+        let options = AgentOptions {
+            fd_limits: Some((soft_fd_limit, None)),
+            ..AgentOptions::default()
+        };
+        Self::start_with(lab, config_toml, &options)
     }
 
     /// Like [`AgentProcess::start`], with the agent's soft and hard open-file limits
@@ -122,15 +141,20 @@ impl AgentProcess {
         soft: u64,
         hard: u64,
     ) -> Result<AgentProcess> {
-        Self::start_limited(lab, config_toml, Some((soft, Some(hard))))
+        let options = AgentOptions {
+            fd_limits: Some((soft, Some(hard))),
+            ..AgentOptions::default()
+        };
+        Self::start_with(lab, config_toml, &options)
     }
 
-    fn start_limited(
+    /// Like [`AgentProcess::start`] with `options`.
+    pub fn start_with(
         lab: &Lab,
         config_toml: &str,
-        limits: Option<(u64, Option<u64>)>,
+        options: &AgentOptions,
     ) -> Result<AgentProcess> {
-        let mut agent = Self::spawn_limited(lab, config_toml, limits)?;
+        let mut agent = Self::spawn_with(lab, config_toml, options)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = agent.child.try_wait()? {
@@ -157,13 +181,14 @@ impl AgentProcess {
     /// Like [`AgentProcess::start`] without waiting for anything: for tests of an
     /// agent that must refuse to start (see [`AgentProcess::wait_exit`]).
     pub fn spawn(lab: &Lab, config_toml: &str) -> Result<AgentProcess> {
-        Self::spawn_limited(lab, config_toml, None)
+        Self::spawn_with(lab, config_toml, &AgentOptions::default())
     }
 
-    fn spawn_limited(
+    /// Like [`AgentProcess::spawn`] with `options`.
+    pub fn spawn_with(
         lab: &Lab,
         config_toml: &str,
-        limits: Option<(u64, Option<u64>)>,
+        options: &AgentOptions,
     ) -> Result<AgentProcess> {
         let bin = forwarder_bin()?;
         let n = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
@@ -176,7 +201,14 @@ impl AgentProcess {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("forwarder.toml");
-        let control = dir.join("control.sock");
+        let control = options
+            .control
+            .clone()
+            .unwrap_or_else(|| dir.join("control.sock"));
+        let state_dir = options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("state"));
         let stdout = dir.join("stdout.log");
         let stderr = dir.join("stderr.log");
         std::fs::write(&config, config_toml)
@@ -189,6 +221,8 @@ impl AgentProcess {
                 config.as_os_str(),
                 "--control".as_ref(),
                 control.as_os_str(),
+                "--state-dir".as_ref(),
+                state_dir.as_os_str(),
                 "--drain".as_ref(),
                 DRAIN.as_ref(),
             ],
@@ -198,7 +232,7 @@ impl AgentProcess {
             .stderr(File::create(&stderr).context("creating the stderr log")?)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1");
-        if let Some((soft, hard)) = limits {
+        if let Some((soft, hard)) = options.fd_limits {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork
             // and exec; the limit passes through `ip netns exec` to the agent.
@@ -228,6 +262,7 @@ impl AgentProcess {
             dir,
             config,
             control,
+            state_dir,
             stdout,
             stderr,
             status: None,
@@ -247,6 +282,17 @@ impl AgentProcess {
     /// The agent's control socket.
     pub fn control_path(&self) -> &Path {
         &self.control
+    }
+
+    /// The agent's state directory (`--state-dir`): its lock and its journal of
+    /// host changes ([`forwarder::host::JOURNAL_FILE`]).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The journal of host changes, while the agent has one.
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir.join(forwarder::host::JOURNAL_FILE)
     }
 
     /// Replaces the config file's contents (the agent reads it on SIGHUP).
@@ -299,6 +345,17 @@ impl AgentProcess {
         }
         self.child.signal(signal);
         self.wait_exit(STOP_TIMEOUT)
+    }
+
+    /// `SIGKILL` (what a crash or the OOM killer does: no clean-up at all), then
+    /// reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let status = self.child.kill()?;
+        self.status = Some(status);
+        Ok(status)
     }
 
     /// Waits up to `timeout` for the agent to exit by itself. If it does not, it is

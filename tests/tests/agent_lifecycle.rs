@@ -56,7 +56,8 @@ fn v4(addr: std::net::Ipv4Addr, port: u16) -> SocketAddr {
 }
 
 /// Asserts that nothing of the agent is left in the lab: no XDP program on either
-/// edge interface, no sk_lookup link in the edge namespace, no control socket.
+/// edge interface, no sk_lookup link in the edge namespace, no control socket, no
+/// journal of host changes (`tests/tests/host_state.rs` checks what it lists).
 #[track_caller]
 fn assert_nothing_left(lab: &Lab, agent: &AgentProcess) {
     for ifname in lab.edge_ifaces() {
@@ -75,6 +76,11 @@ fn assert_nothing_left(lab: &Lab, agent: &AgentProcess) {
         !agent.control_path().exists(),
         "control socket {} left behind",
         agent.control_path().display()
+    );
+    assert!(
+        !agent.journal_path().exists(),
+        "journal of host changes {} left behind",
+        agent.journal_path().display()
     );
 }
 

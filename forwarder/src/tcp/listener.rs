@@ -1,4 +1,5 @@
-//! The listening sockets of TCP apps and the sysctls they rely on.
+//! The listening sockets of TCP apps (the sysctls they rely on, SYN cookies and
+//! `somaxconn`, are set by the agent through `crate::host`).
 //!
 //! Each app has one IPv6 dual-stack socket (`IPV6_V6ONLY` = 0, so IPv4 clients arrive
 //! as `::ffff:a.b.c.d`) bound to `[::]:0`. Its own port does not matter: the sk_lookup
@@ -10,45 +11,6 @@
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-use anyhow::Context as _;
-use log::info;
-
-/// `net.ipv4.tcp_syncookies`: 1 = send cookies when a listener's SYN queue overflows.
-const SYNCOOKIES: &str = "/proc/sys/net/ipv4/tcp_syncookies";
-/// `net.core.somaxconn`: the cap on every listen backlog.
-const SOMAXCONN: &str = "/proc/sys/net/core/somaxconn";
-
-/// Turns SYN cookies on (value 1) if they are off, and raises `net.core.somaxconn` to
-/// `backlog` if it is lower, with a log line for each change. Both sysctls are per
-/// network namespace; they are written in the caller's (the agent's) namespace.
-/// A value of 2 (cookies always) is left alone: cookies are on either way.
-pub fn prepare_sysctls(backlog: i32) -> anyhow::Result<()> {
-    let cookies = read_sysctl(SYNCOOKIES)?;
-    if cookies.trim() == "0" {
-        write_sysctl(SYNCOOKIES, "1")?;
-        info!(
-            "net.ipv4.tcp_syncookies: 0 -> 1 (SYN cookies when a listener's SYN queue overflows)"
-        );
-    }
-    let somaxconn: i64 = read_sysctl(SOMAXCONN)?
-        .trim()
-        .parse()
-        .context("net.core.somaxconn is not a number")?;
-    if somaxconn < i64::from(backlog) {
-        write_sysctl(SOMAXCONN, &backlog.to_string())?;
-        info!("net.core.somaxconn: {somaxconn} -> {backlog} (the TCP apps' listen backlog)");
-    }
-    Ok(())
-}
-
-fn read_sysctl(path: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {path}"))
-}
-
-fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
-    std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))
-}
 
 fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
     if rc < 0 {

@@ -148,8 +148,9 @@ pub struct TcpProxy {
 }
 
 impl TcpProxy {
-    /// Sets the sysctls (SYN cookies, `somaxconn`), opens one listener per TCP app
-    /// of `config`, puts each in its app's sockmap slot and attaches sk_lookup.
+    /// Opens one listener per TCP app of `config`, puts each in its app's sockmap
+    /// slot and attaches sk_lookup (the agent has set SYN cookies and `somaxconn`:
+    /// `HostState::prepare_tcp_listeners`).
     /// `datapath` must already hold `config`'s plan. Must run inside a tokio runtime,
     /// in the agent's network namespace.
     pub fn start(
@@ -159,7 +160,6 @@ impl TcpProxy {
     ) -> anyhow::Result<TcpProxy> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| anyhow!("the TCP proxy must be started inside a tokio runtime"))?;
-        listener::prepare_sysctls(LISTEN_BACKLOG)?;
         let connect_timeout = match std::env::var(CONNECT_TIMEOUT_ENV) {
             Ok(text) => {
                 let timeout = crate::config::parse_duration(&text)

@@ -59,6 +59,7 @@ impl AgentProc {
         let config_path = dir.path().join("forwarder.toml");
         std::fs::write(&config_path, config)?;
         let control = dir.path().join("control.sock");
+        let state_dir = dir.path().join("state");
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
         let nice = super::sys::NICE.to_string();
         let mut cmd = lab.edge().cmd(
@@ -75,6 +76,8 @@ impl AgentProc {
                 config_path.as_os_str(),
                 "--control".as_ref(),
                 control.as_os_str(),
+                "--state-dir".as_ref(),
+                state_dir.as_os_str(),
                 "--drain".as_ref(),
                 "1s".as_ref(),
             ] as &[&std::ffi::OsStr],

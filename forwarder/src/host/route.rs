@@ -27,8 +27,8 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
+use super::netlink::{Rtnl, interface_name};
 use crate::datapath::ifindex;
-use crate::netlink::{Rtnl, interface_name};
 
 /// How the host reaches one origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +134,7 @@ pub fn route_to(addr: IpAddr) -> anyhow::Result<OriginRoute> {
 }
 
 /// The neighbour message for `neighbour` (address and interface).
-fn neighbour_message(neighbour: &Neighbour) -> anyhow::Result<NeighbourMessage> {
+pub(crate) fn neighbour_message(neighbour: &Neighbour) -> anyhow::Result<NeighbourMessage> {
     let mut message = NeighbourMessage::default();
     message.header.family = family_of(neighbour.addr);
     message.header.ifindex = ifindex(&neighbour.dev)?;
@@ -183,56 +183,6 @@ pub fn release_neighbour(neighbour: &Neighbour) {
             neighbour.addr,
             neighbour.dev
         );
-    }
-}
-
-/// A sysctl the agent changed, to put back on shutdown.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SysctlChange {
-    pub path: String,
-    pub previous: String,
-}
-
-/// The kernel's route-lookup helper for XDP refuses interfaces without forwarding
-/// enabled (`BPF_FIB_LKUP_RET_FWD_DISABLED`, even for output lookups), so the UDP
-/// fast path needs `forwarding=1` on the interfaces it sends from, for each family
-/// its UDP apps use. Returns what was changed (each change is logged).
-pub fn enable_forwarding(
-    interfaces: &[String],
-    ipv4: bool,
-    ipv6: bool,
-) -> anyhow::Result<Vec<SysctlChange>> {
-    let mut changes = Vec::new();
-    for interface in interfaces {
-        for (wanted, family) in [(ipv4, "ipv4"), (ipv6, "ipv6")] {
-            if !wanted {
-                continue;
-            }
-            let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
-            let previous = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {path}"))?
-                .trim()
-                .to_string();
-            if previous == "1" {
-                continue;
-            }
-            std::fs::write(&path, "1").with_context(|| format!("enabling {path}"))?;
-            log::info!(
-                "{interface}: set net.{family}.conf.{interface}.forwarding=1 (was {previous}): \
-                 the XDP UDP fast path needs it; it is restored on exit"
-            );
-            changes.push(SysctlChange { path, previous });
-        }
-    }
-    Ok(changes)
-}
-
-/// Puts back what `enable_forwarding` changed.
-pub fn restore_sysctls(changes: &[SysctlChange]) {
-    for change in changes {
-        if let Err(err) = std::fs::write(&change.path, &change.previous) {
-            log::warn!("restoring {} failed: {err}", change.path);
-        }
     }
 }
 
@@ -453,7 +403,7 @@ mod tests {
     use netlink_packet_route::neighbour::NeighbourAddress;
 
     use super::*;
-    use crate::netlink::test_netns::{addr, in_new_netns, ip, veth_lab};
+    use crate::host::netlink::test_netns::{addr, in_new_netns, ip, veth_lab};
 
     #[test]
     fn loopback_routes_through_lo() {
@@ -610,7 +560,7 @@ mod tests {
             return;
         };
         let kernel = err
-            .downcast_ref::<crate::netlink::KernelError>()
+            .downcast_ref::<crate::host::netlink::KernelError>()
             .expect("a kernel error");
         assert_eq!(kernel.errno, libc::EINVAL);
         assert!(
