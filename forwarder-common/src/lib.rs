@@ -599,7 +599,8 @@ mod tests {
                 "no_flow",
                 "too_big",
                 "spoofed",
-                "no_route"
+                "no_route",
+                "source_limit"
             ]
         );
         for (i, r) in DropReason::ALL.iter().enumerate() {

@@ -25,8 +25,11 @@ use crate::{
     parse::Packet,
 };
 
-/// How many ports of `udp_nat_ports` a new flow tries before reclaiming one.
+/// How many ports of `udp_nat_ports` a new flow tries for a free one.
 const NAT_PORT_PROBES: u32 = 8;
+/// Once a reclaimable port is found, how many probes in all before taking it: a
+/// pool exhausted by a flood costs every new flow a few probes, not eight.
+const PROBES_BEFORE_RECLAIM: u32 = 2;
 
 /// Length of a per-source new-flow window.
 const SOURCE_WINDOW_NS: u64 = 1_000_000_000;
@@ -314,6 +317,9 @@ fn claim_nat_port(nat: &mut NatKey, claim: &mut NatClaim, key: &FlowKey, hash: u
     claim.state = CLAIM_PENDING;
     let mut victim: u32 = 0;
     for probe in 0..NAT_PORT_PROBES {
+        if victim != 0 && probe >= PROBES_BEFORE_RECLAIM {
+            break;
+        }
         // Spread probes over the range (a large odd step visits distinct ports).
         let port = low + (hash.wrapping_add(probe.wrapping_mul(40_503))) % span;
         nat.local_port = port as u16;
@@ -357,11 +363,15 @@ fn claim_nat_port(nat: &mut NatKey, claim: &mut NatClaim, key: &FlowKey, hash: u
     }
 }
 
-/// Whether the flow `owner` is live (in either table) and holds `port`.
+/// Whether the new flow `owner` is live and holds `port`. (A claim in state
+/// `CLAIM_NEW` never belongs to an assured flow: promotion makes the claim
+/// assured before the flow enters `FLOWS`.)
 #[inline(always)]
 fn holds_port(owner: &FlowKey, port: u16) -> bool {
     // SAFETY: plain reads of live map values.
-    lookup(owner).is_some_and(|flow| unsafe { (*flow).local_port } == port)
+    NEW_FLOWS
+        .get_ptr_mut(owner)
+        .is_some_and(|flow| unsafe { (*flow).local_port } == port)
 }
 
 /// Takes the reclaimable claim `held` for `key` (pending), if no other CPU does

@@ -107,9 +107,12 @@ async fn serve(stream: UnixStream, snapshot: SnapshotFn) -> anyhow::Result<()> {
             "the request must be one line of at most {MAX_REQUEST} bytes"
         )),
         Ok(Ok(_)) => match line.trim() {
-            "stats" => match snapshot() {
-                Ok(s) => serde_json::to_string(&s)?,
-                Err(err) => error(format!("{err:#}")),
+            // The snapshot is asked of the agent thread: wait for it off the
+            // async workers.
+            "stats" => match tokio::task::spawn_blocking(move || snapshot()).await {
+                Ok(Ok(s)) => serde_json::to_string(&s)?,
+                Ok(Err(err)) => error(format!("{err:#}")),
+                Err(err) => error(format!("taking the snapshot: {err}")),
             },
             other => error(format!(
                 "unknown request {:?}",

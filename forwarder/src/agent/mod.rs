@@ -1,38 +1,32 @@
-//! `forwarder run`: load the config, fill and attach the datapath, serve until
-//! SIGINT/SIGTERM, then detach everything.
+//! The running agent: the state `forwarder run` serves from (config, datapath,
+//! host changes, TCP proxy, event log, flow figures), owned by one thread that
+//! takes commands (`task`); the UDP flow scanner (`flow_scan`); and the command
+//! itself (`run`).
+
+mod flow_scan;
+mod run;
+mod task;
+
+pub use run::{RunOptions, parse_duration_arg, run_cli};
+pub use task::{AgentHandle, Command};
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
-use log::{error, info, warn};
-use tokio::signal::unix::{SignalKind, signal};
+use log::{info, warn};
 
-use crate::analytics::{EventStats, FILTERED_SUMMARY_INTERVAL, FilteredSummary, Histogram};
+use crate::analytics::{EventStats, FilteredSummary, Histogram};
 use crate::config::{Config, IpFamily, Protocol, interface_addresses};
-use crate::control::{ControlSocket, SnapshotFn};
 use crate::datapath::{Datapath, Plan};
 use crate::events::EventLog;
 use crate::host::HostState;
-use crate::metrics::MetricsServer;
-use crate::reload::ConfigWatch;
 use crate::route::{Neighbour, default_gateways, route_to};
 use crate::stats::StatsSnapshot;
 use crate::tcp::TcpProxy;
 use crate::udp_flows::{FlowTables, UdpFlowStats};
-
-/// Options of `forwarder run` besides the config.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    pub config: PathBuf,
-    pub drain: Duration,
-    pub control: PathBuf,
-    /// Where the single-instance lock and the journal of host changes live.
-    pub state_dir: PathBuf,
-}
 
 /// The loaded, attached datapath with the config it was built from.
 pub struct Agent {
@@ -45,8 +39,8 @@ pub struct Agent {
     host: HostState,
     /// The event log (`agent.event_log`), shared with the TCP proxy.
     events: EventLog,
-    /// What the last UDP flow scan found (the scan itself runs without the lock,
-    /// see `run_flow_scans`).
+    /// What the last UDP flow scan found (the scan itself runs on its own thread,
+    /// see `flow_scan`).
     udp_flows: UdpFlowStats,
     /// TCP apps: one listener per app, the proxied connections (SPEC §4).
     tcp: TcpProxy,
@@ -352,209 +346,8 @@ fn prepare_host(host: &mut HostState, config: &Config, wanted: &[Neighbour]) -> 
     Ok(())
 }
 
-fn load_config(path: &Path) -> anyhow::Result<Config> {
+pub(crate) fn load_config(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| {
         crate::config::ConfigRejected(format!("invalid config {}:\n{e}", path.display())).into()
     })
-}
-
-pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
-    match crate::fd_limit::raise_to_hard() {
-        Ok((old, new)) if new > old => info!("open-file limit raised from {old} to {new}"),
-        Ok((_, limit)) => info!("open-file limit {limit}"),
-        Err(err) => warn!("could not raise the open-file limit: {err}"),
-    }
-    // One worker per CPU the agent may run on (its affinity): an agent pinned to
-    // one CPU then runs one worker, without cross-thread wake-ups.
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(options))?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Reloads from `path` (`why` says what asked for it); errors are logged and the
-/// running config stays.
-fn reload_from_file(path: &Path, agent: &Mutex<Option<Agent>>, why: &str) {
-    info!("{why}: reloading {}", path.display());
-    let result = load_config(path).and_then(|config| {
-        let mut guard = agent.lock().map_err(|_| anyhow!("agent lock poisoned"))?;
-        guard.as_mut().context("agent stopped")?.reload(config)
-    });
-    match result {
-        Ok(()) => info!("reload applied"),
-        Err(err) => error!("reload rejected, the running config stays: {err:#}"),
-    }
-}
-
-async fn run(options: RunOptions) -> anyhow::Result<()> {
-    // Before anything on the host is touched: one agent per state directory, and
-    // what a dead one left behind put back.
-    let host = HostState::acquire(&options.state_dir, Some(&options.control))?;
-    let config = load_config(&options.config)?;
-    let metrics_listen = config.agent.metrics_listen;
-    let mut watch = ConfigWatch::new(&options.config);
-    let agent = Arc::new(Mutex::new(Some(Agent::start(config, host)?)));
-    let snapshot_agent = agent.clone();
-    let snapshot: SnapshotFn = Arc::new(move || {
-        let guard = snapshot_agent
-            .lock()
-            .map_err(|_| anyhow!("agent lock poisoned"))?;
-        guard.as_ref().context("agent stopped")?.snapshot()
-    });
-    let control = ControlSocket::bind(&options.control, snapshot.clone())?;
-    info!("control socket at {}", options.control.display());
-    let _metrics = match metrics_listen {
-        Some(addr) => Some(MetricsServer::bind(addr, snapshot).await?),
-        None => None,
-    };
-
-    let route_epoch = agent
-        .lock()
-        .map_err(|_| anyhow!("agent lock poisoned"))?
-        .as_mut()
-        .context("agent stopped")?
-        .take_route_epoch()?;
-    let route_follower = tokio::spawn(crate::route::follow_route_changes(route_epoch));
-
-    let stop_scans = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flow_scanner = {
-        let agent = agent.clone();
-        let stop = stop_scans.clone();
-        std::thread::Builder::new()
-            .name("udp-flow-scan".into())
-            .spawn(move || run_flow_scans(&agent, &stop))
-            .context("starting the UDP flow scanner")?
-    };
-
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut watch_tick = tokio::time::interval(crate::reload::WATCH_INTERVAL);
-    let mut filtered_tick = tokio::time::interval(FILTERED_SUMMARY_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = sighup.recv() => {
-                if let Ok(guard) = agent.lock()
-                    && let Some(agent) = guard.as_ref()
-                    && let Err(err) = agent.events().reopen()
-                {
-                    error!("reopening the event log failed: {err:#}");
-                }
-                watch.mark_current();
-                reload_from_file(&options.config, &agent, "SIGHUP");
-            }
-            _ = watch_tick.tick() => {
-                if watch.changed() {
-                    reload_from_file(&options.config, &agent, "config file changed");
-                }
-            }
-            _ = filtered_tick.tick() => {
-                if let Ok(mut guard) = agent.lock()
-                    && let Some(agent) = guard.as_mut()
-                    && let Err(err) = agent.summarise_filtered()
-                {
-                    error!("summarising firewall drops failed: {err:#}");
-                }
-            }
-        }
-    }
-    info!("shutting down");
-    stop_scans.store(true, std::sync::atomic::Ordering::SeqCst);
-    if flow_scanner.join().is_err() {
-        error!("the UDP flow scanner panicked");
-    }
-    route_follower.abort();
-    let mut agent = agent
-        .lock()
-        .map_err(|_| anyhow!("agent lock poisoned"))?
-        .take()
-        .context("agent already stopped")?;
-    agent.drain_tcp(options.drain).await;
-    drop(control);
-    agent.shutdown()?;
-    info!("detached; bye");
-    Ok(())
-}
-
-/// Removals done per hold of the agent's lock (each is a system call or two), so
-/// `stats` and `/metrics` never wait long behind a scan that ends many flows.
-const REMOVALS_PER_LOCK: usize = 1024;
-
-/// The UDP flow scanner (its own thread: a scan of full tables is milliseconds of
-/// CPU the async workers should not wait for). Each scan holds the agent's lock
-/// only to read the tables, to remove idle flows (in chunks) and to store the
-/// result; announcing, ending and accounting happen outside it.
-fn run_flow_scans(agent: &Mutex<Option<Agent>>, stop: &std::sync::atomic::AtomicBool) {
-    let mut tracker = crate::udp_flows::UdpFlowTracker::default();
-    let mut next = std::time::Instant::now();
-    let with_agent = |f: &mut dyn FnMut(&mut Agent)| -> bool {
-        match agent.lock() {
-            Ok(mut guard) => match guard.as_mut() {
-                Some(agent) => {
-                    f(agent);
-                    true
-                }
-                None => false,
-            },
-            Err(_) => false,
-        }
-    };
-    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        next += crate::udp_flows::SCAN_INTERVAL;
-        // Sleep in short steps so a shutdown is not kept waiting.
-        while std::time::Instant::now() < next {
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50).min(next - std::time::Instant::now()));
-        }
-        let started = std::time::Instant::now();
-        let mut read = None;
-        let mut events = None;
-        if !with_agent(&mut |a| {
-            read = Some(a.read_flow_tables());
-            events = Some(a.events().clone());
-        }) {
-            return;
-        }
-        let (Some(read), Some(events)) = (read, events) else {
-            return;
-        };
-        let tables = match read {
-            Ok(tables) => tables,
-            Err(err) => {
-                error!("UDP flow scan failed: {err:#}");
-                continue;
-            }
-        };
-        let outcome = tracker.scan(
-            &tables,
-            crate::udp_flows::monotonic_ns(),
-            std::time::SystemTime::now(),
-        );
-        for event in &outcome.events {
-            events.emit(event);
-        }
-        for chunk in outcome.ended.chunks(REMOVALS_PER_LOCK) {
-            if !with_agent(&mut |a| a.end_udp_flows(chunk)) {
-                return;
-            }
-        }
-        let mut stats = tracker.stats(&tables);
-        stats.scan_seconds = started.elapsed().as_secs_f64();
-        if !with_agent(&mut |a| a.set_udp_flow_stats(stats.clone())) {
-            return;
-        }
-    }
-}
-
-/// Parses `--drain` and other command-line durations ("10s", "500ms", "2m").
-pub fn parse_duration_arg(text: &str) -> anyhow::Result<Duration> {
-    crate::config::parse_duration(text).map_err(|e| anyhow!("bad duration {text:?}: {e}"))
 }

@@ -1,0 +1,157 @@
+//! `forwarder run`: load the config, fill and attach the datapath, serve until
+//! SIGINT/SIGTERM, then detach everything. The async side here only waits for
+//! signals and timers and sends the agent thread commands (`task`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use log::{error, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{Agent, AgentHandle, Command, load_config, task};
+use crate::analytics::FILTERED_SUMMARY_INTERVAL;
+use crate::control::{ControlSocket, SnapshotFn};
+use crate::host::HostState;
+use crate::metrics::MetricsServer;
+use crate::reload::ConfigWatch;
+
+/// Options of `forwarder run` besides the config.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub drain: Duration,
+    pub control: PathBuf,
+    /// Where the single-instance lock and the journal of host changes live.
+    pub state_dir: PathBuf,
+}
+
+pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
+    match crate::fd_limit::raise_to_hard() {
+        Ok((old, new)) if new > old => info!("open-file limit raised from {old} to {new}"),
+        Ok((_, limit)) => info!("open-file limit {limit}"),
+        Err(err) => warn!("could not raise the open-file limit: {err}"),
+    }
+    // One worker per CPU the agent may run on (its affinity): an agent pinned to
+    // one CPU then runs one worker, without cross-thread wake-ups.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(options))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `f` (a blocking call on the agent's handle) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow!("a blocking call failed: {e}"))?
+}
+
+async fn run(options: RunOptions) -> anyhow::Result<()> {
+    // Before anything on the host is touched: one agent per state directory, and
+    // what a dead one left behind put back.
+    let host = HostState::acquire(&options.state_dir, Some(&options.control))?;
+    let config = load_config(&options.config)?;
+    let metrics_listen = config.agent.metrics_listen;
+    let mut watch = ConfigWatch::new(&options.config);
+    let (agent, agent_thread) = task::spawn(
+        Agent::start(config, host)?,
+        tokio::runtime::Handle::current(),
+    )?;
+    let snapshot: SnapshotFn = {
+        let agent = agent.clone();
+        Arc::new(move || agent.snapshot())
+    };
+    let control = ControlSocket::bind(&options.control, snapshot.clone())?;
+    info!("control socket at {}", options.control.display());
+    let _metrics = match metrics_listen {
+        Some(addr) => Some(MetricsServer::bind(addr, snapshot).await?),
+        None => None,
+    };
+
+    let route_epoch = {
+        let agent = agent.clone();
+        blocking(move || agent.take_route_epoch()).await?
+    };
+    let route_follower = tokio::spawn(crate::route::follow_route_changes(route_epoch));
+
+    let stop_scans = Arc::new(AtomicBool::new(false));
+    let flow_scanner = {
+        let agent = agent.clone();
+        let stop = stop_scans.clone();
+        std::thread::Builder::new()
+            .name("udp-flow-scan".into())
+            .spawn(move || super::flow_scan::run(&agent, &stop))
+            .context("starting the UDP flow scanner")?
+    };
+
+    let reload = |agent: &AgentHandle, why: &'static str| {
+        agent.tell(Command::Reload {
+            path: options.config.clone(),
+            why,
+            done: None,
+        });
+    };
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut watch_tick = tokio::time::interval(crate::reload::WATCH_INTERVAL);
+    let mut filtered_tick = tokio::time::interval(FILTERED_SUMMARY_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                agent.tell(Command::ReopenEventLog);
+                watch.mark_current();
+                reload(&agent, "SIGHUP");
+            }
+            _ = watch_tick.tick() => {
+                if watch.changed() {
+                    reload(&agent, "config file changed");
+                }
+            }
+            _ = filtered_tick.tick() => {
+                agent.tell(Command::SummariseFiltered);
+            }
+        }
+    }
+    info!("shutting down");
+    stop_scans.store(true, Ordering::SeqCst);
+    let scanner_done = blocking(move || {
+        flow_scanner
+            .join()
+            .map_err(|_| anyhow!("the UDP flow scanner panicked"))
+    })
+    .await;
+    if let Err(err) = scanner_done {
+        error!("{err:#}");
+    }
+    route_follower.abort();
+    let drain = options.drain;
+    {
+        let agent = agent.clone();
+        blocking(move || agent.drain_tcp(drain)).await?;
+    }
+    drop(control);
+    blocking(move || agent.shutdown()).await?;
+    if agent_thread.join().is_err() {
+        error!("the agent thread panicked");
+    }
+    info!("detached; bye");
+    Ok(())
+}
+
+/// Parses `--drain` and other command-line durations ("10s", "500ms", "2m").
+pub fn parse_duration_arg(text: &str) -> anyhow::Result<Duration> {
+    crate::config::parse_duration(text).map_err(|e| anyhow!("bad duration {text:?}: {e}"))
+}
