@@ -58,10 +58,13 @@ pub enum DropReason {
     /// Not in SPEC §6's list: a client source (its /32, or /64 for IPv6) opened
     /// more new UDP flows in the current second than `udp_new_flows_per_source`.
     SourceLimit = 11,
+    /// Not in SPEC §6's list: the first datagram of a new UDP flow of an app that
+    /// already admitted `udp_new_flows_per_second` new flows this second.
+    FlowLimit = 12,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::Fragment,
@@ -75,6 +78,7 @@ impl DropReason {
         DropReason::Spoofed,
         DropReason::NoRoute,
         DropReason::SourceLimit,
+        DropReason::FlowLimit,
     ];
 
     /// The `reason` label value.
@@ -92,6 +96,7 @@ impl DropReason {
             DropReason::Spoofed => "spoofed",
             DropReason::NoRoute => "no_route",
             DropReason::SourceLimit => "source_limit",
+            DropReason::FlowLimit => "flow_limit",
         }
     }
 }
@@ -269,6 +274,9 @@ pub struct AppInfo {
     /// 1 when `[[access_rules]]`/`[firewall]` apply to this app.
     pub ip_firewall: u8,
     pub _pad: u8,
+    /// UDP: new flows the app admits per second (`udp_new_flows_per_second`);
+    /// 0: no limit.
+    pub new_flows_per_second: u32,
 }
 
 /// Value of `ORIGINS[i]`.
@@ -480,8 +488,8 @@ impl FlowCounter {
 /// IPv6 as its first 8 bytes (/64).
 pub type SourceKey = [u8; 8];
 
-/// Value of `SOURCE_WINDOWS`: new flows the source opened in the one-second window
-/// that began at `start_ns`.
+/// Value of `SOURCE_WINDOWS` and `APP_WINDOWS`: new flows the source (or app)
+/// opened in the one-second window that began at `start_ns`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SourceWindow {
@@ -571,7 +579,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PortKey>(), 8);
-        assert_eq!(size_of::<AppInfo>(), 12);
+        assert_eq!(size_of::<AppInfo>(), 16);
         assert_eq!(size_of::<OriginInfo>(), 44);
         assert_eq!(size_of::<OriginPortKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 36);
@@ -600,7 +608,8 @@ mod tests {
                 "too_big",
                 "spoofed",
                 "no_route",
-                "source_limit"
+                "source_limit",
+                "flow_limit"
             ]
         );
         for (i, r) in DropReason::ALL.iter().enumerate() {

@@ -21,7 +21,7 @@ use forwarder_common::{
 
 use crate::{
     counters::count_flow,
-    maps::{FLOWS, NAT_PORTS, NEW_FLOWS, ORIGINS, SETTINGS, SOURCE_WINDOWS},
+    maps::{APP_WINDOWS, FLOWS, NAT_PORTS, NEW_FLOWS, ORIGINS, SETTINGS, SOURCE_WINDOWS},
     parse::Packet,
 };
 
@@ -85,7 +85,32 @@ pub fn within_source_limit(pkt: &Packet, now: u64) -> bool {
         let _ = SOURCE_WINDOWS.insert(&key, &fresh, 0);
         return true;
     };
-    // SAFETY: a live map value; the count is shared by every CPU.
+    // SAFETY: a live map value.
+    unsafe { admit_in_window(window, now, limit) }
+}
+
+/// Whether app `app` (`info`) may admit another new flow in this second under
+/// `udp_new_flows_per_second` (always, when 0): a flood of new flows then costs
+/// its origin at most that many, and its live flows nothing.
+#[inline(always)]
+pub fn within_app_limit(app: u32, info: &AppInfo, now: u64) -> bool {
+    let limit = info.new_flows_per_second as u64;
+    if limit == 0 {
+        return true;
+    }
+    match APP_WINDOWS.get_ptr_mut(app) {
+        // SAFETY: a live map value.
+        Some(window) => unsafe { admit_in_window(window, now, limit) },
+        None => true,
+    }
+}
+
+/// Counts one new flow in `window` (a one-second window, restarted when over) and
+/// says whether it is within `limit`. Approximate across CPUs: a restart may race
+/// an increment.
+#[inline(always)]
+unsafe fn admit_in_window(window: *mut SourceWindow, now: u64, limit: u64) -> bool {
+    // SAFETY: the caller passes a live map value; the count is shared by every CPU.
     unsafe {
         if now.wrapping_sub((*window).start_ns) >= SOURCE_WINDOW_NS {
             (*window).start_ns = now;

@@ -108,6 +108,11 @@ pub static NAT_PORTS: HashMap<NatKey, NatClaim> = HashMap::with_max_entries(MAX_
 pub static FLOW_COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(FlowCounter::COUNT as u32, 0);
 
+/// New flows per app in the current second (`udp_new_flows_per_second`), indexed
+/// as `APPS`.
+#[map]
+pub static APP_WINDOWS: Array<SourceWindow> = Array::with_max_entries(MAX_APPS, 0);
+
 /// New flows per client source in the current second (`udp_new_flows_per_source`).
 #[map]
 pub static SOURCE_WINDOWS: LruHashMap<SourceKey, SourceWindow> =

@@ -205,6 +205,9 @@ fn first_datagram(
     if !flow::within_source_limit(&s.pkt, now) {
         return drop(DropReason::SourceLimit);
     }
+    if !flow::within_app_limit(app, info, now) {
+        return drop(DropReason::FlowLimit);
+    }
     if flow::prepare(
         ctx,
         &mut s.flow,

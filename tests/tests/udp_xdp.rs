@@ -1874,6 +1874,45 @@ fn new_flows_per_source_are_limited() {
     });
 }
 
+/// `udp_new_flows_per_second`: an app admits that many new flows a second
+/// (whatever their sources) and drops the rest as `flow_limit`; its live flows
+/// and other apps are not affected.
+#[test]
+fn new_flows_per_app_are_limited() {
+    with_harness(|h| {
+        let limited = config(&h.w.ec, &h.w.eo).replace(
+            "id = \"spp4\"\n",
+            "id = \"spp4\"\nudp_new_flows_per_second = 3\n",
+        );
+        assert_ne!(limited, config(&h.w.ec, &h.w.eo), "the key went in");
+        h.reload(&limited);
+        let edge = sa(EDGE_CLIENT_V4, 5000);
+        for n in 0..3 {
+            h.forward(
+                "within the app's limit",
+                &udp_in(spoofed(n), edge, b"x", None),
+                true,
+            );
+        }
+        h.expect_drop(
+            "the app's fourth new flow this second",
+            &udp_in(spoofed(3), edge, b"x", None),
+            true,
+            DropReason::FlowLimit,
+        );
+        h.forward(
+            "a live flow of the limited app",
+            &udp_in(spoofed(0), edge, b"y", None),
+            true,
+        );
+        h.forward(
+            "another app",
+            &udp_in(spoofed(3), sa(EDGE_CLIENT_V4, 5001), b"x", None),
+            true,
+        );
+    });
+}
+
 // ---- what the JIT made ----------------------------------------------------------------
 
 /// LLVM turns small copies and fills into calls of byte-at-a-time memmove/memset

@@ -281,6 +281,7 @@ fn raw_app(app: &App) -> RawApp {
         ),
         proxy_protocol: Some(app.proxy_protocol.to_string()),
         ip_firewall: Some(app.ip_firewall),
+        udp_new_flows_per_second: app.udp_new_flows_per_second.map(i64::from),
     }
 }
 

@@ -531,6 +531,8 @@ pub struct App {
     pub proxy_protocol: ProxyProtocol,
     /// Whether `[[access_rules]]` / `[firewall]` apply to this app.
     pub ip_firewall: bool,
+    /// UDP apps: new flows admitted per second (`None`: no limit).
+    pub udp_new_flows_per_second: Option<u32>,
 }
 
 impl App {

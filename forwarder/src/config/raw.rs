@@ -89,6 +89,8 @@ pub(crate) struct RawApp {
     pub proxy_protocol: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_firewall: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_new_flows_per_second: Option<i64>,
 }
 
 /// The sections of a document that could be read. A table that could not be read is
@@ -416,7 +418,7 @@ mod tests {
             ["agent", "firewall", "access_rules", "apps"]
         );
         assert_eq!(struct_fields::<RawFirewall>(), ["default"]);
-        assert_eq!(struct_fields::<RawApp>().len(), 6);
+        assert_eq!(struct_fields::<RawApp>().len(), 7);
     }
 
     #[test]

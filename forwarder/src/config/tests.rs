@@ -693,6 +693,34 @@ fn udp_new_flows_per_source_is_a_positive_count() {
 }
 
 #[test]
+fn udp_new_flows_per_second_is_a_positive_count_for_udp_apps() {
+    let app = |protocol: &str, n: &str| {
+        with_agent(&format!(
+            "[[apps]]\nid = \"a\"\nprotocol = \"{protocol}/5000\"\n\
+             origin_direct = [\"{protocol}://10.0.0.2:5000\"]\nudp_new_flows_per_second = {n}\n"
+        ))
+    };
+    assert_eq!(
+        parse_ok(&app("udp", "200")).apps[0].udp_new_flows_per_second,
+        Some(200)
+    );
+    for bad in ["0", "-1", "1000001"] {
+        assert_problem(
+            &app("udp", bad),
+            "app 'a' (apps[0])",
+            "udp_new_flows_per_second",
+            "out of range",
+        );
+    }
+    assert_problem(
+        &app("tcp", "200"),
+        "app 'a' (apps[0])",
+        "udp_new_flows_per_second",
+        "UDP apps only",
+    );
+}
+
+#[test]
 fn udp_nat_ports_may_not_overlap_udp_apps_or_pass() {
     let text = format!(
         "{AGENT}pass = [\"udp/45000\"]\n[[apps]]\nid = \"dns\"\nprotocol = \"udp/40000-40010\"\norigin_direct = [\"udp://10.0.0.5:40000-40010\"]\n"

@@ -30,7 +30,7 @@ impl FromStr for ProxyKeyword {
 
 /// Longest interface name Linux accepts (`IFNAMSIZ` - 1).
 const MAX_INTERFACE_NAME_LEN: usize = 15;
-/// The largest `udp_new_flows_per_source` (new flows per second per client source).
+/// The largest `udp_new_flows_per_source` and `udp_new_flows_per_second`.
 const MAX_NEW_FLOWS_PER_SOURCE: i64 = 1_000_000;
 
 /// Validates `sections`; the returned config is only meaningful when `problems` stays empty.
@@ -503,6 +503,29 @@ impl Validator<'_> {
             self.problem(&location, "proxy_protocol", reason);
         }
 
+        let udp_new_flows_per_second = match raw.udp_new_flows_per_second {
+            None => None,
+            Some(_) if spec.is_some_and(|s| s.protocol != Protocol::Udp) => {
+                self.problem(
+                    &location,
+                    "udp_new_flows_per_second",
+                    "UDP apps only (TCP has SYN cookies and connection limits)",
+                );
+                None
+            }
+            Some(n) if (1..=MAX_NEW_FLOWS_PER_SOURCE).contains(&n) => Some(n as u32),
+            Some(n) => {
+                self.problem(
+                    &location,
+                    "udp_new_flows_per_second",
+                    format!(
+                        "{n} is out of range: new flows per second, 1 to \
+                         {MAX_NEW_FLOWS_PER_SOURCE} (leave the key out for no limit)"
+                    ),
+                );
+                None
+            }
+        };
         let app = match (spec, edge_ips) {
             (Some(spec), Some(edge_ips)) => Some(App {
                 id: id.clone().unwrap_or_else(|| App::default_id(&spec)),
@@ -512,6 +535,7 @@ impl Validator<'_> {
                 origins,
                 proxy_protocol,
                 ip_firewall: raw.ip_firewall.unwrap_or(true),
+                udp_new_flows_per_second,
             }),
             _ => None,
         };

@@ -289,6 +289,7 @@ impl Plan {
                 proxy: app.proxy_protocol.code(),
                 ip_firewall: app.ip_firewall as u8,
                 _pad: 0,
+                new_flows_per_second: app.udp_new_flows_per_second.unwrap_or(0),
             };
             app_ids[app_index as usize] = app.id.clone();
         }
@@ -402,6 +403,7 @@ const UNUSED_APP: AppInfo = AppInfo {
     proxy: ProxyProtocol::Off.code(),
     ip_firewall: 0,
     _pad: 0,
+    new_flows_per_second: 0,
 };
 
 /// `ORIGINS[i]` of a slot never used.

@@ -104,6 +104,7 @@ mod tests {
                 .collect::<Vec<Origin>>(),
             proxy_protocol: ProxyProtocol::Off,
             ip_firewall: true,
+            udp_new_flows_per_second: None,
         }
     }
 

@@ -22,6 +22,9 @@ use forwarder_tests::{CLIENT_V4, EDGE_CLIENT_V4, Lab, ORIGIN_V4};
 const SPP_PORT: u16 = 7000;
 const NAT_PORT: u16 = 7001;
 const FLOODED_PORT: u16 = 7003;
+/// The same, with `udp_new_flows_per_second = LIMITED_RATE`.
+const LIMITED_PORT: u16 = 7004;
+const LIMITED_RATE: u32 = 1000;
 /// Requests per second of each legitimate client.
 const LEGIT_RATE: u32 = 200;
 /// Upper bound of the flood's packets per round, whatever the duration.
@@ -188,6 +191,10 @@ impl Scenario for UdpSpoofFlood {
                 name: "flood",
                 label: "legitimate flows + random-source flood, as fast as hping3 goes",
             },
+            Variant {
+                name: "flood-limited",
+                label: "the same flood at an app with udp_new_flows_per_second = 1000",
+            },
         ]
     }
 
@@ -200,6 +207,14 @@ impl Scenario for UdpSpoofFlood {
             Target {
                 text: "legitimate delivered ≥ 99 % during a flood the lab carries (goal 100 %)",
                 variant: "flood-paced",
+                vs: None,
+                metric: "delivered",
+                bound: 99.0,
+                at_least: true,
+            },
+            Target {
+                text: "legitimate delivered ≥ 99 % during --flood at an app with udp_new_flows_per_second",
+                variant: "flood-limited",
                 vs: None,
                 metric: "delivered",
                 bound: 99.0,
@@ -235,11 +250,13 @@ impl Scenario for UdpSpoofFlood {
         };
         let config = format!(
             "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\nudp_idle_timeout = \"5m\"\n\
-             udp_nat_ports = \"40000-59999\"\nevent_log = \"{}\"\n{}{}{}",
+             udp_nat_ports = \"40000-59999\"\nevent_log = \"{}\"\n{}{}{}{}\
+             udp_new_flows_per_second = {LIMITED_RATE}\n",
             events.display(),
             app("spp", SPP_PORT, "simple"),
             app("nat", NAT_PORT, "off"),
             app("flooded", FLOODED_PORT, "off"),
+            app("flooded-limited", LIMITED_PORT, "off"),
         );
         let agent = AgentProc::start(&lab, &config, opts.edge_cpu)?;
         // The edge's receive work (XDP) on the edge CPU, as in the other UDP
@@ -299,15 +316,20 @@ impl Scenario for UdpSpoofFlood {
             (spp.count() + nat.count()) as u64
         };
         let flood = match variant {
-            "flood" | "flood-paced" => {
-                let pace: &[&str] = if variant == "flood" {
-                    &["--flood"]
-                } else {
+            "flood" | "flood-paced" | "flood-limited" => {
+                let pace: &[&str] = if variant == "flood-paced" {
                     &["-i", "u10"]
+                } else {
+                    &["--flood"]
                 };
                 let seconds = format!("{:.1}", duration.as_secs_f64() + 0.5);
                 let count = FLOOD_MAX_PACKETS.to_string();
-                let port = FLOODED_PORT.to_string();
+                let port = if variant == "flood-limited" {
+                    LIMITED_PORT
+                } else {
+                    FLOODED_PORT
+                }
+                .to_string();
                 let edge = EDGE_CLIENT_V4.to_string();
                 let gen_cpu = opts.gen_cpu.to_string();
                 // At the lowest priority: the legitimate clients and the echo
@@ -386,7 +408,10 @@ impl Scenario for UdpSpoofFlood {
                  generator), {d:.1} s per round (capped at {FLOOD_MAX_PACKETS} packets); \
                  `flood-paced` asks hping3 for one datagram every 10 µs (-i u10), a rate \
                  this 2-CPU lab carries end to end; `flood` is --flood, more than it \
-                 carries.",
+                 carries; `flood-limited` is --flood at a sibling app with \
+                 udp_new_flows_per_second = {LIMITED_RATE}, whose excess the XDP program \
+                 drops (flow_limit) before it costs the edge a rewrite or the origin a \
+                 datagram.",
                 opts.edge_cpu, opts.gen_cpu
             ),
             format!(

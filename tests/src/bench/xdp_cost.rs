@@ -63,9 +63,9 @@ struct Branch {
     method: Method,
 }
 
-/// New flows created per round by the new-flow branch: five rounds stay well
-/// inside the flow table (no LRU eviction in the figure).
-const NEW_FLOWS_PER_ROUND: u32 = 40_000;
+/// New flows created per round by the new-flow branch: five rounds stay inside
+/// the new-flow table (65,536 entries; no LRU eviction in the figure).
+const NEW_FLOWS_PER_ROUND: u32 = 12_000;
 
 fn tcp_syn(dport: u16) -> Vec<u8> {
     let seg = tcp(
