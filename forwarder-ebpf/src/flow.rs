@@ -52,6 +52,12 @@ pub fn lookup(key: &FlowKey) -> Option<*mut FlowState> {
     }
 }
 
+/// The assured flow for `key`.
+#[inline(always)]
+pub fn lookup_assured(key: &FlowKey) -> Option<*mut FlowState> {
+    FLOWS.get_ptr_mut(key)
+}
+
 /// The clock, read once per new flow (never per packet).
 #[inline(always)]
 pub fn now_ns() -> u64 {

@@ -64,8 +64,16 @@ pub fn established(ctx: &XdpContext, s: &mut Scratch) -> Option<u32> {
     s.flow_missed = false;
     if to_app_port {
         flow::stage_key(&s.pkt, &mut s.key);
-        let found = flow::lookup(&s.key);
-        s.flow_missed = found.is_none();
+        // A datagram that may also be a reply (its source port is an origin's, as
+        // every SPP reply's is) looks in the assured table only: a reply then pays
+        // one miss here, not two, and a new flow's datagram still finds its flow
+        // in `to_origin`, which looks in both.
+        let found = if from_origin_port {
+            flow::lookup_assured(&s.key)
+        } else {
+            flow::lookup(&s.key)
+        };
+        s.flow_missed = found.is_none() && !from_origin_port;
         if let Some(flow) = found {
             // SAFETY: a live map value; plain reads.
             let (flow_generation, rule) = unsafe { ((*flow).generation, (*flow).rule) };

@@ -498,6 +498,56 @@ impl FilteredSummary {
     }
 }
 
+/// Turns the TCP proxy's refusal counters (connections refused at once at the
+/// app's connection limit or the open-file capacity) into `clientFiltered`
+/// summaries with Status 503: at most one line per app per
+/// [`FILTERED_SUMMARY_INTERVAL`], `Flows` = connections refused since the last.
+#[derive(Debug, Default)]
+pub struct RefusalSummary {
+    seen: BTreeMap<String, u64>,
+}
+
+impl RefusalSummary {
+    /// The summaries for the refusals since the last call (`refused`: per app, the
+    /// totals since the agent started).
+    pub fn tick(
+        &mut self,
+        refused: &BTreeMap<String, u64>,
+        now: std::time::SystemTime,
+    ) -> Vec<Event> {
+        let mut out = Vec::new();
+        for (app, total) in refused {
+            let before = self.seen.insert(app.clone(), *total).unwrap_or(0);
+            let delta = total.saturating_sub(before);
+            if delta == 0 {
+                continue;
+            }
+            out.push(Event {
+                timestamp: crate::events::rfc3339(now),
+                event: EventKind::ClientFiltered,
+                application: app.clone(),
+                protocol: "tcp".into(),
+                client_ip: None,
+                client_port: None,
+                server_ip: None,
+                server_port: None,
+                origin_ip: None,
+                origin_port: None,
+                proxy_protocol: String::new(),
+                client_bytes: 0,
+                origin_bytes: 0,
+                client_packets: None,
+                origin_packets: None,
+                status: crate::events::status::REFUSED_AT_CAPACITY,
+                connect_timestamp: None,
+                disconnect_timestamp: None,
+                flows: Some(delta),
+            });
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,5 +751,27 @@ mod tests {
         ] {
             assert!(json.get(key).is_some(), "{key} missing: {json}");
         }
+    }
+
+    #[test]
+    fn refusals_are_summarised_per_app_with_their_count() {
+        let now = std::time::SystemTime::now();
+        let mut summary = RefusalSummary::default();
+        let totals =
+            |a: u64, b: u64| BTreeMap::from([("ssh".to_string(), a), ("web".to_string(), b)]);
+        assert!(summary.tick(&totals(0, 0), now).is_empty());
+        let events = summary.tick(&totals(10, 0), now);
+        assert_eq!(events.len(), 1, "only the app that refused");
+        assert_eq!(events[0].event, EventKind::ClientFiltered);
+        assert_eq!(events[0].application, "ssh");
+        assert_eq!(events[0].status, 503);
+        assert_eq!(events[0].flows, Some(10));
+        let events = summary.tick(&totals(12, 3), now);
+        let counts: Vec<(&str, Option<u64>)> = events
+            .iter()
+            .map(|e| (e.application.as_str(), e.flows))
+            .collect();
+        assert_eq!(counts, [("ssh", Some(2)), ("web", Some(3))], "deltas");
+        assert!(summary.tick(&totals(12, 3), now).is_empty());
     }
 }

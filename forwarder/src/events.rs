@@ -34,6 +34,10 @@ pub mod status {
     /// assured (the new-flow table was full, or its NAT port was reclaimed for
     /// another new flow), typically under a flood.
     pub const FLOW_EVICTED: u16 = 429;
+    /// Not in Spectrum's table: TCP connections refused at once (RST) because the
+    /// app's connection limit or the agent's open-file capacity was reached; only
+    /// on `clientFiltered` summaries.
+    pub const REFUSED_AT_CAPACITY: u16 = 503;
 }
 
 /// `Event` values.

@@ -49,6 +49,21 @@ pub const DRAIN: &str = "1s";
 /// Per-process counter for unique temporary directories.
 static NEXT_AGENT: AtomicU32 = AtomicU32::new(0);
 
+/// `CAP_SYS_RESOURCE` (linux/capability.h).
+pub const CAP_SYS_RESOURCE: libc::c_ulong = 24;
+
+/// Whether process `pid` has capability `cap` in its effective set.
+pub fn has_effective_capability(pid: u32, cap: libc::c_ulong) -> Result<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("no CapEff line")?
+        .trim();
+    let bits = u64::from_str_radix(hex, 16).context("CapEff is not hex")?;
+    Ok(bits & (1 << cap) != 0)
+}
+
 /// How to start an agent beyond its config ([`AgentProcess::start_with`]). The
 /// defaults are the agent's own temporary directory: `<dir>/control.sock` and
 /// `<dir>/state`, so that agents of parallel tests never share a lock or journal.
@@ -61,6 +76,10 @@ pub struct AgentOptions {
     pub control: Option<PathBuf>,
     /// Soft and (lowered only) hard open-file limits.
     pub fd_limits: Option<(u64, Option<u64>)>,
+    /// Run without `CAP_SYS_RESOURCE` (dropped from the bounding set before exec):
+    /// what an agent started with only the capabilities it needs sees, e.g. the
+    /// per-user pipe limits.
+    pub without_cap_sys_resource: bool,
 }
 
 /// The `forwarder` binary the tests run (see the module docs).
@@ -250,6 +269,19 @@ impl AgentProcess {
                     }
                     limit.rlim_cur = soft.min(limit.rlim_max);
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if options.without_cap_sys_resource {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: prctl is async-signal-safe; it only changes this child's
+            // capability bounding set, which `ip netns exec` and the agent inherit.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use forwarder_tests::agent::AgentProcess;
+use forwarder_tests::agent::{
+    AgentOptions, AgentProcess, CAP_SYS_RESOURCE, has_effective_capability,
+};
 use forwarder_tests::{EDGE_CLIENT_V4, Lab, ORIGIN_V4, require_root};
 use tcp_support::{config, init, origin_listener, set_linger_zero};
 
@@ -141,13 +143,15 @@ fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
         1024,
     )
     .expect("forwarder run starts with a hard fd limit of 1024");
-    const CAPACITY: usize = 384;
+    // (1024 − 256 reserved) / fds per connection: 2 copying, 6 splicing.
+    let splicing = std::env::var(tcp_support::ENGINE_ENV).is_ok_and(|e| e == "on");
+    let capacity: usize = if splicing { 128 } else { 384 };
     let edge = SocketAddr::from((EDGE_CLIENT_V4, 7301));
     let greet = move || greeted(edge);
     let mut idle: Vec<TcpStream> = lab
         .client()
         .run_in(move || {
-            (0..CAPACITY)
+            (0..capacity)
                 .map(|_| greet())
                 .collect::<std::io::Result<_>>()
         })
@@ -163,7 +167,7 @@ fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
         "every connection beyond the capacity is refused"
     );
     let stats = agent.stats().expect("stats answer at the capacity");
-    assert_eq!(stats.apps["cap"].live, CAPACITY as u64);
+    assert_eq!(stats.apps["cap"].live, capacity as u64);
     assert_eq!(stats.apps["cap"].refused, 10, "refusals are counted");
     let metrics = lab
         .edge()
@@ -187,9 +191,29 @@ fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
         "the refusal is logged:\n{}",
         agent.logs()
     );
+    // And summarised in the event log (at most one line per app per 5 s).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let summary = loop {
+        let found = agent.stdout().lines().find_map(|line| {
+            let e: serde_json::Value = serde_json::from_str(line).ok()?;
+            (e["Event"] == "clientFiltered" && e["Application"] == "cap").then_some(e)
+        });
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no clientFiltered summary of the refusals:\n{}",
+            agent.stdout()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(summary["Status"], 503, "{summary}");
+    assert_eq!(summary["Flows"], 10, "{summary}");
+    assert_eq!(summary["Protocol"], "tcp", "{summary}");
     // Clients that reset five connections (a plain close would only half-close
     // them: the origin holds its side) make room again.
-    for s in idle.drain(CAPACITY - 5..) {
+    for s in idle.drain(capacity - 5..) {
         set_linger_zero(&s);
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -199,4 +223,154 @@ fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
         .expect("a connection is served again once others closed");
     stop.store(true, Ordering::Relaxed);
     held.join().expect("origin thread");
+}
+
+/// Connections of the unprivileged test, and bytes each way per connection.
+const CONCURRENT: usize = 1000;
+const PER_CONNECTION: usize = 64 * 1024;
+
+/// The bytes connection `n` sends: distinct per connection and position, so a
+/// byte delivered on the wrong connection or out of place is caught.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..PER_CONNECTION)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(n as u32 * 97) as u8
+        })
+        .collect()
+}
+
+/// Started without `CAP_SYS_RESOURCE` (so the per-user pipe limits apply to it, as
+/// to an agent run with only the capabilities it needs) and under a soft fd limit
+/// of 1024, the agent carries 1,000 concurrent connections, 64 KiB each way on
+/// each, every byte checked, with either forwarding engine.
+#[test]
+fn an_agent_without_cap_sys_resource_carries_1000_concurrent_connections() {
+    if !require_root() {
+        return;
+    }
+    init();
+    forwarder::fd_limit::raise_to_hard().expect("raising the test's own fd limit");
+    let lab = Lab::new().expect("lab");
+    let origin_addr = SocketAddr::from((ORIGIN_V4, 7302));
+    // An echo origin: every connection's bytes back, to its end.
+    let _origin = lab
+        .origin()
+        .spawn_async(async move {
+            // A deep accept queue: a thousand connections arrive at once, and the
+            // agent's origin connect timeout in these tests is 1 s.
+            let socket = tokio::net::TcpSocket::new_v4().expect("origin socket");
+            socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+            socket.bind(origin_addr).expect("origin bind");
+            let listener = socket.listen(8192).expect("origin listen");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                });
+            }
+        })
+        .expect("origin task");
+    let options = AgentOptions {
+        fd_limits: Some((SOFT_LIMIT, Some(16_384))),
+        without_cap_sys_resource: true,
+        ..Default::default()
+    };
+    let agent = AgentProcess::start_with(
+        &lab,
+        &config(
+            &lab,
+            "",
+            "[[apps]]\nid = \"bulk\"\nprotocol = \"tcp/7302\"\norigin_direct = [\"tcp://10.0.2.2:7302\"]\n",
+        ),
+        &options,
+    )
+    .expect("forwarder run starts without CAP_SYS_RESOURCE");
+    assert!(
+        !has_effective_capability(agent.pid(), CAP_SYS_RESOURCE).expect("reading CapEff"),
+        "the agent runs without CAP_SYS_RESOURCE"
+    );
+    let edge = SocketAddr::from((EDGE_CLIENT_V4, 7302));
+    let results: Vec<Result<(), String>> = lab
+        .client()
+        .block_on(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            // All connected first: 1,000 are open at once.
+            let mut streams = Vec::with_capacity(CONCURRENT);
+            for _ in 0..CONCURRENT {
+                let s = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::net::TcpStream::connect(edge),
+                )
+                .await
+                .map_err(|_| "connect timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+                streams.push(s);
+            }
+            let tasks: Vec<_> = streams
+                .into_iter()
+                .enumerate()
+                .map(|(n, stream)| {
+                    tokio::spawn(async move {
+                        let stream = stream?;
+                        let (mut r, mut w) = stream.into_split();
+                        let sent = pattern(n);
+                        let writer = tokio::spawn(async move {
+                            w.write_all(&sent).await?;
+                            w.shutdown().await
+                        });
+                        let mut got = Vec::with_capacity(PER_CONNECTION);
+                        tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
+                            .await
+                            .map_err(|_| format!("connection {n}: echo timed out"))?
+                            .map_err(|e| format!("connection {n}: {e}"))?;
+                        writer
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| format!("connection {n} writing: {e}"))?;
+                        if got != pattern(n) {
+                            let at = got.iter().zip(pattern(n)).position(|(a, b)| *a != b);
+                            return Err(format!(
+                                "connection {n}: {} bytes back, first difference at {at:?}",
+                                got.len()
+                            ));
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap_or_else(|e| Err(e.to_string())));
+            }
+            out
+        })
+        .expect("client runtime");
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {CONCURRENT} connections failed, e.g. {:?}\n{}",
+        failures.len(),
+        failures.iter().take(3).collect::<Vec<_>>(),
+        agent.logs()
+    );
+    let stats = agent
+        .wait_stats(Duration::from_secs(10), |s| s.apps["bulk"].live == 0)
+        .expect("every connection closed");
+    assert_eq!(stats.apps["bulk"].refused, 0, "nothing refused");
+    assert_eq!(
+        stats.apps["bulk"].ingress_bytes,
+        (CONCURRENT * PER_CONNECTION) as u64,
+        "every client byte went to the origin"
+    );
+    assert_eq!(
+        stats.apps["bulk"].egress_bytes,
+        (CONCURRENT * PER_CONNECTION) as u64,
+        "every origin byte went to the client"
+    );
 }

@@ -1874,6 +1874,37 @@ fn new_flows_per_source_are_limited() {
     });
 }
 
+/// A client whose source port is also an origin's port (5000, the SPP origin's)
+/// looks like a possible reply: its new flow is still found for every datagram —
+/// one flow, counted once per datagram, promoted as any other.
+#[test]
+fn a_client_on_an_origin_port_keeps_one_flow() {
+    with_harness(|h| {
+        let client = sa(CLIENT_V4, 5000);
+        let edge = sa(EDGE_CLIENT_V4, 5000);
+        for _ in 0..3 {
+            h.forward("datagram", &udp_in(client, edge, b"x", None), true);
+        }
+        let key = FlowKey {
+            client: addr16(client.ip()),
+            edge: addr16(edge.ip()),
+            client_port: 5000,
+            edge_port: 5000,
+        };
+        let flows: Vec<FlowState> = h
+            .datapath
+            .udp_flows()
+            .expect("flows")
+            .into_iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(flows.len(), 1, "one flow");
+        assert_eq!(flows[0].packets_in, 3, "every datagram counted on it");
+        assert_eq!(flows[0].admission, ADMISSION_NEW);
+    });
+}
+
 /// `udp_new_flows_per_second`: an app admits that many new flows a second
 /// (whatever their sources) and drops the rest as `flow_limit`; its live flows
 /// and other apps are not affected.

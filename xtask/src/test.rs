@@ -98,7 +98,8 @@ struct Outcome {
 }
 
 /// The integration test binaries of the TCP proxy (run with each engine).
-const TCP_TESTS: [&str; 6] = [
+const TCP_TESTS: [&str; 7] = [
+    "tcp_capacity",
     "tcp_stream",
     "tcp_errors",
     "tcp_lifecycle",

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow};
 use log::{info, warn};
 
-use crate::analytics::{EventStats, FilteredSummary, Histogram};
+use crate::analytics::{EventStats, FilteredSummary, Histogram, RefusalSummary};
 use crate::config::{Config, IpFamily, Protocol, interface_addresses};
 use crate::datapath::{Datapath, Plan};
 use crate::events::EventLog;
@@ -48,6 +48,8 @@ pub struct Agent {
     event_stats: Arc<EventStats>,
     /// Firewall drops as rate-limited `clientFiltered` events.
     filtered: FilteredSummary,
+    /// TCP refusals at capacity as rate-limited `clientFiltered` events.
+    refused: RefusalSummary,
 }
 
 impl Agent {
@@ -82,6 +84,7 @@ impl Agent {
             tcp,
             event_stats,
             filtered: FilteredSummary::default(),
+            refused: RefusalSummary::default(),
         })
     }
 
@@ -195,7 +198,8 @@ impl Agent {
         self.udp_flows = stats;
     }
 
-    /// Emits a `clientFiltered` event for the firewall drops since the last call.
+    /// Emits a `clientFiltered` event for the firewall drops since the last call,
+    /// and one per TCP app that refused connections at capacity since then.
     pub fn summarise_filtered(&mut self) -> anyhow::Result<()> {
         let counters = self.datapath.counters()?;
         let drops = counters.drop_count(forwarder_common::DropReason::Firewall);
@@ -204,6 +208,15 @@ impl Agent {
             .filtered
             .tick(drops, &counters.rule_hits, &self.config, now)
         {
+            self.events.emit(&event);
+        }
+        let refused: BTreeMap<String, u64> = self
+            .tcp
+            .stats()
+            .into_iter()
+            .map(|(id, s)| (id, s.rejected))
+            .collect();
+        for event in self.refused.tick(&refused, now) {
             self.events.emit(&event);
         }
         Ok(())

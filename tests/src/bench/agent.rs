@@ -213,6 +213,17 @@ impl InProc {
         self.lab_edge.run_in(move || datapath.detach_all())?
     }
 
+    /// Answers every new flow from its origin (`eo` of the lab, the origin's MAC)
+    /// so the client's next datagram makes it assured (see `bench::flows`).
+    pub fn answer_new_flows(&self, eo: &str, origin_mac: [u8; 6]) -> Result<usize> {
+        let datapath = self.datapath.as_ref().context("datapath gone")?;
+        let eo = eo.to_string();
+        self.lab_edge.run_in(move || -> Result<usize> {
+            let ifindex = forwarder::datapath::ifindex(&eo)?;
+            super::flows::answer_new_flows(datapath, ifindex, origin_mac)
+        })?
+    }
+
     /// Non-zero drop counters, e.g. `no_route=12` (for error messages).
     pub fn drop_summary(&self) -> String {
         let Some(datapath) = self.datapath.as_ref() else {

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod flows;
 pub mod report;
 pub mod sys;
 pub mod tcp;

@@ -581,6 +581,14 @@ impl Scenario for UdpForward {
                 bail!("{name}: nothing reached the origin during warm-up; datapath drops: {drops}");
             }
         }
+        // The flows' steady state: answered once by the origin (a sink here), then
+        // promoted by the next datagram (docs/udp.md, Flow admission).
+        let datapath = self.datapath.as_ref().context("no datapath")?;
+        let origin_mac = sys::mac(lab.origin(), oe)?;
+        datapath.answer_new_flows(&lab.ifaces().edge_origin, origin_mac)?;
+        for (_, g) in &self.generators {
+            g.run(lab, opts.gen_cpu, Duration::from_millis(50))?;
+        }
         Ok(())
     }
 

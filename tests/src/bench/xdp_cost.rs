@@ -476,6 +476,7 @@ impl Scenario for XdpCost {
         // The SPP flow the reply branch needs, and a first NAT flow; wait for the
         // managed neighbour of the origin to resolve.
         let all = branches(self.origin_mac);
+        let origin_mac = self.origin_mac;
         self.in_edge(opts.edge_cpu, |agent, ifindex| {
             for name in ["spp-rewrite", "nat-rewrite", "spp-reply"] {
                 let b = all.iter().find(|b| b.name == name).expect("branch");
@@ -492,6 +493,21 @@ impl Scenario for XdpCost {
                         b.verdict
                     );
                 }
+            }
+            // Flows in their steady state: answered by the origin, then promoted by
+            // the client's next datagram (one flow lookup per datagram from then on).
+            super::flows::answer_new_flows(agent, ifindex[1], origin_mac)?;
+            for name in ["spp-rewrite", "nat-rewrite"] {
+                let b = all.iter().find(|b| b.name == name).expect("branch");
+                run(agent, b, ifindex, 1)?;
+            }
+            let new = agent
+                .udp_flows()?
+                .iter()
+                .filter(|(_, s)| s.admission != forwarder_common::ADMISSION_ASSURED)
+                .count();
+            if new != 0 {
+                bail!("{new} flows are still new after their reply");
             }
             Ok(())
         })
