@@ -721,6 +721,48 @@ fn udp_new_flows_per_second_is_a_positive_count_for_udp_apps() {
 }
 
 #[test]
+fn the_datapath_capacities_are_checked_before_run() {
+    let apps = |n: usize| {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "[[apps]]\nprotocol = \"tcp/{}\"\norigin_direct = [\"tcp://10.0.0.2:{}\"]\n",
+                    i + 1,
+                    i + 1
+                )
+            })
+            .collect::<String>()
+    };
+    let max_apps = forwarder_common::MAX_APPS as usize;
+    parse_ok(&with_agent(&apps(max_apps)));
+    assert_problem(
+        &with_agent(&apps(max_apps + 1)),
+        "apps",
+        "id",
+        "the datapath holds at most 4096",
+    );
+    let rules = |n: usize| {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "[[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"10.{}.{}.{}\"\n",
+                    i >> 16,
+                    (i >> 8) & 0xff,
+                    i & 0xff
+                )
+            })
+            .collect::<String>()
+    };
+    let max_rules = forwarder_common::MAX_RULES as usize;
+    assert_problem(
+        &with_agent(&rules(max_rules + 1)),
+        "access_rules",
+        "value",
+        "the datapath holds at most 16384",
+    );
+}
+
+#[test]
 fn udp_nat_ports_may_not_overlap_udp_apps_or_pass() {
     let text = format!(
         "{AGENT}pass = [\"udp/45000\"]\n[[apps]]\nid = \"dns\"\nprotocol = \"udp/40000-40010\"\norigin_direct = [\"udp://10.0.0.5:40000-40010\"]\n"

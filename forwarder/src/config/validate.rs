@@ -81,6 +81,7 @@ pub(crate) fn build(sections: &RawSections, problems: &mut Vec<Problem>) -> Conf
     validator.nat_port_overlaps(&agent, &apps);
     validator.udp_return_paths(&apps);
     validator.port_entries(&agent, &apps);
+    validator.map_capacities(&agent, access_rules.len(), &apps);
 
     Config {
         agent,
@@ -784,6 +785,40 @@ impl Validator<'_> {
                      entries; the datapath holds {max}: use fewer ports or edge addresses"
                 ),
             );
+        }
+    }
+
+    /// The datapath's other tables: apps, origins (all apps together), access rules
+    /// and edge addresses each have a fixed capacity (forwarder-common), which `run`
+    /// would refuse to exceed; refused here first.
+    fn map_capacities(&mut self, agent: &AgentConfig, rules: usize, apps: &[IndexedApp]) {
+        use forwarder_common::{MAX_APPS, MAX_EDGE_ADDRS, MAX_ORIGINS, MAX_RULES};
+        let origins: usize = apps.iter().map(|a| a.app.origins.len()).sum();
+        for (location, field, count, max, what) in [
+            ("apps", "id", apps.len(), MAX_APPS, "apps"),
+            (
+                "apps",
+                "origin_direct",
+                origins,
+                MAX_ORIGINS,
+                "origins (all apps together)",
+            ),
+            ("access_rules", "value", rules, MAX_RULES, "access rules"),
+            (
+                "agent",
+                "edge_addresses",
+                agent.edge_addresses.len(),
+                MAX_EDGE_ADDRS,
+                "edge addresses",
+            ),
+        ] {
+            if count > max as usize {
+                self.problem(
+                    location,
+                    field,
+                    format!("{count} {what} configured; the datapath holds at most {max}"),
+                );
+            }
         }
     }
 

@@ -156,6 +156,31 @@ impl TcpLab {
         })?
     }
 
+    /// The proxy process of `variant` (none for `direct`).
+    fn proxy_pid(&self, variant: &str) -> Option<u32> {
+        match variant {
+            "forwarder" => self.agent.as_ref()?.pid(),
+            "haproxy" => self.haproxy.as_ref().ok().map(|p| p.child.id()),
+            _ => None,
+        }
+    }
+
+    /// CPU seconds the proxy of `variant` spent while `run` ran, and its result.
+    fn with_proxy_cpu<T>(
+        &self,
+        variant: &str,
+        run: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Option<f64>)> {
+        let pid = self.proxy_pid(variant);
+        let before = pid.map(sys::process_cpu_seconds).transpose()?;
+        let out = run()?;
+        let cpu = match (pid, before) {
+            (Some(pid), Some(before)) => Some(sys::process_cpu_seconds(pid)? - before),
+            _ => None,
+        };
+        Ok((out, cpu))
+    }
+
     fn variant_addr(&self, variant: &str, port: u16) -> Result<SocketAddr> {
         Ok(match variant {
             "forwarder" => {
@@ -308,11 +333,18 @@ impl Scenario for TcpThroughput {
     }
 
     fn metrics(&self) -> Vec<Metric> {
-        vec![Metric {
-            name: "throughput",
-            unit: "Gbit/s",
-            higher_is_better: true,
-        }]
+        vec![
+            Metric {
+                name: "throughput",
+                unit: "Gbit/s",
+                higher_is_better: true,
+            },
+            Metric {
+                name: "proxy_cpu",
+                unit: "µs CPU/MB",
+                higher_is_better: false,
+            },
+        ]
     }
 
     fn variants(&self) -> Vec<Variant> {
@@ -372,8 +404,17 @@ impl Scenario for TcpThroughput {
                 "m",
             ],
         );
-        let out = forwarder_tests::OutputOk::output_ok(&mut cmd).context("iperf3 client")?;
-        Ok(vec![iperf_receiver_mbps(&out)? / 1000.0])
+        let (out, cpu) = tl.with_proxy_cpu(variant, || {
+            forwarder_tests::OutputOk::output_ok(&mut cmd).context("iperf3 client")
+        })?;
+        let mbps = iperf_receiver_mbps(&out)?;
+        let mut values = vec![mbps / 1000.0];
+        if let Some(cpu) = cpu {
+            // Megabytes moved: the receiver's rate over the run.
+            let megabytes = mbps * TcpThroughput::seconds(opts) as f64 / 8.0;
+            values.push(cpu * 1e6 / megabytes.max(1e-9));
+        }
+        Ok(values)
     }
 
     fn notes(&self, opts: &Options) -> Vec<String> {
@@ -456,11 +497,18 @@ impl Scenario for TcpConnRate {
     }
 
     fn metrics(&self) -> Vec<Metric> {
-        vec![Metric {
-            name: "conn_rate",
-            unit: "conn/s",
-            higher_is_better: true,
-        }]
+        vec![
+            Metric {
+                name: "conn_rate",
+                unit: "conn/s",
+                higher_is_better: true,
+            },
+            Metric {
+                name: "proxy_cpu",
+                unit: "µs CPU/conn",
+                higher_is_better: false,
+            },
+        ]
     }
 
     fn variants(&self) -> Vec<Variant> {
@@ -494,8 +542,9 @@ impl Scenario for TcpConnRate {
     fn measure(&mut self, variant: &str, _round: usize, opts: &Options) -> Result<Vec<f64>> {
         let tl = self.tl.as_ref().context("no lab")?;
         let addr = tl.variant_addr(variant, ECHO_PORT)?;
-        let (ok, failed, elapsed) =
-            conn_loop(&tl.lab, addr, TcpConnRate::duration(opts), opts.gen_cpu)?;
+        let ((ok, failed, elapsed), cpu) = tl.with_proxy_cpu(variant, || {
+            conn_loop(&tl.lab, addr, TcpConnRate::duration(opts), opts.gen_cpu)
+        })?;
         if ok == 0 {
             bail!("no connection succeeded ({failed} failed)");
         }
@@ -505,7 +554,11 @@ impl Scenario for TcpConnRate {
                 ok + failed
             );
         }
-        Ok(vec![ok as f64 / elapsed.as_secs_f64()])
+        let mut values = vec![ok as f64 / elapsed.as_secs_f64()];
+        if let Some(cpu) = cpu {
+            values.push(cpu * 1e6 / ok as f64);
+        }
+        Ok(values)
     }
 
     fn notes(&self, opts: &Options) -> Vec<String> {

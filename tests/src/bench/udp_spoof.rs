@@ -56,20 +56,6 @@ impl UdpSpoofFlood {
     }
 }
 
-/// utime + stime of process `pid`, in seconds.
-fn process_cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) end with ')'.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state): utime is field 14, stime 15.
-    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
-        + fields.get(12).context("stime")?.parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok(ticks as f64 / hz)
-}
-
 /// Sends `LEGIT_RATE` numbered requests per second on each client for `duration`
 /// and counts the replies that come back (by number); returns (sent, answered).
 fn legit_traffic(clients: &[(UdpSocket, SocketAddr)], duration: Duration) -> Result<(u64, u64)> {
@@ -308,7 +294,7 @@ impl Scenario for UdpSpoofFlood {
         let duration = UdpSpoofFlood::duration(opts);
         let events = self.events_path()?;
         let log_before = std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0);
-        let cpu_before = process_cpu_seconds(pid)?;
+        let cpu_before = sys::process_cpu_seconds(pid)?;
         let rx_before = sys::link_stat(lab.edge(), &lab.ifaces().edge_client, "rx_packets")?;
         let ring_before = sys::link_stat(lab.client(), &lab.ifaces().client, "tx_dropped")?;
         let origin_before = {
@@ -382,7 +368,7 @@ impl Scenario for UdpSpoofFlood {
         let (spp, nat) = self.origins.as_ref().context("no origins")?;
         let reached = (spp.count() + nat.count()) as u64 - origin_before;
         drop(flood);
-        let cpu = process_cpu_seconds(pid)? - cpu_before;
+        let cpu = sys::process_cpu_seconds(pid)? - cpu_before;
         let log_after = std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0);
         Ok(vec![
             100.0 * answered as f64 / sent.max(1) as f64,
