@@ -25,11 +25,9 @@ use crate::{
     parse::Packet,
 };
 
-/// How many ports of `udp_nat_ports` a new flow tries for a free one.
+/// How many ports of `udp_nat_ports` a new flow tries for a free one; only when
+/// all of them are held is the pool taken to be running out and one reclaimed.
 const NAT_PORT_PROBES: u32 = 8;
-/// Once a reclaimable port is found, how many probes in all before taking it: a
-/// pool exhausted by a flood costs every new flow a few probes, not eight.
-const PROBES_BEFORE_RECLAIM: u32 = 2;
 
 /// Length of a per-source new-flow window.
 const SOURCE_WINDOW_NS: u64 = 1_000_000_000;
@@ -346,11 +344,11 @@ fn claim_nat_port(nat: &mut NatKey, claim: &mut NatClaim, key: &FlowKey, hash: u
     claim.owner = *key;
     claim._pad = 0;
     claim.state = CLAIM_PENDING;
-    let mut victim: u32 = 0;
+    // Reclaim candidates: the first port held by a flow the origin never answered,
+    // and the first held by one it answered (taken only when there is no other).
+    let mut unanswered: u32 = 0;
+    let mut answered: u32 = 0;
     for probe in 0..NAT_PORT_PROBES {
-        if victim != 0 && probe >= PROBES_BEFORE_RECLAIM {
-            break;
-        }
         // Spread probes over the range (a large odd step visits distinct ports).
         let port = low + (hash.wrapping_add(probe.wrapping_mul(40_503))) % span;
         nat.local_port = port as u16;
@@ -369,16 +367,24 @@ fn claim_nat_port(nat: &mut NatKey, claim: &mut NatClaim, key: &FlowKey, hash: u
             if (*held).state != CLAIM_NEW {
                 continue;
             }
-            if !holds_port(&(*held).owner, port as u16) {
+            match holder_admission(&(*held).owner, port as u16) {
                 // Orphaned: its flow was evicted or ended. Free for the taking.
-                if take_over(held, key) {
-                    return Some(port as u16);
+                None => {
+                    if take_over(held, key) {
+                        return Some(port as u16);
+                    }
                 }
-            } else if victim == 0 {
-                victim = port;
+                Some(ADMISSION_NEW) if unanswered == 0 => unanswered = port,
+                Some(_) if answered == 0 => answered = port,
+                Some(_) => {}
             }
         }
     }
+    let victim = if unanswered != 0 {
+        unanswered
+    } else {
+        answered
+    };
     if victim == 0 {
         return None;
     }
@@ -394,15 +400,15 @@ fn claim_nat_port(nat: &mut NatKey, claim: &mut NatClaim, key: &FlowKey, hash: u
     }
 }
 
-/// Whether the new flow `owner` is live and holds `port`. (A claim in state
-/// `CLAIM_NEW` never belongs to an assured flow: promotion makes the claim
-/// assured before the flow enters `FLOWS`.)
+/// The admission state of the new flow `owner` if it is live and holds `port`;
+/// `None` when the claim is an orphan. (A claim in state `CLAIM_NEW` never belongs
+/// to an assured flow: promotion makes the claim assured before the flow enters
+/// `FLOWS`.)
 #[inline(always)]
-fn holds_port(owner: &FlowKey, port: u16) -> bool {
-    // SAFETY: plain reads of live map values.
-    NEW_FLOWS
-        .get_ptr_mut(owner)
-        .is_some_and(|flow| unsafe { (*flow).local_port } == port)
+fn holder_admission(owner: &FlowKey, port: u16) -> Option<u32> {
+    let flow = NEW_FLOWS.get_ptr_mut(owner)?;
+    // SAFETY: plain reads of a live map value.
+    unsafe { ((*flow).local_port == port).then_some((*flow).admission) }
 }
 
 /// Takes the reclaimable claim `held` for `key` (pending), if no other CPU does

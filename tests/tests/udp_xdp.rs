@@ -1820,6 +1820,36 @@ fn the_nat_port_pool_is_reclaimed_from_unanswered_flows_only() {
     });
 }
 
+/// While the pool has free ports, a new flow takes one and never reclaims: 40
+/// unanswered NAT flows in the 100-port pool all live on, each with its own port
+/// (reclaiming as soon as a couple of probes hit held ports would make flows steal
+/// each other's ports back and forth).
+#[test]
+fn nat_ports_are_not_reclaimed_while_the_pool_has_free_ones() {
+    with_harness(|h| {
+        let edge = sa(EDGE_CLIENT_V4, 5001);
+        let before = h.datapath.flow_counters().expect("counters")[FlowCounter::Reclaimed as usize];
+        for n in 0..40 {
+            h.forward(
+                "a new NAT flow",
+                &udp_in(spoofed(n), edge, b"x", None),
+                true,
+            );
+        }
+        let after = h.datapath.flow_counters().expect("counters")[FlowCounter::Reclaimed as usize];
+        assert_eq!(after, before, "nothing reclaimed");
+        let live = h
+            .datapath
+            .udp_flows()
+            .expect("flows")
+            .iter()
+            .filter(|(k, _)| k.edge_port == 5001)
+            .count();
+        assert_eq!(live, 40, "every flow lives on");
+        assert_nat_ports_unique(h);
+    });
+}
+
 /// `udp_new_flows_per_source`: a source (/32; /64 for IPv6) opening more new
 /// flows in a second than allowed has the extra ones dropped (`source_limit`);
 /// other sources and the source's live flows are not affected.
