@@ -224,6 +224,17 @@ impl InProc {
         })?
     }
 
+    /// How many UDP flows are assured and how many new.
+    pub fn flow_admission(&self) -> Result<(usize, usize)> {
+        let datapath = self.datapath.as_ref().context("datapath gone")?;
+        let flows = datapath.udp_flows()?;
+        let assured = flows
+            .iter()
+            .filter(|(_, s)| s.admission == forwarder_common::ADMISSION_ASSURED)
+            .count();
+        Ok((assured, flows.len() - assured))
+    }
+
     /// Non-zero drop counters, e.g. `no_route=12` (for error messages).
     pub fn drop_summary(&self) -> String {
         let Some(datapath) = self.datapath.as_ref() else {

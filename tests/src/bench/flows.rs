@@ -59,10 +59,17 @@ pub fn answer_new_flows(
             },
         )?;
         if out.verdict != XDP_REDIRECT && out.verdict != XDP_TX {
+            let drops = datapath.counters()?;
+            let counted: Vec<String> = forwarder_common::DropReason::ALL
+                .iter()
+                .filter(|r| drops.drop_count(**r) > 0)
+                .map(|r| format!("{}={}", r.label(), drops.drop_count(*r)))
+                .collect();
             bail!(
-                "the reply to the flow from port {} was not forwarded (verdict {})",
+                "the reply to the flow from port {} was not forwarded (verdict {}; drops {})",
                 key.client_port,
-                out.verdict
+                out.verdict,
+                counted.join(" ")
             );
         }
         answered += 1;

@@ -537,8 +537,10 @@ impl Scenario for UdpForward {
         let link = lab.origin().run_in(|| sink.attach(oe_index))??;
         self.sink = Some(link);
         sys::threaded_napi(lab.origin(), &oe, opts.gen_cpu)?;
-        // The origin's MAC for the edge, before anything is measured.
+        // The origin's MAC for the edge, before anything is measured; and the
+        // client's, for the one reply each flow gets (the generator never ARPs).
         lab.edge().ping(ORIGIN_V4.into()).ok();
+        lab.edge().ping(CLIENT_V4.into()).ok();
         let apps = format!(
             "pass = [\"udp/{NGINX_PORT}\"]\n\n\
              [[apps]]\nid = \"spp\"\nprotocol = \"udp/{SPP_PORT}\"\n\
@@ -588,6 +590,10 @@ impl Scenario for UdpForward {
         datapath.answer_new_flows(&lab.ifaces().edge_origin, origin_mac)?;
         for (_, g) in &self.generators {
             g.run(lab, opts.gen_cpu, Duration::from_millis(50))?;
+        }
+        let (assured, new) = datapath.flow_admission()?;
+        if new != 0 || assured == 0 {
+            bail!("after their replies, {assured} flows are assured and {new} still new");
         }
         Ok(())
     }
