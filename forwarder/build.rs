@@ -8,7 +8,27 @@ use std::{env, fs, path::PathBuf};
 
 use anyhow::Context as _;
 
+/// The commit this build comes from (`git rev-parse --short=12 HEAD`), for
+/// `--version` and `forwarder_build_info`; "unknown" outside a git checkout.
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn main() -> anyhow::Result<()> {
+    println!("cargo:rustc-env=FORWARDER_COMMIT={}", commit());
+    let git = concat!(env!("CARGO_MANIFEST_DIR"), "/../.git");
+    for path in ["HEAD", "refs/heads"] {
+        println!("cargo:rerun-if-changed={git}/{path}");
+    }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let object = out_dir.join("forwarder");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "forwarder",
-    version,
+    version = forwarder::VERSION,
     about = "Kernel-bypass TCP/UDP reverse proxy (XDP + sk_lookup)"
 )]
 struct Cli {

@@ -50,6 +50,13 @@ pub mod names {
     pub const TCP_REFUSED: &str = "forwarder_tcp_refused";
     pub const FIREWALL_RULE_HITS: &str = "forwarder_firewall_rule_hits";
     pub const INTERFACE_PACKETS: &str = "forwarder_interface_packets";
+    pub const BUILD_INFO: &str = "forwarder_build_info";
+    /// With the unit `seconds`.
+    pub const START_TIME: &str = "forwarder_start_time";
+    pub const RELOADS: &str = "forwarder_reloads";
+    pub const LAST_RELOAD_SUCCESSFUL: &str = "forwarder_config_last_reload_successful";
+    /// With the unit `seconds`.
+    pub const CONFIG_APPLIED: &str = "forwarder_config_applied_timestamp";
 }
 
 /// One scrape's worth of figures, encoded on demand.
@@ -244,6 +251,51 @@ impl Collector for SnapshotCollector {
                 .iter()
                 .map(|(rule, n)| (vec![("rule", rule.as_str())], *n)),
         )?;
+        let a = &s.agent;
+        gauge(
+            &mut encoder,
+            names::BUILD_INFO,
+            "The running build: always 1, with its version and commit as labels.",
+            [(
+                vec![
+                    ("version", a.version.as_str()),
+                    ("commit", a.commit.as_str()),
+                ],
+                1,
+            )],
+        )?;
+        for (name, help, value) in [
+            (
+                names::START_TIME,
+                "When the agent started, seconds since the Unix epoch.",
+                a.started_at,
+            ),
+            (
+                names::CONFIG_APPLIED,
+                "When the running config was applied (the start, or the last reload that succeeded), seconds since the Unix epoch.",
+                a.config_applied_at,
+            ),
+        ] {
+            let mut metric =
+                encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Gauge)?;
+            let no_labels: [(&str, &str); 0] = [];
+            ConstGauge::new(value).encode(metric.encode_family(&no_labels)?)?;
+        }
+        counter(
+            &mut encoder,
+            names::RELOADS,
+            "Config reloads (SIGHUP or a change of the file), by result.",
+            [
+                (vec![("result", "applied")], a.reloads_applied),
+                (vec![("result", "rejected")], a.reloads_rejected),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            names::LAST_RELOAD_SUCCESSFUL,
+            "1 when the last reload was applied (or none was tried), 0 when it was rejected and the previous config runs on.",
+            [(vec![], u64::from(a.last_reload_successful))],
+        )?;
         counter(
             &mut encoder,
             names::INTERFACE_PACKETS,
@@ -266,7 +318,29 @@ pub fn render(snapshot: StatsSnapshot) -> anyhow::Result<String> {
     Ok(out)
 }
 
-async fn metrics(State(snapshot): State<SnapshotFn>) -> Response {
+/// `GET /healthz`: the process answers.
+async fn healthz() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+/// `GET /ready`: 200 while the agent serves (XDP attached, maps written, listeners
+/// up), 503 before and once its shutdown has begun.
+async fn ready(State(state): State<HttpState>) -> Response {
+    if state.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+struct HttpState {
+    snapshot: SnapshotFn,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn metrics(State(HttpState { snapshot, .. }): State<HttpState>) -> Response {
     // Reading the maps takes the agent lock, which a reload may hold for a moment:
     // off the async workers.
     let result = tokio::task::spawn_blocking(move || snapshot().and_then(render)).await;
@@ -310,13 +384,24 @@ impl MetricsServer {
     /// Listens on `addr` and serves `GET /metrics` from `snapshot`. Must run inside
     /// a tokio runtime.
     pub async fn bind(addr: SocketAddr, snapshot: SnapshotFn) -> anyhow::Result<MetricsServer> {
-        Self::bind_with(addr, snapshot, HttpLimits::DEFAULT).await
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        Self::bind_with(addr, snapshot, ready, HttpLimits::DEFAULT).await
     }
 
-    /// As `bind`, with other limits.
+    /// As `bind`; `/ready` answers from `ready`.
+    pub async fn bind_ready(
+        addr: SocketAddr,
+        snapshot: SnapshotFn,
+        ready: Arc<std::sync::atomic::AtomicBool>,
+    ) -> anyhow::Result<MetricsServer> {
+        Self::bind_with(addr, snapshot, ready, HttpLimits::DEFAULT).await
+    }
+
+    /// As `bind_ready`, with other limits.
     pub async fn bind_with(
         addr: SocketAddr,
         snapshot: SnapshotFn,
+        ready: Arc<std::sync::atomic::AtomicBool>,
         limits: HttpLimits,
     ) -> anyhow::Result<MetricsServer> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -325,7 +410,9 @@ impl MetricsServer {
         let local_addr = listener.local_addr()?;
         let router = Router::new()
             .route("/metrics", get(metrics))
-            .with_state(snapshot);
+            .route("/healthz", get(healthz))
+            .route("/ready", get(self::ready))
+            .with_state(HttpState { snapshot, ready });
         let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let task = tokio::spawn(async move {
             loop {
@@ -471,6 +558,7 @@ mod tests {
         let server = MetricsServer::bind_with(
             "127.0.0.1:0".parse().unwrap(),
             Arc::new(|| Ok(snapshot())),
+            Arc::new(std::sync::atomic::AtomicBool::new(true)),
             limits,
         )
         .await
@@ -539,5 +627,62 @@ mod tests {
         assert!(reply.contains("forwarder_dropped_packets_total{reason=\"no_app\"} 5"));
         let reply = get("/other").await;
         assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_and_ready_follows_the_flag() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let ready = Arc::new(AtomicBool::new(true));
+        let server = MetricsServer::bind_ready(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|| Ok(snapshot())),
+            ready.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr();
+        let get = |path: &'static str| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).await.unwrap();
+            reply
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/ready").await.starts_with("HTTP/1.1 200"));
+        ready.store(false, Ordering::SeqCst);
+        let reply = get("/ready").await;
+        assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+        assert!(
+            get("/healthz").await.starts_with("HTTP/1.1 200"),
+            "alive while not ready"
+        );
+    }
+
+    #[test]
+    fn build_start_and_reload_families_are_exposed() {
+        let mut s = snapshot();
+        s.agent = crate::stats::AgentStatus {
+            version: "1.2.3".into(),
+            commit: "abc123".into(),
+            started_at: 1_700_000_000.0,
+            reloads_applied: 3,
+            reloads_rejected: 1,
+            last_reload_successful: false,
+            config_applied_at: 1_700_000_100.0,
+        };
+        let text = render(s).unwrap();
+        for line in [
+            "forwarder_build_info{version=\"1.2.3\",commit=\"abc123\"} 1",
+            "forwarder_start_time_seconds{} 1700000000.0",
+            "forwarder_config_applied_timestamp_seconds{} 1700000100.0",
+            "forwarder_reloads_total{result=\"applied\"} 3",
+            "forwarder_reloads_total{result=\"rejected\"} 1",
+            "forwarder_config_last_reload_successful{} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
     }
 }

@@ -33,6 +33,27 @@ pub struct StatsSnapshot {
     /// The UDP flow tables: fill, promotions, evictions, scan cost.
     #[serde(default)]
     pub udp_flows: crate::udp_flows::UdpFlowStats,
+    /// The agent itself: build, start, reloads.
+    #[serde(default)]
+    pub agent: AgentStatus,
+}
+
+/// The agent's own figures (`forwarder_build_info`, reload and start-time
+/// metrics).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub version: String,
+    pub commit: String,
+    /// When the agent started, seconds since the Unix epoch.
+    pub started_at: f64,
+    /// Reloads applied and rejected since the start.
+    pub reloads_applied: u64,
+    pub reloads_rejected: u64,
+    /// Whether the last reload (or the start, before any) succeeded.
+    pub last_reload_successful: bool,
+    /// When the running config was applied (the start, or the last reload that
+    /// succeeded), seconds since the Unix epoch.
+    pub config_applied_at: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -359,6 +359,11 @@ impl AgentProcess {
         }
     }
 
+    /// Sends SIGUSR1 (reopen the event log).
+    pub fn sigusr1(&self) {
+        self.child.signal(libc::SIGUSR1);
+    }
+
     /// Sends SIGHUP (reload).
     pub fn sighup(&self) {
         self.child.signal(libc::SIGHUP);

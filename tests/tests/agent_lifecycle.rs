@@ -297,6 +297,15 @@ fn sighup_applies_a_new_config_and_keeps_the_old_one_on_error() {
     );
     let before = agent.stats().unwrap();
     assert!(before.apps.contains_key("udp-5000") && before.apps.contains_key("udp-5001"));
+    // The reloads are counted (`forwarder_reloads_total`): one applied, one rejected.
+    assert_eq!(
+        (
+            before.agent.reloads_applied,
+            before.agent.reloads_rejected,
+            before.agent.last_reload_successful
+        ),
+        (1, 1, false)
+    );
     to_5001();
     let ingress = agent
         .wait_counter(COUNT_TIMEOUT, app_ingress(&before, "udp-5001") + N, |s| {

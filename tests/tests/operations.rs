@@ -633,7 +633,7 @@ fn reload_under_load_loses_nothing() -> Result<()> {
 }
 
 #[test]
-fn event_log_is_reopened_on_sighup() -> Result<()> {
+fn event_log_is_reopened_on_sigusr1_without_a_reload() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -655,11 +655,13 @@ fn event_log_is_reopened_on_sighup() -> Result<()> {
     wait_text("the event log", "41000", || {
         std::fs::read_to_string(&log).unwrap_or_default()
     })?;
-    // logrotate: move the file away, then SIGHUP.
+    // logrotate: move the file away, then SIGUSR1.
     let rotated = tmp.path("events.log.1");
     std::fs::rename(&log, &rotated)?;
-    agent.sighup();
-    wait_text("the agent log", "SIGHUP: reloading", || agent.stderr())?;
+    agent.sigusr1();
+    wait_text("the agent log", "SIGUSR1: reopening the event log", || {
+        agent.stderr()
+    })?;
     wait_text("the event log directory", "reopened", || {
         if log.exists() { "reopened" } else { "missing" }.to_string()
     })?;
@@ -681,6 +683,17 @@ fn event_log_is_reopened_on_sighup() -> Result<()> {
     assert_eq!(connects(&rotated, 41000), 1);
     assert_eq!(connects(&log, 41000), 0);
     assert_eq!(connects(&log, 42000), 1);
+    // Reopening is not reloading: no reload counted, none logged.
+    let stats = agent.stats()?;
+    assert_eq!(
+        (stats.agent.reloads_applied, stats.agent.reloads_rejected),
+        (0, 0)
+    );
+    assert!(!agent.stderr().contains("reloading"), "{}", agent.stderr());
+    // A SIGHUP reloads (and is counted), and does not need to reopen anything.
+    agent.sighup();
+    let stats = agent.wait_stats(Duration::from_secs(10), |s| s.agent.reloads_applied == 1)?;
+    assert!(stats.agent.last_reload_successful);
 
     // `forwarder stats --watch` redraws the table in place, once a second.
     let bin = forwarder_tests::agent::forwarder_bin()?;

@@ -50,6 +50,15 @@ pub struct Agent {
     filtered: FilteredSummary,
     /// TCP refusals at capacity as rate-limited `clientFiltered` events.
     refused: RefusalSummary,
+    /// Build, start time and reloads, for `stats` and `/metrics`.
+    status: crate::stats::AgentStatus,
+}
+
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Agent {
@@ -85,6 +94,15 @@ impl Agent {
             event_stats,
             filtered: FilteredSummary::default(),
             refused: RefusalSummary::default(),
+            status: crate::stats::AgentStatus {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                commit: crate::COMMIT.to_string(),
+                started_at: unix_now(),
+                reloads_applied: 0,
+                reloads_rejected: 0,
+                last_reload_successful: true,
+                config_applied_at: unix_now(),
+            },
         })
     }
 
@@ -126,6 +144,17 @@ impl Agent {
         }
         self.config = config;
         Ok(())
+    }
+
+    /// Counts a reload's outcome (for `forwarder_reloads_total` and friends).
+    pub fn record_reload(&mut self, applied: bool) {
+        if applied {
+            self.status.reloads_applied += 1;
+            self.status.config_applied_at = unix_now();
+        } else {
+            self.status.reloads_rejected += 1;
+        }
+        self.status.last_reload_successful = applied;
     }
 
     /// The route epoch, for the task that owns it from now on.
@@ -242,6 +271,7 @@ impl Agent {
             }
         }
         snapshot.udp_flows = self.udp_flows.clone();
+        snapshot.agent = self.status.clone();
         // TCP: XDP counts a TCP app's packets, the proxy its payload bytes and
         // connections.
         for (id, tcp) in self.tcp.stats() {

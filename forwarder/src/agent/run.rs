@@ -73,8 +73,11 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let control = ControlSocket::bind(&options.control, snapshot.clone())?;
     info!("control socket at {}", options.control.display());
+    // `/ready`: the datapath is attached and its maps and listeners are up from
+    // here on, until the shutdown begins.
+    let ready = Arc::new(AtomicBool::new(true));
     let _metrics = match metrics_listen {
-        Some(addr) => Some(MetricsServer::bind(addr, snapshot).await?),
+        Some(addr) => Some(MetricsServer::bind_ready(addr, snapshot, ready.clone()).await?),
         None => None,
     };
 
@@ -104,6 +107,7 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let mut watch_tick = tokio::time::interval(crate::reload::WATCH_INTERVAL);
     let mut filtered_tick = tokio::time::interval(FILTERED_SUMMARY_INTERVAL);
     loop {
@@ -111,9 +115,14 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                agent.tell(Command::ReopenEventLog);
                 watch.mark_current();
                 reload(&agent, "SIGHUP");
+            }
+            // logrotate's postrotate: the event log is reopened, the config is not
+            // touched.
+            _ = sigusr1.recv() => {
+                info!("SIGUSR1: reopening the event log");
+                agent.tell(Command::ReopenEventLog);
             }
             _ = watch_tick.tick() => {
                 if watch.changed() {
@@ -126,6 +135,7 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
     }
     info!("shutting down");
+    ready.store(false, Ordering::SeqCst);
     stop_scans.store(true, Ordering::SeqCst);
     let scanner_done = blocking(move || {
         flow_scanner

@@ -150,6 +150,7 @@ fn serve(mut agent: Agent, rx: &Receiver<Command>, runtime: &tokio::runtime::Han
                 let _runtime = runtime.enter();
                 info!("{why}: reloading {}", path.display());
                 let result = super::load_config(&path).and_then(|c| agent.reload(c));
+                agent.record_reload(result.is_ok());
                 match &result {
                     Ok(()) => info!("reload applied"),
                     Err(err) => error!("reload rejected, the running config stays: {err:#}"),
