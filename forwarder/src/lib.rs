@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod analytics;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;

@@ -39,12 +39,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show the running agent's counters.
+    /// Show the running agent's counters (a table, or JSON).
     Stats {
+        /// JSON instead of a table (with --watch: one object per line).
         #[arg(long)]
         json: bool,
+        /// Refresh until interrupted (a table with per-second rates).
         #[arg(long)]
         watch: bool,
+        /// How often --watch refreshes (e.g. 1s, 500ms, 5s).
+        #[arg(long, default_value = "1s")]
+        interval: String,
         /// The agent's control socket.
         #[arg(long, default_value = forwarder::control::DEFAULT_CONTROL_SOCKET)]
         control: PathBuf,
@@ -74,8 +79,18 @@ fn main() -> ExitCode {
         Command::Stats {
             json,
             watch,
+            interval,
             control,
-        } => forwarder::stats::stats_cli(&control, json, watch),
+        } => forwarder::agent::parse_duration_arg(&interval).and_then(|interval| {
+            if interval.is_zero() {
+                anyhow::bail!("--interval must be more than 0");
+            }
+            let options = forwarder::cli::stats::StatsOptions {
+                json,
+                watch: watch.then_some(interval),
+            };
+            forwarder::cli::stats::stats_cli(&control, options)
+        }),
         Command::ImportSpectrum { file } => forwarder::spectrum::import_cli(&file),
     };
     match result {

@@ -695,8 +695,10 @@ fn event_log_is_reopened_on_sigusr1_without_a_reload() -> Result<()> {
     let stats = agent.wait_stats(Duration::from_secs(10), |s| s.agent.reloads_applied == 1)?;
     assert!(stats.agent.last_reload_successful);
 
-    // `forwarder stats --watch` redraws the table in place, once a second.
+    // `forwarder stats --watch` into a pipe: one whole table per refresh, no
+    // control codes (on a terminal it redraws in place).
     let bin = forwarder_tests::agent::forwarder_bin()?;
+    let control = agent.control_path().display().to_string();
     let output = lab
         .edge()
         .cmd(
@@ -706,18 +708,45 @@ fn event_log_is_reopened_on_sigusr1_without_a_reload() -> Result<()> {
                 bin.as_os_str(),
                 "stats".as_ref(),
                 "--watch".as_ref(),
+                "--interval".as_ref(),
+                "500ms".as_ref(),
                 "--control".as_ref(),
                 agent.control_path().as_os_str(),
             ],
         )
         .output()?;
     let screen = String::from_utf8_lossy(&output.stdout);
-    let frames = screen.matches("\x1b[H\x1b[2J").count();
-    assert!((2..=4).contains(&frames), "{frames} redraws: {screen:?}");
-    assert_eq!(
-        screen.matches("\x1b[H\x1b[2JAPP ").count(),
-        frames,
-        "each redraw is a whole table: {screen}"
+    assert!(
+        !screen.contains('\x1b'),
+        "no control codes into a pipe: {screen:?}"
+    );
+    let tables = screen
+        .lines()
+        .filter(|l| l.starts_with("APP ") && l.contains(" PROTO "))
+        .count();
+    assert!((3..=6).contains(&tables), "{tables} tables: {screen}");
+    assert!(
+        screen.contains("IN PKT/S"),
+        "refreshes after the first show rates: {screen}"
+    );
+    // `--json --watch`: one JSON object per line; a reader that stops early
+    // (`| head -n 2`) ends it quietly, with status 0.
+    let script = format!(
+        "set -o pipefail; timeout 5 {} stats --json --watch --interval 100ms --control {control} | head -n 2",
+        bin.display()
+    );
+    let output = lab.edge().cmd("bash", &["-c", script.as_str()]).output()?;
+    let lines = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    for line in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        assert!(v["apps"]["echo"].is_object(), "{line}");
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && !stderr.contains("Broken pipe"),
+        "a closed pipe ends stats quietly: {:?} {stderr}",
+        output.status
     );
     Ok(())
 }
