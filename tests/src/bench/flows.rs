@@ -51,7 +51,7 @@ pub fn answer_new_flows(
         let mut frame = udp4_frame(from, state.origin_port, to, state.local_port, &payload);
         frame[6..12].copy_from_slice(&origin_mac);
         let out = test_run_xdp(
-            &fd,
+            fd,
             &frame,
             &TestRunOptions {
                 ingress_ifindex: origin_ifindex,
