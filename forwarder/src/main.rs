@@ -20,6 +20,7 @@ struct Cli {
 enum Command {
     /// Load the config, attach the datapath, serve until SIGINT/SIGTERM.
     Run {
+        /// The config file (TOML, docs/config.md); watched for changes.
         #[arg(long, short)]
         config: PathBuf,
         /// How long open TCP connections may drain on shutdown (e.g. 10s).
@@ -36,6 +37,7 @@ enum Command {
     },
     /// Validate a config file; exit non-zero with one line per problem.
     CheckConfig {
+        /// The config file to check.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -55,7 +57,51 @@ enum Command {
         control: PathBuf,
     },
     /// Convert Spectrum API JSON (apps) into `[[apps]]` TOML on stdout.
-    ImportSpectrum { file: PathBuf },
+    ImportSpectrum {
+        /// The Spectrum API's JSON (a list of apps, or its `{"result": [...]}`).
+        file: PathBuf,
+    },
+    /// Write the man pages or the shell completions into a directory (packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+        /// Where to write them.
+        dir: PathBuf,
+    },
+}
+
+/// What `forwarder generate` writes.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Generated {
+    /// `forwarder.1` and one page per subcommand (`forwarder-run.1`, …).
+    Man,
+    /// bash, zsh and fish completions.
+    Completions,
+}
+
+/// Writes the man pages or the completions of the command line into `dir`.
+fn generate(what: Generated, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut command = Cli::command();
+    match what {
+        Generated::Man => {
+            clap_mangen::generate_to(command, dir).context("writing the man pages")?;
+        }
+        Generated::Completions => {
+            for shell in [
+                clap_complete::Shell::Bash,
+                clap_complete::Shell::Zsh,
+                clap_complete::Shell::Fish,
+            ] {
+                clap_complete::generate_to(shell, &mut command, "forwarder", dir)
+                    .with_context(|| format!("writing the {shell} completions"))?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -92,6 +138,7 @@ fn main() -> ExitCode {
             forwarder::cli::stats::stats_cli(&control, options)
         }),
         Command::ImportSpectrum { file } => forwarder::spectrum::import_cli(&file),
+        Command::Generate { what, dir } => generate(what, &dir),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 //! Every subcommand but `setup` runs `setup` first, so a fresh machine needs nothing
 //! but rustup's stable and nightly toolchains and root.
 
+mod dist;
 mod lint;
 mod setup;
 mod test;
@@ -63,6 +64,10 @@ enum Cmd {
     /// rustfmt check, clippy on the userspace crates and on the eBPF crate.
     #[command(alias = "lint")]
     Clippy,
+    /// Build a Debian package (`target/dist/forwarder_VERSION_ARCH.deb`): the binary,
+    /// the systemd unit, the example config, a logrotate file, man pages,
+    /// completions and the docs.
+    Dist,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +96,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             args,
         } => lab_binary("bench", bench_args(scenario, quick, args)),
         Cmd::Clippy => lint::clippy(),
+        Cmd::Dist => dist::dist().map(|_| ()),
     }
 }
 

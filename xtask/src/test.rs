@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::util::{self, command, display, note, step};
+use crate::util::{self, command, display, note, run, step};
 
 /// Totals over the `test result:` lines of one or more `cargo test` runs.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +108,51 @@ const TCP_TESTS: [&str; 7] = [
     "tcp_synflood",
 ];
 
+/// Builds the Debian package, installs it, checks the installed files and binary
+/// (`installed_package.rs`), and purges it again, whatever the result.
+fn package_step() -> Outcome {
+    step("test: the Debian package (cargo xtask dist, dpkg -i, installed_package, dpkg -P)");
+    let deb = match crate::dist::dist() {
+        Ok(deb) => deb,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Outcome {
+                name: "package",
+                ok: false,
+                counts: Counts::default(),
+                note: format!("building the package failed: {e:#}"),
+            };
+        }
+    };
+    let installed = run(command("dpkg").arg("-i").arg(&deb));
+    let outcome = match installed {
+        Ok(()) => {
+            let mut cmd = command("cargo");
+            cmd.env("FORWARDER_INTEGRATION", "1")
+                .env("FORWARDER_INSTALLED", "1")
+                .env("FORWARDER_BIN", "/usr/bin/forwarder")
+                .args([
+                    "test",
+                    "-p",
+                    "forwarder-tests",
+                    "--test",
+                    "installed_package",
+                ]);
+            outcome("package", run_cargo_test(&mut cmd))
+        }
+        Err(e) => Outcome {
+            name: "package",
+            ok: false,
+            counts: Counts::default(),
+            note: format!("dpkg -i failed: {e:#}"),
+        },
+    };
+    if let Err(e) = run(command("dpkg").args(["-P", "forwarder"])) {
+        eprintln!("warning: purging the test package failed: {e:#}");
+    }
+    outcome
+}
+
 pub fn test() -> Result<()> {
     let mut outcomes = Vec::new();
 
@@ -155,6 +200,7 @@ pub fn test() -> Result<()> {
         }
         cmd.args(["--", "--test-threads=2"]);
         outcomes.push(outcome("tcp (splice)", run_cargo_test(&mut cmd)));
+        outcomes.push(package_step());
     } else {
         eprintln!(
             "error: integration tests need root (network namespaces, XDP); \
