@@ -80,6 +80,8 @@ pub struct AgentOptions {
     /// what an agent started with only the capabilities it needs sees, e.g. the
     /// per-user pipe limits.
     pub without_cap_sys_resource: bool,
+    /// Extra environment (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
 }
 
 /// The `forwarder` binary the tests run (see the module docs).
@@ -250,7 +252,8 @@ impl AgentProcess {
             .stdout(File::create(&stdout).context("creating the stdout log")?)
             .stderr(File::create(&stderr).context("creating the stderr log")?)
             .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "1");
+            .env("RUST_BACKTRACE", "1")
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if let Some((soft, hard)) = options.fd_limits {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork

@@ -12,7 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use forwarder_tests::agent::{
-    AgentProcess, app_ingress, drops, iface_packets, sk_lookup_links, udp_burst, xdp_attachment,
+    AgentOptions, AgentProcess, app_ingress, drops, iface_packets, sk_lookup_links, udp_burst,
+    xdp_attachment,
 };
 use forwarder_tests::{
     CLIENT_V4, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4, Lab, ORIGIN_V4, require_root,
@@ -434,4 +435,61 @@ fn clearing_an_empty_tcp_listener_slot_is_not_an_error() {
     datapath
         .clear_tcp_listener(0)
         .expect("clearing an empty listener slot");
+}
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): the agent says `READY=1` once it
+/// serves, pings `WATCHDOG=1` at half `$WATCHDOG_USEC` while its agent thread
+/// answers, brackets a reload with `RELOADING=1` … `READY=1`, and says `STOPPING=1`
+/// on SIGTERM — all on the datagram socket of `$NOTIFY_SOCKET`.
+#[test]
+fn systemd_hears_ready_watchdog_reloading_and_stopping() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new().expect("lab");
+    let dir = std::env::temp_dir().join(format!("fwd-notify-{}-{}", std::process::id(), lab.id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let options = AgentOptions {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "400000".into()),
+        ],
+        ..AgentOptions::default()
+    };
+    let apps = "[[apps]]\nprotocol = \"udp/5000\"\norigin_direct = [\"udp://10.0.2.2:5000\"]\n";
+    let mut agent =
+        AgentProcess::start_with(&lab, &config(&lab, apps), &options).expect("agent starts");
+    let mut heard: Vec<String> = Vec::new();
+    let mut wait_for = |prefix: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 512];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                heard.push(message.clone());
+                if message.starts_with(prefix) {
+                    return message;
+                }
+            }
+        }
+        panic!("no {prefix} notification; heard {heard:?}");
+    };
+    let ready = wait_for("READY=1");
+    assert!(ready.contains("STATUS=serving 1 apps"), "{ready}");
+    wait_for("WATCHDOG=1");
+    wait_for("WATCHDOG=1");
+    agent.sighup();
+    let reloading = wait_for("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let ready = wait_for("READY=1");
+    assert!(ready.contains("last reload applied"), "{ready}");
+    assert!(agent.stop().expect("stop").success());
+    wait_for("STOPPING=1");
+    let _ = std::fs::remove_dir_all(&dir);
 }

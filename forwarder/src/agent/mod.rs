@@ -4,6 +4,7 @@
 //! itself (`run`).
 
 mod flow_scan;
+pub mod notify;
 mod run;
 mod task;
 

@@ -63,9 +63,12 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = load_config(&options.config)?;
     let metrics_listen = config.agent.metrics_listen;
     let mut watch = ConfigWatch::new(&options.config);
+    let notifier = super::notify::Notifier::from_env().map(Arc::new);
+    let apps = config.apps.len();
     let (agent, agent_thread) = task::spawn(
         Agent::start(config, host)?,
         tokio::runtime::Handle::current(),
+        notifier.clone(),
     )?;
     let snapshot: SnapshotFn = {
         let agent = agent.clone();
@@ -106,6 +109,13 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    if let Some(n) = &notifier {
+        n.send(&format!("READY=1\nSTATUS=serving {apps} apps"));
+    }
+    // Under systemd's watchdog: a ping the agent thread must answer, at half the
+    // watchdog's interval; a stuck agent thread then gets the service restarted.
+    let watchdog = super::notify::watchdog_interval().filter(|_| notifier.is_some());
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let mut watch_tick = tokio::time::interval(crate::reload::WATCH_INTERVAL);
@@ -132,10 +142,24 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
             _ = filtered_tick.tick() => {
                 agent.tell(Command::SummariseFiltered);
             }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                let pinged = {
+                    let agent = agent.clone();
+                    blocking(move || agent.ping()).await
+                };
+                match (pinged, &notifier) {
+                    (Ok(()), Some(n)) => n.send("WATCHDOG=1"),
+                    (Err(err), _) => error!("the agent thread did not answer the watchdog: {err:#}"),
+                    _ => {}
+                }
+            }
         }
     }
     info!("shutting down");
     ready.store(false, Ordering::SeqCst);
+    if let Some(n) = &notifier {
+        n.send("STOPPING=1\nSTATUS=draining and detaching");
+    }
     stop_scans.store(true, Ordering::SeqCst);
     let scanner_done = blocking(move || {
         flow_scanner

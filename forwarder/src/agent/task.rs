@@ -44,6 +44,8 @@ pub enum Command {
     SetUdpFlowStats(UdpFlowStats),
     /// The route epoch, for the task that bumps it from now on.
     TakeRouteEpoch(Reply<RouteEpoch>),
+    /// Answers at once: the agent thread is alive (the systemd watchdog).
+    Ping(Reply<()>),
     /// Stop accepting TCP connections; let open ones finish for up to `drain`,
     /// then close the rest.
     DrainTcp { drain: Duration, done: Reply<()> },
@@ -83,6 +85,11 @@ impl AgentHandle {
     /// Sends a command nobody waits for; false when the agent has stopped.
     pub fn tell(&self, command: Command) -> bool {
         self.tx.send(command).is_ok()
+    }
+
+    /// Whether the agent thread answers (within the usual timeout).
+    pub fn ping(&self) -> anyhow::Result<()> {
+        self.ask(Command::Ping)
     }
 
     pub fn snapshot(&self) -> anyhow::Result<StatsSnapshot> {
@@ -125,18 +132,24 @@ impl AgentHandle {
 pub fn spawn(
     agent: Agent,
     runtime: tokio::runtime::Handle,
+    notifier: Option<std::sync::Arc<super::notify::Notifier>>,
 ) -> anyhow::Result<(AgentHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("agent".into())
-        .spawn(move || serve(agent, &rx, &runtime))
+        .spawn(move || serve(agent, &rx, &runtime, notifier.as_deref()))
         .context("starting the agent thread")?;
     Ok((AgentHandle { tx }, thread))
 }
 
 /// The agent thread: one command at a time until `Shutdown` (or until every
 /// handle is gone, which shuts down without draining).
-fn serve(mut agent: Agent, rx: &Receiver<Command>, runtime: &tokio::runtime::Handle) {
+fn serve(
+    mut agent: Agent,
+    rx: &Receiver<Command>,
+    runtime: &tokio::runtime::Handle,
+    notifier: Option<&super::notify::Notifier>,
+) {
     let done = loop {
         let Ok(command) = rx.recv() else {
             break None;
@@ -149,11 +162,25 @@ fn serve(mut agent: Agent, rx: &Receiver<Command>, runtime: &tokio::runtime::Han
                 // A reload may open listeners, whose tasks run on the runtime.
                 let _runtime = runtime.enter();
                 info!("{why}: reloading {}", path.display());
+                if let Some(n) = notifier {
+                    n.reloading();
+                }
                 let result = super::load_config(&path).and_then(|c| agent.reload(c));
                 agent.record_reload(result.is_ok());
                 match &result {
                     Ok(()) => info!("reload applied"),
                     Err(err) => error!("reload rejected, the running config stays: {err:#}"),
+                }
+                if let Some(n) = notifier {
+                    let status = match &result {
+                        Ok(()) => "serving; last reload applied".to_string(),
+                        Err(err) => {
+                            let text = format!("{err:#}");
+                            let first = text.lines().next().unwrap_or("").to_string();
+                            format!("serving the previous config; reload rejected: {first}")
+                        }
+                    };
+                    n.send(&format!("READY=1\nSTATUS={status}"));
                 }
                 if let Some(done) = done {
                     let _ = done.send(result);
@@ -175,6 +202,9 @@ fn serve(mut agent: Agent, rx: &Receiver<Command>, runtime: &tokio::runtime::Han
             }
             Command::EndUdpFlows(flows) => agent.end_udp_flows(&flows),
             Command::SetUdpFlowStats(stats) => agent.set_udp_flow_stats(stats),
+            Command::Ping(reply) => {
+                let _ = reply.send(Ok(()));
+            }
             Command::TakeRouteEpoch(reply) => {
                 let _ = reply.send(agent.take_route_epoch());
             }
