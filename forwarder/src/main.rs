@@ -40,6 +40,12 @@ enum Command {
         /// The config file to check.
         #[arg(long, short)]
         config: PathBuf,
+        /// Fail (exit 1) on warnings too (lockout risk, tables near capacity).
+        #[arg(long)]
+        strict: bool,
+        /// Print the effective config, every default written out.
+        #[arg(long)]
+        dump: bool,
     },
     /// Show the running agent's counters (a table, or JSON).
     Stats {
@@ -121,7 +127,14 @@ fn main() -> ExitCode {
                 state_dir,
             })
         }),
-        Command::CheckConfig { config } => forwarder::config::check_config_cli(&config),
+        Command::CheckConfig {
+            config,
+            strict,
+            dump,
+        } => forwarder::config::check_config_cli(
+            &config,
+            forwarder::config::CheckOptions { strict, dump },
+        ),
         Command::Stats {
             json,
             watch,

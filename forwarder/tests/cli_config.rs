@@ -226,3 +226,50 @@ fn import_spectrum_rejects_a_file_that_is_not_spectrum_json() {
     );
     assert!(stderr.contains("not valid JSON"), "stderr:\n{stderr}");
 }
+
+/// A valid config with a risk (every interface address claimed, SSH not passed):
+/// a warning on stderr and exit 0; with `--strict`, exit 1. `--dump` prints the
+/// effective config, which parses back to the same config.
+#[test]
+fn check_config_warns_fails_with_strict_and_dumps_the_effective_config() {
+    let dir = std::env::temp_dir().join(format!("fwd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("risky.toml");
+    std::fs::write(
+        &path,
+        "[agent]\ninterfaces = [\"eth0\"]\n\n[[apps]]\nprotocol = \"udp/27015\"\n\
+         origin_direct = [\"udp://10.0.0.5:27015\"]\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let output = forwarder(&["check-config", "--config", p]);
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.starts_with("warning: agent: pass:") && stderr.contains("tcp/22"),
+        "{stderr}"
+    );
+    let output = forwarder(&["check-config", "--strict", "--config", p]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("1 warning (--strict)"));
+    let output = forwarder(&["check-config", "--dump", "--config", p]);
+    assert_eq!(output.status.code(), Some(0));
+    let dumped = text(&output.stdout);
+    for key in [
+        "udp_idle_timeout = \"30s\"",
+        "udp_nat_ports = \"40000-59999\"",
+        "proxy_protocol = \"off\"",
+    ] {
+        assert!(dumped.contains(key), "{key} written out:\n{dumped}");
+    }
+    let again = dir.join("dumped.toml");
+    std::fs::write(&again, &dumped).unwrap();
+    let output = forwarder(&[
+        "check-config",
+        "--dump",
+        "--config",
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(text(&output.stdout), dumped, "the dump is a fixed point");
+    let _ = std::fs::remove_dir_all(&dir);
+}

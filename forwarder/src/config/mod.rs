@@ -6,6 +6,7 @@
 //! carry) is [`Config::resolve_edge_addresses`], called by `run`.
 //! `docs/config.md` documents every key and rule.
 
+mod advice;
 mod duration;
 mod host;
 mod model;
@@ -310,12 +311,41 @@ impl std::fmt::Display for ConfigRejected {
 
 impl std::error::Error for ConfigRejected {}
 
-/// `forwarder check-config --config PATH`: exit 0 with a summary on stdout, or exit 1
-/// with one line per problem on stderr.
-pub fn check_config_cli(config: &Path) -> anyhow::Result<ExitCode> {
+/// How `check-config` reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Warnings fail the check (exit 1).
+    pub strict: bool,
+    /// Print the effective config (every key, defaults included) on stdout; the
+    /// summary then goes to stderr.
+    pub dump: bool,
+}
+
+/// `forwarder check-config --config PATH`: exit 0 with a summary on stdout (and
+/// any warnings on stderr), or exit 1 with one line per problem on stderr (or per
+/// warning, with `--strict`).
+pub fn check_config_cli(config: &Path, options: CheckOptions) -> anyhow::Result<ExitCode> {
     match Config::load(config) {
         Ok(parsed) => {
-            println!("config OK: {}", summary(&parsed));
+            let warnings = advice::warnings(&parsed);
+            for warning in &warnings {
+                eprintln!("warning: {warning}");
+            }
+            if options.strict && !warnings.is_empty() {
+                eprintln!(
+                    "{}: {} warning{} (--strict)",
+                    config.display(),
+                    warnings.len(),
+                    if warnings.len() == 1 { "" } else { "s" }
+                );
+                return Ok(ExitCode::from(1));
+            }
+            if options.dump {
+                print!("{}", parsed.to_toml());
+                eprintln!("config OK: {}", summary(&parsed));
+            } else {
+                println!("config OK: {}", summary(&parsed));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {
