@@ -44,6 +44,8 @@ pub mod names {
     pub const UDP_FLOW_TABLE: &str = "forwarder_udp_flow_table_entries";
     pub const UDP_FLOWS_PROMOTED: &str = "forwarder_udp_flows_promoted";
     pub const UDP_FLOW_EVICTIONS: &str = "forwarder_udp_flow_evictions";
+    pub const UDP_NAT_PORTS_IN_USE: &str = "forwarder_udp_nat_ports_in_use";
+    pub const UDP_NAT_PORTS_POOL: &str = "forwarder_udp_nat_ports_pool";
     /// With the unit `seconds`: `forwarder_udp_flow_scan_seconds`.
     pub const UDP_FLOW_SCAN: &str = "forwarder_udp_flow_scan";
     pub const TCP_CONNECTIONS: &str = "forwarder_tcp_connections";
@@ -214,6 +216,18 @@ impl Collector for SnapshotCollector {
                 (vec![("reason", "table_full")], f.evicted_table_full),
                 (vec![("reason", "port_reclaimed")], f.evicted_port_reclaimed),
             ],
+        )?;
+        gauge(
+            &mut encoder,
+            names::UDP_NAT_PORTS_IN_USE,
+            "Ports of udp_nat_ports held by live plain-NAT and PROXY v2 flows (all origin-side addresses together).",
+            [(vec![], f.nat_ports_in_use)],
+        )?;
+        gauge(
+            &mut encoder,
+            names::UDP_NAT_PORTS_POOL,
+            "Ports in udp_nat_ports: the pool of each origin-side address.",
+            [(vec![], f.nat_pool)],
         )?;
         {
             let mut metric = encoder.encode_descriptor(
@@ -683,6 +697,79 @@ mod tests {
             "forwarder_config_last_reload_successful{} 0",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+
+    /// The metric names an expression text refers to (`forwarder_…`).
+    fn referenced(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while let Some(at) = text[i..].find("forwarder_") {
+            let start = i + at;
+            let boundary = start == 0
+                || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+            let mut end = start;
+            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+                end += 1;
+            }
+            // A `forwarder_` inside a word, or the uid "forwarder-overview", is no name.
+            if boundary && end > start + "forwarder_".len() {
+                names.insert(text[start..end].to_string());
+            }
+            i = end.max(start + 1);
+        }
+        names
+    }
+
+    /// The Grafana dashboard and the alert rules in `examples/` only use metrics
+    /// the agent exposes (their names as a scrape writes them: `_total` for
+    /// counters, `_bucket`/`_sum`/`_count` for histograms).
+    #[test]
+    fn the_dashboard_and_the_alerts_use_only_exposed_metrics() {
+        let mut s = snapshot();
+        s.interfaces
+            .insert("eth0".into(), crate::stats::InterfaceStats::default());
+        let text = render(s).unwrap();
+        let mut exposed = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split_whitespace();
+                let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                    continue;
+                };
+                match kind {
+                    "counter" => {
+                        exposed.insert(format!("{name}_total"));
+                    }
+                    "histogram" => {
+                        for suffix in ["_bucket", "_sum", "_count"] {
+                            exposed.insert(format!("{name}{suffix}"));
+                        }
+                    }
+                    _ => {
+                        exposed.insert(name.to_string());
+                    }
+                }
+            }
+        }
+        for (file, content) in [
+            (
+                "grafana-dashboard.json",
+                include_str!("../../examples/grafana-dashboard.json"),
+            ),
+            (
+                "prometheus-alerts.yml",
+                include_str!("../../examples/prometheus-alerts.yml"),
+            ),
+        ] {
+            let names = referenced(content);
+            assert!(names.len() >= 5, "{file} refers to metrics: {names:?}");
+            let unknown: Vec<&String> = names.iter().filter(|n| !exposed.contains(*n)).collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} refers to metrics the agent does not expose: {unknown:?}\nexposed: {exposed:?}"
+            );
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct FlowTables {
     /// Every UDP app id (its gauge is shown even at 0).
     pub udp_apps: Vec<String>,
     pub idle: Duration,
+    /// Ports in `udp_nat_ports`.
+    pub nat_pool: u64,
 }
 
 /// Flows the datapath evicted, by reason (the `reason` label of
@@ -80,6 +82,12 @@ pub struct UdpFlowStats {
     pub promoted: u64,
     pub evicted_table_full: u64,
     pub evicted_port_reclaimed: u64,
+    /// Live plain-NAT and v2 flows, each holding a port of `udp_nat_ports`.
+    #[serde(default)]
+    pub nat_ports_in_use: u64,
+    /// Ports in `udp_nat_ports` (the pool of each origin-side address).
+    #[serde(default)]
+    pub nat_pool: u64,
     /// How long the last scan took (reading the tables and deciding), seconds.
     pub scan_seconds: f64,
 }
@@ -266,6 +274,12 @@ impl UdpFlowTracker {
             promoted: tables.counters[FlowCounter::Promoted as usize],
             evicted_table_full: self.evictions.table_full,
             evicted_port_reclaimed: self.evictions.port_reclaimed,
+            nat_ports_in_use: tables
+                .flows
+                .iter()
+                .filter(|(_, s)| s.flags & forwarder_common::FLOW_SPP == 0)
+                .count() as u64,
+            nat_pool: tables.nat_pool,
             scan_seconds: 0.0,
         }
     }

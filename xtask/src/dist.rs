@@ -9,7 +9,7 @@
 //! | `/etc/logrotate.d/forwarder` | `examples/forwarder.logrotate` (a conffile) |
 //! | `/usr/share/man/man1/forwarder*.1.gz` | `forwarder generate man` |
 //! | bash, zsh, fish completions | `forwarder generate completions` |
-//! | `/usr/share/doc/forwarder/` | README, docs, `copyright` (the licences) |
+//! | `/usr/share/doc/forwarder/` | README, docs, `copyright` (the licences), the Grafana dashboard and alert rules |
 
 use std::path::{Path, PathBuf};
 
@@ -114,6 +114,13 @@ pub fn dist() -> Result<PathBuf> {
                 .into_owned();
             put(&path, &format!("{doc}/{name}"), 0o644)?;
         }
+    }
+    for example in ["grafana-dashboard.json", "prometheus-alerts.yml"] {
+        put(
+            &root.join("examples").join(example),
+            &format!("{doc}/examples/{example}"),
+            0o644,
+        )?;
     }
     let copyright = format!(
         "forwarder {version}\n\nThe userspace agent is licensed under the MIT license or the Apache \

@@ -208,6 +208,7 @@ impl Agent {
                 .map(|a| a.id.clone())
                 .collect(),
             idle: self.config.agent.udp_idle_timeout,
+            nat_pool: u64::from(self.config.agent.udp_nat_ports.len()),
         })
     }
 
