@@ -101,6 +101,9 @@ pub struct ConnectionTotals {
     pub events: Vec<ConnectionCount>,
     /// Connect-to-disconnect durations (seconds) of ended connections and flows.
     pub durations: Histogram,
+    /// TCP apps: how long connecting to an origin took (successful attempts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_times: Option<Histogram>,
 }
 
 impl ConnectionTotals {
@@ -361,6 +364,7 @@ impl EventStats {
                             })
                             .collect(),
                         durations: durations.clone(),
+                        connect_times: None,
                     },
                 )
             })

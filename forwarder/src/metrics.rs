@@ -40,6 +40,8 @@ pub mod names {
     pub const CONNECTIONS: &str = "forwarder_connections";
     /// With the unit `seconds`: `forwarder_connection_duration_seconds`.
     pub const CONNECTION_DURATION: &str = "forwarder_connection_duration";
+    /// With the unit `seconds`: `forwarder_origin_connect_duration_seconds`.
+    pub const ORIGIN_CONNECT: &str = "forwarder_origin_connect_duration";
     pub const UDP_FLOWS: &str = "forwarder_udp_flows";
     pub const UDP_FLOW_TABLE: &str = "forwarder_udp_flow_table_entries";
     pub const UDP_FLOWS_PROMOTED: &str = "forwarder_udp_flows_promoted";
@@ -181,6 +183,21 @@ impl Collector for SnapshotCollector {
                 metric
                     .encode_family(&[("app", app.as_str())])?
                     .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                names::ORIGIN_CONNECT,
+                "Time to connect to an origin (TCP apps, successful attempts).",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
+            for (app, totals) in &s.connections {
+                if let Some(h) = &totals.connect_times {
+                    metric
+                        .encode_family(&[("app", app.as_str())])?
+                        .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
+                }
             }
         }
         gauge(
@@ -522,6 +539,16 @@ mod tests {
                     },
                 ],
                 durations,
+                connect_times: None,
+            },
+        );
+        let mut connect = Histogram::new(&crate::tcp::stats::CONNECT_BUCKETS);
+        connect.observe(0.0003);
+        s.connections.insert(
+            "web".into(),
+            ConnectionTotals {
+                connect_times: Some(connect),
+                ..ConnectionTotals::default()
             },
         );
         s.rule_hits.insert("10.0.1.128/25".into(), 9);
@@ -695,6 +722,8 @@ mod tests {
             "forwarder_reloads_total{result=\"applied\"} 3",
             "forwarder_reloads_total{result=\"rejected\"} 1",
             "forwarder_config_last_reload_successful{} 0",
+            "forwarder_origin_connect_duration_seconds_bucket{le=\"0.0005\",app=\"web\"} 1",
+            "forwarder_origin_connect_duration_seconds_count{app=\"web\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow};
 use log::{info, warn};
 
-use crate::analytics::{EventStats, FilteredSummary, Histogram, RefusalSummary};
+use crate::analytics::{EventStats, FilteredSummary, RefusalSummary};
 use crate::config::{Config, IpFamily, Protocol, interface_addresses};
 use crate::datapath::{Datapath, Plan};
 use crate::events::EventLog;
@@ -287,12 +287,9 @@ impl Agent {
         snapshot.connections = self.event_stats.totals();
         // The proxy times TCP connections itself, failed ones included.
         for (id, tcp) in self.tcp.stats() {
-            let d = &tcp.durations;
-            let mut durations = Histogram::new(&d.bounds);
-            durations.counts = d.counts.clone();
-            durations.sum = d.sum_seconds;
-            durations.count = d.count;
-            snapshot.connections.entry(id).or_default().durations = durations;
+            let totals = snapshot.connections.entry(id).or_default();
+            totals.durations = tcp.durations;
+            totals.connect_times = Some(tcp.connect_times);
         }
         snapshot.analytics = self.event_stats.analytics();
         Ok(snapshot)

@@ -237,12 +237,14 @@ pub(crate) async fn serve(
     let mut failure = None;
     let mut connected = None;
     for candidate in origin::candidates(&meta.app, client.ip(), edge.port()) {
+        let started = Instant::now();
         let attempt = tokio::select! {
             r = origin::connect(candidate, timeout) => r,
             _ = close.wait_for(|c| *c) => Err((status::UNKNOWN, io::Error::other("agent stopping"))),
         };
         match attempt {
             Ok(stream) => {
+                counters.connected_in(started.elapsed());
                 connected = Some((candidate, stream));
                 break;
             }

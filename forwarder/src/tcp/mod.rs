@@ -34,7 +34,7 @@ use crate::datapath::Datapath;
 use crate::events::EventLog;
 use crate::wire::unmap_socket_addr as unmap;
 
-pub use stats::{DurationHistogram, EventCount, TcpAppStats};
+pub use stats::{EventCount, TcpAppStats};
 
 /// How long the agent waits for an origin to accept a connection before trying the
 /// next origin (status 522 when it was the last).

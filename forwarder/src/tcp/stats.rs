@@ -1,5 +1,7 @@
-//! Per-app TCP counters: open connections, events by status, bytes both ways and a
-//! histogram of connection durations (for `forwarder stats` and the metrics).
+//! Per-app TCP counters: open connections, events by status, bytes both ways, and
+//! histograms of connection durations and of origin connect times (for
+//! `forwarder stats` and the metrics). The histograms are `analytics::Histogram`,
+//! the one histogram type.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -8,49 +10,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analytics::Histogram;
 use crate::events::EventKind;
 
-/// Upper bounds (seconds) of the duration histogram's buckets; a last, implicit
-/// bucket holds everything longer. From 5 ms (a refused origin) to a day.
-pub const DURATION_BUCKETS: [f64; 16] = [
-    0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 21600.0,
-    86400.0,
+/// Upper bounds (seconds) of the origin connect-time histogram
+/// (`forwarder_origin_connect_duration_seconds`): from 0.1 ms (a local origin) to
+/// the 5 s connect timeout.
+pub const CONNECT_BUCKETS: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
 ];
-
-/// A cumulative-free histogram: `counts[i]` counts durations `<= bounds[i]` and
-/// `> bounds[i-1]`; `counts[bounds.len()]` those above the last bound.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DurationHistogram {
-    pub bounds: Vec<f64>,
-    pub counts: Vec<u64>,
-    pub sum_seconds: f64,
-    pub count: u64,
-}
-
-impl Default for DurationHistogram {
-    fn default() -> Self {
-        DurationHistogram {
-            bounds: DURATION_BUCKETS.to_vec(),
-            counts: vec![0; DURATION_BUCKETS.len() + 1],
-            sum_seconds: 0.0,
-            count: 0,
-        }
-    }
-}
-
-impl DurationHistogram {
-    pub fn observe(&mut self, duration: Duration) {
-        let secs = duration.as_secs_f64();
-        let bucket = self
-            .bounds
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(self.bounds.len());
-        self.counts[bucket] += 1;
-        self.sum_seconds += secs;
-        self.count += 1;
-    }
-}
 
 /// How many events of one kind and status an app produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +44,9 @@ pub struct TcpAppStats {
     /// Events by kind and status (connect/0, disconnect/200, originError/521, ...).
     pub events: Vec<EventCount>,
     /// Durations from accept to close, of every ended connection.
-    pub durations: DurationHistogram,
+    pub durations: Histogram,
+    /// Times to connect to an origin (successful attempts).
+    pub connect_times: Histogram,
 }
 
 impl TcpAppStats {
@@ -90,7 +60,7 @@ impl TcpAppStats {
 }
 
 /// Event counts by (event, status), and the durations of ended connections.
-type Ended = (BTreeMap<(&'static str, u16), u64>, DurationHistogram);
+type Ended = (BTreeMap<(&'static str, u16), u64>, Histogram);
 
 /// The live counters behind [`TcpAppStats`].
 #[derive(Debug, Default)]
@@ -101,6 +71,7 @@ pub struct AppCounters {
     client_bytes: AtomicU64,
     origin_bytes: AtomicU64,
     ended: Mutex<Ended>,
+    connect_times: Mutex<Option<Histogram>>,
 }
 
 impl AppCounters {
@@ -135,8 +106,15 @@ impl AppCounters {
         let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
         *ended.0.entry((kind.as_str(), status)).or_insert(0) += 1;
         if let Some(d) = duration {
-            ended.1.observe(d);
+            ended.1.observe(d.as_secs_f64());
         }
+    }
+
+    /// Counts one successful origin connect that took `took`.
+    pub(crate) fn connected_in(&self, took: Duration) {
+        let mut h = self.connect_times.lock().unwrap_or_else(|e| e.into_inner());
+        h.get_or_insert_with(|| Histogram::new(&CONNECT_BUCKETS))
+            .observe(took.as_secs_f64());
     }
 
     pub fn snapshot(&self) -> TcpAppStats {
@@ -157,6 +135,12 @@ impl AppCounters {
                 })
                 .collect(),
             durations: ended.1.clone(),
+            connect_times: self
+                .connect_times
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(|| Histogram::new(&CONNECT_BUCKETS)),
         }
     }
 }
@@ -166,17 +150,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets() {
-        let mut h = DurationHistogram::default();
-        h.observe(Duration::from_millis(1));
-        h.observe(Duration::from_millis(5));
-        h.observe(Duration::from_secs(2));
-        h.observe(Duration::from_secs(100_000));
-        assert_eq!(h.counts[0], 2);
-        assert_eq!(h.counts[6], 1, "2s is in (1, 5]");
-        assert_eq!(h.counts[16], 1);
-        assert_eq!(h.count, 4);
-        assert!((h.sum_seconds - 100_002.006).abs() < 1e-6);
+    fn connect_times_have_their_own_buckets() {
+        let c = AppCounters::default();
+        assert_eq!(c.snapshot().connect_times.count, 0);
+        c.connected_in(Duration::from_micros(300));
+        c.connected_in(Duration::from_millis(40));
+        let h = c.snapshot().connect_times;
+        assert_eq!(h.bounds, CONNECT_BUCKETS);
+        assert_eq!(h.counts[2], 1, "0.3 ms is in (0.25, 0.5] ms");
+        assert_eq!(h.counts[8], 1, "40 ms is in (25, 50] ms");
+        assert_eq!(h.count, 2);
     }
 
     #[test]
