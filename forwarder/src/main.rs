@@ -64,8 +64,17 @@ enum Command {
     },
     /// Convert Spectrum API JSON (apps) into `[[apps]]` TOML on stdout.
     ImportSpectrum {
-        /// The Spectrum API's JSON (a list of apps, or its `{"result": [...]}`).
+        /// The Spectrum API's JSON (a list of apps, or its `{"result": [...]}`); `-`
+        /// reads stdin.
         file: PathBuf,
+        /// A file with the `[agent]` table (and firewall) to print first: the output
+        /// is then a whole config, checked as such.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Cloudflare IP Access rules JSON (`firewall/access_rules/rules`) to convert
+        /// into `[[access_rules]]`.
+        #[arg(long)]
+        access_rules: Option<PathBuf>,
     },
     /// Write the man pages or the shell completions into a directory (packaging).
     #[command(hide = true)]
@@ -150,7 +159,17 @@ fn main() -> ExitCode {
             };
             forwarder::cli::stats::stats_cli(&control, options)
         }),
-        Command::ImportSpectrum { file } => forwarder::spectrum::import_cli(&file),
+        Command::ImportSpectrum {
+            file,
+            agent,
+            access_rules,
+        } => forwarder::spectrum::import_cli(
+            &file,
+            &forwarder::spectrum::ImportOptions {
+                agent,
+                access_rules,
+            },
+        ),
         Command::Generate { what, dir } => generate(what, &dir),
     };
     match result {

@@ -26,6 +26,30 @@ pub struct Import {
     /// What `check-config` would say about the imported apps (e.g. a UDP app mixing
     /// IPv4 and IPv6); empty when they are valid.
     pub problems: Vec<Problem>,
+    /// What the operator must fill in before the apps can run here (Cloudflare's
+    /// static edge addresses, replaced by `EDGE_PLACEHOLDER`).
+    pub fill_in: Vec<String>,
+}
+
+/// Written where an app had Cloudflare's static edge addresses: they are not this
+/// host's, and a config with them would be refused by `run`. Not an address, so
+/// `check-config` refuses it until the operator puts this host's edge address in.
+pub const EDGE_PLACEHOLDER: &str = "EDGE-ADDRESS-OF-THIS-HOST";
+
+/// Whether `field` with `value` changes nothing here, so that saying it is ignored
+/// would only be noise: TLS off (pass-through, as here), Argo off, direct traffic,
+/// API timestamps, connectivity to every family.
+fn changes_nothing(field: &str, value: &Value) -> bool {
+    match field {
+        "tls" => value.is_null() || value == "off",
+        "argo_smart_routing" => value.is_null() || value == &Value::Bool(false),
+        "traffic_type" => value.is_null() || value == "direct",
+        "created_on" | "modified_on" => true,
+        "connectivity" => value.is_null() || value == "all",
+        // With origin_direct, the ports are in the origin URLs.
+        "origin_port" => true,
+        _ => false,
+    }
 }
 
 /// Why a Spectrum field is ignored, by its name (the last part of its path).
@@ -154,12 +178,13 @@ pub fn import(json: &str) -> anyhow::Result<Import> {
 
     let mut raw_apps = Vec::with_capacity(apps.len());
     let mut skipped = Vec::new();
+    let mut fill_in = Vec::new();
     for (index, app) in apps.into_iter().enumerate() {
         let path = format!("apps[{index}]");
         let Value::Object(fields) = app else {
             bail!("{path} is {}, expected an app object", json_type(&app));
         };
-        let raw = convert_app(&path, fields, &mut ignored)?;
+        let raw = convert_app(&path, fields, &mut ignored, &mut fill_in)?;
         if raw.origin_direct.as_ref().is_none_or(Vec::is_empty) {
             skipped.push(format!(
                 "{}: no origin_direct (origin_dns is not supported), so the app is left out",
@@ -171,11 +196,18 @@ pub fn import(json: &str) -> anyhow::Result<Import> {
     }
 
     let body = config::apps_to_toml(&raw_apps).context("writing the apps as TOML")?;
+    let mut notes = String::new();
+    for line in &fill_in {
+        notes.push_str(&format!("# FILL IN: {line}\n"));
+    }
     let toml = format!(
         "# Imported from Spectrum API JSON by `forwarder import-spectrum`.\n\
-         # Add an [agent] table (see docs/config.md) before using this as a config.\n\n{body}"
+         # Add an [agent] table (see docs/config.md) before using this as a config.\n\
+         {notes}\n{body}"
     );
-    let problems = match Config::parse(&format!("[agent]\ninterfaces = [\"eth0\"]\n\n{body}")) {
+    // The apps' own problems; a placeholder is the operator's to fill in, not one.
+    let checked = body.replace(EDGE_PLACEHOLDER, "192.0.2.1");
+    let problems = match Config::parse(&format!("[agent]\ninterfaces = [\"eth0\"]\n\n{checked}")) {
         Ok(_) => Vec::new(),
         Err(error) => error.problems,
     };
@@ -184,6 +216,7 @@ pub fn import(json: &str) -> anyhow::Result<Import> {
         ignored,
         skipped,
         problems,
+        fill_in,
     })
 }
 
@@ -192,9 +225,13 @@ fn convert_app(
     path: &str,
     fields: Map<String, Value>,
     ignored: &mut Vec<String>,
+    fill_in: &mut Vec<String>,
 ) -> anyhow::Result<RawApp> {
     let mut raw = RawApp::default();
     for (key, value) in fields {
+        if changes_nothing(&key, &value) {
+            continue;
+        }
         let field_path = format!("{path}.{key}");
         // null is how the API writes "not set"; it means the same as absent.
         if value.is_null() && is_mapped_field(&key) {
@@ -220,7 +257,7 @@ fn convert_app(
                     json_type(&other)
                 ),
             },
-            "edge_ips" => raw.edge_ips = edge_ips(&field_path, value, ignored)?,
+            "edge_ips" => raw.edge_ips = edge_ips(&field_path, value, ignored, fill_in)?,
             _ => ignored.push(field_path),
         }
     }
@@ -240,6 +277,7 @@ fn edge_ips(
     path: &str,
     value: Value,
     ignored: &mut Vec<String>,
+    fill_in: &mut Vec<String>,
 ) -> anyhow::Result<Option<Vec<String>>> {
     let Value::Object(fields) = value else {
         bail!("{path} is {}, expected an object", json_type(&value));
@@ -254,6 +292,9 @@ fn edge_ips(
     for (key, value) in fields {
         match key.as_str() {
             "ips" if is_static => ips = Some(string_list(&format!("{path}.ips"), value)?),
+            // Consumed above.
+            "type" => {}
+            _ if changes_nothing(&key, &value) => {}
             _ => ignored.push(format!("{path}.{key}")),
         }
     }
@@ -261,7 +302,17 @@ fn edge_ips(
     if is_static && ips.as_ref().is_none_or(Vec::is_empty) {
         bail!("{path}.type is \"static\" but {path}.ips lists no address");
     }
-    Ok(ips)
+    // Static addresses are Cloudflare's (or a BYOIP prefix announced by Cloudflare):
+    // not this host's.
+    Ok(ips.map(|cloudflare| {
+        fill_in.push(format!(
+            "{path}: Cloudflare's static edge addresses ({}) are not this host's; \
+             replace {EDGE_PLACEHOLDER} with this host's edge address(es), or remove \
+             edge_ips to serve the app on every edge address",
+            cloudflare.join(", ")
+        ));
+        vec![EDGE_PLACEHOLDER.to_string()]
+    }))
 }
 
 fn string(path: &str, value: Value) -> anyhow::Result<String> {
@@ -296,25 +347,156 @@ fn json_type(value: &Value) -> &'static str {
     }
 }
 
-/// Prints the TOML on stdout and every ignored field, skipped app and problem on
-/// stderr. Exit 1 when an app was skipped or the result does not pass `check-config`
-/// (the TOML is printed anyway), 0 otherwise.
-pub fn import_cli(file: &Path) -> anyhow::Result<ExitCode> {
-    let json =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let imported = import(&json).with_context(|| format!("cannot import {}", file.display()))?;
-    print!("{}", imported.toml);
+/// Cloudflare IP Access rules (`GET /zones/:zone/firewall/access_rules/rules`, the
+/// envelope or a bare list) → `[[access_rules]]` TOML. `block` and `whitelist` map
+/// to block and allow; targets `ip`, `ip6` and `ip_range` map as they are. Challenges
+/// (`challenge`, `js_challenge`, `managed_challenge`) and `asn` / `country` targets
+/// have no meaning at L4 here: each is reported, none silently dropped.
+pub fn import_access_rules(json: &str) -> anyhow::Result<(String, Vec<String>)> {
+    serde_json::from_str::<NoDuplicateKeys>(json).context("not valid JSON")?;
+    let document: Value = serde_json::from_str(json).context("not valid JSON")?;
+    let rules = match document {
+        Value::Array(rules) => rules,
+        Value::Object(mut envelope) => match envelope.remove("result") {
+            Some(Value::Array(rules)) => rules,
+            _ => bail!("expected {{\"result\": [...]}} or a list of access rules"),
+        },
+        other => bail!(
+            "the document is {}, expected {{\"result\": [...]}} or a list of access rules",
+            json_type(&other)
+        ),
+    };
+    let mut raw = Vec::new();
+    let mut notes = Vec::new();
+    for (index, rule) in rules.into_iter().enumerate() {
+        let path = format!("access_rules[{index}]");
+        let Value::Object(fields) = rule else {
+            bail!("{path} is {}, expected a rule object", json_type(&rule));
+        };
+        let mode = match fields.get("mode") {
+            Some(Value::String(mode)) => mode.as_str(),
+            _ => bail!("{path}.mode is missing or not a string"),
+        };
+        let Some(Value::Object(configuration)) = fields.get("configuration") else {
+            bail!("{path}.configuration is missing or not an object");
+        };
+        let (Some(Value::String(target)), Some(Value::String(value))) =
+            (configuration.get("target"), configuration.get("value"))
+        else {
+            bail!("{path}.configuration needs a string target and value");
+        };
+        let mode = match mode {
+            "block" => "block",
+            "whitelist" => "allow",
+            other => {
+                notes.push(format!(
+                    "skipped {path} ({target} {value}): mode {other:?} is a challenge, which \
+                     needs HTTP; only block and whitelist exist at L4"
+                ));
+                continue;
+            }
+        };
+        let target = match target.as_str() {
+            "ip" | "ip6" => "ip",
+            "ip_range" => "ip_range",
+            other => {
+                notes.push(format!(
+                    "skipped {path} ({other} {value}): only ip, ip6 and ip_range targets exist \
+                     here"
+                ));
+                continue;
+            }
+        };
+        raw.push(config::RawAccessRule {
+            mode: Some(mode.to_string()),
+            target: Some(target.to_string()),
+            value: Some(value.clone()),
+        });
+    }
+    let toml = config::access_rules_to_toml(&raw).context("writing the rules as TOML")?;
+    Ok((toml, notes))
+}
+
+/// Reads `input` (`-` for stdin).
+fn read_input(input: &Path) -> anyhow::Result<String> {
+    if input.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read stdin")?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(input).with_context(|| format!("cannot read {}", input.display()))
+    }
+}
+
+/// What `import-spectrum` is given besides the apps.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// A file with an `[agent]` table (and anything else but apps): printed first,
+    /// so that the output is a whole config.
+    pub agent: Option<std::path::PathBuf>,
+    /// Cloudflare IP Access rules JSON, converted to `[[access_rules]]`.
+    pub access_rules: Option<std::path::PathBuf>,
+}
+
+/// Prints the TOML on stdout and every ignored field, skipped app or rule,
+/// placeholder and problem on stderr. Exit 1 when an app was skipped or the result
+/// does not pass `check-config` (the TOML is printed anyway), 0 otherwise.
+pub fn import_cli(input: &Path, options: &ImportOptions) -> anyhow::Result<ExitCode> {
+    let json = read_input(input)?;
+    let name = if input.as_os_str() == "-" {
+        "stdin".to_string()
+    } else {
+        input.display().to_string()
+    };
+    let imported = import(&json).with_context(|| format!("cannot import {name}"))?;
+    let mut out = String::new();
+    let mut whole = None;
+    if let Some(agent) = &options.agent {
+        let text = std::fs::read_to_string(agent)
+            .with_context(|| format!("cannot read {}", agent.display()))?;
+        out.push_str(text.trim_end());
+        out.push_str("\n\n");
+        whole = Some(());
+    }
+    let mut rule_notes = Vec::new();
+    if let Some(rules) = &options.access_rules {
+        let text = read_input(rules)?;
+        let (toml, notes) = import_access_rules(&text)
+            .with_context(|| format!("cannot import the access rules of {}", rules.display()))?;
+        out.push_str(&toml);
+        out.push('\n');
+        rule_notes = notes;
+    }
+    out.push_str(&imported.toml);
+    print!("{out}");
     for path in &imported.ignored {
         let field = path.rsplit('.').next().unwrap_or(path);
         eprintln!("ignored {path}: {}", why_ignored(field));
     }
+    for note in &rule_notes {
+        eprintln!("{note}");
+    }
+    for line in &imported.fill_in {
+        eprintln!("fill in {line}");
+    }
     for skipped in &imported.skipped {
         eprintln!("skipped {skipped}");
     }
-    for problem in &imported.problems {
+    let mut problems: Vec<String> = imported.problems.iter().map(ToString::to_string).collect();
+    // A whole config (agent given): judged as `check-config` would, placeholders
+    // aside.
+    if whole.is_some() {
+        let checked = out.replace(EDGE_PLACEHOLDER, "192.0.2.1");
+        problems = match Config::parse(&checked) {
+            Ok(_) => Vec::new(),
+            Err(error) => error.problems.iter().map(ToString::to_string).collect(),
+        };
+    }
+    for problem in &problems {
         eprintln!("problem {problem}");
     }
-    if imported.skipped.is_empty() && imported.problems.is_empty() {
+    if imported.skipped.is_empty() && problems.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(1))
@@ -348,7 +530,8 @@ mod tests {
     #[test]
     fn envelope_converts_to_apps_that_parse() {
         let imported = import(ENVELOPE).expect("import");
-        let config = Config::parse(&wrap(&imported.toml)).unwrap_or_else(|error| {
+        let filled = imported.toml.replace(EDGE_PLACEHOLDER, "192.0.2.10");
+        let config = Config::parse(&wrap(&filled)).unwrap_or_else(|error| {
             panic!("imported TOML does not parse:\n{error}\n{}", imported.toml)
         });
         assert_eq!(config.apps.len(), 3);
@@ -367,7 +550,8 @@ mod tests {
         assert_eq!(game.proxy_protocol, config::ProxyProtocol::Simple);
         assert_eq!(
             game.edge_ips,
-            ["198.51.100.5".parse::<std::net::IpAddr>().expect("ip")]
+            ["192.0.2.10".parse::<std::net::IpAddr>().expect("ip")],
+            "the placeholder, filled in"
         );
         assert!(!game.ip_firewall);
         let range = &config.apps[2];
@@ -384,25 +568,92 @@ mod tests {
     }
 
     #[test]
-    fn every_unused_field_is_reported() {
+    fn only_fields_that_change_something_are_reported() {
+        // tls off, Argo off, direct traffic, timestamps, connectivity "all": as here.
         let imported = import(ENVELOPE).expect("import");
         assert_eq!(
             imported.ignored,
             [
-                "apps[0].argo_smart_routing",
-                "apps[0].created_on",
                 "apps[0].dns",
-                "apps[0].edge_ips.connectivity",
-                "apps[0].edge_ips.type",
-                "apps[0].modified_on",
-                "apps[0].tls",
-                "apps[0].traffic_type",
                 "apps[1].dns",
-                "apps[1].edge_ips.type",
-                "apps[1].origin_port",
                 "apps[2].dns",
                 "apps[2].surprise",
             ]
+        );
+        // The same fields with values that mean something else are reported.
+        let json = r#"[{"protocol":"tcp/22","origin_direct":["tcp://192.0.2.1:22"],
+            "tls":"flexible","argo_smart_routing":true,"traffic_type":"http",
+            "edge_ips":{"type":"dynamic","connectivity":"ipv4"}}]"#;
+        assert_eq!(
+            import(json).expect("import").ignored,
+            [
+                "apps[0].argo_smart_routing",
+                "apps[0].edge_ips.connectivity",
+                "apps[0].tls",
+                "apps[0].traffic_type",
+            ]
+        );
+    }
+
+    #[test]
+    fn cloudflare_static_edge_addresses_become_a_placeholder_to_fill_in() {
+        let imported = import(ENVELOPE).expect("import");
+        assert!(
+            imported
+                .toml
+                .contains(&format!("edge_ips = [\"{EDGE_PLACEHOLDER}\"]"))
+        );
+        assert!(!imported.toml.contains("edge_ips = [\"198.51.100.5\"]"));
+        assert_eq!(imported.fill_in.len(), 1);
+        assert!(
+            imported.fill_in[0]
+                .starts_with("apps[1].edge_ips: Cloudflare's static edge addresses (198.51.100.5)"),
+            "{:?}",
+            imported.fill_in
+        );
+        assert!(
+            imported.toml.contains("# FILL IN: apps[1].edge_ips"),
+            "{}",
+            imported.toml
+        );
+        // Until filled in, the config is refused, naming the field.
+        let error = Config::parse(&wrap(&imported.toml)).expect_err("placeholder refused");
+        assert!(
+            error.problems.iter().any(|p| p.field == "edge_ips"),
+            "{error}"
+        );
+        // Not a problem of the apps themselves.
+        assert!(imported.problems.is_empty(), "{:?}", imported.problems);
+    }
+
+    #[test]
+    fn access_rules_map_block_and_whitelist_and_report_the_rest() {
+        let json = r#"{"success":true,"result":[
+            {"mode":"block","configuration":{"target":"ip","value":"198.51.100.4"},"notes":"x"},
+            {"mode":"whitelist","configuration":{"target":"ip_range","value":"10.0.0.0/8"}},
+            {"mode":"block","configuration":{"target":"ip6","value":"2001:db8::1"}},
+            {"mode":"challenge","configuration":{"target":"ip","value":"192.0.2.9"}},
+            {"mode":"block","configuration":{"target":"country","value":"XX"}}]}"#;
+        let (toml, notes) = import_access_rules(json).expect("import");
+        let config = Config::parse(&format!("[agent]\ninterfaces = [\"eth0\"]\n\n{toml}"))
+            .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let rules: Vec<(String, String, String)> = config
+            .access_rules
+            .iter()
+            .map(|r| (r.mode.to_string(), r.target.to_string(), r.value.clone()))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                ("block".into(), "ip".into(), "198.51.100.4".into()),
+                ("allow".into(), "ip_range".into(), "10.0.0.0/8".into()),
+                ("block".into(), "ip".into(), "2001:db8::1".into()),
+            ]
+        );
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].contains("challenge") && notes[1].contains("country"),
+            "{notes:?}"
         );
     }
 
@@ -436,10 +687,7 @@ mod tests {
                 "app 'dns-only' (apps[0]): no origin_direct (origin_dns is not supported), so the app is left out"
             ]
         );
-        assert_eq!(
-            imported.ignored,
-            ["apps[0].origin_dns", "apps[0].origin_port"]
-        );
+        assert_eq!(imported.ignored, ["apps[0].origin_dns"]);
         let config = Config::parse(&wrap(&imported.toml)).expect("parses");
         assert_eq!(config.apps.len(), 1);
     }

@@ -28,9 +28,9 @@ pub use model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, IpFamily, Origin, PortRange, PortSpec,
     Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, XdpMode,
 };
-pub(crate) use raw::{RawApp, app_location};
+pub(crate) use raw::{RawAccessRule, RawApp, app_location};
 
-use raw::{RawAccessRule, RawAgent, RawConfig, RawFirewall};
+use raw::{RawAgent, RawConfig, RawFirewall};
 
 /// One thing wrong with a config: where, which field, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,6 +290,14 @@ fn raw_app(app: &App) -> RawApp {
 pub(crate) fn apps_to_toml(apps: &[RawApp]) -> Result<String, toml::ser::Error> {
     toml::to_string(&RawConfig {
         apps: apps.to_vec(),
+        ..RawConfig::default()
+    })
+}
+
+/// TOML for access rules alone (`[[access_rules]]` tables).
+pub(crate) fn access_rules_to_toml(rules: &[RawAccessRule]) -> Result<String, toml::ser::Error> {
+    toml::to_string(&RawConfig {
+        access_rules: rules.to_vec(),
         ..RawConfig::default()
     })
 }
