@@ -1,19 +1,15 @@
 //! The forwarder agent as a library: config, eBPF loading, TCP proxy, control plane.
 
 pub mod agent;
-pub mod analytics;
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod datapath;
 pub mod ebpf;
-pub mod events;
 pub mod host;
-pub mod metrics;
 pub mod reload;
 pub mod spectrum;
-pub mod stats;
 pub mod tcp;
+pub mod telemetry;
 pub mod udp_flows;
 pub mod wire;
 

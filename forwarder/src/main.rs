@@ -27,7 +27,7 @@ enum Command {
         #[arg(long, default_value = "10s")]
         drain: String,
         /// Unix socket on which `forwarder stats` reaches this agent.
-        #[arg(long, default_value = forwarder::control::DEFAULT_CONTROL_SOCKET)]
+        #[arg(long, default_value = forwarder::telemetry::control::DEFAULT_CONTROL_SOCKET)]
         control: PathBuf,
         /// Directory of the single-instance lock and of the journal of host changes
         /// (sysctls, neighbour entries) that a restart after a crash puts back. One
@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, default_value = "1s")]
         interval: String,
         /// The agent's control socket.
-        #[arg(long, default_value = forwarder::control::DEFAULT_CONTROL_SOCKET)]
+        #[arg(long, default_value = forwarder::telemetry::control::DEFAULT_CONTROL_SOCKET)]
         control: PathBuf,
     },
     /// Convert Spectrum API JSON (apps) into `[[apps]]` TOML on stdout.

@@ -22,7 +22,7 @@ use log::warn;
 
 use crate::config::Config;
 use crate::datapath::Datapath;
-use crate::events::{EventKind, EventLog, status};
+use crate::telemetry::events::{EventKind, EventLog, status};
 use crate::udp_flows::{flow_event, ip_from16, monotonic_ns};
 
 /// How often the config file is looked at.

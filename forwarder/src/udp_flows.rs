@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use forwarder_common::{ADMISSION_ASSURED, FlowCounter, FlowKey, FlowState};
 
-use crate::events::{Event, EventKind, rfc3339, status};
+use crate::telemetry::events::{Event, EventKind, rfc3339, status};
 
 /// How often the agent scans the flow tables.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);

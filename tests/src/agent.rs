@@ -35,7 +35,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use forwarder::stats::StatsSnapshot;
+use forwarder::telemetry::snapshot::StatsSnapshot;
 
 use crate::{Lab, NsChild};
 
@@ -185,7 +185,7 @@ impl AgentProcess {
                     agent.logs()
                 );
             }
-            match forwarder::control::request_stats(&agent.control) {
+            match forwarder::telemetry::control::request_stats(&agent.control) {
                 Ok(_) => return Ok(agent),
                 Err(err) if Instant::now() >= deadline => {
                     bail!(
@@ -338,7 +338,7 @@ impl AgentProcess {
 
     /// A snapshot of the agent's counters (`forwarder stats --json`).
     pub fn stats(&self) -> Result<StatsSnapshot> {
-        forwarder::control::request_stats(&self.control)
+        forwarder::telemetry::control::request_stats(&self.control)
             .with_context(|| format!("asking the agent for stats\n{}", self.logs()))
     }
 

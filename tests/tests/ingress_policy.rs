@@ -22,7 +22,7 @@ use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use forwarder::stats::StatsSnapshot;
+use forwarder::telemetry::snapshot::StatsSnapshot;
 use forwarder_tests::agent::{
     AgentProcess, app_ingress, drops, rule_hits, udp_burst, xdp_attachment,
 };

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use forwarder::stats::StatsSnapshot;
+use forwarder::telemetry::snapshot::StatsSnapshot;
 use forwarder::wire::proxy_v2::{Command, Transport};
 use forwarder_tests::agent::{AgentProcess, drops};
 use forwarder_tests::spp_origin::{ProxyV2EchoOrigin, SppEchoOrigin, UdpEchoOrigin, spp_datagram};

@@ -19,14 +19,14 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow};
 use log::{info, warn};
 
-use crate::analytics::{EventStats, FilteredSummary, RefusalSummary};
 use crate::config::{Config, IpFamily, Protocol, interface_addresses};
 use crate::datapath::{Datapath, Plan};
-use crate::events::EventLog;
 use crate::host::HostState;
 use crate::route::{Neighbour, default_gateways, route_to};
-use crate::stats::StatsSnapshot;
 use crate::tcp::TcpProxy;
+use crate::telemetry::analytics::{EventStats, FilteredSummary, RefusalSummary};
+use crate::telemetry::events::EventLog;
+use crate::telemetry::snapshot::StatsSnapshot;
 use crate::udp_flows::{FlowTables, UdpFlowStats};
 
 /// The loaded, attached datapath with the config it was built from.
@@ -52,7 +52,7 @@ pub struct Agent {
     /// TCP refusals at capacity as rate-limited `clientFiltered` events.
     refused: RefusalSummary,
     /// Build, start time and reloads, for `stats` and `/metrics`.
-    status: crate::stats::AgentStatus,
+    status: crate::telemetry::snapshot::AgentStatus,
 }
 
 /// Seconds since the Unix epoch, now.
@@ -95,7 +95,7 @@ impl Agent {
             event_stats,
             filtered: FilteredSummary::default(),
             refused: RefusalSummary::default(),
-            status: crate::stats::AgentStatus {
+            status: crate::telemetry::snapshot::AgentStatus {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 commit: crate::COMMIT.to_string(),
                 started_at: unix_now(),

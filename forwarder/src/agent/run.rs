@@ -13,11 +13,11 @@ use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Agent, AgentHandle, Command, load_config, task};
-use crate::analytics::FILTERED_SUMMARY_INTERVAL;
-use crate::control::{ControlSocket, SnapshotFn};
 use crate::host::HostState;
-use crate::metrics::MetricsServer;
 use crate::reload::ConfigWatch;
+use crate::telemetry::analytics::FILTERED_SUMMARY_INTERVAL;
+use crate::telemetry::control::{ControlSocket, SnapshotFn};
+use crate::telemetry::metrics::MetricsServer;
 
 /// Options of `forwarder run` besides the config.
 #[derive(Debug, Clone)]

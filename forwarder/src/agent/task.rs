@@ -14,8 +14,8 @@ use log::{error, info};
 
 use super::Agent;
 use crate::datapath::RouteEpoch;
-use crate::events::EventLog;
-use crate::stats::StatsSnapshot;
+use crate::telemetry::events::EventLog;
+use crate::telemetry::snapshot::StatsSnapshot;
 use crate::udp_flows::{FlowTables, UdpFlowStats};
 
 /// Where a command's answer goes.

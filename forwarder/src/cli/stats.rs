@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::control::request_stats;
-use crate::stats::StatsSnapshot;
+use crate::telemetry::control::request_stats;
+use crate::telemetry::snapshot::StatsSnapshot;
 
 /// How `stats` prints.
 #[derive(Debug, Clone, Copy)]
@@ -289,7 +289,7 @@ pub fn stats_cli(control: &Path, options: StatsOptions) -> anyhow::Result<ExitCo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::AppStats;
+    use crate::telemetry::snapshot::AppStats;
 
     #[test]
     fn units_are_human() {

@@ -19,7 +19,7 @@ use super::origin;
 use super::splice::{self, Fault, Pipe};
 use super::stats::AppCounters;
 use crate::config::{App, ProxyProtocol};
-use crate::events::{Event, EventKind, rfc3339, status};
+use crate::telemetry::events::{Event, EventKind, rfc3339, status};
 use crate::wire::{ProxyKind, Transport, proxy_header};
 
 /// Counts a connection as open for its app and for the drain; undone on drop.

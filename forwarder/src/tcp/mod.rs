@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{App, Config, Protocol};
 use crate::datapath::Datapath;
-use crate::events::EventLog;
+use crate::telemetry::events::EventLog;
 use crate::wire::unmap_socket_addr as unmap;
 
 pub use stats::{EventCount, TcpAppStats};

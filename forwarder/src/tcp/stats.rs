@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::Histogram;
-use crate::events::EventKind;
+use crate::telemetry::analytics::Histogram;
+use crate::telemetry::events::EventKind;
 
 /// Upper bounds (seconds) of the origin connect-time histogram
 /// (`forwarder_origin_connect_duration_seconds`): from 0.1 ms (a local origin) to

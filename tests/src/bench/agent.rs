@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use forwarder::config::{Config, XdpMode};
 use forwarder::datapath::{Datapath, Plan};
 use forwarder::route::{keep_neighbour_resolved, route_to};
-use forwarder::stats::StatsSnapshot;
+use forwarder::telemetry::snapshot::StatsSnapshot;
 use forwarder_common::DropReason;
 
 use super::sys::TempDir;
@@ -125,7 +125,7 @@ impl AgentProc {
     }
 
     pub fn stats(&self) -> Result<StatsSnapshot> {
-        forwarder::control::request_stats(&self.control)
+        forwarder::telemetry::control::request_stats(&self.control)
     }
 
     /// The agent's process id (`ip netns exec`, `nice` and `taskset` exec into it).

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use forwarder_common::DropReason;
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::{Analytics, ConnectionTotals};
 use crate::datapath::DatapathCounters;
+use crate::telemetry::analytics::{Analytics, ConnectionTotals};
 
 /// Everything `stats` shows, as the agent sends it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ use log::{debug, warn};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::stats::StatsSnapshot;
+use crate::telemetry::snapshot::StatsSnapshot;
 
 /// Where `run` listens and `stats` connects unless told otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/forwarder/control.sock";

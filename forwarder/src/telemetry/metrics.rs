@@ -24,9 +24,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::analytics::Histogram;
-use crate::control::SnapshotFn;
-use crate::stats::StatsSnapshot;
+use crate::telemetry::analytics::Histogram;
+use crate::telemetry::control::SnapshotFn;
+use crate::telemetry::snapshot::StatsSnapshot;
 
 /// The `Content-Type` of a scrape.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -118,7 +118,7 @@ impl Collector for SnapshotCollector {
                 .iter()
                 .map(|(reason, n)| (vec![("reason", reason.as_str())], *n)),
         )?;
-        let directions = |f: fn(&crate::stats::AppStats) -> (u64, u64)| {
+        let directions = |f: fn(&crate::telemetry::snapshot::AppStats) -> (u64, u64)| {
             s.apps.iter().flat_map(move |(id, app)| {
                 let (ingress, egress) = f(app);
                 [
@@ -489,8 +489,8 @@ impl Drop for MetricsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analytics::{ConnectionCount, ConnectionTotals};
-    use crate::stats::AppStats;
+    use crate::telemetry::analytics::{ConnectionCount, ConnectionTotals};
+    use crate::telemetry::snapshot::AppStats;
     use std::sync::Arc;
 
     fn snapshot() -> StatsSnapshot {
@@ -705,7 +705,7 @@ mod tests {
     #[test]
     fn build_start_and_reload_families_are_exposed() {
         let mut s = snapshot();
-        s.agent = crate::stats::AgentStatus {
+        s.agent = crate::telemetry::snapshot::AgentStatus {
             version: "1.2.3".into(),
             commit: "abc123".into(),
             started_at: 1_700_000_000.0,
@@ -757,8 +757,10 @@ mod tests {
     #[test]
     fn the_dashboard_and_the_alerts_use_only_exposed_metrics() {
         let mut s = snapshot();
-        s.interfaces
-            .insert("eth0".into(), crate::stats::InterfaceStats::default());
+        s.interfaces.insert(
+            "eth0".into(),
+            crate::telemetry::snapshot::InterfaceStats::default(),
+        );
         let text = render(s).unwrap();
         let mut exposed = std::collections::BTreeSet::new();
         for line in text.lines() {
@@ -785,11 +787,11 @@ mod tests {
         for (file, content) in [
             (
                 "grafana-dashboard.json",
-                include_str!("../../examples/grafana-dashboard.json"),
+                include_str!("../../../examples/grafana-dashboard.json"),
             ),
             (
                 "prometheus-alerts.yml",
-                include_str!("../../examples/prometheus-alerts.yml"),
+                include_str!("../../../examples/prometheus-alerts.yml"),
             ),
         ] {
             let names = referenced(content);

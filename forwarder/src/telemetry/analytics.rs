@@ -5,7 +5,7 @@
 //! and IP version, `count`, `bytesIngress`, `bytesEgress`, `durationAvg`,
 //! `durationMedian`, `duration90th`, `duration99th`.
 //!
-//! [`EventStats::record`] is an [`crate::events::EventLog`] observer: it sees every
+//! [`EventStats::record`] is an [`crate::telemetry::events::EventLog`] observer: it sees every
 //! event, whatever the log's target. Nothing here is per packet.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::{Event, EventKind};
+use crate::telemetry::events::{Event, EventKind};
 
 /// The analytics window unless [`WINDOW_ENV`] says otherwise.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
@@ -475,7 +475,7 @@ impl FilteredSummary {
             _ => String::new(),
         };
         Some(Event {
-            timestamp: crate::events::rfc3339(now),
+            timestamp: crate::telemetry::events::rfc3339(now),
             event: EventKind::ClientFiltered,
             application: apps
                 .iter()
@@ -494,7 +494,7 @@ impl FilteredSummary {
             origin_bytes: 0,
             client_packets: Some(dropped),
             origin_packets: None,
-            status: crate::events::status::CLIENT_BLOCKED,
+            status: crate::telemetry::events::status::CLIENT_BLOCKED,
             connect_timestamp: None,
             disconnect_timestamp: None,
             flows: None,
@@ -527,7 +527,7 @@ impl RefusalSummary {
                 continue;
             }
             out.push(Event {
-                timestamp: crate::events::rfc3339(now),
+                timestamp: crate::telemetry::events::rfc3339(now),
                 event: EventKind::ClientFiltered,
                 application: app.clone(),
                 protocol: "tcp".into(),
@@ -542,7 +542,7 @@ impl RefusalSummary {
                 origin_bytes: 0,
                 client_packets: None,
                 origin_packets: None,
-                status: crate::events::status::REFUSED_AT_CAPACITY,
+                status: crate::telemetry::events::status::REFUSED_AT_CAPACITY,
                 connect_timestamp: None,
                 disconnect_timestamp: None,
                 flows: Some(delta),
@@ -555,7 +555,7 @@ impl RefusalSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{rfc3339, status};
+    use crate::telemetry::events::{rfc3339, status};
     use std::time::SystemTime;
 
     fn event(kind: EventKind, app: &str, client: &str, secs: Option<(u64, u64)>) -> Event {
