@@ -12,8 +12,20 @@ use clap::{Parser, Subcommand};
     about = "Kernel-bypass TCP/UDP reverse proxy (XDP + sk_lookup)"
 )]
 struct Cli {
+    /// How the agent's own log is written on stderr: `text` lines, or `json`, one
+    /// object per line (`ts`, `level`, `target`, `msg`) for log collectors.
+    /// RUST_LOG sets the level.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -120,8 +132,22 @@ fn generate(what: Generated, dir: &std::path::Path) -> anyhow::Result<ExitCode> 
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if cli.log_format == LogFormat::Json {
+        logger.format(|buf, record| {
+            use std::io::Write as _;
+            let line = serde_json::json!({
+                "ts": forwarder::telemetry::events::rfc3339(std::time::SystemTime::now()),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    logger.init();
     let result = match cli.command {
         Command::Run {
             config,

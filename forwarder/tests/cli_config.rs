@@ -321,3 +321,42 @@ fn import_spectrum_reads_stdin_and_writes_a_whole_config_with_access_rules() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--log-format json`: the agent's own log lines are JSON objects (a config it
+/// refuses still exits 78, its error on the last line as text).
+#[test]
+fn the_agent_log_can_be_json_lines() {
+    let dir = std::env::temp_dir().join(format!("fwd-logjson-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_forwarder"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            "/nonexistent.toml",
+        ])
+        .arg("--state-dir")
+        .arg(&dir)
+        .arg("--control")
+        .arg(dir.join("control.sock"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("forwarder run");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = text(&output.stderr);
+    let first = stderr.lines().next().expect("a log line");
+    let line: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(line["level"], "INFO", "{first}");
+    assert!(
+        line["ts"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{first}"
+    );
+    assert!(
+        line["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("open-file limit")),
+        "{first}"
+    );
+}

@@ -109,6 +109,38 @@ pub struct Datapath {
     removed_new_flows: u64,
 }
 
+/// How many times a program load interrupted by a signal (EAGAIN) is tried.
+const VERIFY_ATTEMPTS: u32 = 5;
+
+/// Loads a program, again when the verifier gave up with EAGAIN: it does when a
+/// signal is pending (any signal to the process, e.g. a child exiting), and
+/// libbpf retries those too.
+fn load_retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match load() {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < VERIFY_ATTEMPTS && is_eagain(&e) => {
+                log::debug!("a program load was interrupted by a signal; again");
+            }
+            Err(e) => return Err(anyhow!("{e}: {e:?}")),
+        }
+    }
+}
+
+/// Whether a program load failed with EAGAIN (the verifier saw a signal pending).
+fn is_eagain(err: &aya::programs::ProgramError) -> bool {
+    match err {
+        aya::programs::ProgramError::LoadError { io_error, .. } => {
+            io_error.raw_os_error() == Some(libc::EAGAIN)
+        }
+        _ => false,
+    }
+}
+
 /// Explains the usual reasons a load fails, next to the kernel's own message.
 fn load_hint(err: &anyhow::Error) -> &'static str {
     let text = format!("{err:#}");
@@ -139,18 +171,13 @@ impl Datapath {
                     .program_mut(name)
                     .with_context(|| format!("program {name} missing from the object"))?
                     .try_into()?;
-                prog.load()
-                    .map_err(|e| anyhow!("{e}: {e:?}"))
-                    .with_context(|| format!("verifying {name}"))?;
+                load_retrying(|| prog.load()).with_context(|| format!("verifying {name}"))?;
             }
             let steer: &mut SkLookup = ebpf
                 .program_mut(PROG_SK_LOOKUP)
                 .with_context(|| format!("program {PROG_SK_LOOKUP} missing from the object"))?
                 .try_into()?;
-            steer
-                .load()
-                .map_err(|e| anyhow!("{e}: {e:?}"))
-                .context("verifying sk_lookup_steer")?;
+            load_retrying(|| steer.load()).context("verifying sk_lookup_steer")?;
             Ok(ebpf)
         })();
         let ebpf = result.map_err(|e| {
