@@ -493,3 +493,70 @@ fn systemd_hears_ready_watchdog_reloading_and_stopping() {
     wait_for("STOPPING=1");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An anycast edge address (SPEC §5a): it lives on `lo` of the edge while XDP sits
+/// on the veths, and the agent serves a UDP app on it; an edge address on no
+/// interface yet (a VRRP backup) is accepted with a warning.
+#[test]
+fn an_anycast_edge_address_on_lo_is_served() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new().expect("lab");
+    lab.attach_pass_stubs().expect("pass stubs");
+    // On `lo` (this kernel has no dummy driver; a dummy works the same).
+    lab.edge()
+        .ip(&["addr", "add", "203.0.113.10/32", "dev", "lo"])
+        .expect("the anycast address on lo");
+    lab.client()
+        .ip(&[
+            "route",
+            "add",
+            "203.0.113.10/32",
+            "via",
+            &EDGE_CLIENT_V4.to_string(),
+        ])
+        .expect("the client's route to the anycast address");
+    let _origin = forwarder_tests::spp_origin::UdpEchoOrigin::start_with(
+        lab.origin(),
+        SocketAddr::new(ORIGIN_V4.into(), 5000),
+        false,
+    )
+    .expect("origin");
+    let apps = "[[apps]]\nprotocol = \"udp/5000\"\norigin_direct = [\"udp://10.0.2.2:5000\"]\n";
+    let config = config_with(
+        &lab,
+        "edge_addresses = [\"203.0.113.10\", \"203.0.113.99\"]\n",
+        apps,
+    );
+    let mut agent =
+        AgentProcess::start(&lab, &config).expect("an anycast edge address is accepted");
+    assert!(
+        agent
+            .logs()
+            .contains("edge address 203.0.113.99 is on no interface of this host yet"),
+        "the absent address is warned about:\n{}",
+        agent.logs()
+    );
+    let sock = lab
+        .client()
+        .run_in(|| std::net::UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 0)))
+        .expect("client thread")
+        .expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let anycast: SocketAddr = "203.0.113.10:5000".parse().unwrap();
+    let mut buf = [0u8; 64];
+    let reply = (0..5).find_map(|_| {
+        sock.send_to(b"anycast", anycast).ok()?;
+        let (n, from) = sock.recv_from(&mut buf).ok()?;
+        Some((buf[..n].to_vec(), from))
+    });
+    assert_eq!(
+        reply,
+        Some((b"anycast".to_vec(), anycast)),
+        "served on the anycast address, answered from it\n{}",
+        agent.logs()
+    );
+    assert!(agent.stop().expect("stop").success());
+    lab.close().expect("lab teardown");
+}

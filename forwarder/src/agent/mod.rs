@@ -328,6 +328,12 @@ fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, V
     let edges = config
         .resolve_edge_addresses(&host)
         .map_err(|e| crate::config::ConfigRejected(e.to_string()))?;
+    for addr in config.absent_edge_addresses(&host) {
+        warn!(
+            "edge address {addr} is on no interface of this host yet: UDP apps are served \
+             on it now, TCP apps once it is added (e.g. a VRRP backup becoming master)"
+        );
+    }
     // Each origin's route is resolved once per config (it shells out to iproute2).
     let mut routes: BTreeMap<std::net::IpAddr, crate::route::OriginRoute> = BTreeMap::new();
     let mut resolve = |addr| -> anyhow::Result<crate::route::OriginRoute> {

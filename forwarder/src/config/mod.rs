@@ -155,6 +155,29 @@ impl Config {
     /// `edge_addresses` / app `edge_ips` entry is carried by one of the interfaces.
     /// Returns the effective edge addresses: `edge_addresses`, or when that is empty all
     /// addresses of the interfaces except IPv6 link-local (fe80::/10), in interface order.
+    /// The listed edge addresses (`edge_addresses`, apps' `edge_ips`) that no
+    /// interface of the host carries yet. They are accepted — the XDP datapath
+    /// serves UDP apps on them as it is, and TCP apps once the kernel has the
+    /// address (a VRRP backup becoming master) — and `run` warns about them.
+    pub fn absent_edge_addresses(
+        &self,
+        addrs_by_interface: &BTreeMap<String, Vec<IpAddr>>,
+    ) -> Vec<IpAddr> {
+        let on_host = |addr: &IpAddr| addrs_by_interface.values().any(|a| a.contains(addr));
+        let mut absent = Vec::new();
+        let listed = self
+            .agent
+            .edge_addresses
+            .iter()
+            .chain(self.apps.iter().flat_map(|a| a.edge_ips.iter()));
+        for addr in listed {
+            if !on_host(addr) && !absent.contains(addr) {
+                absent.push(*addr);
+            }
+        }
+        absent
+    }
+
     pub fn resolve_edge_addresses(
         &self,
         addrs_by_interface: &BTreeMap<String, Vec<IpAddr>>,
@@ -178,25 +201,9 @@ impl Config {
             }
         }
         let interfaces = self.agent.interfaces.join(", ");
-        let not_carried =
-            |addr: &IpAddr| format!("{addr} is not an address of the interfaces ({interfaces})");
-        for addr in self
-            .agent
-            .edge_addresses
-            .iter()
-            .filter(|addr| !carried.contains(addr))
-        {
-            problems.push(Problem::new("agent", "edge_addresses", not_carried(addr)));
-        }
-        for (index, app) in self.apps.iter().enumerate() {
-            for addr in app.edge_ips.iter().filter(|addr| !carried.contains(addr)) {
-                problems.push(Problem::new(
-                    app_location(Some(&app.id), index),
-                    "edge_ips",
-                    not_carried(addr),
-                ));
-            }
-        }
+        // Listed edge addresses may live on any interface of the host — `lo` or a
+        // dummy for an anycast/ECMP address while XDP sits on the physical ones
+        // (SPEC §5a) — or on none yet (a VRRP backup): see `absent_edge_addresses`.
         let edge_addresses: Vec<IpAddr> = if self.agent.edge_addresses.is_empty() {
             carried
                 .into_iter()
