@@ -487,8 +487,8 @@ fn systemd_hears_ready_watchdog_reloading_and_stopping() {
 }
 
 /// An anycast edge address (SPEC §5a): it lives on `lo` of the edge while XDP sits
-/// on the veths, and the agent serves a UDP app on it; an edge address on no
-/// interface yet (a VRRP backup) is accepted with a warning.
+/// on the veths, and the agent serves a UDP and a TCP app on it; an edge address on
+/// no interface yet (a VRRP backup) is accepted with a warning.
 #[test]
 fn an_anycast_edge_address_on_lo_is_served() {
     if !require_root() {
@@ -515,11 +515,25 @@ fn an_anycast_edge_address_on_lo_is_served() {
         false,
     )
     .expect("origin");
-    let apps = "[[apps]]\nprotocol = \"udp/5000\"\norigin_direct = [\"udp://10.0.2.2:5000\"]\n";
+    // A TCP origin that greets and closes.
+    let tcp_origin = lab
+        .origin()
+        .run_in(|| std::net::TcpListener::bind(SocketAddr::new(ORIGIN_V4.into(), 6000)))
+        .expect("origin thread")
+        .expect("origin listener");
+    let greeter = std::thread::spawn(move || {
+        use std::io::Write as _;
+        if let Ok((mut s, _)) = tcp_origin.accept() {
+            let _ = s.write_all(b"hello from the origin");
+        }
+    });
+    let apps = format!(
+        "[[apps]]\nprotocol = \"udp/5000\"\norigin_direct = [\"udp://10.0.2.2:5000\"]\n{TCP_6000}"
+    );
     let config = config_with(
         &lab,
         "edge_addresses = [\"203.0.113.10\", \"203.0.113.99\"]\n",
-        apps,
+        &apps,
     );
     let mut agent =
         AgentProcess::start(&lab, &config).expect("an anycast edge address is accepted");
@@ -549,6 +563,24 @@ fn an_anycast_edge_address_on_lo_is_served() {
         "served on the anycast address, answered from it\n{}",
         agent.logs()
     );
+    // TCP too: the address is local (on lo), so sk_lookup steers it to the app.
+    let greeting = lab
+        .client()
+        .run_in(|| -> std::io::Result<String> {
+            use std::io::Read as _;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"203.0.113.10:6000".parse().unwrap(),
+                Duration::from_secs(5),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .expect("client thread")
+        .expect("a TCP connection to the anycast address");
+    assert_eq!(greeting, "hello from the origin");
+    greeter.join().expect("origin thread");
     assert!(agent.stop().expect("stop").success());
     lab.close().expect("lab teardown");
 }
