@@ -307,6 +307,27 @@ fn metrics_after_known_traffic_are_exact() -> Result<()> {
     )
     .context("duration sum")?;
     assert!((2.0..10.0).contains(&duration), "flow lasted {duration}s");
+    // The agent's own families after real traffic (issue 15): build, start, reloads,
+    // flow tables, NAT pool, scan cost.
+    for family in [
+        "forwarder_build_info{",
+        "forwarder_start_time_seconds",
+        "forwarder_reloads_total{result=\"applied\"} 0",
+        "forwarder_config_last_reload_successful",
+        "forwarder_config_applied_timestamp_seconds",
+        "forwarder_udp_flow_table_entries{table=\"assured\"}",
+        "forwarder_udp_flow_evictions_total{reason=\"table_full\"}",
+        "forwarder_udp_flows_promoted_total",
+        "forwarder_udp_nat_ports_pool",
+        "forwarder_udp_flow_scan_seconds",
+    ] {
+        assert!(text.contains(family), "{family} in\n{text}");
+    }
+    assert_eq!(
+        sample(&text, "forwarder_udp_flows_promoted_total{}"),
+        Some(1.0),
+        "the echo flow was answered and spoke again: promoted\n{text}"
+    );
 
     // The blocked packets become one clientFiltered summary, not three lines.
     wait_text("the event log", "clientFiltered", || {

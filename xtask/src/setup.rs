@@ -35,6 +35,9 @@ pub const PACKAGES: &[&str] = &[
     "xdp-tools",
     "bpftool",
     "procps",
+    // The package test (`systemd-analyze verify`) and the system-call filter test.
+    "systemd",
+    "strace",
 ];
 
 /// Services Debian starts when their package is installed; the tests run their own
