@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -124,8 +124,7 @@ fn the_units_system_call_filter_lets_through_everything_the_agent_does() {
 
     // The agent, under strace, through a wrapper named as FORWARDER_BIN (this test
     // binary has this one test, so setting the variable races nothing).
-    let dir =
-        PathBuf::from(std::env::temp_dir()).join(format!("fwd-strace-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("fwd-strace-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let real = forwarder_bin().expect("the forwarder binary");
