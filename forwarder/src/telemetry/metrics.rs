@@ -372,7 +372,8 @@ struct HttpState {
 }
 
 async fn metrics(State(HttpState { snapshot, .. }): State<HttpState>) -> Response {
-    // Reading the maps takes the agent lock, which a reload may hold for a moment:
+    // The snapshot is asked of the agent thread, which a reload may keep busy for a
+    // moment:
     // off the async workers.
     let result = tokio::task::spawn_blocking(move || snapshot().and_then(render)).await;
     match result {
