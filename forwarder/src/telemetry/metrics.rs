@@ -373,8 +373,7 @@ struct HttpState {
 
 async fn metrics(State(HttpState { snapshot, .. }): State<HttpState>) -> Response {
     // The snapshot is asked of the agent thread, which a reload may keep busy for a
-    // moment:
-    // off the async workers.
+    // moment: wait for it off the async workers.
     let result = tokio::task::spawn_blocking(move || snapshot().and_then(render)).await;
     match result {
         Ok(Ok(body)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
