@@ -135,6 +135,19 @@ impl EventBudget {
         }
     }
 
+    /// Writes `event` as a line of its own if it `may` and the budget allows, else
+    /// counts it into the summary; whether it got a line. (A `disconnect` may only
+    /// if its `connect` had one.)
+    fn write(&mut self, event: Event, may: bool, out: &mut Vec<Event>) -> bool {
+        if may && self.admit() {
+            out.push(event);
+            true
+        } else {
+            self.summarise(&event);
+            false
+        }
+    }
+
     fn summarise(&mut self, event: &Event) {
         let slot = self
             .summarised
@@ -155,27 +168,13 @@ impl EventBudget {
         self.interval_start_ns = now_ns;
         self.spent = 0;
         for ((app, kind, status), [flows, cb, ob, cp, op]) in std::mem::take(&mut self.summarised) {
-            out.push(Event {
-                timestamp: rfc3339(now_wall),
-                event: kind,
-                application: app,
-                protocol: "udp".into(),
-                client_ip: None,
-                client_port: None,
-                server_ip: None,
-                server_port: None,
-                origin_ip: None,
-                origin_port: None,
-                proxy_protocol: String::new(),
-                client_bytes: cb,
-                origin_bytes: ob,
-                client_packets: Some(cp),
-                origin_packets: Some(op),
-                status,
-                connect_timestamp: None,
-                disconnect_timestamp: None,
-                flows: Some(flows),
-            });
+            let mut event = Event::summary(kind, app, "udp", status, now_wall);
+            event.client_bytes = cb;
+            event.origin_bytes = ob;
+            event.client_packets = Some(cp);
+            event.origin_packets = Some(op);
+            event.flows = Some(flows);
+            out.push(event);
         }
     }
 }
@@ -333,12 +332,7 @@ impl UdpFlowTracker {
                         now_mono,
                         now_wall,
                     );
-                    let logged = self.budget.admit();
-                    if logged {
-                        outcome.events.push(event);
-                    } else {
-                        self.budget.summarise(&event);
-                    }
+                    let logged = self.budget.write(event, true, &mut outcome.events);
                     slot.insert(Activity {
                         packets,
                         since_ns: now_mono,
@@ -368,7 +362,7 @@ impl UdpFlowTracker {
                     now_mono,
                     now_wall,
                 );
-                self.write(event, logged, &mut outcome.events);
+                self.budget.write(event, logged, &mut outcome.events);
                 outcome.ended.push((*key, *state));
                 continue;
             }
@@ -406,23 +400,14 @@ impl UdpFlowTracker {
                 now_mono,
                 now_wall,
             );
-            self.write(event, activity.logged, &mut outcome.events);
+            self.budget
+                .write(event, activity.logged, &mut outcome.events);
         }
         self.count_evictions(tables, live_new);
         self.budget
             .close_interval(now_mono, now_wall, &mut outcome.events);
         self.live = live;
         outcome
-    }
-
-    /// A `disconnect` goes the way its `connect` went: a line of its own if that
-    /// had one and the budget allows, else into the summary.
-    fn write(&mut self, event: Event, connect_logged: bool, out: &mut Vec<Event>) {
-        if connect_logged && self.budget.admit() {
-            out.push(event);
-        } else {
-            self.budget.summarise(&event);
-        }
     }
 
     /// Evictions from the datapath's counters: every new flow admitted is, by

@@ -474,31 +474,21 @@ impl FilteredSummary {
             }
             _ => String::new(),
         };
-        Some(Event {
-            timestamp: crate::telemetry::events::rfc3339(now),
-            event: EventKind::ClientFiltered,
-            application: apps
-                .iter()
-                .map(|a| a.id.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            protocol,
-            client_ip,
-            client_port: None,
-            server_ip: None,
-            server_port: None,
-            origin_ip: None,
-            origin_port: None,
-            proxy_protocol: String::new(),
-            client_bytes: 0,
-            origin_bytes: 0,
-            client_packets: Some(dropped),
-            origin_packets: None,
-            status: crate::telemetry::events::status::CLIENT_BLOCKED,
-            connect_timestamp: None,
-            disconnect_timestamp: None,
-            flows: None,
-        })
+        let application = apps
+            .iter()
+            .map(|a| a.id.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut event = Event::summary(
+            EventKind::ClientFiltered,
+            application,
+            &protocol,
+            crate::telemetry::events::status::CLIENT_BLOCKED,
+            now,
+        );
+        event.client_ip = client_ip;
+        event.client_packets = Some(dropped);
+        Some(event)
     }
 }
 
@@ -526,27 +516,15 @@ impl RefusalSummary {
             if delta == 0 {
                 continue;
             }
-            out.push(Event {
-                timestamp: crate::telemetry::events::rfc3339(now),
-                event: EventKind::ClientFiltered,
-                application: app.clone(),
-                protocol: "tcp".into(),
-                client_ip: None,
-                client_port: None,
-                server_ip: None,
-                server_port: None,
-                origin_ip: None,
-                origin_port: None,
-                proxy_protocol: String::new(),
-                client_bytes: 0,
-                origin_bytes: 0,
-                client_packets: None,
-                origin_packets: None,
-                status: crate::telemetry::events::status::REFUSED_AT_CAPACITY,
-                connect_timestamp: None,
-                disconnect_timestamp: None,
-                flows: Some(delta),
-            });
+            let mut event = Event::summary(
+                EventKind::ClientFiltered,
+                app.clone(),
+                "tcp",
+                crate::telemetry::events::status::REFUSED_AT_CAPACITY,
+                now,
+            );
+            event.flows = Some(delta);
+            out.push(event);
         }
         out
     }

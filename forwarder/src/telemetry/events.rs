@@ -100,6 +100,41 @@ pub struct Event {
     pub flows: Option<u64>,
 }
 
+impl Event {
+    /// A summary line (no client, edge or origin address; counts left at zero for
+    /// the caller to fill in): `clientFiltered` summaries and the UDP flow events
+    /// beyond the budget.
+    pub fn summary(
+        kind: EventKind,
+        application: String,
+        protocol: &str,
+        status: u16,
+        now: SystemTime,
+    ) -> Event {
+        Event {
+            timestamp: rfc3339(now),
+            event: kind,
+            application,
+            protocol: protocol.to_string(),
+            client_ip: None,
+            client_port: None,
+            server_ip: None,
+            server_port: None,
+            origin_ip: None,
+            origin_port: None,
+            proxy_protocol: String::new(),
+            client_bytes: 0,
+            origin_bytes: 0,
+            client_packets: None,
+            origin_packets: None,
+            status,
+            connect_timestamp: None,
+            disconnect_timestamp: None,
+            flows: None,
+        }
+    }
+}
+
 /// Formats a wall-clock time as RFC 3339 UTC with microseconds.
 pub fn rfc3339(time: SystemTime) -> String {
     let since = time
