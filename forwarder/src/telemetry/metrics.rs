@@ -80,6 +80,36 @@ fn counter<'a>(
     Ok(())
 }
 
+/// A gauge in seconds without labels (`NAME_seconds`).
+fn seconds_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let mut metric =
+        encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Gauge)?;
+    let no_labels: [(&str, &str); 0] = [];
+    ConstGauge::new(value).encode(metric.encode_family(&no_labels)?)
+}
+
+/// A histogram in seconds with one series per app.
+fn seconds_histograms<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (&'a str, &'a Histogram)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric =
+        encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+    for (app, h) in series {
+        metric
+            .encode_family(&[("app", app)])?
+            .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
+    }
+    Ok(())
+}
+
 fn gauge<'a>(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -168,38 +198,26 @@ impl Collector for SnapshotCollector {
                 )
             }),
         )?;
-        {
-            let mut metric = encoder.encode_descriptor(
-                names::CONNECTION_DURATION,
-                "Duration from connect to disconnect of ended connections and UDP flows.",
-                Some(&Unit::Seconds),
-                MetricType::Histogram,
-            )?;
-            let empty = Histogram::default();
-            let apps: std::collections::BTreeSet<&String> =
-                s.apps.keys().chain(s.connections.keys()).collect();
-            for app in apps {
+        let empty = Histogram::default();
+        let apps: std::collections::BTreeSet<&String> =
+            s.apps.keys().chain(s.connections.keys()).collect();
+        seconds_histograms(
+            &mut encoder,
+            names::CONNECTION_DURATION,
+            "Duration from connect to disconnect of ended connections and UDP flows.",
+            apps.into_iter().map(|app| {
                 let h = s.connections.get(app).map_or(&empty, |c| &c.durations);
-                metric
-                    .encode_family(&[("app", app.as_str())])?
-                    .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
-            }
-        }
-        {
-            let mut metric = encoder.encode_descriptor(
-                names::ORIGIN_CONNECT,
-                "Time to connect to an origin (TCP apps, successful attempts).",
-                Some(&Unit::Seconds),
-                MetricType::Histogram,
-            )?;
-            for (app, totals) in &s.connections {
-                if let Some(h) = &totals.connect_times {
-                    metric
-                        .encode_family(&[("app", app.as_str())])?
-                        .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
-                }
-            }
-        }
+                (app.as_str(), h)
+            }),
+        )?;
+        seconds_histograms(
+            &mut encoder,
+            names::ORIGIN_CONNECT,
+            "Time to connect to an origin (TCP apps, successful attempts).",
+            s.connections
+                .iter()
+                .filter_map(|(app, t)| Some((app.as_str(), t.connect_times.as_ref()?))),
+        )?;
         gauge(
             &mut encoder,
             names::UDP_FLOWS,
@@ -246,16 +264,12 @@ impl Collector for SnapshotCollector {
             "Ports in udp_nat_ports: the pool of each origin-side address.",
             [(vec![], f.nat_pool)],
         )?;
-        {
-            let mut metric = encoder.encode_descriptor(
-                names::UDP_FLOW_SCAN,
-                "How long the agent's last scan of the UDP flow tables took.",
-                Some(&Unit::Seconds),
-                MetricType::Gauge,
-            )?;
-            let no_labels: [(&str, &str); 0] = [];
-            ConstGauge::new(f.scan_seconds).encode(metric.encode_family(&no_labels)?)?;
-        }
+        seconds_gauge(
+            &mut encoder,
+            names::UDP_FLOW_SCAN,
+            "How long the agent's last scan of the UDP flow tables took.",
+            f.scan_seconds,
+        )?;
         gauge(
             &mut encoder,
             names::TCP_CONNECTIONS,
@@ -307,10 +321,7 @@ impl Collector for SnapshotCollector {
                 a.config_applied_at,
             ),
         ] {
-            let mut metric =
-                encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Gauge)?;
-            let no_labels: [(&str, &str); 0] = [];
-            ConstGauge::new(value).encode(metric.encode_family(&no_labels)?)?;
+            seconds_gauge(&mut encoder, name, help, value)?;
         }
         counter(
             &mut encoder,
