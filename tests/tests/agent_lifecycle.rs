@@ -546,10 +546,8 @@ fn an_anycast_edge_address_on_lo_is_served() {
     );
     let sock = lab
         .client()
-        .run_in(|| std::net::UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 0)))
-        .expect("client thread")
-        .expect("bind");
-    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        .udp_socket(SocketAddr::new(CLIENT_V4.into(), 0), Duration::from_secs(2))
+        .expect("client socket");
     let anycast: SocketAddr = "203.0.113.10:5000".parse().unwrap();
     let mut buf = [0u8; 64];
     let reply = (0..5).find_map(|_| {

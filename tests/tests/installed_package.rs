@@ -6,7 +6,7 @@
 //! `FORWARDER_INSTALLED=1` and `FORWARDER_BIN=/usr/bin/forwarder`, then purges it.
 //! Without `FORWARDER_INSTALLED=1` the test says so and passes (nothing to check).
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -88,10 +88,8 @@ fn the_installed_package_has_its_files_and_serves() {
     let mut agent = AgentProcess::start(&lab, &config).expect("the installed forwarder runs");
     let sock = lab
         .client()
-        .run_in(|| UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 0)))
-        .expect("client thread")
-        .expect("bind");
-    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        .udp_socket(SocketAddr::new(CLIENT_V4.into(), 0), Duration::from_secs(2))
+        .expect("client socket");
     let edge = SocketAddr::new(EDGE_CLIENT_V4.into(), 5000);
     let mut buf = [0u8; 64];
     let answered = (0..5).any(|_| {

@@ -132,10 +132,8 @@ impl Drop for Echo {
 
 /// A UDP socket of the client namespace, bound to `bind`.
 fn client_socket(lab: &Lab, bind: &str) -> Result<UdpSocket> {
-    let bind: SocketAddr = bind.parse()?;
-    let socket = lab.client().run_in(move || UdpSocket::bind(bind))??;
-    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-    Ok(socket)
+    lab.client()
+        .udp_socket(bind.parse()?, Duration::from_secs(2))
 }
 
 /// Sends `payload` to `to` and returns the reply (retrying a few times).

@@ -7,7 +7,7 @@
 //! agent under the filter itself in this lab.)
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -175,10 +175,8 @@ fn the_units_system_call_filter_lets_through_everything_the_agent_does() {
         // UDP.
         let sock = lab
             .client()
-            .run_in(|| UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 0)))
-            .expect("client thread")
-            .expect("bind");
-        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            .udp_socket(SocketAddr::new(CLIENT_V4.into(), 0), Duration::from_secs(2))
+            .expect("client socket");
         let mut buf = [0u8; 64];
         let edge = SocketAddr::new(EDGE_CLIENT_V4.into(), 5000);
         assert!(

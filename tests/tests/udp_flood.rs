@@ -70,10 +70,7 @@ fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 }
 
 fn client_socket(lab: &Lab) -> Result<UdpSocket> {
-    let bind = sa(CLIENT_V4, 0);
-    let sock = lab.client().run_in(move || UdpSocket::bind(bind))??;
-    sock.set_read_timeout(Some(REPLY_WAIT))?;
-    Ok(sock)
+    lab.client().udp_socket(sa(CLIENT_V4, 0), REPLY_WAIT)
 }
 
 /// One request and its reply (`None` when none came within `REPLY_WAIT`).

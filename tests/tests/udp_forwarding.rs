@@ -236,14 +236,10 @@ impl Setup {
     }
 
     fn client_socket(&self, bind: SocketAddr) -> UdpSocket {
-        let sock = self
-            .lab
+        self.lab
             .client()
-            .run_in(move || UdpSocket::bind(bind))
-            .expect("client thread")
-            .expect("client bind");
-        sock.set_read_timeout(Some(REPLY_WAIT)).expect("timeout");
-        sock
+            .udp_socket(bind, REPLY_WAIT)
+            .expect("client socket")
     }
 
     fn events(&self) -> Vec<BTreeMap<String, String>> {

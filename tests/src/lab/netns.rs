@@ -179,6 +179,18 @@ impl Netns {
         }
     }
 
+    /// A UDP socket of this namespace bound to `bind`, whose reads give up after
+    /// `read_timeout`.
+    pub fn udp_socket(
+        &self,
+        bind: std::net::SocketAddr,
+        read_timeout: std::time::Duration,
+    ) -> Result<std::net::UdpSocket> {
+        let socket = self.run_in(move || std::net::UdpSocket::bind(bind))??;
+        socket.set_read_timeout(Some(read_timeout))?;
+        Ok(socket)
+    }
+
     /// Runs `f` on a new OS thread that first entered this namespace
     /// (`setns(CLONE_NEWNET)`), and returns its result. Sockets created by `f` belong to
     /// the namespace for their whole life, whichever thread uses them later. A panic in
