@@ -178,8 +178,14 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     drop(control);
     blocking(move || agent.shutdown()).await?;
-    if agent_thread.join().is_err() {
-        error!("the agent thread panicked");
+    let joined = blocking(move || {
+        agent_thread
+            .join()
+            .map_err(|_| anyhow!("the agent thread panicked"))
+    })
+    .await;
+    if let Err(err) = joined {
+        error!("{err:#}");
     }
     info!("detached; bye");
     Ok(())

@@ -128,16 +128,7 @@ mod tests {
 
     #[test]
     fn tables_near_their_capacity_are_warned() {
-        let rules: String = (0..(MAX_RULES as usize * 9).div_ceil(10))
-            .map(|i| {
-                format!(
-                    "[[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"10.{}.{}.{}\"\n",
-                    i >> 16,
-                    (i >> 8) & 0xff,
-                    i & 0xff
-                )
-            })
-            .collect();
+        let rules = super::super::tests::block_rules((MAX_RULES as usize * 9).div_ceil(10));
         let text = format!("{AGENT}pass = [\"tcp/22\"]\n{rules}");
         let w = warnings(&config(&text));
         assert_eq!(w.len(), 1, "{w:?}");

@@ -14,6 +14,20 @@ fn ip(text: &str) -> IpAddr {
     text.parse().expect("test address")
 }
 
+/// `n` distinct `[[access_rules]]` blocking one IPv4 address each.
+pub(super) fn block_rules(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "[[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"10.{}.{}.{}\"\n",
+                i >> 16,
+                (i >> 8) & 0xff,
+                i & 0xff
+            )
+        })
+        .collect()
+}
+
 /// A minimal agent plus the given extra TOML (apps, rules, ...).
 fn with_agent(rest: &str) -> String {
     format!("{AGENT}\n{rest}")
@@ -741,18 +755,7 @@ fn the_datapath_capacities_are_checked_before_run() {
         "id",
         "the datapath holds at most 4096",
     );
-    let rules = |n: usize| {
-        (0..n)
-            .map(|i| {
-                format!(
-                    "[[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"10.{}.{}.{}\"\n",
-                    i >> 16,
-                    (i >> 8) & 0xff,
-                    i & 0xff
-                )
-            })
-            .collect::<String>()
-    };
+    let rules = block_rules;
     let max_rules = forwarder_common::MAX_RULES as usize;
     assert_problem(
         &with_agent(&rules(max_rules + 1)),
