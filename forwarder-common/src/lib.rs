@@ -19,6 +19,44 @@ pub const MAX_ORIGINS: u32 = 16384;
 pub const MAX_EDGE_ADDRS: u32 = 1024;
 pub const MAX_RULES: u32 = 16384;
 pub const MAX_PORT_ENTRIES: u32 = 1 << 20;
+/// Capacity of `MAGLEV`, in slots (all UDP apps' origin tables together).
+pub const MAX_MAGLEV_SLOTS: u32 = 1 << 22;
+/// Slots per `MAGLEV` value: the kernel rounds array values up to 8 bytes, so four
+/// 16-bit slots share one.
+pub const MAGLEV_LANES: u32 = 4;
+/// One `MAGLEV` value: four slots, each an origin's offset in its app's origins.
+pub type MaglevEntry = [u16; MAGLEV_LANES as usize];
+
+/// The size of an app's origin table (a prime, as Maglev needs) for `origins`
+/// configured origins: at least ~400 slots per origin, so weights are honoured to
+/// well under 1% and removing an origin moves little more than its own clients
+/// (up to 163 origins; beyond, 65521 slots shared). 0 for one origin (nothing to
+/// choose). The size depends on the configured count only, so health and drain
+/// never change it; it changes when the count crosses 10, 40 or 163.
+pub const fn maglev_table_size(origins: u32) -> u32 {
+    match origins {
+        0 | 1 => 0,
+        2..=10 => 4093,
+        11..=40 => 16381,
+        _ => 65521,
+    }
+}
+
+/// The hash a UDP flow's origin is chosen by: FNV-1a over the client address and
+/// port. The XDP program picks slot `hash % table_size`; the agent computes the same
+/// to move flows off an origin that went down.
+#[inline(always)]
+pub fn flow_hash(client: &[u8; 16], client_port: u16) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in client {
+        h = (h ^ *b as u32).wrapping_mul(0x0100_0193);
+    }
+    for b in client_port.to_be_bytes() {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
 /// Capacity of the table of assured UDP flows (`FLOWS`: flows whose client spoke
 /// again after the origin answered). Never evicted by the datapath: only the agent
 /// ends these flows (idle timeout, reload).
@@ -277,6 +315,10 @@ pub struct AppInfo {
     /// UDP: new flows the app admits per second (`udp_new_flows_per_second`);
     /// 0: no limit.
     pub new_flows_per_second: u32,
+    /// UDP: the app's origin table is `MAGLEV` slots `table_first ..
+    /// table_first + table_size` (`maglev_table_size`); 0 slots: the first origin.
+    pub table_first: u32,
+    pub table_size: u32,
 }
 
 /// Value of `ORIGINS[i]`.
@@ -561,6 +603,7 @@ mod pod {
     unsafe impl aya::Pod for SourceWindow {}
     unsafe impl aya::Pod for EdgeV4List {}
     unsafe impl aya::Pod for RouteCache {}
+    // `MaglevEntry` is `[u16; 4]`: aya implements `Pod` for arrays of `Pod` already.
 }
 
 /// Encodes an IPv4 address (network-order octets) as IPv4-mapped IPv6.
@@ -579,7 +622,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PortKey>(), 8);
-        assert_eq!(size_of::<AppInfo>(), 16);
+        assert_eq!(size_of::<AppInfo>(), 24);
         assert_eq!(size_of::<OriginInfo>(), 44);
         assert_eq!(size_of::<OriginPortKey>(), 20);
         assert_eq!(size_of::<FlowKey>(), 36);

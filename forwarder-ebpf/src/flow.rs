@@ -15,13 +15,13 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use forwarder_common::{
     ADMISSION_ASSURED, ADMISSION_NEW, AppInfo, CLAIM_ASSURED, CLAIM_NEW, CLAIM_PENDING, FLOW_SPP,
-    FLOW_V2, FlowCounter, FlowKey, FlowState, NatClaim, NatKey, ProxyMode, RouteCache, SourceKey,
+    FLOW_V2, FlowCounter, FlowKey, FlowState, MAGLEV_LANES, NatClaim, NatKey, ProxyMode, RouteCache, SourceKey,
     SourceWindow,
 };
 
 use crate::{
     counters::count_flow,
-    maps::{APP_WINDOWS, FLOWS, NAT_PORTS, NEW_FLOWS, ORIGINS, SETTINGS, SOURCE_WINDOWS},
+    maps::{APP_WINDOWS, FLOWS, MAGLEV, NAT_PORTS, NEW_FLOWS, ORIGINS, SETTINGS, SOURCE_WINDOWS},
     parse::Packet,
 };
 
@@ -127,8 +127,8 @@ unsafe fn admit_in_window(window: *mut SourceWindow, now: u64, limit: u64) -> bo
 }
 
 /// Prepares the flow for `key` in `state` (app `app`, classified under
-/// `generation` with access rule `rule`, first seen at `now`): picks its origin by
-/// a hash of the client address and port, and its local port (plain NAT and v2: a
+/// `generation` with access rule `rule`, first seen at `now`): picks its origin
+/// from the app's origin table by a hash of the client address and port, and its local port (plain NAT and v2: a
 /// port of `udp_nat_ports`, claimed now as pending; `nat` then names the claim and
 /// `claim` holds its value). The flow enters `NEW_FLOWS` only once its first
 /// datagram has left (`insert`). `None` when the app has no origin or no NAT port
@@ -151,7 +151,7 @@ pub fn prepare(
         return None;
     }
     let hash = flow_hash(key);
-    let origin_index = info.origin_first + (hash % info.origin_count as u32);
+    let origin_index = info.origin_first + origin_offset(info, hash);
     let origin = ORIGINS.get(origin_index)?;
     let origin_port = origin.port_low + (key.edge_port - info.edge_port_low);
     let simple = info.proxy == ProxyMode::Simple.code();
@@ -433,16 +433,25 @@ unsafe fn compare_and_swap(dst: *mut u64, old: u64, new: u64) -> bool {
     unsafe { core::intrinsics::atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(dst, old, new).1 }
 }
 
-/// FNV-1a over the client address and port: stable for a flow's life, spreads
-/// clients over origins.
+/// The flow's hash (forwarder-common's `flow_hash`): stable for its life.
 #[inline(always)]
 fn flow_hash(key: &FlowKey) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.client {
-        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    forwarder_common::flow_hash(&key.client, key.client_port)
+}
+
+/// The offset among `info`'s origins that the app's origin table (`MAGLEV`)
+/// gives a flow of hash `hash`. An offset the table should never hold (outside the
+/// app's origins) falls back to `hash % origin_count`.
+#[inline(always)]
+fn origin_offset(info: &AppInfo, hash: u32) -> u32 {
+    let count = info.origin_count as u32;
+    if info.table_size == 0 {
+        return 0;
     }
-    for b in key.client_port.to_be_bytes() {
-        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
-    }
-    h
+    let slot = info.table_first + hash % info.table_size;
+    let offset = match MAGLEV.get(slot / MAGLEV_LANES) {
+        Some(entry) => entry[(slot % MAGLEV_LANES) as usize & 3] as u32,
+        None => count,
+    };
+    if offset < count { offset } else { hash % count }
 }

@@ -260,7 +260,20 @@ pub fn to_client(ctx: &XdpContext, s: &mut Scratch, app: u32) -> u32 {
     let Some(info) = APPS.get(app) else {
         return drop(DropReason::NoFlow);
     };
-    let flow = if info.proxy == ProxyMode::Simple.code() {
+    let spp = info.proxy == ProxyMode::Simple.code();
+    // A flow's replies come to an app's edge port (SPP) or a NAT port: a datagram
+    // to any other port is for a socket of the host (the agent's health probes).
+    let flow_port = if spp {
+        port_hints(PROTO_UDP, s.pkt.dport) & HINT_EDGE_PORT != 0
+    } else {
+        SETTINGS.get(0).is_some_and(|settings| {
+            (settings.nat_port_low..=settings.nat_port_high).contains(&s.pkt.dport)
+        })
+    };
+    if !flow_port {
+        return xdp_action::XDP_PASS;
+    }
+    let flow = if spp {
         if let Err(reason) = spp_flow_key(ctx, &s.pkt, &mut s.key) {
             return drop(reason);
         }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod ebpf;
 pub mod host;
+pub mod lb;
 pub mod reload;
 pub mod spectrum;
 pub mod tcp;

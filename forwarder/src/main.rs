@@ -74,6 +74,36 @@ enum Command {
         #[arg(long, default_value = forwarder::telemetry::control::DEFAULT_CONTROL_SOCKET)]
         control: PathBuf,
     },
+    /// List every origin of every app: weight, health, drain state, traffic.
+    Origins {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The agent's control socket.
+        #[arg(long, default_value = forwarder::telemetry::control::DEFAULT_CONTROL_SOCKET)]
+        control: PathBuf,
+    },
+    /// Take an origin out of selection: no new connections or flows, open ones
+    /// finish. Until `enable` or a restart.
+    Drain {
+        /// The app's id.
+        app: String,
+        /// The origin as `forwarder origins` names it (e.g. 10.0.0.5:22).
+        origin: String,
+        /// The agent's control socket.
+        #[arg(long, default_value = forwarder::telemetry::control::DEFAULT_CONTROL_SOCKET)]
+        control: PathBuf,
+    },
+    /// Put a drained origin back into selection.
+    Enable {
+        /// The app's id.
+        app: String,
+        /// The origin as `forwarder origins` names it (e.g. 10.0.0.5:22).
+        origin: String,
+        /// The agent's control socket.
+        #[arg(long, default_value = forwarder::telemetry::control::DEFAULT_CONTROL_SOCKET)]
+        control: PathBuf,
+    },
     /// Convert Spectrum API JSON (apps) into `[[apps]]` TOML on stdout.
     ImportSpectrum {
         /// The Spectrum API's JSON (a list of apps, or its `{"result": [...]}`); `-`
@@ -185,6 +215,17 @@ fn main() -> ExitCode {
             };
             forwarder::cli::stats::stats_cli(&control, options)
         }),
+        Command::Origins { json, control } => forwarder::cli::origins::origins_cli(&control, json),
+        Command::Drain {
+            app,
+            origin,
+            control,
+        } => forwarder::cli::origins::drain_cli(&control, &app, &origin, true),
+        Command::Enable {
+            app,
+            origin,
+            control,
+        } => forwarder::cli::origins::drain_cli(&control, &app, &origin, false),
         Command::ImportSpectrum {
             file,
             agent,

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
 
-use crate::config::{self, Config, Problem, RawApp, app_location};
+use crate::config::{self, Config, Problem, RawApp, RawOrigin, app_location};
 
 /// The result of an import.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,7 +240,14 @@ fn convert_app(
         match key.as_str() {
             "id" => raw.id = Some(string(&field_path, value)?),
             "protocol" => raw.protocol = Some(string(&field_path, value)?),
-            "origin_direct" => raw.origin_direct = Some(string_list(&field_path, value)?),
+            "origin_direct" => {
+                raw.origin_direct = Some(
+                    string_list(&field_path, value)?
+                        .into_iter()
+                        .map(RawOrigin::from)
+                        .collect(),
+                )
+            }
             "proxy_protocol" => {
                 raw.proxy_protocol = Some(match value {
                     Value::String(mode) => mode,

@@ -52,6 +52,9 @@ pub struct FlowTables {
     pub apps: Vec<(String, String)>,
     /// Per origin index of the plan: its address.
     pub origins: Vec<IpAddr>,
+    /// Per origin index of the plan: its label (`Origin::label`), for the
+    /// per-origin figures.
+    pub origin_labels: Vec<String>,
     /// Every UDP app id (its gauge is shown even at 0).
     pub udp_apps: Vec<String>,
     pub idle: Duration,
@@ -75,6 +78,10 @@ pub struct UdpFlowStats {
     /// Live flows per app id (also in each app's `live`).
     #[serde(skip)]
     pub live: BTreeMap<String, u64>,
+    /// Per (app id, origin label): live flows, and bytes of live and ended flows
+    /// (also in the snapshot's `origins`).
+    #[serde(skip)]
+    pub per_origin: BTreeMap<crate::lb::OriginRef, UdpOriginStats>,
     /// Flows in the assured table (`FLOWS`) and in the new-flow table.
     pub assured: u64,
     pub new: u64,
@@ -90,6 +97,16 @@ pub struct UdpFlowStats {
     pub nat_pool: u64,
     /// How long the last scan took (reading the tables and deciding), seconds.
     pub scan_seconds: f64,
+}
+
+/// One origin's UDP figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UdpOriginStats {
+    pub live: u64,
+    /// Flows it has had (seen by a scan).
+    pub flows: u64,
+    pub client_bytes: u64,
+    pub origin_bytes: u64,
 }
 
 /// What a scan decided: flows to remove (idle) and events to write.
@@ -185,6 +202,10 @@ pub struct UdpFlowTracker {
     seen: HashMap<FlowKey, Activity>,
     /// Live flows per app id, as of the last scan.
     live: BTreeMap<String, u64>,
+    /// Per origin: live flows and their bytes as of the last scan, plus flows
+    /// seen and bytes of flows ended.
+    origins: BTreeMap<crate::lb::OriginRef, UdpOriginStats>,
+    ended: BTreeMap<crate::lb::OriginRef, UdpOriginStats>,
     evictions: Evictions,
     budget: EventBudget,
 }
@@ -245,6 +266,7 @@ pub fn flow_event(
         connect_timestamp: Some(rfc3339(first_seen)),
         disconnect_timestamp: (kind == EventKind::Disconnect).then(|| rfc3339(now_wall)),
         flows: None,
+        healthy_origins: None,
     }
 }
 
@@ -268,6 +290,16 @@ impl UdpFlowTracker {
             .count() as u64;
         UdpFlowStats {
             live: self.live.clone(),
+            per_origin: {
+                let mut all = self.ended.clone();
+                for (origin, o) in &self.origins {
+                    let a = all.entry(origin.clone()).or_default();
+                    a.live = o.live;
+                    a.client_bytes += o.client_bytes;
+                    a.origin_bytes += o.origin_bytes;
+                }
+                all
+            },
             assured,
             new: tables.flows.len() as u64 - assured,
             promoted: tables.counters[FlowCounter::Promoted as usize],
@@ -298,6 +330,27 @@ impl UdpFlowTracker {
             tables.udp_apps.iter().map(|id| (id.clone(), 0)).collect();
         let mut present: HashSet<FlowKey> = HashSet::with_capacity(tables.flows.len());
         let mut live_new: u64 = 0;
+        let mut flows_seen: Vec<crate::lb::OriginRef> = Vec::new();
+        let mut origins: BTreeMap<crate::lb::OriginRef, UdpOriginStats> = BTreeMap::new();
+        let origin_ref = |state: &FlowState| -> crate::lb::OriginRef {
+            let app = tables
+                .apps
+                .get(state.app as usize)
+                .map(|(id, _)| id.clone())
+                .unwrap_or_default();
+            let label = tables
+                .origin_labels
+                .get(state.origin as usize)
+                .cloned()
+                .unwrap_or_default();
+            (app, label)
+        };
+        let ended = &mut self.ended;
+        let mut end_bytes = |state: &FlowState| {
+            let e = ended.entry(origin_ref(state)).or_default();
+            e.client_bytes += state.bytes_in;
+            e.origin_bytes += state.bytes_out;
+        };
         let describe = |state: &FlowState| -> (String, String, Option<IpAddr>) {
             let (app, proxy) = tables
                 .apps
@@ -333,6 +386,7 @@ impl UdpFlowTracker {
                         now_wall,
                     );
                     let logged = self.budget.write(event, true, &mut outcome.events);
+                    flows_seen.push(origin_ref(state));
                     slot.insert(Activity {
                         packets,
                         since_ns: now_mono,
@@ -363,6 +417,7 @@ impl UdpFlowTracker {
                     now_wall,
                 );
                 self.budget.write(event, logged, &mut outcome.events);
+                end_bytes(state);
                 outcome.ended.push((*key, *state));
                 continue;
             }
@@ -371,6 +426,10 @@ impl UdpFlowTracker {
             }
             let (app, _, _) = describe(state);
             *live.entry(app).or_insert(0) += 1;
+            let o = origins.entry(origin_ref(state)).or_default();
+            o.live += 1;
+            o.client_bytes += state.bytes_in;
+            o.origin_bytes += state.bytes_out;
         }
         // Seen before, gone now, and not removed by the agent: evicted by the
         // datapath (a new flow pushed out, or its NAT port reclaimed).
@@ -385,6 +444,7 @@ impl UdpFlowTracker {
             let Some(activity) = self.seen.remove(&key) else {
                 continue;
             };
+            end_bytes(&activity.last);
             if removed.contains(&key) {
                 continue;
             }
@@ -403,10 +463,14 @@ impl UdpFlowTracker {
             self.budget
                 .write(event, activity.logged, &mut outcome.events);
         }
+        for origin in flows_seen {
+            self.ended.entry(origin).or_default().flows += 1;
+        }
         self.count_evictions(tables, live_new);
         self.budget
             .close_interval(now_mono, now_wall, &mut outcome.events);
         self.live = live;
+        self.origins = origins;
         outcome
     }
 

@@ -5,6 +5,7 @@
 
 mod flow_scan;
 pub mod notify;
+mod origins;
 mod run;
 mod task;
 
@@ -53,6 +54,12 @@ pub struct Agent {
     refused: RefusalSummary,
     /// Build, start time and reloads, for `stats` and `/metrics`.
     status: crate::telemetry::snapshot::AgentStatus,
+    /// Origins out of selection (down, drained): the origin tables follow it.
+    availability: crate::lb::Availability,
+    /// The running health checks, their verdicts, and where results go.
+    checks: crate::lb::health::Checks,
+    verdicts: crate::lb::health::Verdicts,
+    report: Option<crate::lb::health::Report>,
 }
 
 /// Seconds since the Unix epoch, now.
@@ -70,13 +77,15 @@ impl Agent {
         let event_stats = Arc::new(EventStats::new(EventStats::window_from_env()?));
         let observer = event_stats.clone();
         events.observe(Arc::new(move |event| observer.record(event)));
-        let (plan, wanted) = plan_for(&config, None)?;
+        let availability = crate::lb::Availability::default();
+        let (plan, wanted) = plan_for(&config, None, &availability)?;
         prepare_host(&mut host, &config, &wanted)?;
         let mut datapath = Datapath::load()?;
         datapath.apply(&plan).context("filling the datapath maps")?;
         // Listeners before XDP: a TCP app's port is never without its socket.
         let tcp = TcpProxy::start(&config, &mut datapath, events.clone())
             .context("starting the TCP proxy")?;
+        tcp.set_selections(&config, &availability);
         for interface in &config.agent.interfaces {
             datapath.attach_xdp(interface, config.agent.xdp_mode)?;
         }
@@ -104,6 +113,10 @@ impl Agent {
                 last_reload_successful: true,
                 config_applied_at: unix_now(),
             },
+            availability,
+            checks: crate::lb::health::Checks::default(),
+            verdicts: crate::lb::health::Verdicts::default(),
+            report: None,
         })
     }
 
@@ -116,7 +129,8 @@ impl Agent {
                 "agent.interfaces and agent.xdp_mode cannot change on reload; restart the agent"
             ));
         }
-        let (plan, wanted) = plan_for(&config, self.datapath.plan())?;
+        let availability = self.availability_for(&config);
+        let (plan, wanted) = plan_for(&config, self.datapath.plan(), &availability)?;
         let removed =
             crate::reload::removed_app_indices(&self.datapath.app_indices(), &plan.app_indices());
         // A reload may add the first UDP app of a family, or the first TCP app.
@@ -143,7 +157,10 @@ impl Agent {
         for key in crate::reload::restart_only_changes(&self.config, &config) {
             warn!("reload: a change of {key} takes effect at the next start");
         }
+        self.tcp.set_selections(&config, &availability);
+        self.availability = availability;
         self.config = config;
+        self.restart_health_checks();
         Ok(())
     }
 
@@ -193,6 +210,7 @@ impl Agent {
             ),
             None => (Vec::new(), Vec::new()),
         };
+        let origin_labels = self.origin_labels();
         Ok(FlowTables {
             flows,
             counters,
@@ -200,6 +218,7 @@ impl Agent {
             removed,
             apps,
             origins,
+            origin_labels,
             udp_apps: self
                 .config
                 .apps
@@ -292,6 +311,7 @@ impl Agent {
             totals.connect_times = Some(tcp.connect_times);
         }
         snapshot.analytics = self.event_stats.analytics();
+        snapshot.origins = self.origin_rows();
         Ok(snapshot)
     }
 
@@ -314,6 +334,7 @@ impl Agent {
     /// Detaches XDP from every interface (the sk_lookup link and maps go with the
     /// datapath when it is dropped), then puts back what was changed on the host.
     pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.checks.stop();
         let detached = self.datapath.detach_all();
         self.host.restore();
         detached
@@ -323,7 +344,11 @@ impl Agent {
 /// The plan for `config`, and the neighbours the UDP fast path sends to: the next
 /// hops of its UDP apps' origins and the interfaces' default gateways (towards
 /// clients beyond the local subnets).
-fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, Vec<Neighbour>)> {
+fn plan_for(
+    config: &Config,
+    previous: Option<&Plan>,
+    availability: &crate::lb::Availability,
+) -> anyhow::Result<(Plan, Vec<Neighbour>)> {
     let host = interface_addresses().context("reading interface addresses")?;
     let edges = config
         .resolve_edge_addresses(&host)
@@ -344,7 +369,7 @@ fn plan_for(config: &Config, previous: Option<&Plan>) -> anyhow::Result<(Plan, V
         routes.insert(addr, route.clone());
         Ok(route)
     };
-    let plan = Plan::rebuild(previous, config, &edges, &mut resolve)?;
+    let plan = Plan::rebuild(previous, config, &edges, &mut resolve, availability)?;
     let mut wanted = Vec::new();
     let udp_apps: Vec<_> = config
         .apps

@@ -74,7 +74,14 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
         let agent = agent.clone();
         Arc::new(move || agent.snapshot())
     };
-    let control = ControlSocket::bind(&options.control, snapshot.clone())?;
+    let handlers = crate::telemetry::control::Handlers {
+        snapshot: snapshot.clone(),
+        set_drained: {
+            let agent = agent.clone();
+            Arc::new(move |app, origin, drained| agent.set_drained(app, origin, drained))
+        },
+    };
+    let control = ControlSocket::bind(&options.control, handlers)?;
     info!("control socket at {}", options.control.display());
     // `/ready`: the datapath is attached and its maps and listeners are up from
     // here on, until the shutdown begins.

@@ -44,6 +44,15 @@ pub enum Command {
     SetUdpFlowStats(UdpFlowStats),
     /// The route epoch, for the task that bumps it from now on.
     TakeRouteEpoch(Reply<RouteEpoch>),
+    /// A health check's result.
+    OriginChecked(crate::lb::health::CheckResult),
+    /// `forwarder drain` / `enable`: (app id, origin, drained).
+    SetDrained {
+        app: String,
+        origin: String,
+        drained: bool,
+        done: Reply<()>,
+    },
     /// Answers at once: the agent thread is alive (the systemd watchdog).
     Ping(Reply<()>),
     /// Stop accepting TCP connections; let open ones finish for up to `drain`,
@@ -104,6 +113,16 @@ impl AgentHandle {
         self.ask(Command::TakeRouteEpoch)
     }
 
+    /// Drains (`drained`) or enables an origin of an app; waits for it.
+    pub fn set_drained(&self, app: &str, origin: &str, drained: bool) -> anyhow::Result<()> {
+        self.ask(|done| Command::SetDrained {
+            app: app.to_string(),
+            origin: origin.to_string(),
+            drained,
+            done,
+        })
+    }
+
     /// Reloads from `path` and waits for the outcome.
     pub fn reload(&self, path: &std::path::Path, why: &'static str) -> anyhow::Result<()> {
         self.ask(|done| Command::Reload {
@@ -135,6 +154,11 @@ pub fn spawn(
     notifier: Option<std::sync::Arc<super::notify::Notifier>>,
 ) -> anyhow::Result<(AgentHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
+    let mut agent = agent;
+    {
+        let _runtime = runtime.enter();
+        agent.start_health_checks(super::origins::report_to(tx.clone()));
+    }
     let thread = std::thread::Builder::new()
         .name("agent".into())
         .spawn(move || serve(agent, &rx, &runtime, notifier.as_deref()))
@@ -202,6 +226,20 @@ fn serve(
             }
             Command::EndUdpFlows(flows) => agent.end_udp_flows(&flows),
             Command::SetUdpFlowStats(stats) => agent.set_udp_flow_stats(stats),
+            Command::OriginChecked(result) => {
+                let _runtime = runtime.enter();
+                if let Err(err) = agent.origin_checked(result) {
+                    error!("applying a health check result failed: {err:#}");
+                }
+            }
+            Command::SetDrained {
+                app,
+                origin,
+                drained,
+                done,
+            } => {
+                let _ = done.send(agent.set_drained(&app, &origin, drained));
+            }
             Command::Ping(reply) => {
                 let _ = reply.send(Ok(()));
             }

@@ -22,30 +22,30 @@ pub struct StatsOptions {
 
 /// Left- or right-aligned column.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Align {
+pub(crate) enum Align {
     Left,
     Right,
 }
 
 /// A table whose columns are as wide as their widest cell.
-struct Table {
+pub(crate) struct Table {
     header: Vec<(&'static str, Align)>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn new(header: Vec<(&'static str, Align)>) -> Table {
+    pub(crate) fn new(header: Vec<(&'static str, Align)>) -> Table {
         Table {
             header,
             rows: Vec::new(),
         }
     }
 
-    fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
-    fn render(&self, indent: &str) -> String {
+    pub(crate) fn render(&self, indent: &str) -> String {
         let mut widths: Vec<usize> = self.header.iter().map(|(h, _)| h.chars().count()).collect();
         for row in &self.rows {
             for (w, cell) in widths.iter_mut().zip(row) {

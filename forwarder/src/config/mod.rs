@@ -25,10 +25,10 @@ use std::process::ExitCode;
 pub use duration::{format_duration, parse_duration};
 pub use host::interface_addresses;
 pub use model::{
-    AccessRule, AgentConfig, App, Config, FirewallConfig, IpFamily, Origin, PortRange, PortSpec,
-    Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, XdpMode,
+    AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortRange,
+    PortSpec, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, UdpProbe, XdpMode,
 };
-pub(crate) use raw::{RawAccessRule, RawApp, app_location};
+pub(crate) use raw::{RawAccessRule, RawApp, RawOrigin, app_location};
 
 use raw::{RawAgent, RawConfig, RawFirewall};
 
@@ -284,12 +284,48 @@ fn raw_app(app: &App) -> RawApp {
         origin_direct: Some(
             app.origins
                 .iter()
-                .map(|origin| origin.to_url(app.protocol))
+                .map(|origin| {
+                    let url = origin.to_url(app.protocol);
+                    if origin.weight == Origin::DEFAULT_WEIGHT {
+                        RawOrigin::Url(url)
+                    } else {
+                        RawOrigin::Weighted(raw::RawWeightedOrigin {
+                            address: Some(url),
+                            weight: Some(i64::from(origin.weight)),
+                        })
+                    }
+                })
                 .collect(),
         ),
         proxy_protocol: Some(app.proxy_protocol.to_string()),
         ip_firewall: Some(app.ip_firewall),
         udp_new_flows_per_second: app.udp_new_flows_per_second.map(i64::from),
+        health_check: app.health_check.as_ref().map(raw_health_check),
+    }
+}
+
+fn raw_health_check(check: &HealthCheck) -> raw::RawHealthCheck {
+    let (send, expect) = match &check.probe {
+        None => (None, None),
+        Some(probe) => (Some(&probe.send), Some(&probe.expect).filter(|e| !e.is_empty())),
+    };
+    // Text when the bytes are printable text, else hex.
+    let text = |bytes: &Vec<u8>| {
+        std::str::from_utf8(bytes)
+            .ok()
+            .filter(|t| !t.chars().any(char::is_control))
+            .map(str::to_string)
+    };
+    let hex = |bytes: &Vec<u8>| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    raw::RawHealthCheck {
+        interval: Some(format_duration(check.interval)),
+        timeout: Some(format_duration(check.timeout)),
+        rise: Some(i64::from(check.rise)),
+        fall: Some(i64::from(check.fall)),
+        send: send.and_then(text),
+        send_hex: send.filter(|b| text(b).is_none()).map(hex),
+        expect: expect.and_then(text),
+        expect_hex: expect.filter(|b| text(b).is_none()).map(hex),
     }
 }
 

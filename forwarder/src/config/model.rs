@@ -533,6 +533,43 @@ pub struct App {
     pub ip_firewall: bool,
     /// UDP apps: new flows admitted per second (`None`: no limit).
     pub udp_new_flows_per_second: Option<u32>,
+    /// `[apps.health_check]`: origins that fail it get no new connections or flows.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// How an app's origins are checked (`[apps.health_check]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Time between the starts of two checks of one origin.
+    pub interval: Duration,
+    /// How long one check may take (at most `interval`).
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down origin back.
+    pub rise: u32,
+    /// Consecutive failures that take an up origin out.
+    pub fall: u32,
+    /// UDP apps: the datagram sent and the reply expected. TCP apps: `None` (a
+    /// check is a TCP connect).
+    pub probe: Option<UdpProbe>,
+}
+
+impl HealthCheck {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_RISE: u32 = 2;
+    pub const DEFAULT_FALL: u32 = 3;
+    /// Upper bound of `rise` and `fall`.
+    pub const MAX_COUNT: u32 = 100;
+    /// Shortest `interval`.
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+}
+
+/// A UDP health check's datagram and the reply it expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpProbe {
+    pub send: Vec<u8>,
+    /// The reply must begin with these bytes; empty: any reply will do.
+    pub expect: Vec<u8>,
 }
 
 impl App {
@@ -587,15 +624,36 @@ impl App {
 pub struct Origin {
     pub addr: IpAddr,
     pub ports: PortRange,
+    /// Share of new connections and flows, relative to the app's other origins
+    /// (`weight` in the table form; 1 for a plain URL). 0: none while another
+    /// origin can take them.
+    pub weight: u32,
 }
 
 impl Origin {
+    /// Weight of an origin given as a plain URL.
+    pub const DEFAULT_WEIGHT: u32 = 1;
+    /// Largest `weight`.
+    pub const MAX_WEIGHT: u32 = 1000;
+
+    /// The origin without its scheme, `10.0.0.5:22` or `[2001:db8::5]:8100-8199`:
+    /// its name in `forwarder origins`, `drain`, metrics and events, and the
+    /// identity its place in the origin table is derived from.
+    pub fn label(&self) -> String {
+        match self.addr {
+            IpAddr::V4(addr) => format!("{addr}:{}", self.ports),
+            IpAddr::V6(addr) => format!("[{addr}]:{}", self.ports),
+        }
+    }
+
+    /// Whether `other` is the same address and ports (whatever the weights).
+    pub fn same_place(&self, other: &Origin) -> bool {
+        self.addr == other.addr && self.ports == other.ports
+    }
+
     /// The URL form used in `origin_direct`, e.g. `tcp://[2001:db8::5]:8100-8199`.
     pub fn to_url(&self, protocol: Protocol) -> String {
-        match self.addr {
-            IpAddr::V4(addr) => format!("{protocol}://{addr}:{}", self.ports),
-            IpAddr::V6(addr) => format!("{protocol}://[{addr}]:{}", self.ports),
-        }
+        format!("{protocol}://{}", self.label())
     }
 
     /// Parses `SCHEME://IPV4:PORTS` or `SCHEME://[IPV6]:PORTS`; returns the scheme too,
@@ -636,7 +694,14 @@ impl Origin {
             (IpAddr::V4(addr), ports)
         };
         let ports: PortRange = ports.parse()?;
-        Ok((protocol, Origin { addr, ports }))
+        Ok((
+            protocol,
+            Origin {
+                addr,
+                ports,
+                weight: Origin::DEFAULT_WEIGHT,
+            },
+        ))
     }
 }
 

@@ -84,13 +84,71 @@ pub(crate) struct RawApp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub edge_ips: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub origin_direct: Option<Vec<String>>,
+    pub origin_direct: Option<Vec<RawOrigin>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_firewall: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_new_flows_per_second: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
+}
+
+/// One `origin_direct` entry: the URL alone, or a table with a weight.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
+#[serde(untagged)]
+pub(crate) enum RawOrigin {
+    Url(String),
+    Weighted(RawWeightedOrigin),
+}
+
+impl RawOrigin {
+    /// The URL text, whichever form.
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            RawOrigin::Url(url) => Some(url),
+            RawOrigin::Weighted(w) => w.address.as_deref(),
+        }
+    }
+}
+
+impl From<String> for RawOrigin {
+    fn from(url: String) -> Self {
+        RawOrigin::Url(url)
+    }
+}
+
+/// `{ address = "tcp://10.0.0.5:22", weight = 3 }`.
+#[derive(Debug, Default, Clone, PartialEq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWeightedOrigin {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+}
+
+/// `[apps.health_check]`.
+#[derive(Debug, Default, Clone, PartialEq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealthCheck {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rise: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fall: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_hex: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect_hex: Option<String>,
 }
 
 /// The sections of a document that could be read. A table that could not be read is
@@ -418,7 +476,7 @@ mod tests {
             ["agent", "firewall", "access_rules", "apps"]
         );
         assert_eq!(struct_fields::<RawFirewall>(), ["default"]);
-        assert_eq!(struct_fields::<RawApp>().len(), 7);
+        assert_eq!(struct_fields::<RawApp>().len(), 8);
     }
 
     #[test]

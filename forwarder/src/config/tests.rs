@@ -142,7 +142,8 @@ fn good_config_parses_into_the_model() {
             ports: PortRange {
                 low: 27015,
                 high: 27015
-            }
+            },
+            weight: 1,
         }
     );
     assert_eq!(game.proxy_protocol, ProxyProtocol::Simple);
@@ -1438,5 +1439,134 @@ fn resolve_edge_addresses_needs_some_address() {
     assert!(
         error.problems[0].reason.contains("carry no usable address"),
         "{error}"
+    );
+}
+
+// ---- origins: weights and health checks (lb) ----
+
+const WEIGHTED: &str = r#"
+[[apps]]
+id = "ssh"
+protocol = "tcp/22"
+origin_direct = ["tcp://10.0.0.5:22", { address = "tcp://10.0.0.6:22", weight = 3 }, { address = "tcp://10.0.0.7:22", weight = 0 }]
+[apps.health_check]
+interval = "2s"
+timeout = "500ms"
+rise = 1
+fall = 2
+
+[[apps]]
+id = "game"
+protocol = "udp/27015"
+origin_direct = ["udp://10.0.0.8:27015", "udp://10.0.0.9:27015"]
+proxy_protocol = "simple"
+[apps.health_check]
+send_hex = "ffffffff54"
+expect = "I"
+"#;
+
+#[test]
+fn origins_take_weights_and_apps_take_health_checks() {
+    let config = parse_ok(&with_agent(WEIGHTED));
+    let ssh = &config.apps[0];
+    let weights: Vec<u32> = ssh.origins.iter().map(|o| o.weight).collect();
+    assert_eq!(weights, [1, 3, 0]);
+    let check = ssh.health_check.as_ref().expect("a check");
+    assert_eq!(check.interval, Duration::from_secs(2));
+    assert_eq!(check.timeout, Duration::from_millis(500));
+    assert_eq!((check.rise, check.fall), (1, 2));
+    assert_eq!(check.probe, None, "a TCP check is a connect");
+    let game = config.apps[1].health_check.as_ref().expect("a check");
+    assert_eq!(
+        (game.interval, game.timeout, game.rise, game.fall),
+        (Duration::from_secs(5), Duration::from_secs(2), 2, 3),
+        "defaults"
+    );
+    let probe = game.probe.as_ref().expect("a probe");
+    assert_eq!(probe.send, [0xff, 0xff, 0xff, 0xff, 0x54]);
+    assert_eq!(probe.expect, b"I");
+    // Weights and checks survive the round trip (weight 1 as a plain URL).
+    let written = config.to_toml();
+    assert_eq!(parse_ok(&written), config, "--- written ---\n{written}");
+    assert!(written.contains("weight = 3"), "{written}");
+}
+
+#[test]
+fn weights_and_health_checks_are_checked() {
+    let app = |origins: &str, check: &str| {
+        with_agent(&format!(
+            "[[apps]]\nid = \"a\"\nprotocol = \"udp/53\"\norigin_direct = {origins}\n{check}"
+        ))
+    };
+    let one = r#"["udp://10.0.0.2:53"]"#;
+    assert_problem(
+        &app(r#"[{ address = "udp://10.0.0.2:53", weight = 1001 }]"#, ""),
+        "app 'a' (apps[0])",
+        "origin_direct",
+        "weight 1001 of 'udp://10.0.0.2:53' is out of range: 0 to 1000",
+    );
+    assert_problem(
+        &app(r#"[{ address = "udp://10.0.0.2:53", weight = 0 }]"#, ""),
+        "app 'a' (apps[0])",
+        "origin_direct",
+        "every origin has weight 0",
+    );
+    assert_problem(
+        &app(r#"[{ weight = 2 }]"#, ""),
+        "app 'a' (apps[0])",
+        "origin_direct",
+        "needs `address`",
+    );
+    assert_problem(
+        &app(one, "[apps.health_check]\ninterval = \"1s\"\n"),
+        "app 'a' (apps[0])",
+        "health_check.send",
+        "missing; a UDP app's health check sends a probe",
+    );
+    assert_problem(
+        &app(one, "[apps.health_check]\nsend = \"x\"\nsend_hex = \"78\"\n"),
+        "app 'a' (apps[0])",
+        "health_check.send",
+        "not both",
+    );
+    assert_problem(
+        &app(one, "[apps.health_check]\nsend_hex = \"7g\"\n"),
+        "app 'a' (apps[0])",
+        "health_check.send_hex",
+        "is not hex bytes",
+    );
+    assert_problem(
+        &app(one, "[apps.health_check]\nsend = \"x\"\ninterval = \"1s\"\ntimeout = \"2s\"\n"),
+        "app 'a' (apps[0])",
+        "health_check.timeout",
+        "longer than the interval",
+    );
+    assert_problem(
+        &app(one, "[apps.health_check]\nsend = \"x\"\ninterval = \"10ms\"\n"),
+        "app 'a' (apps[0])",
+        "health_check.interval",
+        "too short",
+    );
+    assert_problem(
+        &app(one, "[apps.health_check]\nsend = \"x\"\nfall = 0\n"),
+        "app 'a' (apps[0])",
+        "health_check.fall",
+        "0 is out of range",
+    );
+    let tcp = with_agent(
+        "[[apps]]\nid = \"t\"\nprotocol = \"tcp/22\"\norigin_direct = [\"tcp://10.0.0.2:22\"]\n\
+         [apps.health_check]\nsend = \"x\"\n",
+    );
+    assert_problem(
+        &tcp,
+        "app 't' (apps[0])",
+        "health_check.send",
+        "a TCP app's health check is a connect",
+    );
+    assert_problem(
+        &app(one, "[apps.health_check]\nsend = \"x\"\nport = 1\n"),
+        "app 'a' (apps[0])",
+        "",
+        "unknown field `port`",
     );
 }

@@ -9,10 +9,15 @@ use std::time::Duration;
 use super::Problem;
 use super::duration::parse_duration;
 use super::model::{
-    AccessRule, AgentConfig, App, Config, FirewallConfig, IpFamily, Origin, PortSpec, Prefix,
-    Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, XdpMode, proxy_supports,
+    AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortSpec,
+    Prefix, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, UdpProbe, XdpMode,
+    proxy_supports,
 };
-use super::raw::{RawAccessRule, RawAgent, RawApp, RawFirewall, RawSections, app_location};
+use super::duration::format_duration;
+use super::raw::{
+    RawAccessRule, RawAgent, RawApp, RawFirewall, RawHealthCheck, RawOrigin, RawSections,
+    RawWeightedOrigin, app_location,
+};
 
 /// `proxy_protocol` as the config reader parses it: the error names the keyword
 /// given and the ones allowed.
@@ -32,6 +37,25 @@ impl FromStr for ProxyKeyword {
 const MAX_INTERFACE_NAME_LEN: usize = 15;
 /// The largest `udp_new_flows_per_source` and `udp_new_flows_per_second`.
 const MAX_NEW_FLOWS_PER_SOURCE: i64 = 1_000_000;
+
+/// Bytes from hex text (`ffff0a`, spaces allowed between bytes).
+fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if digits.is_empty() || digits.len() % 2 != 0 {
+        return Err(format!(
+            "'{text}' is not hex bytes (an even number of digits 0-9, a-f)"
+        ));
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("'{text}' is not hex bytes (digits 0-9, a-f)"))
+        })
+        .collect()
+}
 
 /// Validates `sections`; the returned config is only meaningful when `problems` stays empty.
 pub(crate) fn build(sections: &RawSections, problems: &mut Vec<Problem>) -> Config {
@@ -527,6 +551,10 @@ impl Validator<'_> {
                 None
             }
         };
+        let health_check = match (&raw.health_check, spec) {
+            (Some(check), Some(spec)) => self.health_check(&location, spec.protocol, check),
+            _ => None,
+        };
         let app = match (spec, edge_ips) {
             (Some(spec), Some(edge_ips)) => Some(App {
                 id: id.clone().unwrap_or_else(|| App::default_id(&spec)),
@@ -537,6 +565,7 @@ impl Validator<'_> {
                 proxy_protocol,
                 ip_firewall: raw.ip_firewall.unwrap_or(true),
                 udp_new_flows_per_second,
+                health_check,
             }),
             _ => None,
         };
@@ -545,9 +574,14 @@ impl Validator<'_> {
 
     /// Parses `origin_direct`: schemes match, port counts match (SPEC: edge `LOW+k` →
     /// origin `OLOW+k`), addresses are usable, no repeats.
-    fn origins(&mut self, location: &str, spec: PortSpec, texts: Option<&[String]>) -> Vec<Origin> {
+    fn origins(
+        &mut self,
+        location: &str,
+        spec: PortSpec,
+        entries: Option<&[RawOrigin]>,
+    ) -> Vec<Origin> {
         const FIELD: &str = "origin_direct";
-        let texts = match texts {
+        let entries = match entries {
             None => {
                 self.problem(
                     location,
@@ -564,17 +598,42 @@ impl Validator<'_> {
                 );
                 return Vec::new();
             }
-            Some(texts) => texts,
+            Some(entries) => entries,
         };
-        let mut origins: Vec<Origin> = Vec::with_capacity(texts.len());
-        for text in texts {
-            let (scheme, origin) = match Origin::parse_url(text) {
+        let mut origins: Vec<Origin> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Some(text) = entry.url() else {
+                self.problem(
+                    location,
+                    FIELD,
+                    "an origin table needs `address`, e.g. { address = \"tcp://10.0.0.5:22\", weight = 3 }",
+                );
+                continue;
+            };
+            let (scheme, mut origin) = match Origin::parse_url(text) {
                 Ok(parsed) => parsed,
                 Err(reason) => {
                     self.problem(location, FIELD, reason);
                     continue;
                 }
             };
+            if let RawOrigin::Weighted(RawWeightedOrigin {
+                weight: Some(weight),
+                ..
+            }) = entry
+            {
+                match u32::try_from(*weight) {
+                    Ok(w) if w <= Origin::MAX_WEIGHT => origin.weight = w,
+                    _ => self.problem(
+                        location,
+                        FIELD,
+                        format!(
+                            "weight {weight} of '{text}' is out of range: 0 to {}",
+                            Origin::MAX_WEIGHT
+                        ),
+                    ),
+                }
+            }
             if scheme != spec.protocol {
                 self.problem(
                     location,
@@ -614,7 +673,7 @@ impl Validator<'_> {
                     format!("{addr} is a loopback address, which XDP cannot forward UDP to"),
                 );
             }
-            if origins.contains(&origin) {
+            if origins.iter().any(|o| o.same_place(&origin)) {
                 self.problem(
                     location,
                     FIELD,
@@ -624,7 +683,160 @@ impl Validator<'_> {
             }
             origins.push(origin);
         }
+        if !origins.is_empty() && origins.iter().all(|o| o.weight == 0) {
+            self.problem(
+                location,
+                FIELD,
+                "every origin has weight 0; at least one needs a weight above 0",
+            );
+        }
         origins
+    }
+
+    /// Parses `[apps.health_check]`: durations, counts, and for UDP apps the probe
+    /// (`send`/`send_hex`, `expect`/`expect_hex`).
+    fn health_check(
+        &mut self,
+        location: &str,
+        protocol: Protocol,
+        raw: &RawHealthCheck,
+    ) -> Option<HealthCheck> {
+        let start = self.problems.len();
+        let duration = |v: &mut Self, key: &str, text: Option<&String>, default: Duration| {
+            match text.map(|text| parse_duration(text)) {
+                None => default,
+                Some(Ok(d)) => d,
+                Some(Err(reason)) => {
+                    v.problem(location, &format!("health_check.{key}"), reason);
+                    default
+                }
+            }
+        };
+        let interval = duration(
+            self,
+            "interval",
+            raw.interval.as_ref(),
+            HealthCheck::DEFAULT_INTERVAL,
+        );
+        let timeout = duration(
+            self,
+            "timeout",
+            raw.timeout.as_ref(),
+            HealthCheck::DEFAULT_TIMEOUT.min(interval),
+        );
+        if interval < HealthCheck::MIN_INTERVAL {
+            self.problem(
+                location,
+                "health_check.interval",
+                format!(
+                    "{} is too short; at least {}",
+                    format_duration(interval),
+                    format_duration(HealthCheck::MIN_INTERVAL)
+                ),
+            );
+        }
+        if timeout > interval {
+            self.problem(
+                location,
+                "health_check.timeout",
+                format!(
+                    "{} is longer than the interval {}; a check must end before the next starts",
+                    format_duration(timeout),
+                    format_duration(interval)
+                ),
+            );
+        }
+        let count = |v: &mut Self, key: &str, value: Option<i64>, default: u32| match value {
+            None => default,
+            Some(n) if (1..=i64::from(HealthCheck::MAX_COUNT)).contains(&n) => n as u32,
+            Some(n) => {
+                v.problem(
+                    location,
+                    &format!("health_check.{key}"),
+                    format!(
+                        "{n} is out of range: consecutive checks, 1 to {}",
+                        HealthCheck::MAX_COUNT
+                    ),
+                );
+                default
+            }
+        };
+        let rise = count(self, "rise", raw.rise, HealthCheck::DEFAULT_RISE);
+        let fall = count(self, "fall", raw.fall, HealthCheck::DEFAULT_FALL);
+        let send = self.probe_bytes(location, "send", raw.send.as_ref(), raw.send_hex.as_ref());
+        let expect = self.probe_bytes(
+            location,
+            "expect",
+            raw.expect.as_ref(),
+            raw.expect_hex.as_ref(),
+        );
+        let probe = match protocol {
+            Protocol::Tcp => {
+                if send.is_some() || expect.is_some() {
+                    self.problem(
+                        location,
+                        "health_check.send",
+                        "a TCP app's health check is a connect; send/expect are for UDP apps",
+                    );
+                }
+                None
+            }
+            Protocol::Udp => match send {
+                Some(send) if send.is_empty() => {
+                    self.problem(location, "health_check.send", "empty; a probe needs bytes");
+                    None
+                }
+                Some(send) => Some(UdpProbe {
+                    send,
+                    expect: expect.unwrap_or_default(),
+                }),
+                None => {
+                    self.problem(
+                        location,
+                        "health_check.send",
+                        "missing; a UDP app's health check sends a probe datagram \
+                         (`send` or `send_hex`) and waits for a reply (`expect`: its first bytes)",
+                    );
+                    None
+                }
+            },
+        };
+        (self.problems.len() == start).then_some(HealthCheck {
+            interval,
+            timeout,
+            rise,
+            fall,
+            probe,
+        })
+    }
+
+    /// One probe field, as text (`send`) or hex (`send_hex`), not both.
+    fn probe_bytes(
+        &mut self,
+        location: &str,
+        key: &str,
+        text: Option<&String>,
+        hex: Option<&String>,
+    ) -> Option<Vec<u8>> {
+        match (text, hex) {
+            (None, None) => None,
+            (Some(text), None) => Some(text.as_bytes().to_vec()),
+            (None, Some(hex)) => match decode_hex(hex) {
+                Ok(bytes) => Some(bytes),
+                Err(reason) => {
+                    self.problem(location, &format!("health_check.{key}_hex"), reason);
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                self.problem(
+                    location,
+                    &format!("health_check.{key}"),
+                    format!("give `{key}` or `{key}_hex`, not both"),
+                );
+                None
+            }
+        }
     }
 
     /// SPEC §5: a UDP app's client and origin side use one family (no v4↔v6 translation).
@@ -794,7 +1006,20 @@ impl Validator<'_> {
     fn map_capacities(&mut self, agent: &AgentConfig, rules: usize, apps: &[IndexedApp]) {
         use forwarder_common::{MAX_APPS, MAX_EDGE_ADDRS, MAX_ORIGINS, MAX_RULES};
         let origins: usize = apps.iter().map(|a| a.app.origins.len()).sum();
+        let table_slots: usize = apps
+            .iter()
+            .filter(|a| a.app.protocol == Protocol::Udp)
+            .map(|a| forwarder_common::maglev_table_size(a.app.origins.len() as u32) as usize)
+            .sum();
         for (location, field, count, max, what) in [
+            (
+                "apps",
+                "origin_direct",
+                table_slots,
+                forwarder_common::MAX_MAGLEV_SLOTS,
+                "origin table slots of UDP apps (4093 per app with 2-10 origins, 16381 up to 40, \
+                 65521 beyond)",
+            ),
             ("apps", "id", apps.len(), MAX_APPS, "apps"),
             (
                 "apps",

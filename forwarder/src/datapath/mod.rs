@@ -20,7 +20,7 @@ use aya::{
 use forwarder_common::{
     ADMISSION_ASSURED, AppInfo, CLAIM_ASSURED, Counters, DIR_EGRESS, DIR_INGRESS, DropReason,
     EDGE_V4_INLINE, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState, HINT_EDGE_PORT,
-    HINT_ORIGIN_PORT, MAX_IFINDEX, NatClaim, NatKey, OriginInfo, OriginPortTarget, PortTarget,
+    HINT_ORIGIN_PORT, MAGLEV_LANES, MAX_IFINDEX, MaglevEntry, NatClaim, NatKey, OriginInfo, OriginPortTarget, PortTarget,
     ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
 };
 use log::{info, warn};
@@ -411,6 +411,70 @@ impl Datapath {
         }
     }
 
+    /// Moves the live UDP flows of app `app` (its index) whose origin is the
+    /// `ORIGINS` slot `from` to the origin the app's current table gives them
+    /// (an origin went down). SPP flows keep their client address and port in the
+    /// header, so the new origin sees the same client; a plain-NAT or v2 flow moves
+    /// when the new origin is reached from the same local address (its NAT port
+    /// stays valid; a v2 flow sends its header again), else it is ended and its
+    /// next datagram starts a new flow. Returns (moved, ended). Counter updates
+    /// the datapath makes while a flow is rewritten may be lost.
+    pub fn move_udp_flows(&mut self, app: u32, from: u32) -> anyhow::Result<(u64, u64)> {
+        let Some(plan) = self.current.clone() else {
+            return Ok((0, 0));
+        };
+        let Some(info) = plan.apps.get(app as usize).copied() else {
+            return Ok((0, 0));
+        };
+        let table = plan.maglev.get(&info.table_first).filter(|_| info.table_size > 0);
+        let Some(table) = table else {
+            return Ok((0, 0));
+        };
+        let (mut moved, mut ended) = (0, 0);
+        for (key, state) in self.udp_flows()? {
+            if state.app != app || state.origin != from {
+                continue;
+            }
+            let hash = forwarder_common::flow_hash(&key.client, key.client_port);
+            let offset = u32::from(table[(hash % info.table_size) as usize]);
+            let to = info.origin_first + offset;
+            let (Some(old), Some(new)) = (
+                plan.origins.get(from as usize),
+                plan.origins.get(to as usize),
+            ) else {
+                continue;
+            };
+            if to == from {
+                continue;
+            }
+            let spp = state.flags & forwarder_common::FLOW_SPP != 0;
+            if !spp && old.local != new.local {
+                self.remove_udp_flow(&key, &state)?;
+                ended += 1;
+                continue;
+            }
+            let mut next = state;
+            next.origin = to;
+            next.origin_port = new.port_low + (key.edge_port - info.edge_port_low);
+            next.flags &= !forwarder_common::FLOW_V2_HEADER_SENT;
+            let name = if state.admission == ADMISSION_ASSURED {
+                "FLOWS"
+            } else {
+                "NEW_FLOWS"
+            };
+            let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+                HashMap::try_from(self.map_mut(name)?)?;
+            // BPF_EXIST: a flow that ended meanwhile stays ended.
+            const BPF_EXIST: u64 = 2;
+            match flows.insert(key, next, BPF_EXIST) {
+                Ok(()) => moved += 1,
+                Err(err) if is_not_found(&err) => {}
+                Err(err) => return Err(err).with_context(|| format!("moving a flow in {name}")),
+            }
+        }
+        Ok((moved, ended))
+    }
+
     /// The UDP flows the agent removed since the last call, and how many new
     /// (not assured) flows it has removed in all.
     pub fn take_removed_flows(&mut self) -> (Vec<FlowKey>, u64) {
@@ -550,6 +614,15 @@ impl Datapath {
                 bail!("ORIGINS[{i}] differs from the plan");
             }
         }
+        let maglev: Array<&MapData, MaglevEntry> =
+            Array::try_from(ebpf.map("MAGLEV").context("MAGLEV")?)?;
+        for (first, table) in &plan.maglev {
+            for (i, entry) in maglev_entries(*first, table) {
+                if maglev.get(&i, 0)? != entry {
+                    bail!("MAGLEV[{i}] differs from the plan");
+                }
+            }
+        }
         let hints: Array<&MapData, u8> =
             Array::try_from(ebpf.map("PORT_HINTS").context("PORT_HINTS")?)?;
         for (i, h) in port_hints(&[plan]) {
@@ -613,6 +686,25 @@ impl Datapath {
             Counters::default(),
         )?;
         zero_slots(ebpf, "RULE_HITS", &new.reset_rule_slots, 1, 0u64)?;
+        // Origin tables before APPS: an app's new slice is complete before it
+        // points at it; a kept slice is rewritten in place (offsets stay valid).
+        {
+            let mut maglev: Array<&mut MapData, MaglevEntry> =
+                Array::try_from(ebpf.map_mut("MAGLEV").context("MAGLEV")?)?;
+            for (first, table) in &new.maglev {
+                let old_entries: BTreeMap<u32, MaglevEntry> = old
+                    .maglev
+                    .get(first)
+                    .map(|t| maglev_entries(*first, t).collect())
+                    .unwrap_or_default();
+                for (i, entry) in maglev_entries(*first, table) {
+                    if old_entries.get(&i) != Some(&entry) {
+                        faults::charge("MAGLEV")?;
+                        maglev.set(i, entry, 0)?;
+                    }
+                }
+            }
+        }
         {
             let mut apps: Array<&mut MapData, AppInfo> =
                 Array::try_from(ebpf.map_mut("APPS").context("APPS")?)?;
@@ -732,6 +824,18 @@ impl Datapath {
 }
 
 /// Zeroes `per_slot` consecutive entries per slot of a per-CPU array, on every CPU.
+/// The `MAGLEV` values (index, four slots) of a table whose first slot is
+/// `first` (a multiple of `MAGLEV_LANES`); the last value is padded with the
+/// table's first slot.
+fn maglev_entries(first: u32, table: &[u16]) -> impl Iterator<Item = (u32, MaglevEntry)> + '_ {
+    let lanes = MAGLEV_LANES as usize;
+    table.chunks(lanes).enumerate().map(move |(k, chunk)| {
+        let mut entry = [table[0]; MAGLEV_LANES as usize];
+        entry[..chunk.len()].copy_from_slice(chunk);
+        (first / MAGLEV_LANES + k as u32, entry)
+    })
+}
+
 fn zero_slots<V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &str,

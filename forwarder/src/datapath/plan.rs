@@ -9,11 +9,13 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, bail};
 use forwarder_common::{
-    APP_PASS, AppInfo, MAX_APPS, MAX_EDGE_ADDRS, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES,
-    OriginInfo, OriginPortKey, PortKey, RULE_ALLOW, RULE_BLOCK, RuleVerdict, Settings,
+    APP_PASS, AppInfo, MAGLEV_LANES, MAX_APPS, MAX_EDGE_ADDRS, MAX_MAGLEV_SLOTS, MAX_ORIGINS,
+    MAX_PORT_ENTRIES, MAX_RULES, OriginInfo, OriginPortKey, PortKey, RULE_ALLOW, RULE_BLOCK,
+    RuleVerdict, Settings, maglev_table_size,
 };
 
 use crate::config::{Config, IpFamily, Protocol, ProxyProtocol, RuleAction};
+use crate::lb::Availability;
 use crate::route::OriginRoute;
 
 /// 16-byte encoding of any address (IPv4 as IPv4-mapped IPv6).
@@ -45,6 +47,10 @@ pub struct Plan {
     /// `RULE_HITS[i]` belongs to the access rule whose value is `rule_labels[i]`
     /// (empty for an unused index).
     pub rule_labels: Vec<String>,
+    /// The UDP apps' origin tables by first `MAGLEV` slot (`AppInfo::table_first`),
+    /// each `AppInfo::table_size` long; slices start on a `MAGLEV_LANES` boundary so
+    /// no map value holds slots of two apps.
+    pub maglev: BTreeMap<u32, Vec<u16>>,
     /// Removed apps and the index each had (see [`Plan::rebuild`]).
     pub retired_apps: BTreeMap<String, u32>,
     /// Removed access rules, by (value, occurrence of that value), and their index.
@@ -101,7 +107,7 @@ impl Plan {
         edges: &[IpAddr],
         route_to: impl FnMut(IpAddr) -> anyhow::Result<OriginRoute>,
     ) -> anyhow::Result<Plan> {
-        Plan::rebuild(None, config, edges, route_to)
+        Plan::rebuild(None, config, edges, route_to, &Availability::default())
     }
 
     /// Like [`Plan::build`], for a reload over `previous` (the plan in the maps):
@@ -118,11 +124,16 @@ impl Plan {
     ///   left as they were for the flows that still point at them.
     /// * Access rules keep their hit counter by value (`reset_rule_slots` as above);
     ///   edge addresses keep their index.
+    /// * A UDP app keeps its origin table's slots when its table size and origin
+    ///   count are as before; otherwise it gets slots no app uses now, so the table
+    ///   is complete before `APPS` points at it. `availability` says which origins
+    ///   the tables leave out (health, drain).
     pub fn rebuild(
         previous: Option<&Plan>,
         config: &Config,
         edges: &[IpAddr],
         mut route_to: impl FnMut(IpAddr) -> anyhow::Result<OriginRoute>,
+        availability: &Availability,
     ) -> anyhow::Result<Plan> {
         let empty = Plan::default();
         let previous = previous.unwrap_or(&empty);
@@ -209,6 +220,7 @@ impl Plan {
             origins_len = origins_len.max(first + count);
             origin_firsts[position] = Some(first);
         }
+        let table_slices = table_slices(previous, &previous_apps, config)?;
         for (app, origin_first) in config.apps.iter().zip(origin_firsts) {
             let app_index = app_slots.index[&app.id];
             let origin_first = origin_first.unwrap_or_default();
@@ -281,6 +293,11 @@ impl Plan {
                     origin_ports.insert(key, app_index);
                 }
             }
+            let (table_first, table_size) = table_slices[&app.id];
+            if table_size > 0 {
+                plan.maglev
+                    .insert(table_first, crate::lb::table(app, availability));
+            }
             apps[app_index as usize] = AppInfo {
                 edge_port_low: app.ports.low,
                 origin_count: app.origins.len() as u16,
@@ -290,6 +307,8 @@ impl Plan {
                 ip_firewall: app.ip_firewall as u8,
                 _pad: 0,
                 new_flows_per_second: app.udp_new_flows_per_second.unwrap_or(0),
+                table_first,
+                table_size,
             };
             app_ids[app_index as usize] = app.id.clone();
         }
@@ -404,6 +423,8 @@ const UNUSED_APP: AppInfo = AppInfo {
     ip_firewall: 0,
     _pad: 0,
     new_flows_per_second: 0,
+    table_first: 0,
+    table_size: 0,
 };
 
 /// `ORIGINS[i]` of a slot never used.
@@ -416,6 +437,87 @@ const UNUSED_ORIGIN: OriginInfo = OriginInfo {
     app: 0,
     ifindex: 0,
 };
+
+impl Plan {
+    /// This plan with its origin tables rebuilt for `availability` (an origin went
+    /// down, came back, was drained): same slots, same generation, so live flows
+    /// are not classified again and only changed table values are written.
+    pub fn with_availability(&self, config: &Config, availability: &Availability) -> Plan {
+        let mut plan = self.clone();
+        let indices = indexed(&self.app_ids);
+        for app in &config.apps {
+            let Some(info) = indices.get(&app.id).and_then(|i| self.apps.get(*i as usize)) else {
+                continue;
+            };
+            if info.table_size > 0 {
+                plan.maglev
+                    .insert(info.table_first, crate::lb::table(app, availability));
+            }
+        }
+        plan
+    }
+}
+
+/// Where each UDP app's origin table goes in `MAGLEV`: (first slot, size), size 0
+/// for TCP apps and apps with one origin. Kept from `previous` when the size and
+/// the origin count are the same (the table's offsets then stay valid while it
+/// is rewritten); otherwise a range that neither a kept slice nor any slice of
+/// `previous` uses.
+fn table_slices(
+    previous: &Plan,
+    previous_apps: &BTreeMap<String, u32>,
+    config: &Config,
+) -> anyhow::Result<BTreeMap<String, (u32, u32)>> {
+    let lanes = MAGLEV_LANES;
+    let reserved = |size: u32| size.div_ceil(lanes) * lanes;
+    let mut slices = BTreeMap::new();
+    let mut used: Vec<(u32, u32)> = previous
+        .apps
+        .iter()
+        .filter(|a| a.table_size > 0)
+        .map(|a| (a.table_first, reserved(a.table_size)))
+        .collect();
+    let mut fresh = Vec::new();
+    for app in &config.apps {
+        let size = match app.protocol {
+            Protocol::Udp => maglev_table_size(app.origins.len() as u32),
+            Protocol::Tcp => 0,
+        };
+        if size == 0 {
+            slices.insert(app.id.clone(), (0, 0));
+            continue;
+        }
+        let kept = previous_apps
+            .get(&app.id)
+            .and_then(|i| previous.apps.get(*i as usize))
+            .filter(|a| a.table_size == size && usize::from(a.origin_count) == app.origins.len());
+        match kept {
+            Some(a) => {
+                slices.insert(app.id.clone(), (a.table_first, size));
+            }
+            None => fresh.push((app.id.clone(), size)),
+        }
+    }
+    for (id, size) in fresh {
+        used.sort_unstable();
+        let mut start = 0u32;
+        for &(first, len) in &used {
+            if first >= start + reserved(size) {
+                break;
+            }
+            start = start.max(first + len);
+        }
+        if start + reserved(size) > MAX_MAGLEV_SLOTS {
+            bail!(
+                "the UDP apps' origin tables need more than {MAX_MAGLEV_SLOTS} slots \
+                 (while a reload changes them, old and new tables exist together)"
+            );
+        }
+        used.push((start, reserved(size)));
+        slices.insert(id, (start, size));
+    }
+    Ok(slices)
+}
 
 /// Name → index of the non-empty names of `names`.
 fn indexed(names: &[String]) -> BTreeMap<String, u32> {
@@ -619,14 +721,20 @@ mod tests {
     fn replan(previous: &Plan, toml: &str, edges: &[&str]) -> Plan {
         let config = Config::parse(toml).expect("valid config");
         let edges: Vec<IpAddr> = edges.iter().map(|e| e.parse().unwrap()).collect();
-        Plan::rebuild(Some(previous), &config, &edges, |origin| {
-            Ok(OriginRoute {
-                local: IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)),
-                dev: "eo".into(),
-                ifindex: 7,
-                next_hop: origin,
-            })
-        })
+        Plan::rebuild(
+            Some(previous),
+            &config,
+            &edges,
+            |origin| {
+                Ok(OriginRoute {
+                    local: IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)),
+                    dev: "eo".into(),
+                    ifindex: 7,
+                    next_hop: origin,
+                })
+            },
+            &Availability::default(),
+        )
         .expect("plan")
     }
 

@@ -207,6 +207,7 @@ impl Meta {
             connect_timestamp: None,
             disconnect_timestamp: None,
             flows: None,
+            healthy_origins: None,
         }
     }
 }
@@ -236,7 +237,10 @@ pub(crate) async fn serve(
     let timeout = shared.connect_timeout();
     let mut failure = None;
     let mut connected = None;
-    for candidate in origin::candidates(&meta.app, client.ip(), edge.port()) {
+    let selection = shared.selection(&meta.app);
+    for (offset, candidate) in origin::candidates(&meta.app, &selection, client.ip(), edge.port())
+    {
+        let origin_counters = shared.origin_counters(&meta.app.id, &meta.app.origins[offset].label());
         let started = Instant::now();
         let attempt = tokio::select! {
             r = origin::connect(candidate, timeout) => r,
@@ -245,7 +249,8 @@ pub(crate) async fn serve(
         match attempt {
             Ok(stream) => {
                 counters.connected_in(started.elapsed());
-                connected = Some((candidate, stream));
+                origin_counters.opened();
+                connected = Some((candidate, stream, origin_counters));
                 break;
             }
             Err((code, err)) => {
@@ -254,6 +259,9 @@ pub(crate) async fn serve(
                     meta.app.id
                 );
                 let stop = code == status::UNKNOWN;
+                if !stop {
+                    origin_counters.failed(code);
+                }
                 failure = Some((candidate, code));
                 if stop {
                     break;
@@ -261,7 +269,7 @@ pub(crate) async fn serve(
             }
         }
     }
-    let Some((origin_addr, origin_stream)) = connected else {
+    let Some((origin_addr, origin_stream, origin_counters)) = connected else {
         let (origin_addr, code) =
             failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
         let mut event = meta.event(EventKind::OriginError, origin_addr, code);
@@ -336,6 +344,7 @@ pub(crate) async fn serve(
     };
     drop(client_stream);
     let (end, client_bytes, origin_bytes) = end;
+    origin_counters.closed(client_bytes, origin_bytes);
     let code = end.status();
     let mut event = meta.event(EventKind::Disconnect, Some(origin_addr), code);
     event.client_bytes = client_bytes;

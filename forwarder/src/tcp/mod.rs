@@ -30,6 +30,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{App, Config, Protocol};
+use crate::lb::{Availability, OriginRef, Selection};
 use crate::datapath::Datapath;
 use crate::telemetry::events::EventLog;
 use crate::wire::unmap_socket_addr as unmap;
@@ -71,6 +72,10 @@ pub(crate) struct Shared {
     stats: Mutex<BTreeMap<String, Arc<stats::AppCounters>>>,
     /// Origins (address, port) with open connections, and how many each.
     origins_live: Mutex<BTreeMap<SocketAddr, u64>>,
+    /// How each app picks origins (health, drain, weights); set by the agent.
+    selections: RwLock<BTreeMap<String, Arc<Selection>>>,
+    /// Per-origin counters by (app id, origin label); kept after a removal.
+    origin_stats: Mutex<BTreeMap<OriginRef, Arc<stats::OriginCounters>>>,
     /// Open connections of all apps, and a wake-up when one ends.
     live: AtomicU64,
     ended: Notify,
@@ -110,6 +115,24 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(app.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// How `app` picks origins now (all selectable until the agent says otherwise).
+    pub(crate) fn selection(&self, app: &App) -> Arc<Selection> {
+        let selections = self.selections.read().unwrap_or_else(|e| e.into_inner());
+        match selections.get(&app.id) {
+            Some(selection) => selection.clone(),
+            None => Arc::new(Selection::new(app, &Availability::default())),
+        }
+    }
+
+    pub(crate) fn origin_counters(&self, app: &str, origin: &str) -> Arc<stats::OriginCounters> {
+        self.origin_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((app.to_string(), origin.to_string()))
             .or_default()
             .clone()
     }
@@ -182,6 +205,8 @@ impl TcpProxy {
             events: RwLock::new(events),
             stats: Mutex::new(BTreeMap::new()),
             origins_live: Mutex::new(BTreeMap::new()),
+            selections: RwLock::new(BTreeMap::new()),
+            origin_stats: Mutex::new(BTreeMap::new()),
             live: AtomicU64::new(0),
             ended: Notify::new(),
             close_all,
@@ -322,6 +347,32 @@ impl TcpProxy {
     /// The origins (address and port) that carry open connections now. The datapath
     /// must keep passing their segments even when a reload removed them from the
     /// config (the connections continue until they end).
+    /// Sets how each TCP app of `config` picks origins under `availability`.
+    pub fn set_selections(&self, config: &Config, availability: &Availability) {
+        let selections = config
+            .apps
+            .iter()
+            .filter(|a| a.protocol == Protocol::Tcp)
+            .map(|a| (a.id.clone(), Arc::new(Selection::new(a, availability))))
+            .collect();
+        *self
+            .shared
+            .selections
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = selections;
+    }
+
+    /// Per-origin figures by (app id, origin label).
+    pub fn origin_stats(&self) -> BTreeMap<OriginRef, stats::TcpOriginStats> {
+        self.shared
+            .origin_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, c)| (k.clone(), c.snapshot()))
+            .collect()
+    }
+
     pub fn live_origins(&self) -> Vec<SocketAddr> {
         self.shared
             .origins_live

@@ -1,10 +1,10 @@
 //! Choosing and connecting to an origin.
 //!
-//! Origins are tried in hash order of the client address: the first is
-//! `origins[fnv1a(client ip) % n]`, then the following ones round the list, so one
-//! client always lands on the same origin while it is up, and clients spread evenly.
-//! The hash covers the address only (not the port): every connection of a client
-//! goes to the same origin, as sticky as Spectrum's.
+//! The first origin tried is the app's consistent table's pick (`lb`) for a hash
+//! of the client address, then the other selectable origins round the list, so
+//! one client always lands on the same origin while it is up, and clients spread
+//! by weight. The hash covers the address only (not the port): every connection
+//! of a client goes to the same origin, as sticky as Spectrum's.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::App;
+use crate::lb::Selection;
 use crate::telemetry::events::status;
 
 /// 64-bit FNV-1a.
@@ -36,17 +37,24 @@ pub fn client_hash(client: IpAddr) -> u64 {
     }
 }
 
-/// The origin addresses to try for a client that dialled `edge_port`, in order.
-pub fn candidates(app: &App, client: IpAddr, edge_port: u16) -> Vec<SocketAddr> {
-    let n = app.origins.len();
-    if n == 0 {
-        return Vec::new();
-    }
-    let start = (client_hash(client) % n as u64) as usize;
-    (0..n)
-        .map(|k| {
-            let origin = &app.origins[(start + k) % n];
-            SocketAddr::new(origin.addr, app.origin_port(origin, edge_port))
+/// The origins to try for a client that dialled `edge_port`, in order, as
+/// (offset among the app's origins, address): `selection`'s order for the
+/// client's hash (its consistent table's pick first).
+pub fn candidates(
+    app: &App,
+    selection: &Selection,
+    client: IpAddr,
+    edge_port: u16,
+) -> Vec<(usize, SocketAddr)> {
+    selection
+        .order(client_hash(client))
+        .into_iter()
+        .filter_map(|offset| {
+            let origin = app.origins.get(offset)?;
+            Some((
+                offset,
+                SocketAddr::new(origin.addr, app.origin_port(origin, edge_port)),
+            ))
         })
         .collect()
 }
@@ -105,6 +113,7 @@ mod tests {
             proxy_protocol: ProxyProtocol::Off,
             ip_firewall: true,
             udp_new_flows_per_second: None,
+            health_check: None,
         }
     }
 
@@ -123,7 +132,7 @@ mod tests {
     }
 
     #[test]
-    fn candidates_rotate_from_the_hash_and_map_ports_by_offset() {
+    fn candidates_follow_the_table_and_map_ports_by_offset() {
         let a = app(
             &[
                 "tcp://10.0.0.1:8100-8199",
@@ -132,22 +141,23 @@ mod tests {
             ],
             (8000, 8099),
         );
+        let selection = Selection::new(&a, &Default::default());
         let client: IpAddr = "10.0.1.2".parse().unwrap();
-        let list = candidates(&a, client, 8099);
-        assert_eq!(list.len(), 3);
-        let start = (client_hash(client) % 3) as usize;
+        let list = candidates(&a, &selection, client, 8099);
         let all: Vec<SocketAddr> = vec![
             "10.0.0.1:8199".parse().unwrap(),
             "10.0.0.2:9199".parse().unwrap(),
             "[fd00::3]:199".parse().unwrap(),
         ];
-        for k in 0..3 {
-            assert_eq!(list[k], all[(start + k) % 3]);
+        let order = selection.order(client_hash(client));
+        assert_eq!(list.len(), 3);
+        for (k, &offset) in order.iter().enumerate() {
+            assert_eq!(list[k], (offset, all[offset]));
         }
         // Stable for one client; different clients spread.
-        assert_eq!(candidates(&a, client, 8099), list);
+        assert_eq!(candidates(&a, &selection, client, 8099), list);
         let firsts: std::collections::BTreeSet<SocketAddr> = (1..=60u8)
-            .map(|i| candidates(&a, IpAddr::from([10, 0, 1, i]), 8000)[0])
+            .map(|i| candidates(&a, &selection, IpAddr::from([10, 0, 1, i]), 8000)[0].1)
             .collect();
         assert_eq!(firsts.len(), 3, "60 clients use all three origins");
     }

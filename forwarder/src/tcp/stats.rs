@@ -145,6 +145,67 @@ impl AppCounters {
     }
 }
 
+/// One origin's TCP figures at one moment (`forwarder origins`, metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpOriginStats {
+    /// Connections to it open now.
+    pub live: u64,
+    /// Connections made to it.
+    pub connections: u64,
+    /// Payload bytes of ended connections, from clients / from the origin.
+    pub client_bytes: u64,
+    pub origin_bytes: u64,
+    /// Failed connect attempts by status (521, 522, 523, ...).
+    pub connect_failures: BTreeMap<u16, u64>,
+}
+
+/// The live counters behind [`TcpOriginStats`].
+#[derive(Debug, Default)]
+pub struct OriginCounters {
+    live: AtomicU64,
+    connections: AtomicU64,
+    client_bytes: AtomicU64,
+    origin_bytes: AtomicU64,
+    failures: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl OriginCounters {
+    pub(crate) fn opened(&self) {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection to it ended after moving these payload bytes.
+    pub(crate) fn closed(&self, client_bytes: u64, origin_bytes: u64) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        self.client_bytes.fetch_add(client_bytes, Ordering::Relaxed);
+        self.origin_bytes.fetch_add(origin_bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failed(&self, status: u16) {
+        *self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(status)
+            .or_insert(0) += 1;
+    }
+
+    pub fn snapshot(&self) -> TcpOriginStats {
+        TcpOriginStats {
+            live: self.live.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
+            client_bytes: self.client_bytes.load(Ordering::Relaxed),
+            origin_bytes: self.origin_bytes.load(Ordering::Relaxed),
+            connect_failures: self
+                .failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +242,20 @@ mod tests {
         assert_eq!(s.count(EventKind::Connect, 0), 1);
         assert_eq!(s.count(EventKind::OriginError, 521), 0);
         assert_eq!(s.durations.count, 2);
+    }
+
+    #[test]
+    fn origin_counters_snapshot() {
+        let c = OriginCounters::default();
+        c.opened();
+        c.opened();
+        c.closed(5, 7);
+        c.failed(521);
+        c.failed(521);
+        c.failed(522);
+        let s = c.snapshot();
+        assert_eq!((s.live, s.connections), (1, 2));
+        assert_eq!((s.client_bytes, s.origin_bytes), (5, 7));
+        assert_eq!(s.connect_failures, BTreeMap::from([(521, 2), (522, 1)]));
     }
 }

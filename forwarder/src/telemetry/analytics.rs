@@ -291,6 +291,10 @@ impl EventStats {
     }
 
     pub fn record_at(&self, event: &Event, at: Instant) {
+        // Origin health lines are about origins, not connections.
+        if matches!(event.event, EventKind::OriginDown | EventKind::OriginUp) {
+            return;
+        }
         let now = self.second(at);
         let duration = event_duration(event);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -562,6 +566,7 @@ mod tests {
             connect_timestamp: secs.map(|s| at(s.0)),
             disconnect_timestamp: secs.map(|s| at(s.1)),
             flows: None,
+            healthy_origins: None,
         }
     }
 

@@ -29,6 +29,16 @@ pub const SOCKET_MODE: u32 = 0o660;
 /// Produces a snapshot on request (the agent's counters, summed at call time).
 pub type SnapshotFn = Arc<dyn Fn() -> anyhow::Result<StatsSnapshot> + Send + Sync>;
 
+/// Drains (`true`) or enables an origin of an app: `forwarder drain` / `enable`.
+pub type DrainFn = Arc<dyn Fn(&str, &str, bool) -> anyhow::Result<()> + Send + Sync>;
+
+/// What the control socket answers with.
+#[derive(Clone)]
+pub struct Handlers {
+    pub snapshot: SnapshotFn,
+    pub set_drained: DrainFn,
+}
+
 /// Listens on `path` until the returned guard is dropped (which removes the file).
 pub struct ControlSocket {
     path: PathBuf,
@@ -36,7 +46,7 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    pub fn bind(path: &Path, snapshot: SnapshotFn) -> anyhow::Result<ControlSocket> {
+    pub fn bind(path: &Path, handlers: Handlers) -> anyhow::Result<ControlSocket> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -59,9 +69,9 @@ impl ControlSocket {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
-                        let snapshot = snapshot.clone();
+                        let handlers = handlers.clone();
                         tokio::spawn(async move {
-                            if let Err(err) = serve(stream, snapshot).await {
+                            if let Err(err) = serve(stream, handlers).await {
                                 debug!("control request failed: {err:#}");
                             }
                         });
@@ -87,7 +97,7 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn serve(stream: UnixStream, snapshot: SnapshotFn) -> anyhow::Result<()> {
+async fn serve(stream: UnixStream, handlers: Handlers) -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt as _;
     let (mut read_half, mut write) = stream.into_split();
     let mut line = String::new();
@@ -106,19 +116,36 @@ async fn serve(stream: UnixStream, snapshot: SnapshotFn) -> anyhow::Result<()> {
         Ok(Ok(_)) if !line.ends_with('\n') => error(format!(
             "the request must be one line of at most {MAX_REQUEST} bytes"
         )),
-        Ok(Ok(_)) => match line.trim() {
-            // The snapshot is asked of the agent thread: wait for it off the
-            // async workers.
-            "stats" => match tokio::task::spawn_blocking(move || snapshot()).await {
-                Ok(Ok(s)) => serde_json::to_string(&s)?,
-                Ok(Err(err)) => error(format!("{err:#}")),
-                Err(err) => error(format!("taking the snapshot: {err}")),
-            },
-            other => error(format!(
-                "unknown request {:?}",
-                other.escape_debug().to_string()
-            )),
-        },
+        Ok(Ok(_)) => {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words[..] {
+                // Both are asked of the agent thread: waited for off the async
+                // workers.
+                ["stats"] => {
+                    let snapshot = handlers.snapshot.clone();
+                    match tokio::task::spawn_blocking(move || snapshot()).await {
+                        Ok(Ok(s)) => serde_json::to_string(&s)?,
+                        Ok(Err(err)) => error(format!("{err:#}")),
+                        Err(err) => error(format!("taking the snapshot: {err}")),
+                    }
+                }
+                [verb @ ("drain" | "enable"), app, origin] => {
+                    let drained = verb == "drain";
+                    let set = handlers.set_drained.clone();
+                    let (app, origin) = (app.to_string(), origin.to_string());
+                    match tokio::task::spawn_blocking(move || set(&app, &origin, drained)).await
+                    {
+                        Ok(Ok(())) => serde_json::json!({ "ok": true }).to_string(),
+                        Ok(Err(err)) => error(format!("{err:#}")),
+                        Err(err) => error(format!("{verb}: {err}")),
+                    }
+                }
+                _ => error(format!(
+                    "unknown request {:?}",
+                    line.trim().escape_debug().to_string()
+                )),
+            }
+        }
     };
     write.write_all(reply.as_bytes()).await?;
     write.write_all(b"\n").await?;
@@ -139,8 +166,9 @@ async fn serve(stream: UnixStream, snapshot: SnapshotFn) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Client side: one request, the JSON reply.
-pub fn request_stats(path: &Path) -> anyhow::Result<StatsSnapshot> {
+/// Client side: sends one request line, returns the reply line (an
+/// `{"error"}` reply becomes an error).
+fn request(path: &Path, line: &str) -> anyhow::Result<String> {
     use std::io::{BufRead as _, Write as _};
     let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
         format!(
@@ -148,8 +176,8 @@ pub fn request_stats(path: &Path) -> anyhow::Result<StatsSnapshot> {
             path.display()
         )
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"stats\n")?;
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
     let mut reply = String::new();
     std::io::BufReader::new(stream).read_line(&mut reply)?;
     if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&reply)
@@ -157,7 +185,24 @@ pub fn request_stats(path: &Path) -> anyhow::Result<StatsSnapshot> {
     {
         bail!("the agent refused the request: {error}");
     }
+    Ok(reply)
+}
+
+/// `stats`: the snapshot.
+pub fn request_stats(path: &Path) -> anyhow::Result<StatsSnapshot> {
+    let reply = request(path, "stats")?;
     serde_json::from_str(&reply).context("parsing the agent's reply")
+}
+
+/// `forwarder drain` (`drained`) / `enable`.
+pub fn request_drain(path: &Path, app: &str, origin: &str, drained: bool) -> anyhow::Result<()> {
+    let verb = if drained { "drain" } else { "enable" };
+    for word in [app, origin] {
+        if word.is_empty() || word.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("{word:?} cannot be sent: app ids and origins are one word here");
+        }
+    }
+    request(path, &format!("{verb} {app} {origin}")).map(|_| ())
 }
 
 #[cfg(test)]
@@ -180,12 +225,28 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("control.sock");
-        let socket = ControlSocket::bind(&path, Arc::new(|| Ok(StatsSnapshot::default()))).unwrap();
+        let socket = ControlSocket::bind(
+            &path,
+            Handlers {
+                snapshot: Arc::new(|| Ok(StatsSnapshot::default())),
+                set_drained: Arc::new(|app, origin, drained| {
+                    if app == "a" && origin == "10.0.0.1:22" {
+                        Ok(())
+                    } else {
+                        anyhow::bail!("no origin {origin} of {app} to drain ({drained})")
+                    }
+                }),
+            },
+        )
+        .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, SOCKET_MODE, "mode 0660 whatever the umask");
 
         let ok = ask(&path, b"stats\n").await;
         assert!(ok.get("drops").is_some(), "a snapshot: {ok}");
+        assert_eq!(ask(&path, b"drain a 10.0.0.1:22\n").await["ok"], true);
+        let refused = ask(&path, b"enable b 10.0.0.9:22\n").await;
+        assert_eq!(refused["error"], "no origin 10.0.0.9:22 of b to drain (false)");
         let unknown = ask(&path, b"shutdown\n").await;
         assert_eq!(unknown["error"], "unknown request \"shutdown\"");
         let long = vec![b'x'; 1000];

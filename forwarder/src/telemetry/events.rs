@@ -48,6 +48,11 @@ pub enum EventKind {
     Disconnect,
     OriginError,
     ClientFiltered,
+    /// An origin failed its health check `fall` times in a row (not in Spectrum's
+    /// dataset): no new connections or flows go to it.
+    OriginDown,
+    /// It passed `rise` times in a row again.
+    OriginUp,
 }
 
 impl EventKind {
@@ -57,6 +62,8 @@ impl EventKind {
             EventKind::Disconnect => "disconnect",
             EventKind::OriginError => "originError",
             EventKind::ClientFiltered => "clientFiltered",
+            EventKind::OriginDown => "originDown",
+            EventKind::OriginUp => "originUp",
         }
     }
 }
@@ -98,6 +105,11 @@ pub struct Event {
     /// of this app, kind and status the line stands for (see `udp_flows`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub flows: Option<u64>,
+    /// On `originDown`/`originUp` only: how many of the app's origins are up now
+    /// (0: every origin is down, and new connections and flows go to all of them
+    /// again, see `lb`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub healthy_origins: Option<u64>,
 }
 
 impl Event {
@@ -131,6 +143,7 @@ impl Event {
             connect_timestamp: None,
             disconnect_timestamp: None,
             flows: None,
+            healthy_origins: None,
         }
     }
 }
@@ -318,6 +331,7 @@ mod tests {
             connect_timestamp: None,
             disconnect_timestamp: Some("2024-01-01T00:00:01.000000Z".into()),
             flows: None,
+            healthy_origins: None,
         };
         let json: serde_json::Value = serde_json::to_value(&event).unwrap();
         for field in [

@@ -6,6 +6,7 @@
 //!
 //! `docs/metrics.md` lists every metric, its labels and where it comes from.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +62,15 @@ pub mod names {
     pub const LAST_RELOAD_SUCCESSFUL: &str = "forwarder_config_last_reload_successful";
     /// With the unit `seconds`.
     pub const CONFIG_APPLIED: &str = "forwarder_config_applied_timestamp";
+    pub const ORIGIN_UP: &str = "forwarder_origin_up";
+    pub const ORIGIN_SELECTED: &str = "forwarder_origin_selected";
+    pub const ORIGIN_LIVE: &str = "forwarder_origin_live";
+    pub const ORIGIN_CONNECTIONS: &str = "forwarder_origin_connections";
+    pub const ORIGIN_BYTES: &str = "forwarder_origin_bytes";
+    pub const ORIGIN_CONNECT_FAILURES: &str = "forwarder_origin_connect_failures";
+    /// With the unit `seconds`.
+    pub const ORIGIN_HEALTH_CHECK: &str = "forwarder_origin_health_check_duration";
+    pub const APP_ORIGINS_UP: &str = "forwarder_app_origins_up";
 }
 
 /// One scrape's worth of figures, encoded on demand.
@@ -135,6 +145,95 @@ fn buckets(histogram: &Histogram) -> Vec<(f64, u64)> {
         .collect();
     out.push((f64::MAX, histogram.counts.last().copied().unwrap_or(0)));
     out
+}
+
+impl SnapshotCollector {
+    /// The per-origin families (`forwarder origins` as metrics).
+    fn encode_origins(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let origins = &self.0.origins;
+        fn labels(o: &crate::telemetry::snapshot::OriginStatus) -> Vec<(&'static str, &str)> {
+            vec![("app", o.app.as_str()), ("origin", o.origin.as_str())]
+        }
+        gauge(
+            encoder,
+            names::ORIGIN_UP,
+            "1 while the origin passes its health check (or has none), 0 while it is down.",
+            origins.iter().map(|o| (labels(o), u64::from(o.health != "down"))),
+        )?;
+        gauge(
+            encoder,
+            names::ORIGIN_SELECTED,
+            "1 while the origin gets new connections or flows (up, not drained, weighted).",
+            origins.iter().map(|o| (labels(o), u64::from(o.selected))),
+        )?;
+        let mut up: BTreeMap<&str, u64> = BTreeMap::new();
+        for o in origins {
+            *up.entry(o.app.as_str()).or_default() += u64::from(o.health != "down");
+        }
+        gauge(
+            encoder,
+            names::APP_ORIGINS_UP,
+            "Origins of the app that are up; 0: all down, new connections and flows go to all of them.",
+            up.into_iter().map(|(app, n)| (vec![("app", app)], n)),
+        )?;
+        gauge(
+            encoder,
+            names::ORIGIN_LIVE,
+            "Open TCP connections or live UDP flows to the origin.",
+            origins.iter().map(|o| (labels(o), o.live)),
+        )?;
+        counter(
+            encoder,
+            names::ORIGIN_CONNECTIONS,
+            "TCP connections made to the origin, or UDP flows it has had.",
+            origins.iter().map(|o| (labels(o), o.connections)),
+        )?;
+        counter(
+            encoder,
+            names::ORIGIN_BYTES,
+            "Payload bytes through the origin (TCP: ended connections; UDP: live and ended flows), by direction.",
+            origins.iter().flat_map(|o| {
+                let mut ingress = labels(o);
+                ingress.push(("direction", "ingress"));
+                let mut egress = labels(o);
+                egress.push(("direction", "egress"));
+                [(ingress, o.client_bytes), (egress, o.origin_bytes)]
+            }),
+        )?;
+        let statuses: Vec<(usize, String, u64)> = origins
+            .iter()
+            .enumerate()
+            .flat_map(|(i, o)| {
+                o.connect_failures
+                    .iter()
+                    .map(move |(status, n)| (i, status.to_string(), *n))
+            })
+            .collect();
+        counter(
+            encoder,
+            names::ORIGIN_CONNECT_FAILURES,
+            "Failed TCP connect attempts to the origin, by status (521 refused, 522 timeout, 523 unreachable).",
+            statuses.iter().map(|(i, status, n)| {
+                let mut l = labels(&origins[*i]);
+                l.push(("status", status.as_str()));
+                (l, *n)
+            }),
+        )?;
+        let mut metric = encoder.encode_descriptor(
+            names::ORIGIN_HEALTH_CHECK,
+            "Durations of the origin's health checks, passed or failed.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for o in origins {
+            if let Some(h) = &o.check_durations {
+                metric
+                    .encode_family(&labels(o))?
+                    .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets(h), None)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Collector for SnapshotCollector {
@@ -338,6 +437,7 @@ impl Collector for SnapshotCollector {
             "1 when the last reload was applied (or none was tried), 0 when it was rejected and the previous config runs on.",
             [(vec![], u64::from(a.last_reload_successful))],
         )?;
+        self.encode_origins(&mut encoder)?;
         counter(
             &mut encoder,
             names::INTERFACE_PACKETS,

@@ -33,6 +33,39 @@ pub struct StatsSnapshot {
     /// The agent itself: build, start, reloads.
     #[serde(default)]
     pub agent: AgentStatus,
+    /// Every origin of every app: health, drain, weight, traffic.
+    #[serde(default)]
+    pub origins: Vec<OriginStatus>,
+}
+
+/// One origin of one app (`forwarder origins`, the per-origin metrics).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OriginStatus {
+    pub app: String,
+    /// `Origin::label`: `10.0.0.5:22`, `[2001:db8::5]:8100-8199`.
+    pub origin: String,
+    pub protocol: String,
+    pub weight: u32,
+    /// `up`, `down` (failing its health check) or `unchecked` (no check).
+    pub health: String,
+    /// Taken out by `forwarder drain`.
+    pub drained: bool,
+    /// Gets new connections or flows now (see `lb` for who is picked when).
+    pub selected: bool,
+    /// Open TCP connections / live UDP flows to it.
+    pub live: u64,
+    /// TCP connections made to it / UDP flows it has had.
+    pub connections: u64,
+    /// Payload bytes: TCP of ended connections; UDP of live and ended flows.
+    pub client_bytes: u64,
+    pub origin_bytes: u64,
+    /// TCP: failed connect attempts by status.
+    pub connect_failures: BTreeMap<u16, u64>,
+    /// Health checks run, the status of the last failure (0: none since the
+    /// last pass), and their durations.
+    pub checks: u64,
+    pub last_failure: u16,
+    pub check_durations: Option<crate::telemetry::analytics::Histogram>,
 }
 
 /// The agent's own figures (`forwarder_build_info`, reload and start-time
