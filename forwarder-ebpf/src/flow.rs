@@ -15,8 +15,8 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use forwarder_common::{
     ADMISSION_ASSURED, ADMISSION_NEW, AppInfo, CLAIM_ASSURED, CLAIM_NEW, CLAIM_PENDING, FLOW_SPP,
-    FLOW_V2, FlowCounter, FlowKey, FlowState, MAGLEV_LANES, NatClaim, NatKey, ProxyMode, RouteCache, SourceKey,
-    SourceWindow,
+    FLOW_V2, FlowCounter, FlowKey, FlowState, MAGLEV_LANES, NatClaim, NatKey, ProxyMode,
+    RouteCache, SourceKey, SourceWindow,
 };
 
 use crate::{

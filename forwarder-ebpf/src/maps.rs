@@ -7,11 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 use forwarder_common::{
-    AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState, MAGLEV_LANES, MAX_APPS,
-    MAX_EDGE_ADDRS, MAX_FLOWS, MAX_MAGLEV_SLOTS, MaglevEntry, MAX_IFINDEX, MAX_NAT_CLAIMS, MAX_NEW_FLOWS, MAX_ORIGINS,
-    MAX_PORT_ENTRIES, MAX_RULES, MAX_SOURCE_WINDOWS, NatClaim, NatKey, OriginInfo, OriginPortKey,
-    OriginPortTarget, PORT_HINTS_LEN, PortKey, PortTarget, RouteCache, RuleVerdict, Settings,
-    SourceKey, SourceWindow,
+    AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState,
+    MAGLEV_LANES, MAX_APPS, MAX_EDGE_ADDRS, MAX_FLOWS, MAX_IFINDEX, MAX_MAGLEV_SLOTS,
+    MAX_NAT_CLAIMS, MAX_NEW_FLOWS, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES, MAX_SOURCE_WINDOWS,
+    MaglevEntry, NatClaim, NatKey, OriginInfo, OriginPortKey, OriginPortTarget, PORT_HINTS_LEN,
+    PortKey, PortTarget, RouteCache, RuleVerdict, Settings, SourceKey, SourceWindow,
 };
 
 /// IPv6 edge addresses → their index.
@@ -45,8 +45,7 @@ pub static ORIGINS: Array<OriginInfo> = Array::with_max_entries(MAX_ORIGINS, 0);
 /// The UDP apps' origin tables (Maglev, weighted, healthy origins only), four
 /// slots per value; an app's slots are `AppInfo::table_first ..+ table_size`.
 #[map]
-pub static MAGLEV: Array<MaglevEntry> =
-    Array::with_max_entries(MAX_MAGLEV_SLOTS / MAGLEV_LANES, 0);
+pub static MAGLEV: Array<MaglevEntry> = Array::with_max_entries(MAX_MAGLEV_SLOTS / MAGLEV_LANES, 0);
 
 /// Cached egress towards each origin (indexed as `ORIGINS`), written by the program:
 /// one route lookup per origin and route epoch serves all its flows.

@@ -84,7 +84,8 @@ fn a_reload_failing_at_any_map_write_leaves_the_previous_maps() {
             let a = Plan::build(&parse(0), &edges, route_to).expect("plan A");
             datapath.apply(&a).expect("apply A");
             datapath.maps_hold(&a).expect("the maps hold A");
-            let b = Plan::rebuild(Some(&a), &parse(1), &edges, route_to).expect("plan B");
+            let b = Plan::rebuild(Some(&a), &parse(1), &edges, route_to, &Default::default())
+                .expect("plan B");
             let mut faults_seen = 0;
             for n in 0..2000 {
                 faults::fail_write(n);
@@ -114,7 +115,8 @@ fn a_reload_failing_at_any_map_write_leaves_the_previous_maps() {
                 .maps_hold(&b)
                 .expect("the same reload then succeeds: the maps hold B");
             // And back, failing half way once more.
-            let a2 = Plan::rebuild(Some(&b), &parse(0), &edges, route_to).expect("plan A again");
+            let a2 = Plan::rebuild(Some(&b), &parse(0), &edges, route_to, &Default::default())
+                .expect("plan A again");
             faults::fail_write(faults_seen / 2);
             assert!(datapath.apply(&a2).is_err());
             faults::clear();

@@ -219,8 +219,14 @@ impl Harness {
     fn reload(&mut self, config: &str) {
         let config = Config::parse(config).expect("valid config");
         let edges = EDGE_ADDRESSES;
-        let plan = Plan::rebuild(self.datapath.plan(), &config, &edges, route_to)
-            .expect("plan with the lab's routes");
+        let plan = Plan::rebuild(
+            self.datapath.plan(),
+            &config,
+            &edges,
+            route_to,
+            &Default::default(),
+        )
+        .expect("plan with the lab's routes");
         self.datapath.apply(&plan).expect("fill maps");
     }
 

@@ -35,7 +35,12 @@ impl Agent {
                 .any(|a| a.id == *app && a.origins.iter().any(|o| o.label() == *origin))
         };
         Availability {
-            down: self.verdicts.down().filter(|o| exists(o)).cloned().collect(),
+            down: self
+                .verdicts
+                .down()
+                .filter(|o| exists(o))
+                .cloned()
+                .collect(),
             drained: self
                 .availability
                 .drained
@@ -216,7 +221,10 @@ impl Agent {
         let mut labels = vec![String::new(); plan.origins.len()];
         let indices = self.datapath.app_indices();
         for app in &self.config.apps {
-            let Some(info) = indices.get(&app.id).and_then(|i| plan.apps.get(*i as usize)) else {
+            let Some(info) = indices
+                .get(&app.id)
+                .and_then(|i| plan.apps.get(*i as usize))
+            else {
                 continue;
             };
             for (k, origin) in app.origins.iter().enumerate() {

@@ -72,7 +72,12 @@ pub fn origins_cli(control: &Path, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// `forwarder drain APP ORIGIN` (`drained`) / `forwarder enable APP ORIGIN`.
-pub fn drain_cli(control: &Path, app: &str, origin: &str, drained: bool) -> anyhow::Result<ExitCode> {
+pub fn drain_cli(
+    control: &Path,
+    app: &str,
+    origin: &str,
+    drained: bool,
+) -> anyhow::Result<ExitCode> {
     request_drain(control, app, origin, drained)?;
     if drained {
         println!("{app}: {origin} drained (no new connections or flows; open ones continue)");
@@ -124,8 +129,17 @@ mod tests {
         let text = render(&rows);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("APP"), "{text}");
-        assert!(lines[1].contains("10.0.0.5:22") && lines[1].contains("serving"), "{text}");
-        assert!(lines[2].contains("down (521)") && lines[2].contains("standby"), "{text}");
-        assert!(lines[3].contains("unchecked") && lines[3].contains("drained"), "{text}");
+        assert!(
+            lines[1].contains("10.0.0.5:22") && lines[1].contains("serving"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("down (521)") && lines[2].contains("standby"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("unchecked") && lines[3].contains("drained"),
+            "{text}"
+        );
     }
 }

@@ -307,7 +307,10 @@ fn raw_app(app: &App) -> RawApp {
 fn raw_health_check(check: &HealthCheck) -> raw::RawHealthCheck {
     let (send, expect) = match &check.probe {
         None => (None, None),
-        Some(probe) => (Some(&probe.send), Some(&probe.expect).filter(|e| !e.is_empty())),
+        Some(probe) => (
+            Some(&probe.send),
+            Some(&probe.expect).filter(|e| !e.is_empty()),
+        ),
     };
     // Text when the bytes are printable text, else hex.
     let text = |bytes: &Vec<u8>| {

@@ -1524,7 +1524,10 @@ fn weights_and_health_checks_are_checked() {
         "missing; a UDP app's health check sends a probe",
     );
     assert_problem(
-        &app(one, "[apps.health_check]\nsend = \"x\"\nsend_hex = \"78\"\n"),
+        &app(
+            one,
+            "[apps.health_check]\nsend = \"x\"\nsend_hex = \"78\"\n",
+        ),
         "app 'a' (apps[0])",
         "health_check.send",
         "not both",
@@ -1536,13 +1539,19 @@ fn weights_and_health_checks_are_checked() {
         "is not hex bytes",
     );
     assert_problem(
-        &app(one, "[apps.health_check]\nsend = \"x\"\ninterval = \"1s\"\ntimeout = \"2s\"\n"),
+        &app(
+            one,
+            "[apps.health_check]\nsend = \"x\"\ninterval = \"1s\"\ntimeout = \"2s\"\n",
+        ),
         "app 'a' (apps[0])",
         "health_check.timeout",
         "longer than the interval",
     );
     assert_problem(
-        &app(one, "[apps.health_check]\nsend = \"x\"\ninterval = \"10ms\"\n"),
+        &app(
+            one,
+            "[apps.health_check]\nsend = \"x\"\ninterval = \"10ms\"\n",
+        ),
         "app 'a' (apps[0])",
         "health_check.interval",
         "too short",

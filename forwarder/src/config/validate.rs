@@ -7,13 +7,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::Problem;
+use super::duration::format_duration;
 use super::duration::parse_duration;
 use super::model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortSpec,
     Prefix, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, UdpProbe, XdpMode,
     proxy_supports,
 };
-use super::duration::format_duration;
 use super::raw::{
     RawAccessRule, RawAgent, RawApp, RawFirewall, RawHealthCheck, RawOrigin, RawSections,
     RawWeightedOrigin, app_location,
@@ -702,16 +702,17 @@ impl Validator<'_> {
         raw: &RawHealthCheck,
     ) -> Option<HealthCheck> {
         let start = self.problems.len();
-        let duration = |v: &mut Self, key: &str, text: Option<&String>, default: Duration| {
-            match text.map(|text| parse_duration(text)) {
+        let duration =
+            |v: &mut Self, key: &str, text: Option<&String>, default: Duration| match text
+                .map(|text| parse_duration(text))
+            {
                 None => default,
                 Some(Ok(d)) => d,
                 Some(Err(reason)) => {
                     v.problem(location, &format!("health_check.{key}"), reason);
                     default
                 }
-            }
-        };
+            };
         let interval = duration(
             self,
             "interval",

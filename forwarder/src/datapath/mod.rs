@@ -20,8 +20,8 @@ use aya::{
 use forwarder_common::{
     ADMISSION_ASSURED, AppInfo, CLAIM_ASSURED, Counters, DIR_EGRESS, DIR_INGRESS, DropReason,
     EDGE_V4_INLINE, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState, HINT_EDGE_PORT,
-    HINT_ORIGIN_PORT, MAGLEV_LANES, MAX_IFINDEX, MaglevEntry, NatClaim, NatKey, OriginInfo, OriginPortTarget, PortTarget,
-    ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
+    HINT_ORIGIN_PORT, MAGLEV_LANES, MAX_IFINDEX, MaglevEntry, NatClaim, NatKey, OriginInfo,
+    OriginPortTarget, PortTarget, ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
 };
 use log::{info, warn};
 
@@ -426,7 +426,10 @@ impl Datapath {
         let Some(info) = plan.apps.get(app as usize).copied() else {
             return Ok((0, 0));
         };
-        let table = plan.maglev.get(&info.table_first).filter(|_| info.table_size > 0);
+        let table = plan
+            .maglev
+            .get(&info.table_first)
+            .filter(|_| info.table_size > 0);
         let Some(table) = table else {
             return Ok((0, 0));
         };

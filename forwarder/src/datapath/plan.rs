@@ -446,7 +446,10 @@ impl Plan {
         let mut plan = self.clone();
         let indices = indexed(&self.app_ids);
         for app in &config.apps {
-            let Some(info) = indices.get(&app.id).and_then(|i| self.apps.get(*i as usize)) else {
+            let Some(info) = indices
+                .get(&app.id)
+                .and_then(|i| self.apps.get(*i as usize))
+            else {
                 continue;
             };
             if info.table_size > 0 {
@@ -878,5 +881,55 @@ mod tests {
         assert_eq!(free_range(&BTreeSet::from([0, 1, 4]), 5, 2, 6), Some(2));
         assert_eq!(free_range(&BTreeSet::from([0, 1, 4]), 5, 3, 6), None);
         assert_eq!(free_range(&BTreeSet::new(), 5, 1, 6), Some(5));
+    }
+
+    #[test]
+    fn origin_tables_keep_their_slots_while_their_size_and_origins_count_hold() {
+        let edges = ["10.0.1.1"];
+        let a = app("a", 5000, &["10.0.2.2", "10.0.2.3"]);
+        let b = app("b", 5001, &["10.0.2.4", "10.0.2.5", "10.0.2.6"]);
+        let single = app("c", 5002, &["10.0.2.7"]);
+        let first = plan_for(&format!("{BASE}{a}{b}{single}"), &edges);
+        let info = |plan: &Plan, id: &str| {
+            let i = plan.app_ids.iter().position(|x| x == id).unwrap();
+            plan.apps[i]
+        };
+        let (ia, ib, ic) = (info(&first, "a"), info(&first, "b"), info(&first, "c"));
+        assert_eq!(
+            (ia.table_size, ib.table_size, ic.table_size),
+            (4093, 4093, 0)
+        );
+        assert_eq!(ia.table_first % MAGLEV_LANES, 0);
+        assert_eq!(ib.table_first % MAGLEV_LANES, 0);
+        assert!(ia.table_first + 4096 <= ib.table_first || ib.table_first + 4096 <= ia.table_first);
+        assert_eq!(first.maglev.len(), 2);
+        assert!(first.maglev[&ib.table_first].iter().all(|&o| o < 3));
+
+        // b loses an origin: a fresh slice beside every slice in use now, so the
+        // running table is whole until APPS points at the new one.
+        let b2 = app("b", 5001, &["10.0.2.4", "10.0.2.5"]);
+        let second = replan(&first, &format!("{BASE}{a}{b2}{single}"), &edges);
+        let (ja, jb) = (info(&second, "a"), info(&second, "b"));
+        assert_eq!(ja.table_first, ia.table_first, "a keeps its slots");
+        assert_ne!(jb.table_first, ib.table_first);
+        for old in [ia.table_first, ib.table_first] {
+            assert!(jb.table_first >= old + 4096 || jb.table_first + 4096 <= old);
+        }
+        assert!(second.maglev[&jb.table_first].iter().all(|&o| o < 2));
+
+        // Availability changes the tables only: same slots, same generation.
+        let config = Config::parse(&format!("{BASE}{a}{b2}{single}")).unwrap();
+        let mut availability = Availability::default();
+        availability
+            .down
+            .insert(("a".to_string(), "10.0.2.2:5000".to_string()));
+        let third = second.with_availability(&config, &availability);
+        assert_eq!(third.settings, second.settings);
+        assert_eq!(third.apps, second.apps);
+        assert!(third.maglev[&ja.table_first].iter().all(|&o| o == 1));
+        assert_eq!(
+            third.maglev[&jb.table_first],
+            second.maglev[&jb.table_first]
+        );
     }
 }

@@ -238,7 +238,10 @@ async fn udp_check(
         .map_err(|e| udp_error_status(&e))?;
     let mut buf = vec![0u8; 65_536];
     loop {
-        let n = sock.recv(&mut buf).await.map_err(|e| udp_error_status(&e))?;
+        let n = sock
+            .recv(&mut buf)
+            .await
+            .map_err(|e| udp_error_status(&e))?;
         let reply = &buf[..n];
         let payload = match spec.proxy {
             ProxyProtocol::Simple => match spp::Header::new_checked(reply) {
@@ -402,7 +405,11 @@ mod tests {
         let mut v = Verdicts::default();
         assert_eq!(v.record(&result(false), &c), None);
         assert_eq!(v.record(&result(false), &c), None);
-        assert_eq!(v.record(&result(true), &c), None, "a pass resets the streak");
+        assert_eq!(
+            v.record(&result(true), &c),
+            None,
+            "a pass resets the streak"
+        );
         assert_eq!(v.record(&result(false), &c), None);
         assert_eq!(v.record(&result(false), &c), None);
         assert_eq!(v.record(&result(false), &c), Some(Transition::WentDown));

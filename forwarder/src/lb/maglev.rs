@@ -125,7 +125,10 @@ mod tests {
             counts[table[(h % table.len() as u32) as usize] as usize] += 1;
             total += 1;
         }
-        counts.iter().map(|&c| f64::from(c) / f64::from(total)).collect()
+        counts
+            .iter()
+            .map(|&c| f64::from(c) / f64::from(total))
+            .collect()
     }
 
     #[test]
@@ -170,7 +173,11 @@ mod tests {
             let size = maglev_table_size(n as u32);
             let before = build(&all, size);
             let removed = n / 2;
-            let rest: Vec<Member> = all.iter().filter(|m| m.offset as usize != removed).cloned().collect();
+            let rest: Vec<Member> = all
+                .iter()
+                .filter(|m| m.offset as usize != removed)
+                .cloned()
+                .collect();
             let after = build(&rest, size);
             let moved = clients()
                 .filter(|h| {
@@ -196,7 +203,10 @@ mod tests {
         let b = build(&reversed, 4093);
         // Same identity in every slot (offsets are positions, so compare names).
         let name = |members: &[Member], offset: u16| {
-            members.iter().find(|m| m.offset == offset).map(|m| m.identity.clone())
+            members
+                .iter()
+                .find(|m| m.offset == offset)
+                .map(|m| m.identity.clone())
         };
         let differ = a
             .iter()

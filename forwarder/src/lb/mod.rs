@@ -38,7 +38,8 @@ impl Availability {
     }
 
     pub fn is_drained(&self, app: &str, origin: &str) -> bool {
-        self.drained.contains(&(app.to_string(), origin.to_string()))
+        self.drained
+            .contains(&(app.to_string(), origin.to_string()))
     }
 
     /// How many of `app`'s origins are up (not failing a health check).
@@ -153,7 +154,9 @@ mod tests {
     }
 
     fn out(set: &[&str]) -> BTreeSet<OriginRef> {
-        set.iter().map(|o| ("a".to_string(), o.to_string())).collect()
+        set.iter()
+            .map(|o| ("a".to_string(), o.to_string()))
+            .collect()
     }
 
     fn offsets(members: &[Member]) -> Vec<u16> {

@@ -238,9 +238,9 @@ pub(crate) async fn serve(
     let mut failure = None;
     let mut connected = None;
     let selection = shared.selection(&meta.app);
-    for (offset, candidate) in origin::candidates(&meta.app, &selection, client.ip(), edge.port())
-    {
-        let origin_counters = shared.origin_counters(&meta.app.id, &meta.app.origins[offset].label());
+    for (offset, candidate) in origin::candidates(&meta.app, &selection, client.ip(), edge.port()) {
+        let origin_counters =
+            shared.origin_counters(&meta.app.id, &meta.app.origins[offset].label());
         let started = Instant::now();
         let attempt = tokio::select! {
             r = origin::connect(candidate, timeout) => r,

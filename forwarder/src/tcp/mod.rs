@@ -30,8 +30,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{App, Config, Protocol};
-use crate::lb::{Availability, OriginRef, Selection};
 use crate::datapath::Datapath;
+use crate::lb::{Availability, OriginRef, Selection};
 use crate::telemetry::events::EventLog;
 use crate::wire::unmap_socket_addr as unmap;
 

@@ -133,8 +133,7 @@ async fn serve(stream: UnixStream, handlers: Handlers) -> anyhow::Result<()> {
                     let drained = verb == "drain";
                     let set = handlers.set_drained.clone();
                     let (app, origin) = (app.to_string(), origin.to_string());
-                    match tokio::task::spawn_blocking(move || set(&app, &origin, drained)).await
-                    {
+                    match tokio::task::spawn_blocking(move || set(&app, &origin, drained)).await {
                         Ok(Ok(())) => serde_json::json!({ "ok": true }).to_string(),
                         Ok(Err(err)) => error(format!("{err:#}")),
                         Err(err) => error(format!("{verb}: {err}")),
@@ -246,7 +245,10 @@ mod tests {
         assert!(ok.get("drops").is_some(), "a snapshot: {ok}");
         assert_eq!(ask(&path, b"drain a 10.0.0.1:22\n").await["ok"], true);
         let refused = ask(&path, b"enable b 10.0.0.9:22\n").await;
-        assert_eq!(refused["error"], "no origin 10.0.0.9:22 of b to drain (false)");
+        assert_eq!(
+            refused["error"],
+            "no origin 10.0.0.9:22 of b to drain (false)"
+        );
         let unknown = ask(&path, b"shutdown\n").await;
         assert_eq!(unknown["error"], "unknown request \"shutdown\"");
         let long = vec![b'x'; 1000];

@@ -158,7 +158,9 @@ impl SnapshotCollector {
             encoder,
             names::ORIGIN_UP,
             "1 while the origin passes its health check (or has none), 0 while it is down.",
-            origins.iter().map(|o| (labels(o), u64::from(o.health != "down"))),
+            origins
+                .iter()
+                .map(|o| (labels(o), u64::from(o.health != "down"))),
         )?;
         gauge(
             encoder,
