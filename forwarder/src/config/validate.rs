@@ -41,7 +41,7 @@ const MAX_NEW_FLOWS_PER_SOURCE: i64 = 1_000_000;
 /// Bytes from hex text (`ffff0a`, spaces allowed between bytes).
 fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.is_empty() || digits.len() % 2 != 0 {
+    if digits.is_empty() || !digits.len().is_multiple_of(2) {
         return Err(format!(
             "'{text}' is not hex bytes (an even number of digits 0-9, a-f)"
         ));

@@ -53,6 +53,9 @@ struct CheckSpec {
     target: SocketAddr,
     proxy: ProxyProtocol,
     protocol: Protocol,
+    /// UDP ports a probe socket must not use: the edge ports of UDP apps and
+    /// `udp_nat_ports` (replies to those are taken by the datapath).
+    avoid: Arc<Vec<PortRange>>,
 }
 
 /// The running check tasks, one per checked origin.
@@ -65,9 +68,8 @@ pub struct Checks {
 impl Checks {
     /// Starts, restarts or stops tasks so that exactly the origins `config`
     /// checks are checked as it says. Must run inside the tokio runtime.
-    /// `avoid_ports` are UDP ports a probe socket must not use (edge ports of
-    /// UDP apps and the NAT pool: replies to those are taken by the datapath).
     pub fn apply(&mut self, config: &Config, report: &Report) {
+        let avoid = Arc::new(avoid_ports(config));
         let mut wanted: BTreeMap<OriginRef, CheckSpec> = BTreeMap::new();
         for app in &config.apps {
             let Some(check) = &app.health_check else {
@@ -81,11 +83,11 @@ impl Checks {
                         target: SocketAddr::new(origin.addr, origin.ports.low),
                         proxy: app.proxy_protocol,
                         protocol: app.protocol,
+                        avoid: avoid.clone(),
                     },
                 );
             }
         }
-        let avoid = Arc::new(avoid_ports(config));
         self.running.retain(|key, (spec, _, task)| {
             let keep = wanted.get(key) == Some(spec);
             if !keep {
@@ -99,14 +101,8 @@ impl Checks {
             }
             self.next_run += 1;
             let run = self.next_run;
-            let task = tokio::spawn(check_loop(
-                key.clone(),
-                run,
-                spec.clone(),
-                avoid.clone(),
-                report.clone(),
-            ))
-            .abort_handle();
+            let task = tokio::spawn(check_loop(key.clone(), run, spec.clone(), report.clone()))
+                .abort_handle();
             self.running.insert(key, (spec, run, task));
         }
     }
@@ -145,13 +141,7 @@ fn avoid_ports(config: &Config) -> Vec<PortRange> {
     ports
 }
 
-async fn check_loop(
-    origin: OriginRef,
-    run: u64,
-    spec: CheckSpec,
-    avoid: Arc<Vec<PortRange>>,
-    report: Report,
-) {
+async fn check_loop(origin: OriginRef, run: u64, spec: CheckSpec, report: Report) {
     let mut ticker = tokio::time::interval(spec.check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe_socket: Option<UdpSocket> = None;
@@ -161,7 +151,7 @@ async fn check_loop(
         let outcome = tokio::time::timeout(spec.check.timeout, async {
             match (&spec.protocol, &spec.check.probe) {
                 (Protocol::Udp, Some(probe)) => {
-                    udp_check(&spec, probe, &mut probe_socket, &avoid).await
+                    udp_check(&spec, probe, &mut probe_socket, &spec.avoid).await
                 }
                 _ => tcp_check(&spec).await,
             }
@@ -237,23 +227,22 @@ async fn udp_check(
         .await
         .map_err(|e| udp_error_status(&e))?;
     let mut buf = vec![0u8; 65_536];
-    loop {
-        let n = sock
-            .recv(&mut buf)
-            .await
-            .map_err(|e| udp_error_status(&e))?;
-        let reply = &buf[..n];
-        let payload = match spec.proxy {
-            ProxyProtocol::Simple => match spp::Header::new_checked(reply) {
-                Ok(header) if spp::Repr::parse(&header).is_ok() => header.payload(),
-                _ => return Err(status::ORIGIN_UNKNOWN_ERROR),
-            },
-            _ => reply,
-        };
-        if payload.starts_with(&probe.expect) {
-            return Ok(());
-        }
-        return Err(status::ORIGIN_UNKNOWN_ERROR);
+    let n = sock
+        .recv(&mut buf)
+        .await
+        .map_err(|e| udp_error_status(&e))?;
+    let reply = &buf[..n];
+    let payload = match spec.proxy {
+        ProxyProtocol::Simple => match spp::Header::new_checked(reply) {
+            Ok(header) if spp::Repr::parse(&header).is_ok() => header.payload(),
+            _ => return Err(status::ORIGIN_UNKNOWN_ERROR),
+        },
+        _ => reply,
+    };
+    if payload.starts_with(&probe.expect) {
+        Ok(())
+    } else {
+        Err(status::ORIGIN_UNKNOWN_ERROR)
     }
 }
 

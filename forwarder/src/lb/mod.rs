@@ -196,8 +196,10 @@ mod tests {
     #[test]
     fn order_starts_at_the_table_pick_and_holds_every_member_once() {
         let a = app(r#"["tcp://10.0.0.1:22", "tcp://10.0.0.2:22", "tcp://10.0.0.3:22"]"#);
-        let mut av = Availability::default();
-        av.down = out(&["10.0.0.2:22"]);
+        let av = Availability {
+            down: out(&["10.0.0.2:22"]),
+            ..Availability::default()
+        };
         let s = Selection::new(&a, &av);
         for hash in 0..200u64 {
             let order = s.order(hash);
