@@ -2018,3 +2018,117 @@ fn the_loaded_datapath_calls_no_memory_subroutines() {
         }
     });
 }
+
+// ---- origin tables (lb): Maglev, weights, health ------------------------------------
+
+/// The config of the origin-table test: one SPP app, origins of weight 1 and 3.
+fn weighted_config(ec: &str, eo: &str) -> String {
+    format!(
+        r#"
+[agent]
+interfaces = ["{ec}", "{eo}"]
+
+[[apps]]
+id = "weighted"
+protocol = "udp/5200"
+edge_ips = ["10.0.1.1"]
+origin_direct = ["udp://10.0.2.2:5200", {{ address = "udp://10.0.2.3:5200", weight = 3 }}]
+proxy_protocol = "simple"
+"#
+    )
+}
+
+#[test]
+fn new_flows_follow_the_weighted_origin_table_and_move_off_a_down_origin() {
+    if !require_root() {
+        return;
+    }
+    let (lab, wires) = lab();
+    let toml = weighted_config(&wires.ec, &wires.eo);
+    lab.edge()
+        .run_in(|| {
+            let mut h = Harness::with_config(&wires, &toml);
+            let config = Config::parse(&toml).unwrap();
+            let app = &config.apps[0];
+            let edge = sa(EDGE_CLIENT_V4, 5200);
+            let origins = [IpAddr::from(ORIGIN_V4), IpAddr::from(ORIGIN2_V4)];
+            // The origin the agent's table gives a client port.
+            let pick = |table: &[u16], client: SocketAddr| -> IpAddr {
+                let IpAddr::V4(ip) = client.ip() else {
+                    unreachable!()
+                };
+                let hash = forwarder_common::flow_hash(&addr16(ip.into()), client.port());
+                origins[usize::from(table[(hash % table.len() as u32) as usize])]
+            };
+            let send = |h: &Harness, client: SocketAddr, to: IpAddr, what: &str| {
+                let out = h.forward(what, &udp_in(client, edge, b"q", None), true);
+                let want = udp_out(
+                    wires.oe_mac,
+                    wires.eo_mac,
+                    sa(EDGE_ORIGIN_V4, 5200),
+                    sa(to, 5200),
+                    &spp_payload(client, edge, b"q"),
+                    false,
+                );
+                assert_frame(what, &out, &want);
+            };
+            let all_up = forwarder::lb::table(app, &Default::default());
+            assert_eq!(all_up.len(), 4093);
+            let mut to_second = 0;
+            for port in 41000..41200u16 {
+                let client = sa(CLIENT_V4, port);
+                let to = pick(&all_up, client);
+                to_second += usize::from(to == origins[1]);
+                send(&h, client, to, &format!("new flow from port {port}"));
+            }
+            // Weight 3 of 4: about 150 of 200.
+            assert!(
+                (120..=180).contains(&to_second),
+                "{to_second} of 200 to the weight-3 origin"
+            );
+
+            // The weight-3 origin goes down: new flows all go to the other one.
+            let mut availability = forwarder::lb::Availability::default();
+            availability
+                .down
+                .insert(("weighted".to_string(), "10.0.2.3:5200".to_string()));
+            let plan = h
+                .datapath
+                .plan()
+                .unwrap()
+                .with_availability(&config, &availability);
+            h.datapath.apply(&plan).unwrap();
+            for port in 42000..42050u16 {
+                send(
+                    &h,
+                    sa(CLIENT_V4, port),
+                    origins[0],
+                    &format!("new flow {port}, one origin up"),
+                );
+            }
+            // Live flows of the down origin still go there until they are moved ...
+            let moved_client = (41000..41200u16)
+                .map(|p| sa(CLIENT_V4, p))
+                .find(|c| pick(&all_up, *c) == origins[1])
+                .unwrap();
+            send(&h, moved_client, origins[1], "a live flow before the move");
+            // ... then to the survivor, with the same client in the SPP header.
+            let index = plan.app_ids.iter().position(|id| id == "weighted").unwrap() as u32;
+            let first = plan.apps[index as usize].origin_first;
+            let (moved, ended) = h.datapath.move_udp_flows(index, first + 1).unwrap();
+            assert_eq!(ended, 0);
+            assert_eq!(
+                moved as usize, to_second,
+                "every flow of the down origin moved"
+            );
+            send(&h, moved_client, origins[0], "the same flow after the move");
+            let flow = h.flow(moved_client, edge);
+            assert_eq!(
+                (flow.origin, flow.packets_in),
+                (first, 3),
+                "moved, not a new flow"
+            );
+        })
+        .expect("edge thread");
+    lab.close().expect("lab teardown");
+}
