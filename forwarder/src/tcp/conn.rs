@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::Shared;
 use super::copy;
 use super::origin;
-use super::splice::{self, Fault, Pipe};
+use super::splice::{self, Fault};
 use super::stats::AppCounters;
 use crate::config::{App, ProxyProtocol};
 use crate::telemetry::events::{Event, EventKind, rfc3339, status};
@@ -384,9 +384,10 @@ async fn pump(
     activity: &Activity,
     close: &mut tokio::sync::watch::Receiver<bool>,
 ) -> End {
-    // Pipes only for the splice engine (two per connection, four fds).
+    // Pipes only for the splice engine (two per connection, four fds), from the
+    // pool and back to it.
     let pipes = if shared.splices() {
-        match (Pipe::new(), Pipe::new()) {
+        match (shared.pipes.take(), shared.pipes.take()) {
             (Ok(up), Ok(down)) => Some((up, down)),
             (Err(err), _) | (_, Err(err)) => {
                 log::warn!("pipe: {err}");
@@ -465,14 +466,18 @@ async fn pump(
             tokio::time::sleep_until(deadline).await;
         }
     };
-    tokio::select! {
+    let end = tokio::select! {
         r = async { tokio::try_join!(client_to_origin, origin_to_client) } => match r {
             Ok(_) => End::Normal,
             Err(end) => end,
         },
         end = idle => end,
         _ = close.wait_for(|c| *c) => End::Drained,
+    };
+    for pipe in [up, down].into_iter().flatten() {
+        shared.pipes.give(pipe);
     }
+    end
 }
 
 #[cfg(test)]

@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     events: RwLock<EventLog>,
     /// Counters by app id; kept after an app is removed (counters never go back).
     stats: Mutex<BTreeMap<String, Arc<stats::AppCounters>>>,
+    /// Empty pipes for the splice engine's next connections.
+    pub(crate) pipes: splice::PipePool,
     /// Origins (address, port) with open connections, and how many each.
     origins_live: Mutex<BTreeMap<SocketAddr, u64>>,
     /// How each app picks origins (health, drain, weights); set by the agent.
@@ -204,6 +206,7 @@ impl TcpProxy {
             started: Instant::now(),
             events: RwLock::new(events),
             stats: Mutex::new(BTreeMap::new()),
+            pipes: splice::PipePool::default(),
             origins_live: Mutex::new(BTreeMap::new()),
             selections: RwLock::new(BTreeMap::new()),
             origin_stats: Mutex::new(BTreeMap::new()),
@@ -521,9 +524,16 @@ async fn accept_loop(
 /// Connections the open-file limit allows: two sockets each, two pipes more when
 /// splicing.
 fn fd_capacity(splices: bool) -> u64 {
-    let per_connection = if splices { 6 } else { 2 };
+    let (per_connection, pooled) = if splices {
+        (6, 2 * splice::PipePool::MAX as u64)
+    } else {
+        (2, 0)
+    };
     match crate::fd_limit::soft() {
-        Ok(soft) => crate::fd_limit::connection_capacity(soft, per_connection),
+        // The pool's idle pipes hold fds too.
+        Ok(soft) => {
+            crate::fd_limit::connection_capacity(soft.saturating_sub(pooled), per_connection)
+        }
         Err(_) => u64::MAX,
     }
 }
