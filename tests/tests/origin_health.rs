@@ -472,7 +472,11 @@ fn a_drained_origin_finishes_its_connections_and_takes_no_new_ones() {
     let mut s = client_connect(&lab, edge, WAIT).unwrap();
     let mut n = [0u8; 2];
     s.read_exact(&mut n).unwrap();
-    assert_eq!(n[0], other.as_bytes()[0], "still not picked after the reload");
+    assert_eq!(
+        n[0],
+        other.as_bytes()[0],
+        "still not picked after the reload"
+    );
     // The last origin not drained cannot be drained.
     let (ok, _, err) = cli(&agent, &["drain", "svc", &other_addr.to_string()]);
     assert!(!ok, "draining the last origin must fail");

@@ -13,7 +13,7 @@ use super::Agent;
 use crate::config::{Config, Protocol};
 use crate::lb::health::{CheckResult, Report, Transition};
 use crate::lb::{self, Availability};
-use crate::telemetry::events::{Event, EventKind};
+use crate::telemetry::events::{Event, EventKind, status};
 use crate::telemetry::snapshot::OriginStatus;
 
 impl Agent {
@@ -25,9 +25,8 @@ impl Agent {
     }
 
     /// The availability for `config` from the current verdicts and drains
-    /// (origins `config` no longer has are forgotten).
-    pub(super) fn availability_for(&mut self, config: &Config) -> Availability {
-        self.verdicts.retain_checked(config);
+    /// (origins `config` does not have are left out).
+    pub(super) fn availability_for(&self, config: &Config) -> Availability {
         let exists = |(app, origin): &lb::OriginRef| {
             config
                 .apps
@@ -51,8 +50,10 @@ impl Agent {
         }
     }
 
-    /// After a reload was applied: checks follow the new config.
+    /// After a reload was applied: checks follow the new config, and verdicts of
+    /// origins it no longer checks are forgotten.
     pub(super) fn restart_health_checks(&mut self) {
+        self.verdicts.retain_checked(&self.config);
         if let Some(report) = &self.report {
             self.checks.apply(&self.config, report);
         }
@@ -94,15 +95,14 @@ impl Agent {
         }
         self.set_availability(availability)?;
         if transition == Transition::WentDown && app.protocol == Protocol::Udp {
-            self.move_flows_off(app_id, label)?;
+            let status = result.failure.unwrap_or(status::ORIGIN_UNKNOWN_ERROR);
+            self.move_flows_off(app_id, label, status)?;
         }
         let kind = match transition {
             Transition::WentDown => EventKind::OriginDown,
             Transition::CameUp => EventKind::OriginUp,
         };
-        let status = result
-            .failure
-            .unwrap_or(crate::telemetry::events::status::NORMAL_CLOSE);
+        let status = result.failure.unwrap_or(status::NORMAL_CLOSE);
         let mut event = Event::summary(
             kind,
             app_id.clone(),
@@ -188,7 +188,8 @@ impl Agent {
 
     /// Moves the live UDP flows of an origin that went down to the ones the
     /// app's table gives them now.
-    fn move_flows_off(&mut self, app_id: &str, label: &str) -> anyhow::Result<()> {
+    /// Flows that cannot move end with `status` (the failed check's).
+    fn move_flows_off(&mut self, app_id: &str, label: &str, status: u16) -> anyhow::Result<()> {
         let Some(app) = self.config.apps.iter().find(|a| a.id == app_id) else {
             return Ok(());
         };
@@ -207,8 +208,27 @@ impl Agent {
             return Ok(());
         };
         let (moved, ended) = self.datapath.move_udp_flows(index, first + offset as u32)?;
-        if moved + ended > 0 {
-            info!("app {app_id}: {moved} UDP flows moved off origin {label}, {ended} ended");
+        let (now_mono, now_wall) = (crate::udp_flows::monotonic_ns(), SystemTime::now());
+        let proxy = app.proxy_protocol.as_str();
+        let origin = app.origins.get(offset).map(|o| o.addr);
+        for (key, state) in &ended {
+            self.events.emit(&crate::udp_flows::flow_event(
+                EventKind::Disconnect,
+                status,
+                key,
+                state,
+                app_id,
+                proxy,
+                origin,
+                now_mono,
+                now_wall,
+            ));
+        }
+        if moved > 0 || !ended.is_empty() {
+            info!(
+                "app {app_id}: {moved} UDP flows moved off origin {label}, {} ended",
+                ended.len()
+            );
         }
         Ok(())
     }

@@ -417,23 +417,29 @@ impl Datapath {
     /// header, so the new origin sees the same client; a plain-NAT or v2 flow moves
     /// when the new origin is reached from the same local address (its NAT port
     /// stays valid; a v2 flow sends its header again), else it is ended and its
-    /// next datagram starts a new flow. Returns (moved, ended). Counter updates
-    /// the datapath makes while a flow is rewritten may be lost.
-    pub fn move_udp_flows(&mut self, app: u32, from: u32) -> anyhow::Result<(u64, u64)> {
+    /// next datagram starts a new flow. Returns how many moved, and the flows
+    /// ended (for their `disconnect` events). Counter updates the datapath makes
+    /// while a flow is rewritten may be lost.
+    pub fn move_udp_flows(
+        &mut self,
+        app: u32,
+        from: u32,
+    ) -> anyhow::Result<(u64, Vec<(FlowKey, FlowState)>)> {
+        let mut ended = Vec::new();
         let Some(plan) = self.current.clone() else {
-            return Ok((0, 0));
+            return Ok((0, ended));
         };
         let Some(info) = plan.apps.get(app as usize).copied() else {
-            return Ok((0, 0));
+            return Ok((0, ended));
         };
         let table = plan
             .maglev
             .get(&info.table_first)
             .filter(|_| info.table_size > 0);
         let Some(table) = table else {
-            return Ok((0, 0));
+            return Ok((0, ended));
         };
-        let (mut moved, mut ended) = (0, 0);
+        let mut moved = 0;
         for (key, state) in self.udp_flows()? {
             if state.app != app || state.origin != from {
                 continue;
@@ -453,7 +459,7 @@ impl Datapath {
             let spp = state.flags & forwarder_common::FLOW_SPP != 0;
             if !spp && old.local != new.local {
                 self.remove_udp_flow(&key, &state)?;
-                ended += 1;
+                ended.push((key, state));
                 continue;
             }
             let mut next = state;
