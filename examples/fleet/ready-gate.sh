@@ -1,0 +1,27 @@
+#!/bin/sh
+# ready-gate.sh URL BIRD_SOCKET PROTOCOL [INTERVAL]
+#
+# Announces an edge host's anycast route only while its forwarder agent is ready
+# (docs/fleet.md): polls URL (the agent's /ready, e.g.
+# http://127.0.0.1:9477/ready) every INTERVAL seconds (default 0.1) and runs
+# `birdc enable PROTOCOL` while it answers 200, `birdc disable PROTOCOL` as soon
+# as it does not (refused, 503, no answer within 0.5 s). Only changes are sent;
+# a failed birdc is retried on the next poll. Runs until killed.
+set -u
+url=$1
+socket=$2
+protocol=$3
+interval=${4:-0.1}
+state=unknown
+while :; do
+    if curl -fsS -o /dev/null --max-time 0.5 "$url" 2>/dev/null; then
+        want=enable
+    else
+        want=disable
+    fi
+    if [ "$want" != "$state" ] && birdc -s "$socket" "$want" "$protocol" >/dev/null; then
+        state=$want
+        echo "$(date +%s.%N) ready-gate: $want $protocol"
+    fi
+    sleep "$interval"
+done
