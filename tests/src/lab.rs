@@ -475,6 +475,11 @@ impl LabNames {
     }
 }
 
+/// `fwd-<pid>-`: the start of the name of every namespace of this process's labs.
+pub fn own_netns_prefix() -> String {
+    format!("{NS_PREFIX}-{}-", std::process::id())
+}
+
 /// `ip netns add name`, serialised with every other lab (see `NetnsAddLock`).
 fn add_netns(name: &str) -> Result<()> {
     let _lock = NetnsAddLock::acquire()?;

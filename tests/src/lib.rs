@@ -3,6 +3,7 @@
 //! and the benchmarks.
 
 pub mod agent;
+pub mod demo_main;
 pub mod failover;
 pub mod frames;
 pub mod lab;
