@@ -22,9 +22,30 @@ use crate::lab::fleet::{CLIENTS_V4, EDGES, ORIGINS_V4, TCP_PORT, UDP_PORT, edge_
 use crate::lab::{Fleet, Netns, RouterHashing};
 use crate::spp_origin::SppEchoOrigin;
 
+/// How the victim fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// `kill -9` of the agent; BIRD and the gate on that edge keep running, so
+    /// the gate withdraws the route.
+    AgentCrash,
+    /// The agent killed and the edge's BIRD and gate frozen (SIGSTOP): a hung
+    /// host. Only the router's BFD notices.
+    HostHang,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::AgentCrash => "kill -9 the agent",
+            Failure::HostHang => "kill -9 the agent and freeze BIRD and the gate (a hung host)",
+        }
+    }
+}
+
 /// What to do.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    pub failure: Failure,
     pub udp_flows: usize,
     pub tcp_connections: usize,
     /// The edge (0-based) whose agent is killed.
@@ -38,6 +59,7 @@ pub struct Plan {
 impl Default for Plan {
     fn default() -> Self {
         Self {
+            failure: Failure::AgentCrash,
             udp_flows: 60,
             tcp_connections: 30,
             victim: 0,
@@ -100,6 +122,7 @@ pub struct TcpConn {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub hashing: RouterHashing,
+    pub failure: Failure,
     pub victim: usize,
     pub udp: Vec<UdpFlow>,
     pub tcp: Vec<TcpConn>,
@@ -202,7 +225,12 @@ impl Report {
         let black_hole = gap(self.black_hole());
         let survivors_gap = gap(self.survivors_longest_gap());
         vec![
-            format!("router: {}", self.hashing.as_str()),
+            format!(
+                "router: {}; edge{}: {}",
+                self.hashing.as_str(),
+                self.victim + 1,
+                self.failure.as_str()
+            ),
             format!(
                 "spread before the kill: UDP flows per edge {udp_spread:?}, TCP connections per edge {tcp_spread:?}"
             ),
@@ -274,10 +302,17 @@ pub fn run(fleet: &mut Fleet, plan: &Plan, say: &mut dyn FnMut(&str)) -> Result<
     // A few more rounds so that every flow has a settled path before the kill.
     std::thread::sleep(plan.tick * 5);
 
-    say(&format!("kill -9 the agent of edge{}", plan.victim + 1));
+    say(&format!(
+        "edge{}: {}",
+        plan.victim + 1,
+        plan.failure.as_str()
+    ));
     let killed_at = Instant::now();
     let kill_tick = load.tick();
-    fleet.kill_agent(plan.victim)?;
+    match plan.failure {
+        Failure::AgentCrash => fleet.kill_agent(plan.victim)?,
+        Failure::HostHang => fleet.hang_edge(plan.victim)?,
+    }
     let xdp = crate::agent::xdp_attachment(fleet.edge(plan.victim), crate::lab::fleet::UPLINK)?;
     say(&format!(
         "edge{}: agent gone after {:.0?}; XDP on {}: {}",
@@ -296,8 +331,12 @@ pub fn run(fleet: &mut Fleet, plan: &Plan, say: &mut dyn FnMut(&str)) -> Result<
         .context("waiting for the router to drop the victim")?;
     let converged_at = Instant::now();
     let router_converged = converged_at - killed_at;
+    let how = match plan.failure {
+        Failure::AgentCrash => "ready-gate → birdc disable → BGP withdraw",
+        Failure::HostHang => "BFD → BGP session down",
+    };
     say(&format!(
-        "the router dropped edge{} after {router_converged:.0?} (ready-gate → birdc disable → BGP withdraw)",
+        "the router dropped edge{} after {router_converged:.0?} ({how})",
         plan.victim + 1
     ));
 
@@ -374,6 +413,7 @@ pub fn run(fleet: &mut Fleet, plan: &Plan, say: &mut dyn FnMut(&str)) -> Result<
     drop(tcp_origin);
     Ok(Report {
         hashing: fleet.hashing(),
+        failure: plan.failure,
         victim: plan.victim,
         udp,
         tcp,

@@ -5,19 +5,23 @@
 //! the same origin and the same client in the SPP header, the TCP connections that
 //! terminated on the killed agent break, and on the survivors none break — with a
 //! resilient nexthop group. With a plain multipath route the router rehashes and
-//! some survivors' connections break: that figure is printed, not asserted.
+//! some survivors' connections break: that figure is printed, not asserted. A hung
+//! host (agent dead, BIRD frozen) is dropped by the router's BFD.
 
 use std::time::Duration;
 
-use forwarder_tests::failover::{self, Plan, Report};
+use forwarder_tests::failover::{self, Failure, Plan, Report};
 use forwarder_tests::{Fleet, RouterHashing, require_root};
 
 /// The goal for the black hole of the killed agent's flows (docs/fleet.md).
 const BLACK_HOLE_GOAL: Duration = Duration::from_secs(1);
 
-fn failover(hashing: RouterHashing) -> Report {
+fn failover(hashing: RouterHashing, failure: Failure) -> Report {
     let mut fleet = Fleet::new(hashing).expect("fleet");
-    let plan = Plan::default();
+    let plan = Plan {
+        failure,
+        ..Plan::default()
+    };
     let report = failover::run(&mut fleet, &plan, &mut |line| eprintln!("fleet: {line}"))
         .expect("failover scenario");
     for line in report.summary() {
@@ -63,7 +67,7 @@ fn a_killed_agent_loses_only_its_own_tcp_with_resilient_nexthops() {
     if !require_root() {
         return;
     }
-    let report = failover(RouterHashing::Resilient);
+    let report = failover(RouterHashing::Resilient, Failure::AgentCrash);
     let (survivors, broken) = report.tcp_on_survivors();
     assert!(survivors > 0, "{:?}", report.summary());
     assert_eq!(broken, 0, "{:?}", report.summary());
@@ -80,7 +84,7 @@ fn a_killed_agent_fails_over_with_plain_multipath() {
     if !require_root() {
         return;
     }
-    let report = failover(RouterHashing::Multipath);
+    let report = failover(RouterHashing::Multipath, Failure::AgentCrash);
     // Hash-threshold rehashing: which survivors' flows move depends on the hash of
     // each flow and on the victim's place in the route; reported, not asserted.
     let (survivors, broken) = report.tcp_on_survivors();
@@ -88,5 +92,25 @@ fn a_killed_agent_fails_over_with_plain_multipath() {
         "fleet: plain multipath broke {broken}/{survivors} TCP connections on the survivors \
          and moved {} UDP flows between survivors",
         report.udp_moved_between_survivors()
+    );
+}
+
+/// A hung host (agent dead, BIRD and the gate frozen): nothing withdraws the route,
+/// the router's BFD (3 x 100 ms) takes the session down; the same guarantees hold.
+#[test]
+fn a_hung_edge_is_dropped_by_bfd_within_a_second() {
+    if !require_root() {
+        return;
+    }
+    let report = failover(RouterHashing::Resilient, Failure::HostHang);
+    let (survivors, broken) = report.tcp_on_survivors();
+    assert!(survivors > 0, "{:?}", report.summary());
+    assert_eq!(broken, 0, "{:?}", report.summary());
+    // BFD needs three missed 100 ms intervals: a drop before that would mean
+    // something else withdrew the route.
+    assert!(
+        report.router_converged >= Duration::from_millis(250),
+        "{:?}",
+        report.summary()
     );
 }

@@ -137,8 +137,9 @@ pub struct Fleet {
     created: Vec<Netns>,
     /// Agents by edge; `None` once killed by [`Fleet::kill_agent`].
     agents: Vec<Option<AgentProcess>>,
-    /// BIRDs, gates and the resilient-group script (killed on drop).
-    daemons: Vec<NsChild>,
+    /// BIRDs, gates and the resilient-group script by name (`bird-edge1`,
+    /// `edge1-gate`, …; killed on drop).
+    daemons: Vec<(String, NsChild)>,
     stubs: Vec<XdpStub>,
 }
 
@@ -406,7 +407,7 @@ impl Fleet {
         let child = ns
             .spawn(cmd)
             .with_context(|| format!("starting {name} in {}", ns.name()))?;
-        self.daemons.push(child);
+        self.daemons.push((name.to_owned(), child));
         Ok(())
     }
 
@@ -501,6 +502,22 @@ impl Fleet {
             .and_then(Option::take)
             .with_context(|| format!("edge {} has no running agent", i + 1))?;
         agent.kill().map(drop)
+    }
+
+    /// A host that hangs: `kill -9` of edge `i`'s agent and SIGSTOP to its BIRD and
+    /// gate, so that nothing withdraws the route; only the router's BFD (3 x 100 ms)
+    /// or the BGP hold timer (3 s) notices.
+    pub fn hang_edge(&mut self, i: usize) -> Result<()> {
+        let name = format!("edge{}", i + 1);
+        for daemon in [format!("bird-{name}"), format!("{name}-gate")] {
+            let (_, child) = self
+                .daemons
+                .iter()
+                .find(|(n, _)| *n == daemon)
+                .with_context(|| format!("no daemon {daemon}"))?;
+            child.signal(libc::SIGSTOP);
+        }
+        self.kill_agent(i)
     }
 
     /// The agent of edge `i`, unless killed.
