@@ -6,9 +6,11 @@
 //! Exit status of [`main`]: 0 when every step worked, 1 when one failed, 130 when
 //! interrupted.
 
-use std::process::ExitCode;
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
@@ -116,4 +118,69 @@ fn force_cleanup() {
 
 extern "C" fn on_signal(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// For the demos' tests: runs the demo binary `bin`; `on_line` sees each output line
+/// (stderr lines prefixed `stderr: `) and may return a signal to send it. Kills it
+/// and panics when it runs longer than `limit`. Returns the exit code, the whole
+/// output and the pid.
+pub fn run_demo(
+    bin: &str,
+    limit: Duration,
+    mut on_line: impl FnMut(&str) -> Option<i32>,
+) -> (Option<i32>, String, u32) {
+    let mut child = Command::new(bin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the demo");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = child.stdout.take().expect("piped stdout");
+    let err = child.stderr.take().expect("piped stderr");
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx2.send(format!("stderr: {line}"));
+        }
+    });
+    let deadline = Instant::now() + limit;
+    let mut output = String::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                if let Some(signal) = on_line(&line) {
+                    // SAFETY: plain syscall to our own child.
+                    unsafe { libc::kill(pid as libc::pid_t, signal) };
+                }
+                output.push_str(&line);
+                output.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the demo did not end within {limit:?}:\n{output}");
+        }
+    }
+    let status = child.wait().expect("waiting for the demo");
+    (status.code(), output, pid)
+}
+
+/// Namespaces of the process `pid` still present.
+pub fn leftover_namespaces(pid: u32) -> Vec<String> {
+    std::fs::read_dir(crate::lab::NETNS_RUN_DIR)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&format!("fwd-{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default()
 }
