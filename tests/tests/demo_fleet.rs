@@ -18,7 +18,7 @@ fn demo_fleet_passes_every_step_and_cleans_up() {
     let (code, output, pid) = run_demo(DEMO, LIMIT, |_| None);
     assert_eq!(code, Some(0), "{output}");
     for line in [
-        "kill -9 the agent of edge1",
+        "edge1: kill -9 the agent",
         "UDP flows resumed on a survivor with the same origin and SPP client: 60/60",
         "[ok] resilient nexthops: black hole",
         "[ok] plain multipath: black hole",
