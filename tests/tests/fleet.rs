@@ -35,15 +35,14 @@ fn failover(hashing: RouterHashing, failure: Failure) -> Report {
     );
     assert_eq!(report.udp.len(), plan.udp_flows);
     assert_eq!(report.tcp.len(), plan.tcp_connections);
-    assert!(
-        report.router_converged <= BLACK_HOLE_GOAL,
-        "{:?}",
-        report.summary()
-    );
+    // The goal allows for what the shared test machine stalled by itself (seen by
+    // the flows the failure did not touch): the failover must not add more.
+    let allowed = BLACK_HOLE_GOAL + report.stall();
+    assert!(report.router_converged <= allowed, "{:?}", report.summary());
     let black_hole = report
         .black_hole()
         .expect("every flow of the victim resumed");
-    assert!(black_hole <= BLACK_HOLE_GOAL, "{:?}", report.summary());
+    assert!(black_hole <= allowed, "{:?}", report.summary());
     assert_eq!(
         report.udp_resumed_intact(),
         plan.udp_flows,
