@@ -57,6 +57,10 @@ fn check_config_accepts_the_examples() {
             "demo.toml",
             "config OK: 4 apps (3 tcp, 1 udp), 1 access rule, 1 pass entry, interfaces veth-edge-c, veth-edge-o\n",
         ),
+        (
+            "fleet/forwarder.toml",
+            "config OK: 2 apps (1 tcp, 1 udp), 0 access rules, 0 pass entries, interfaces fleet-up, fleet-down\n",
+        ),
     ] {
         let output = check_config(&manifest_dir().join("../examples").join(example));
         assert_eq!(

@@ -37,7 +37,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use forwarder::telemetry::snapshot::StatsSnapshot;
 
-use crate::{Lab, NsChild};
+use crate::{Lab, Netns, NsChild};
 
 /// How long [`AgentProcess::start`] waits for the control socket to answer.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -175,7 +175,13 @@ impl AgentProcess {
         config_toml: &str,
         options: &AgentOptions,
     ) -> Result<AgentProcess> {
-        let mut agent = Self::spawn_with(lab, config_toml, options)?;
+        Self::start_in(lab.edge(), config_toml, options)
+    }
+
+    /// Like [`AgentProcess::start_with`] in any namespace `ns` (e.g. one edge of a
+    /// [`Fleet`](crate::lab::Fleet)).
+    pub fn start_in(ns: &Netns, config_toml: &str, options: &AgentOptions) -> Result<AgentProcess> {
+        let mut agent = Self::spawn_in(ns, config_toml, options)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = agent.child.try_wait()? {
@@ -211,12 +217,17 @@ impl AgentProcess {
         config_toml: &str,
         options: &AgentOptions,
     ) -> Result<AgentProcess> {
+        Self::spawn_in(lab.edge(), config_toml, options)
+    }
+
+    /// Like [`AgentProcess::spawn_with`] in any namespace `ns`.
+    pub fn spawn_in(ns: &Netns, config_toml: &str, options: &AgentOptions) -> Result<AgentProcess> {
         let bin = forwarder_bin()?;
         let n = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!(
             "forwarder-agent-{}-{n}-{}",
             std::process::id(),
-            lab.id()
+            ns.name()
         ));
         // A leftover of a crashed run with the same pid: start afresh.
         let _ = std::fs::remove_dir_all(&dir);
@@ -234,7 +245,7 @@ impl AgentProcess {
         let stderr = dir.join("stderr.log");
         std::fs::write(&config, config_toml)
             .with_context(|| format!("writing {}", config.display()))?;
-        let mut cmd = lab.edge().cmd(
+        let mut cmd = ns.cmd(
             &bin,
             &[
                 "run".as_ref(),
@@ -291,7 +302,7 @@ impl AgentProcess {
                 });
             }
         }
-        let child = lab.edge().spawn(cmd)?;
+        let child = ns.spawn(cmd)?;
         Ok(AgentProcess {
             child,
             dir,

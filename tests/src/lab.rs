@@ -12,6 +12,7 @@
 //! ```
 
 mod child;
+pub mod fleet;
 mod netns;
 mod xdp;
 
@@ -29,6 +30,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 pub use child::{NsChild, OutputOk};
+pub use fleet::{Fleet, RouterHashing};
 pub use netns::{NETNS_RUN_DIR, Netns, NsTask};
 pub use xdp::{XDP_PASS_PROGRAM, XdpStub};
 
@@ -158,24 +160,16 @@ impl Lab {
         if let Err(e) = cleanup_stale() {
             log::warn!("lab: removing stale namespaces: {e:#}");
         }
-        let pid = std::process::id();
-        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{NS_PREFIX}-{pid}-{n}");
-        let tag = format!("f{}-{}", base36(pid), base36(n));
-        let ifname = |suffix: &str| -> Result<String> {
-            let name = format!("{tag}-{suffix}");
-            if name.len() > MAX_IFNAME {
-                bail!("interface name {name} is longer than {MAX_IFNAME} bytes");
-            }
-            Ok(name)
-        };
+        let names = LabNames::next();
+        let id = names.id.clone();
+        let ifname = |suffix: &str| names.ifname(suffix);
         let ifaces = Ifaces {
             client: ifname("cl")?,
             edge_client: ifname("ec")?,
             edge_origin: ifname("eo")?,
             origin: ifname("oe")?,
         };
-        let ns = |role: Role| Netns::new(format!("{id}-{}", role.as_str()));
+        let ns = |role: Role| names.netns(role.as_str());
         let mut lab = Lab {
             client: ns(Role::Client),
             edge: ns(Role::Edge),
@@ -194,35 +188,13 @@ impl Lab {
 
     fn build(&mut self) -> Result<()> {
         for role in Role::ALL {
-            let name = self.netns(role).name().to_owned();
-            {
-                let _lock = NetnsAddLock::acquire()?;
-                Command::new("ip")
-                    .args(["netns", "add", &name])
-                    .output_ok()?;
-            }
+            add_netns(self.netns(role).name())?;
             self.created.push(role);
         }
 
         // Sysctls before the veths exist, so the interfaces inherit `default`.
         for role in Role::ALL {
-            let forwarding = if role == Role::Edge { "1" } else { "0" };
-            let ns = self.netns(role);
-            for (key, value) in [
-                ("net.ipv6.conf.all.disable_ipv6", "0"),
-                ("net.ipv6.conf.default.disable_ipv6", "0"),
-                ("net.ipv6.conf.all.accept_dad", "0"),
-                ("net.ipv6.conf.default.accept_dad", "0"),
-                ("net.ipv6.conf.all.accept_ra", "0"),
-                ("net.ipv6.conf.default.accept_ra", "0"),
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-                ("net.ipv4.ip_forward", forwarding),
-                ("net.ipv6.conf.all.forwarding", forwarding),
-                ("net.ipv6.conf.default.forwarding", forwarding),
-            ] {
-                ns.sysctl(key, value)?;
-            }
+            prepare_netns(self.netns(role), role == Role::Edge)?;
         }
 
         let Ifaces {
@@ -259,15 +231,7 @@ impl Lab {
             if self.peers == Peers::SameHost && role != Role::Edge {
                 continue;
             }
-            // Full checksums on the wire, the stack verifying what it receives, no
-            // GRO batching: see docs/lab.md.
-            ns.run(
-                "ethtool",
-                &[
-                    "-K", ifname, "tx", "off", "rx", "off", "tso", "off", "gro", "off",
-                ],
-            )
-            .with_context(|| format!("disabling offloads on {ifname}"))?;
+            wire_like_offloads(ns, ifname)?;
         }
 
         self.client.ip_batch(&[
@@ -471,13 +435,104 @@ impl Lab {
                 errors.push(e);
             }
         }
-        match errors
-            .into_iter()
-            .reduce(|a, b| a.context(format!("{b:#}")))
-        {
-            Some(e) => Err(e.context(format!("tearing down lab {}", self.id))),
-            None => Ok(()),
+        joined_errors(errors).with_context(|| format!("tearing down lab {}", self.id))
+    }
+}
+
+/// The names of one lab (a [`Lab`] or a [`Fleet`]): namespaces `fwd-<pid>-<n>-<role>`
+/// and interfaces `f<pid36>-<n36>-<suffix>` (see docs/lab.md, "Names").
+#[derive(Debug, Clone)]
+struct LabNames {
+    /// `fwd-<pid>-<n>`.
+    id: String,
+    /// `f<pid36>-<n36>`.
+    tag: String,
+}
+
+impl LabNames {
+    /// The next unused names of this process.
+    fn next() -> Self {
+        let pid = std::process::id();
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        Self {
+            id: format!("{NS_PREFIX}-{pid}-{n}"),
+            tag: format!("f{}-{}", base36(pid), base36(n)),
         }
+    }
+
+    /// `<id>-<role>`.
+    fn netns(&self, role: &str) -> Netns {
+        Netns::new(format!("{}-{role}", self.id))
+    }
+
+    /// `<tag>-<suffix>`, checked against `IFNAMSIZ`.
+    fn ifname(&self, suffix: &str) -> Result<String> {
+        let name = format!("{}-{suffix}", self.tag);
+        if name.len() > MAX_IFNAME {
+            bail!("interface name {name} is longer than {MAX_IFNAME} bytes");
+        }
+        Ok(name)
+    }
+}
+
+/// `fwd-<pid>-`: the start of the name of every namespace of this process's labs.
+pub fn own_netns_prefix() -> String {
+    format!("{NS_PREFIX}-{}-", std::process::id())
+}
+
+/// `ip netns add name`, serialised with every other lab (see `NetnsAddLock`).
+fn add_netns(name: &str) -> Result<()> {
+    let _lock = NetnsAddLock::acquire()?;
+    Command::new("ip")
+        .args(["netns", "add", name])
+        .output_ok()
+        .map(drop)
+}
+
+/// The sysctls of a fresh lab namespace, set before its interfaces exist so that
+/// they inherit `default` (docs/lab.md): IPv6 on without DAD or router
+/// advertisements, no reverse-path filter, forwarding only where asked.
+fn prepare_netns(ns: &Netns, forwarding: bool) -> Result<()> {
+    let forwarding = if forwarding { "1" } else { "0" };
+    for (key, value) in [
+        ("net.ipv6.conf.all.disable_ipv6", "0"),
+        ("net.ipv6.conf.default.disable_ipv6", "0"),
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+        ("net.ipv6.conf.all.accept_ra", "0"),
+        ("net.ipv6.conf.default.accept_ra", "0"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+        ("net.ipv4.ip_forward", forwarding),
+        ("net.ipv6.conf.all.forwarding", forwarding),
+        ("net.ipv6.conf.default.forwarding", forwarding),
+    ] {
+        ns.sysctl(key, value)?;
+    }
+    Ok(())
+}
+
+/// Full checksums on the wire, the stack verifying what it receives, no GRO
+/// batching (docs/lab.md): `ifname` behaves like a NIC across a real link.
+fn wire_like_offloads(ns: &Netns, ifname: &str) -> Result<()> {
+    ns.run(
+        "ethtool",
+        &[
+            "-K", ifname, "tx", "off", "rx", "off", "tso", "off", "gro", "off",
+        ],
+    )
+    .with_context(|| format!("disabling offloads on {ifname}"))
+    .map(drop)
+}
+
+/// One error naming all of `errors`, or `Ok` when there are none.
+fn joined_errors(errors: Vec<anyhow::Error>) -> Result<()> {
+    match errors
+        .into_iter()
+        .reduce(|a, b| a.context(format!("{b:#}")))
+    {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -530,7 +585,8 @@ fn stale_owner(name: &str) -> Option<libc::pid_t> {
     let pid = parts.next()?.parse::<libc::pid_t>().ok()?;
     parts.next()?.parse::<u32>().ok()?;
     let role = parts.next()?;
-    (pid > 0 && Role::ALL.iter().any(|r| r.as_str() == role)).then_some(pid)
+    let known = Role::ALL.iter().any(|r| r.as_str() == role) || fleet::is_fleet_role(role);
+    (pid > 0 && known).then_some(pid)
 }
 
 fn process_alive(pid: libc::pid_t) -> bool {
@@ -658,6 +714,9 @@ mod tests {
         assert_eq!(stale_owner("fwd-1234-7-edge"), Some(1234));
         assert_eq!(stale_owner("fwd-1234-7-client"), Some(1234));
         assert_eq!(stale_owner("fwd-1234-7-other"), None);
+        assert_eq!(stale_owner("fwd-1234-7-router"), Some(1234));
+        assert_eq!(stale_owner("fwd-1234-7-edge2"), Some(1234));
+        assert_eq!(stale_owner("fwd-1234-7-edgex"), None);
         assert_eq!(stale_owner("fwd-x-7-edge"), None);
         assert_eq!(stale_owner("fwdx-1-7-edge"), None);
         assert_eq!(stale_owner("other"), None);

@@ -3,6 +3,8 @@
 //! and the benchmarks.
 
 pub mod agent;
+pub mod demo_main;
+pub mod failover;
 pub mod frames;
 pub mod lab;
 pub mod spp_origin;
@@ -13,6 +15,7 @@ pub use lab::{
     ORIGIN_NET_V4, ORIGIN_NET_V6, ORIGIN_V4, ORIGIN_V6, OutputOk, PREFIX_V4, PREFIX_V6, Peers,
     Role, XdpStub, cleanup_stale,
 };
+pub use lab::{Fleet, RouterHashing};
 
 /// Environment variable `cargo xtask test` sets when it runs the root-only tests.
 pub const INTEGRATION_ENV: &str = "FORWARDER_INTEGRATION";

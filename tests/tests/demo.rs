@@ -2,74 +2,13 @@
 //! step by itself within a minute and leaves no namespace behind, also when it is
 //! interrupted with Ctrl-C (SIGINT) in the middle.
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use forwarder_tests::demo_main::{leftover_namespaces, run_demo};
 use forwarder_tests::require_root;
 
 const DEMO: &str = env!("CARGO_BIN_EXE_demo");
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// Namespaces of the demo process `pid` still present.
-fn leftovers(pid: u32) -> Vec<String> {
-    std::fs::read_dir(forwarder_tests::lab::NETNS_RUN_DIR)
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.starts_with(&format!("fwd-{pid}-")))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Runs the demo; `on_line` sees each stdout line and may return a signal to send.
-/// Returns the exit code, the whole output and the pid.
-fn run_demo(mut on_line: impl FnMut(&str) -> Option<i32>) -> (Option<i32>, String, u32) {
-    let mut child = Command::new(DEMO)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the demo");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = child.stdout.take().unwrap();
-    let err = child.stderr.take().unwrap();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx2.send(format!("stderr: {line}"));
-        }
-    });
-    let deadline = Instant::now() + LIMIT;
-    let mut output = String::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                if let Some(signal) = on_line(&line) {
-                    // SAFETY: plain syscall to our own child.
-                    unsafe { libc::kill(pid as libc::pid_t, signal) };
-                }
-                output.push_str(&line);
-                output.push('\n');
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the demo did not end within {LIMIT:?}:\n{output}");
-        }
-    }
-    let status = child.wait().expect("waiting for the demo");
-    (status.code(), output, pid)
-}
 
 #[test]
 fn demo_passes_every_step_and_cleans_up() {
@@ -77,7 +16,7 @@ fn demo_passes_every_step_and_cleans_up() {
         return;
     }
     let started = Instant::now();
-    let (code, output, pid) = run_demo(|_| None);
+    let (code, output, pid) = run_demo(DEMO, LIMIT, |_| None);
     assert_eq!(code, Some(0), "{output}");
     for line in [
         "[ok] UDP + Simple Proxy Protocol: the origin saw the real client 10.0.1.2:",
@@ -94,7 +33,7 @@ fn demo_passes_every_step_and_cleans_up() {
     }
     assert!(!output.contains("[FAIL]"), "{output}");
     assert!(started.elapsed() < Duration::from_secs(60), "{output}");
-    assert_eq!(leftovers(pid), Vec::<String>::new());
+    assert_eq!(leftover_namespaces(pid), Vec::<String>::new());
 }
 
 #[test]
@@ -103,7 +42,7 @@ fn demo_interrupted_leaves_nothing_behind() {
         return;
     }
     let mut sent = false;
-    let (code, output, pid) = run_demo(|line| {
+    let (code, output, pid) = run_demo(DEMO, LIMIT, |line| {
         // Ctrl-C once the agent runs and the first step has started.
         (!sent && line.contains("[1/6]")).then(|| {
             sent = true;
@@ -117,5 +56,5 @@ fn demo_interrupted_leaves_nothing_behind() {
         "{output}"
     );
     assert!(!output.contains("demo: 6/6"), "{output}");
-    assert_eq!(leftovers(pid), Vec::<String>::new(), "{output}");
+    assert_eq!(leftover_namespaces(pid), Vec::<String>::new(), "{output}");
 }

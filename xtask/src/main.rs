@@ -49,6 +49,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the fleet demo: three agents behind ECMP and BGP (BIRD), one killed
+    /// (`forwarder-tests` binary `demo-fleet`; root). See docs/fleet.md.
+    DemoFleet {
+        /// Arguments for the demo binary, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the benchmarks (`forwarder-tests` binary `bench`; root).
     Bench {
         /// Run only this scenario.
@@ -90,6 +97,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Run { args } => run_forwarder(args),
         Cmd::Test => test::test(),
         Cmd::Demo { args } => lab_binary("demo", args),
+        Cmd::DemoFleet { args } => lab_binary("demo-fleet", args),
         Cmd::Bench {
             scenario,
             quick,
@@ -239,6 +247,12 @@ mod tests {
         assert!(matches!(
             Cli::try_parse_from(["xtask", "lint"]).unwrap().command,
             Cmd::Clippy
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "demo-fleet"])
+                .unwrap()
+                .command,
+            Cmd::DemoFleet { .. }
         ));
     }
 }

@@ -38,6 +38,8 @@ pub const PACKAGES: &[&str] = &[
     // The package test (`systemd-analyze verify`) and the system-call filter test.
     "systemd",
     "strace",
+    // The fleet lab's BGP daemons (router and edges), with BFD.
+    "bird2",
 ];
 
 /// Services Debian starts when their package is installed; the tests run their own
@@ -47,6 +49,8 @@ const SERVICES: &[(&str, &[&str])] = &[
     ("haproxy", &["/run/haproxy.pid"]),
     ("vsftpd", &["/run/vsftpd.pid", "/run/vsftpd/vsftpd.pid"]),
     ("dnsmasq", &["/run/dnsmasq/dnsmasq.pid", "/run/dnsmasq.pid"]),
+    // The fleet lab runs its own BIRDs in namespaces; the host's must not speak BGP.
+    ("bird", &["/run/bird/bird.pid"]),
 ];
 
 pub fn setup() -> Result<()> {

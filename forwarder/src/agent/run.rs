@@ -57,6 +57,13 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn run(options: RunOptions) -> anyhow::Result<()> {
+    // Handlers first: a signal that arrives while the agent starts waits for the
+    // loop below instead of killing the process (SIGHUP's and SIGUSR1's default
+    // action) once the control socket already answers.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     // Before anything on the host is touched: one agent per state directory, and
     // what a dead one left behind put back.
     let host = HostState::acquire(&options.state_dir, Some(&options.control))?;
@@ -114,8 +121,6 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
             done: None,
         });
     };
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     if let Some(n) = &notifier {
         n.send(&format!("READY=1\nSTATUS=serving {apps} apps"));
     }
@@ -123,8 +128,6 @@ async fn run(options: RunOptions) -> anyhow::Result<()> {
     // watchdog's interval; a stuck agent thread then gets the service restarted.
     let watchdog = super::notify::watchdog_interval().filter(|_| notifier.is_some());
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let mut watch_tick = tokio::time::interval(crate::reload::WATCH_INTERVAL);
     let mut filtered_tick = tokio::time::interval(FILTERED_SUMMARY_INTERVAL);
     loop {

@@ -16,33 +16,18 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use forwarder_tests::agent::{AgentProcess, forwarder_bin};
-use forwarder_tests::{Lab, Netns, OutputOk as _, Role};
+use forwarder_tests::demo_main::{interrupted, is_interrupted};
+use forwarder_tests::{Lab, Netns, OutputOk as _};
 
 const DEMO_CONFIG: &str = include_str!("../../../examples/demo.toml");
 const METRICS: &str = "127.0.0.1:9477";
 const EDGE: &str = "10.0.1.1";
 const BLOCKED_CLIENT: &str = "10.0.1.200";
 const SCAN_PORTS: u16 = 300;
-
-/// Set by the signal thread on SIGINT/SIGTERM; every wait of the demo checks it.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-/// SIGINT/SIGTERM received so far.
-static SIGNALS: AtomicUsize = AtomicUsize::new(0);
-/// The lab's id, for the last-resort cleanup after a second Ctrl-C.
-static LAB_ID: OnceLock<String> = OnceLock::new();
-
-fn interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
 
 /// Polls `check` until it returns `Some`, for at most `timeout`.
 fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
@@ -93,7 +78,7 @@ fn spp_origin(ns: &Netns) -> Result<()> {
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
-        while !INTERRUPTED.load(Ordering::Relaxed) {
+        while !is_interrupted() {
             let Ok((n, from)) = socket.recv_from(&mut buf) else {
                 continue;
             };
@@ -229,7 +214,7 @@ fn run_steps(lab: &Lab, agent: &AgentProcess, dir: &Path) -> Vec<Outcome> {
             Err(e) => say(format!("\x1b[31mfailed\x1b[0m: {e:#}")),
         }
         outcomes.push(Outcome { name, result });
-        !INTERRUPTED.load(Ordering::Relaxed)
+        !is_interrupted()
     };
 
     step(
@@ -472,7 +457,6 @@ fn demo() -> Result<bool> {
         "\x1b[1mforwarder demo\x1b[0m: building the lab (client <-> edge <-> origin namespaces)"
     );
     let lab = Lab::new()?;
-    let _ = LAB_ID.set(lab.id().to_string());
     lab.attach_pass_stubs()?;
     lab.add_client_address(&format!("{BLOCKED_CLIENT}/24"))?;
     let dir = TempDir::new()?;
@@ -529,82 +513,6 @@ fn demo() -> Result<bool> {
     Ok(passed == 6 && outcomes.len() == 6)
 }
 
-/// After a second Ctrl-C: kill what runs in the lab's namespaces and delete them.
-fn force_cleanup() {
-    let Some(id) = LAB_ID.get() else { return };
-    for role in Role::ALL {
-        let name = format!("{id}-{}", role.as_str());
-        if let Ok(out) = std::process::Command::new("ip")
-            .args(["netns", "pids", &name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<libc::pid_t>()
-                    && pid != std::process::id() as libc::pid_t
-                {
-                    // SAFETY: plain syscall on a pid listed in our lab's namespace.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &name])
-            .status();
-    }
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALS.fetch_add(1, Ordering::Relaxed);
-}
-
 fn main() -> ExitCode {
-    if !forwarder_tests::require_root() {
-        eprintln!("demo: needs root (network namespaces, XDP)");
-        return ExitCode::FAILURE;
-    }
-    // SIGINT/SIGTERM only set a flag (handlers, not a blocked mask: the agent and
-    // the tools the demo runs must get their own signals as usual).
-    // SAFETY: installs an async-signal-safe handler (one atomic add).
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
-        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
-    }
-    let worker = std::thread::spawn(demo);
-    let mut seen = 0;
-    while !worker.is_finished() {
-        std::thread::sleep(Duration::from_millis(100));
-        let signals = SIGNALS.load(Ordering::Relaxed);
-        if signals > seen {
-            seen = signals;
-            INTERRUPTED.store(true, Ordering::Relaxed);
-            if signals == 1 {
-                eprintln!("\ndemo: interrupted; stopping the agent and removing the lab...");
-            } else {
-                eprintln!("demo: interrupted again; removing the lab namespaces now");
-                force_cleanup();
-                return ExitCode::from(130);
-            }
-        }
-    }
-    let result = worker.join();
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        eprintln!("demo: interrupted; nothing left behind");
-        return ExitCode::from(130);
-    }
-    match result {
-        Ok(Ok(true)) => ExitCode::SUCCESS,
-        Ok(Ok(false)) => ExitCode::FAILURE,
-        Ok(Err(e)) => {
-            eprintln!("demo: {e:#}");
-            ExitCode::FAILURE
-        }
-        Err(_) => {
-            eprintln!("demo: the demo thread panicked");
-            ExitCode::FAILURE
-        }
-    }
+    forwarder_tests::demo_main::main("demo", demo)
 }
