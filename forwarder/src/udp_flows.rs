@@ -245,6 +245,7 @@ pub fn flow_event(
         connect_timestamp: Some(rfc3339(first_seen)),
         disconnect_timestamp: (kind == EventKind::Disconnect).then(|| rfc3339(now_wall)),
         flows: None,
+        tls: Default::default(),
     }
 }
 

@@ -527,6 +527,12 @@ impl Validator<'_> {
                 None
             }
         };
+        let tls = super::tls::check(
+            &location,
+            raw,
+            spec.map(|s| s.protocol),
+            self.problems,
+        );
         let app = match (spec, edge_ips) {
             (Some(spec), Some(edge_ips)) => Some(App {
                 id: id.clone().unwrap_or_else(|| App::default_id(&spec)),
@@ -537,6 +543,7 @@ impl Validator<'_> {
                 proxy_protocol,
                 ip_firewall: raw.ip_firewall.unwrap_or(true),
                 udp_new_flows_per_second,
+                tls,
             }),
             _ => None,
         };

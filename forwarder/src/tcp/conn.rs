@@ -19,7 +19,9 @@ use super::origin;
 use super::splice::{self, Fault, Pipe};
 use super::stats::AppCounters;
 use crate::config::{App, ProxyProtocol};
-use crate::telemetry::events::{Event, EventKind, rfc3339, status};
+use crate::telemetry::events::{Event, EventKind, TlsFields, rfc3339, status};
+use crate::tls::Terminator;
+use crate::tls::handshake::{self, Failure};
 use crate::wire::{ProxyKind, Transport, proxy_header};
 
 /// Counts a connection as open for its app and for the drain; undone on drop.
@@ -183,6 +185,8 @@ struct Meta {
     client: SocketAddr,
     edge: SocketAddr,
     accepted: Instant,
+    /// Filled in as the TLS handshakes go (`tls` apps).
+    tls: TlsFields,
 }
 
 impl Meta {
@@ -207,15 +211,18 @@ impl Meta {
             connect_timestamp: None,
             disconnect_timestamp: None,
             flows: None,
+            tls: self.tls.clone(),
         }
     }
 }
 
 /// Serves one accepted connection to the end. `client` and `edge` are unmapped
-/// (IPv4 as IPv4).
+/// (IPv4 as IPv4). `terminator`: the app terminates TLS.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     app: Arc<App>,
+    terminator: Option<Arc<Terminator>>,
     counters: Arc<AppCounters>,
     _guard: LiveGuard,
     client_stream: TcpStream,
@@ -227,16 +234,27 @@ pub(crate) async fn serve(
         client,
         edge,
         accepted: Instant::now(),
+        tls: TlsFields::default(),
     };
-    // TCP_NODELAY comes from the listener (inherited by accept).
-    let mut close = shared.close_signal();
-    let events = || shared.events();
+    match terminator {
+        None => serve_plain(&shared, meta, &counters, client_stream).await,
+        Some(terminator) => {
+            serve_tls(&shared, meta, &counters, &terminator, client_stream).await;
+        }
+    }
+}
 
-    // 1. The origin, in hash order; the next one on failure.
+/// Connects to the app's origins in hash order (the next one on failure). When
+/// none answers, emits the `originError` event and returns `None`.
+async fn connect_origin(
+    shared: &Shared,
+    meta: &Meta,
+    counters: &AppCounters,
+    close: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(SocketAddr, TcpStream)> {
     let timeout = shared.connect_timeout();
     let mut failure = None;
-    let mut connected = None;
-    for candidate in origin::candidates(&meta.app, client.ip(), edge.port()) {
+    for candidate in origin::candidates(&meta.app, meta.client.ip(), meta.edge.port()) {
         let started = Instant::now();
         let attempt = tokio::select! {
             r = origin::connect(candidate, timeout) => r,
@@ -245,13 +263,12 @@ pub(crate) async fn serve(
         match attempt {
             Ok(stream) => {
                 counters.connected_in(started.elapsed());
-                connected = Some((candidate, stream));
-                break;
+                return Some((candidate, stream));
             }
             Err((code, err)) => {
                 debug!(
-                    "app {}: origin {candidate} for {client}: {err} ({code})",
-                    meta.app.id
+                    "app {}: origin {candidate} for {}: {err} ({code})",
+                    meta.app.id, meta.client
                 );
                 let stop = code == status::UNKNOWN;
                 failure = Some((candidate, code));
@@ -261,89 +278,331 @@ pub(crate) async fn serve(
             }
         }
     }
-    let Some((origin_addr, origin_stream)) = connected else {
-        let (origin_addr, code) =
-            failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
-        let mut event = meta.event(EventKind::OriginError, origin_addr, code);
-        event.disconnect_timestamp = Some(event.timestamp.clone());
-        events().emit(&event);
-        counters.event(EventKind::OriginError, code, Some(meta.accepted.elapsed()));
+    let (origin_addr, code) =
+        failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
+    let mut event = meta.event(EventKind::OriginError, origin_addr, code);
+    event.disconnect_timestamp = Some(event.timestamp.clone());
+    shared.events().emit(&event);
+    counters.event(EventKind::OriginError, code, Some(meta.accepted.elapsed()));
+    None
+}
+
+/// The `connect` event; returns its timestamp for the `disconnect` event.
+fn emit_connect(shared: &Shared, meta: &Meta, counters: &AppCounters, origin: SocketAddr) -> String {
+    let connect_ts = rfc3339(SystemTime::now());
+    let mut event = meta.event(EventKind::Connect, Some(origin), status::OPENED);
+    event.connect_timestamp = Some(connect_ts.clone());
+    shared.events().emit(&event);
+    counters.event(EventKind::Connect, status::OPENED, None);
+    connect_ts
+}
+
+/// The `disconnect` event of a connection that had its `connect`.
+fn emit_disconnect(
+    shared: &Shared,
+    meta: &Meta,
+    counters: &AppCounters,
+    origin: SocketAddr,
+    connect_ts: String,
+    (end, client_bytes, origin_bytes): (End, u64, u64),
+) {
+    let code = end.status();
+    let mut event = meta.event(EventKind::Disconnect, Some(origin), code);
+    event.client_bytes = client_bytes;
+    event.origin_bytes = origin_bytes;
+    event.connect_timestamp = Some(connect_ts);
+    event.disconnect_timestamp = Some(event.timestamp.clone());
+    shared.events().emit(&event);
+    counters.event(EventKind::Disconnect, code, Some(meta.accepted.elapsed()));
+}
+
+/// `tls = "off"`: origin, PROXY header, then splice or copy.
+async fn serve_plain(
+    shared: &Arc<Shared>,
+    meta: Meta,
+    counters: &AppCounters,
+    client_stream: TcpStream,
+) {
+    // TCP_NODELAY comes from the listener (inherited by accept).
+    let mut close = shared.close_signal();
+    // 1. The origin, in hash order; the next one on failure.
+    let Some((origin_addr, origin_stream)) =
+        connect_origin(shared, &meta, counters, &mut close).await
+    else {
         reset(&client_stream);
         return;
     };
-
     let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
-    let connect_ts = rfc3339(SystemTime::now());
-    let mut connect_event = meta.event(EventKind::Connect, Some(origin_addr), status::OPENED);
-    connect_event.connect_timestamp = Some(connect_ts.clone());
-    events().emit(&connect_event);
-    counters.event(EventKind::Connect, status::OPENED, None);
+    let connect_ts = emit_connect(shared, &meta, counters, origin_addr);
 
     // 2. The PROXY header, before any payload.
     let end = match write_proxy_header(&meta, origin_stream).await {
         Err((stream, err)) => {
-            let status = io_error_status(Side::Origin, false, &err);
-            debug!("app {}: PROXY header to {origin_addr}: {err}", meta.app.id);
             drop(stream);
             reset(&client_stream);
-            (
-                End::Fault {
-                    side: Side::Origin,
-                    status,
-                },
-                0,
-                0,
-            )
+            header_fault(&meta, origin_addr, &err)
         }
         // 3. Splice both ways.
         Ok(origin_stream) => {
-            let activity = Activity {
-                start: Instant::now(),
-                client_bytes: AtomicU64::new(0),
-                origin_bytes: AtomicU64::new(0),
-                last_client: AtomicU64::new(0),
-                last_origin: AtomicU64::new(0),
-            };
+            let activity = Activity::new();
             let end = pump(
-                &shared,
-                &counters,
+                shared,
+                counters,
                 &client_stream,
                 &origin_stream,
                 &activity,
                 &mut close,
             )
             .await;
-            match end {
-                End::Fault {
-                    side: Side::Client, ..
-                } => reset(&origin_stream),
-                End::Fault {
-                    side: Side::Origin, ..
-                } => reset(&client_stream),
-                End::Drained => {
-                    reset(&client_stream);
-                    reset(&origin_stream);
-                }
-                End::Normal | End::Idle { .. } => {}
-            }
+            reset_after(end, &client_stream, &origin_stream);
             drop(origin_stream);
-            (
-                end,
-                activity.client_bytes.load(Ordering::Relaxed),
-                activity.origin_bytes.load(Ordering::Relaxed),
-            )
+            activity.totals(end)
         }
     };
     drop(client_stream);
-    let (end, client_bytes, origin_bytes) = end;
-    let code = end.status();
-    let mut event = meta.event(EventKind::Disconnect, Some(origin_addr), code);
-    event.client_bytes = client_bytes;
-    event.origin_bytes = origin_bytes;
-    event.connect_timestamp = Some(connect_ts);
+    emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
+}
+
+/// The end of a connection whose PROXY header could not be written.
+fn header_fault(meta: &Meta, origin: SocketAddr, err: &io::Error) -> (End, u64, u64) {
+    debug!("app {}: PROXY header to {origin}: {err}", meta.app.id);
+    let status = io_error_status(Side::Origin, false, err);
+    (
+        End::Fault {
+            side: Side::Origin,
+            status,
+        },
+        0,
+        0,
+    )
+}
+
+/// Passes a fault on as RST to the other side; both sides when drained.
+fn reset_after(end: End, client: &TcpStream, origin: &TcpStream) {
+    match end {
+        End::Fault {
+            side: Side::Client, ..
+        } => reset(origin),
+        End::Fault {
+            side: Side::Origin, ..
+        } => reset(client),
+        End::Drained => {
+            reset(client);
+            reset(origin);
+        }
+        End::Normal | End::Idle { .. } => {}
+    }
+}
+
+/// A handshake failed: its event (`originError` for the origin leg, else
+/// `disconnect`), its counters and a debug line.
+fn handshake_failed(
+    shared: &Shared,
+    meta: &Meta,
+    counters: &AppCounters,
+    failure: Failure,
+    origin: Option<SocketAddr>,
+    detail: &str,
+) {
+    debug!(
+        "app {}: TLS handshake for {} failed: {} {detail}",
+        meta.app.id,
+        meta.client,
+        failure.label()
+    );
+    let kind = if failure.is_origin() {
+        EventKind::OriginError
+    } else {
+        EventKind::Disconnect
+    };
+    let code = failure.status();
+    let mut event = meta.event(kind, origin, code);
+    event.tls.tls_error = Some(failure.label().to_string());
     event.disconnect_timestamp = Some(event.timestamp.clone());
-    events().emit(&event);
-    counters.event(EventKind::Disconnect, code, Some(meta.accepted.elapsed()));
+    shared.events().emit(&event);
+    counters.tls_failure(failure.label());
+    counters.event(kind, code, Some(meta.accepted.elapsed()));
+}
+
+/// `TLSv1.3` / `TLSv1.2`, as the event and the metric label say it.
+fn version_name(version: Option<rustls::ProtocolVersion>) -> &'static str {
+    match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "unknown",
+    }
+}
+
+/// The client leg's outcome, recorded in the event fields and the counters.
+fn client_handshake_done(
+    meta: &mut Meta,
+    counters: &AppCounters,
+    tls: &tokio_rustls::server::TlsStream<TcpStream>,
+) {
+    let session = tls.get_ref().1;
+    let version = version_name(session.protocol_version());
+    meta.tls.tls_version = Some(version.to_string());
+    meta.tls.alpn = session
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    counters.tls_handshake(version, meta.accepted.elapsed());
+}
+
+/// A stream whose TCP socket can be reset.
+trait OverTcp: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// `tls = "flexible" | "full" | "strict"`. Flexible finishes the client's
+/// handshake before it connects to the origin (an origin sees only clients that
+/// completed TLS). Full and strict connect and shake hands with the origin
+/// between the ClientHello and the edge's answer, so the client's ALPN offer is
+/// made to the origin and the origin's choice is the client's answer. The PROXY
+/// header goes first on the origin leg, in clear (HAProxy's `send-proxy` with
+/// `ssl`).
+async fn serve_tls(
+    shared: &Arc<Shared>,
+    mut meta: Meta,
+    counters: &AppCounters,
+    terminator: &Terminator,
+    client_stream: TcpStream,
+) {
+    let mut close = shared.close_signal();
+    let deadline = meta.accepted + shared.handshake_timeout();
+    let hello = match handshake::client_hello(client_stream, terminator, deadline).await {
+        Ok(hello) => hello,
+        Err(failure) => {
+            handshake_failed(shared, &meta, counters, failure, None, "");
+            return;
+        }
+    };
+    meta.tls.sni = hello.sni.clone();
+
+    if !terminator.settings().mode.origin_tls() {
+        let client_tls = match handshake::finish_client(hello, None, deadline).await {
+            Ok(tls) => tls,
+            Err(failure) => {
+                handshake_failed(shared, &meta, counters, failure, None, "");
+                return;
+            }
+        };
+        client_handshake_done(&mut meta, counters, &client_tls);
+        let Some((origin_addr, origin_stream)) =
+            connect_origin(shared, &meta, counters, &mut close).await
+        else {
+            reset(client_tls.get_ref().0);
+            return;
+        };
+        let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
+        let connect_ts = emit_connect(shared, &meta, counters, origin_addr);
+        let end = match write_proxy_header(&meta, origin_stream).await {
+            Err((_stream, err)) => {
+                reset(client_tls.get_ref().0);
+                header_fault(&meta, origin_addr, &err)
+            }
+            Ok(origin_stream) => {
+                pump_tls(shared, counters, client_tls, origin_stream, &mut close).await
+            }
+        };
+        emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
+        return;
+    }
+
+    let Some((origin_addr, origin_stream)) =
+        connect_origin(shared, &meta, counters, &mut close).await
+    else {
+        return;
+    };
+    let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
+    let origin_stream = match write_proxy_header(&meta, origin_stream).await {
+        Ok(stream) => stream,
+        Err((_stream, err)) => {
+            let detail = format!("PROXY header: {err}");
+            let failure = Failure::OriginHandshake;
+            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), &detail);
+            return;
+        }
+    };
+    let origin_tls = match handshake::origin(
+        terminator,
+        origin_stream,
+        origin_addr,
+        hello.sni.as_deref(),
+        &hello.alpn,
+        deadline,
+    )
+    .await
+    {
+        Ok(tls) => tls,
+        Err((failure, detail)) => {
+            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), &detail);
+            return;
+        }
+    };
+    let chosen = origin_tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let client_tls = match handshake::finish_client(hello, chosen, deadline).await {
+        Ok(tls) => tls,
+        Err(failure) => {
+            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), "");
+            return;
+        }
+    };
+    client_handshake_done(&mut meta, counters, &client_tls);
+    let connect_ts = emit_connect(shared, &meta, counters, origin_addr);
+    let end = pump_tls(shared, counters, client_tls, origin_tls, &mut close).await;
+    emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
+}
+
+/// Moves both directions through rustls until both ended, one failed, the
+/// connection idled out or the drain time is over; then passes a fault on.
+async fn pump_tls<O: OverTcp>(
+    shared: &Shared,
+    counters: &AppCounters,
+    client: tokio_rustls::server::TlsStream<TcpStream>,
+    origin: O,
+    close: &mut tokio::sync::watch::Receiver<bool>,
+) -> (End, u64, u64) {
+    let activity = Activity::new();
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut origin_read, mut origin_write) = tokio::io::split(origin);
+    let end = run_directions(
+        shared,
+        &activity,
+        close,
+        crate::tls::pump::forward(
+            &mut client_read,
+            &mut origin_write,
+            activity.client_counter(counters),
+        ),
+        crate::tls::pump::forward(
+            &mut origin_read,
+            &mut client_write,
+            activity.origin_counter(counters),
+        ),
+    )
+    .await;
+    let client = client_read.unsplit(client_write);
+    let origin = origin_read.unsplit(origin_write);
+    reset_after(end, client.tcp(), origin.tcp());
+    activity.totals(end)
 }
 
 async fn write_proxy_header(
@@ -365,8 +624,47 @@ async fn write_proxy_header(
     }
 }
 
-/// Moves both directions (spliced or copied, `tcp_splice`) until both ended, one failed, the connection idled out
-/// or the drain time is over.
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            client_bytes: AtomicU64::new(0),
+            origin_bytes: AtomicU64::new(0),
+            last_client: AtomicU64::new(0),
+            last_origin: AtomicU64::new(0),
+        }
+    }
+
+    /// The byte counter of the client → origin direction.
+    fn client_counter<'a>(&'a self, counters: &'a AppCounters) -> impl FnMut(u64) + 'a {
+        move |n| {
+            self.client_bytes.fetch_add(n, Ordering::Relaxed);
+            self.last_client.store(self.now(), Ordering::Relaxed);
+            counters.add_client_bytes(n);
+        }
+    }
+
+    /// The byte counter of the origin → client direction.
+    fn origin_counter<'a>(&'a self, counters: &'a AppCounters) -> impl FnMut(u64) + 'a {
+        move |n| {
+            self.origin_bytes.fetch_add(n, Ordering::Relaxed);
+            self.last_origin.store(self.now(), Ordering::Relaxed);
+            counters.add_origin_bytes(n);
+        }
+    }
+
+    /// How it ended, with the bytes each side sent.
+    fn totals(&self, end: End) -> (End, u64, u64) {
+        (
+            end,
+            self.client_bytes.load(Ordering::Relaxed),
+            self.origin_bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Moves both directions (spliced or copied, `tcp_splice`) until both ended, one
+/// failed, the connection idled out or the drain time is over.
 async fn pump(
     shared: &Shared,
     counters: &AppCounters,
@@ -395,50 +693,52 @@ async fn pump(
         None => (None, None),
     };
     let client_to_origin = async {
-        let on_bytes = |n| {
-            activity.client_bytes.fetch_add(n, Ordering::Relaxed);
-            activity
-                .last_client
-                .store(activity.now(), Ordering::Relaxed);
-            counters.add_client_bytes(n);
-        };
+        let on_bytes = activity.client_counter(counters);
         match up.as_mut() {
             Some(pipe) => splice::forward(client, origin, pipe, on_bytes).await,
             None => copy::forward(client, origin, on_bytes).await,
         }
-        .map_err(|fault| match fault {
-            Fault::Read(e) => End::Fault {
-                side: Side::Client,
-                status: io_error_status(Side::Client, true, &e),
-            },
-            Fault::Write(e) => End::Fault {
-                side: Side::Origin,
-                status: io_error_status(Side::Origin, false, &e),
-            },
-        })
     };
     let origin_to_client = async {
-        let on_bytes = |n| {
-            activity.origin_bytes.fetch_add(n, Ordering::Relaxed);
-            activity
-                .last_origin
-                .store(activity.now(), Ordering::Relaxed);
-            counters.add_origin_bytes(n);
-        };
+        let on_bytes = activity.origin_counter(counters);
         match down.as_mut() {
             Some(pipe) => splice::forward(origin, client, pipe, on_bytes).await,
             None => copy::forward(origin, client, on_bytes).await,
         }
-        .map_err(|fault| match fault {
+    };
+    run_directions(shared, activity, close, client_to_origin, origin_to_client).await
+}
+
+/// Runs both directions of a connection against the idle timeout and the drain:
+/// a read fault is the source side's, a write fault the destination's.
+async fn run_directions(
+    shared: &Shared,
+    activity: &Activity,
+    close: &mut tokio::sync::watch::Receiver<bool>,
+    client_to_origin: impl Future<Output = Result<u64, Fault>>,
+    origin_to_client: impl Future<Output = Result<u64, Fault>>,
+) -> End {
+    let fault = |source: Side, destination: Side| {
+        move |fault| match fault {
             Fault::Read(e) => End::Fault {
-                side: Side::Origin,
-                status: io_error_status(Side::Origin, true, &e),
+                side: source,
+                status: io_error_status(source, true, &e),
             },
             Fault::Write(e) => End::Fault {
-                side: Side::Client,
-                status: io_error_status(Side::Client, false, &e),
+                side: destination,
+                status: io_error_status(destination, false, &e),
             },
-        })
+        }
+    };
+    let client_to_origin = async {
+        client_to_origin
+            .await
+            .map_err(fault(Side::Client, Side::Origin))
+    };
+    let origin_to_client = async {
+        origin_to_client
+            .await
+            .map_err(fault(Side::Origin, Side::Client))
     };
     let idle = async {
         loop {

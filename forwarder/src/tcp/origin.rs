@@ -105,6 +105,7 @@ mod tests {
             proxy_protocol: ProxyProtocol::Off,
             ip_firewall: true,
             udp_new_flows_per_second: None,
+            tls: Default::default(),
         }
     }
 
