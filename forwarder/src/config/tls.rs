@@ -174,7 +174,10 @@ pub(crate) fn check(
         ("tls_strict_sni", raw.tls_strict_sni.is_some()),
         ("tls_min_version", raw.tls_min_version.is_some()),
         ("tls_origin_ca", raw.tls_origin_ca.is_some()),
-        ("tls_origin_server_name", raw.tls_origin_server_name.is_some()),
+        (
+            "tls_origin_server_name",
+            raw.tls_origin_server_name.is_some(),
+        ),
     ];
     if protocol == Some(Protocol::Udp) {
         if mode != TlsMode::Off {

@@ -527,12 +527,7 @@ impl Validator<'_> {
                 None
             }
         };
-        let tls = super::tls::check(
-            &location,
-            raw,
-            spec.map(|s| s.protocol),
-            self.problems,
-        );
+        let tls = super::tls::check(&location, raw, spec.map(|s| s.protocol), self.problems);
         let app = match (spec, edge_ips) {
             (Some(spec), Some(edge_ips)) => Some(App {
                 id: id.clone().unwrap_or_else(|| App::default_id(&spec)),

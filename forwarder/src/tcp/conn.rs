@@ -288,7 +288,12 @@ async fn connect_origin(
 }
 
 /// The `connect` event; returns its timestamp for the `disconnect` event.
-fn emit_connect(shared: &Shared, meta: &Meta, counters: &AppCounters, origin: SocketAddr) -> String {
+fn emit_connect(
+    shared: &Shared,
+    meta: &Meta,
+    counters: &AppCounters,
+    origin: SocketAddr,
+) -> String {
     let connect_ts = rfc3339(SystemTime::now());
     let mut event = meta.event(EventKind::Connect, Some(origin), status::OPENED);
     event.connect_timestamp = Some(connect_ts.clone());

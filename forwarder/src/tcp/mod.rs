@@ -537,8 +537,7 @@ async fn watch_certificates(shared: Arc<Shared>) {
             .collect();
         for (id, terminator) in terminators {
             // Reading a few small files: off the async workers.
-            let outcome =
-                tokio::task::spawn_blocking(move || terminator.reload_if_changed()).await;
+            let outcome = tokio::task::spawn_blocking(move || terminator.reload_if_changed()).await;
             match outcome {
                 Ok(Some(Ok(()))) => info!("app {id}: TLS certificates reloaded"),
                 Ok(Some(Err(err))) => warn!(

@@ -133,10 +133,7 @@ pub fn load_roots(path: Option<&Path>) -> Result<Arc<RootCertStore>, String> {
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(certs);
     if added == 0 {
-        return Err(format!(
-            "{} holds no usable CA certificate",
-            path.display()
-        ));
+        return Err(format!("{} holds no usable CA certificate", path.display()));
     }
     Ok(Arc::new(roots))
 }

@@ -81,7 +81,10 @@ impl Failure {
     /// Whether the origin leg failed (an `originError` event) rather than the
     /// client's (a `disconnect` event).
     pub fn is_origin(self) -> bool {
-        matches!(self, Failure::OriginBadCertificate | Failure::OriginHandshake)
+        matches!(
+            self,
+            Failure::OriginBadCertificate | Failure::OriginHandshake
+        )
     }
 
     /// The event's status: Spectrum's where one fits (client timeout 497, client
@@ -124,7 +127,10 @@ pub struct Hello {
 
 /// Classifies an error of the client leg.
 fn client_failure(err: &io::Error) -> Failure {
-    if let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+    if let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
         return match tls {
             rustls::Error::InvalidMessage(_)
             | rustls::Error::InappropriateMessage { .. }
@@ -252,7 +258,9 @@ pub async fn origin(
     match tokio::time::timeout_at(deadline, connect).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(err)) => {
-            let tls = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+            let tls = err
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>());
             let failure = match tls {
                 Some(rustls::Error::InvalidCertificate(_)) => Failure::OriginBadCertificate,
                 _ => Failure::OriginHandshake,

@@ -15,6 +15,8 @@
 pub mod certs;
 pub mod handshake;
 pub mod pump;
+#[cfg(any(test, feature = "test-pki"))]
+pub mod test_pki;
 pub mod verify;
 
 use std::net::IpAddr;
@@ -103,12 +105,12 @@ impl Terminator {
             TlsMode::Strict => {
                 let roots = certs::load_roots(settings.origin_ca.as_deref())
                     .map_err(|reason| anyhow!("app {app_id}: tls_origin_ca: {reason}"))?;
-                let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    roots,
-                    provider(),
-                )
-                .build()
-                .with_context(|| format!("app {app_id}: the origin certificate verifier"))?;
+                let verifier =
+                    rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                        .build()
+                        .with_context(|| {
+                            format!("app {app_id}: the origin certificate verifier")
+                        })?;
                 Some(client_config(settings.min_version, verifier)?)
             }
         };
@@ -241,4 +243,132 @@ fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_pki::TestPki;
+    use super::*;
+    use crate::config::CertificateFiles;
+
+    fn settings(certificates: Vec<CertificateFiles>, strict_sni: bool) -> AppTls {
+        AppTls {
+            mode: TlsMode::Flexible,
+            certificates,
+            strict_sni,
+            ..AppTls::default()
+        }
+    }
+
+    #[test]
+    fn sni_chooses_the_certificate_whose_names_match_else_the_default() {
+        let pki = TestPki::new("sni");
+        let ca = pki.ca("ca");
+        let a = pki.leaf("a", &["a.example"], Some(&ca));
+        let b = pki.leaf("b", &["*.b.example", "b.example"], Some(&ca));
+        let t = Terminator::new("t", &settings(vec![a.clone(), b.clone()], false)).unwrap();
+        let chosen = |sni| t.choose(sni).unwrap();
+        assert!(
+            Arc::ptr_eq(&chosen(Some("a.example")), &chosen(None)),
+            "a is the default"
+        );
+        let b_config = chosen(Some("www.b.example"));
+        assert!(!Arc::ptr_eq(&b_config, &chosen(Some("a.example"))));
+        assert!(Arc::ptr_eq(&b_config, &chosen(Some("b.example"))));
+        assert!(
+            Arc::ptr_eq(&chosen(Some("other.example")), &chosen(None)),
+            "an unknown name gets the default"
+        );
+        let strict = Terminator::new("t", &settings(vec![a, b], true)).unwrap();
+        assert_eq!(strict.choose(Some("other.example")).err(), Some(NoSniMatch));
+        assert!(strict.choose(Some("a.example")).is_ok());
+        assert!(
+            strict.choose(None).is_ok(),
+            "no SNI: the default, even strict"
+        );
+    }
+
+    #[test]
+    fn changed_files_are_read_again_and_bad_ones_keep_the_old() {
+        let pki = TestPki::new("reload");
+        let first = pki.leaf("one", &["one.example"], None);
+        let files = CertificateFiles {
+            cert: pki.dir().join("served.pem"),
+            key: pki.dir().join("served.key"),
+        };
+        std::fs::copy(&first.cert, &files.cert).unwrap();
+        std::fs::copy(&first.key, &files.key).unwrap();
+        let t = Terminator::new("t", &settings(vec![files.clone()], true)).unwrap();
+        assert!(t.reload_if_changed().is_none(), "nothing changed");
+        assert!(t.choose(Some("one.example")).is_ok());
+        // A new certificate under the same paths (renamed into place, as tools do).
+        let second = pki.leaf("two", &["two.example"], None);
+        std::fs::copy(&second.key, pki.dir().join("tmp.key")).unwrap();
+        std::fs::rename(pki.dir().join("tmp.key"), &files.key).unwrap();
+        // Key replaced, certificate not yet: unusable, the old stays.
+        assert!(matches!(t.reload_if_changed(), Some(Err(_))));
+        assert!(t.choose(Some("one.example")).is_ok());
+        std::fs::copy(&second.cert, pki.dir().join("tmp.pem")).unwrap();
+        std::fs::rename(pki.dir().join("tmp.pem"), &files.cert).unwrap();
+        assert!(matches!(t.reload_if_changed(), Some(Ok(()))));
+        assert!(t.choose(Some("two.example")).is_ok());
+        assert_eq!(t.choose(Some("one.example")).err(), Some(NoSniMatch));
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let pki = TestPki::new("mismatch");
+        let a = pki.leaf("a", &["a.example"], None);
+        let b = pki.leaf("b", &["b.example"], None);
+        let crossed = CertificateFiles {
+            cert: a.cert.clone(),
+            key: b.key.clone(),
+        };
+        let err = certs::load_certificate(&crossed).unwrap_err();
+        assert_eq!(err.file, certs::WhichFile::Key);
+        assert!(
+            err.reason.contains("is not the key of the certificate"),
+            "{}",
+            err.reason
+        );
+        let swapped = CertificateFiles {
+            cert: a.key.clone(),
+            key: a.cert.clone(),
+        };
+        assert_eq!(
+            certs::load_certificate(&swapped).unwrap_err().file,
+            certs::WhichFile::Cert
+        );
+        assert!(certs::load_certificate(&a).is_ok());
+        assert!(certs::load_roots(Some(&pki.dir().join("missing.pem"))).is_err());
+        assert!(
+            certs::load_roots(Some(&a.key)).is_err(),
+            "a key is no CA bundle"
+        );
+    }
+
+    #[test]
+    fn the_origin_name_is_the_setting_else_the_sni_else_the_address() {
+        let pki = TestPki::new("names");
+        let a = pki.leaf("a", &["a.example"], None);
+        let mut s = settings(vec![a], false);
+        s.mode = TlsMode::Full;
+        let t = Terminator::new("t", &s).unwrap();
+        let ip: IpAddr = "10.0.2.2".parse().unwrap();
+        assert_eq!(
+            t.origin_server_name(Some("c.example"), ip),
+            ServerName::try_from("c.example").unwrap()
+        );
+        assert_eq!(
+            t.origin_server_name(None, ip),
+            ServerName::IpAddress(ip.into())
+        );
+        s.origin_server_name = Some("origin.internal".into());
+        let t = Terminator::new("t", &s).unwrap();
+        assert_eq!(
+            t.origin_server_name(Some("c.example"), ip),
+            ServerName::try_from("origin.internal").unwrap()
+        );
+        assert!(t.origin_config(&[b"h2".to_vec()]).is_some());
+    }
 }
