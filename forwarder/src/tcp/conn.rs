@@ -492,7 +492,7 @@ async fn serve_tls(
 ) {
     let mut close = shared.close_signal();
     let deadline = meta.accepted + shared.handshake_timeout();
-    let hello = match handshake::client_hello(client_stream, terminator, deadline).await {
+    let hello = match handshake::client_hello(client_stream, deadline).await {
         Ok(hello) => hello,
         Err(failure) => {
             handshake_failed(shared, &meta, counters, failure, None, "");
@@ -500,9 +500,13 @@ async fn serve_tls(
         }
     };
     meta.tls.sni = hello.sni.clone();
+    let Ok(config) = terminator.choose(hello.sni.as_deref()) else {
+        handshake_failed(shared, &meta, counters, Failure::NoSniMatch, None, "");
+        return;
+    };
 
     if !terminator.settings().mode.origin_tls() {
-        let client_tls = match handshake::finish_client(hello, None, deadline).await {
+        let client_tls = match handshake::finish_client(hello, config, None, deadline).await {
             Ok(tls) => tls,
             Err(failure) => {
                 handshake_failed(shared, &meta, counters, failure, None, "");
@@ -563,7 +567,7 @@ async fn serve_tls(
         }
     };
     let chosen = origin_tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    let client_tls = match handshake::finish_client(hello, chosen, deadline).await {
+    let client_tls = match handshake::finish_client(hello, config, chosen, deadline).await {
         Ok(tls) => tls,
         Err(failure) => {
             handshake_failed(shared, &meta, counters, failure, Some(origin_addr), "");

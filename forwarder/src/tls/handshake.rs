@@ -116,13 +116,12 @@ pub fn looks_like_tls(first: &[u8]) -> bool {
     !first.is_empty() && first.iter().zip(expected).all(|(&b, ok)| ok(b))
 }
 
-/// A ClientHello read, its certificate chosen.
+/// A ClientHello read; the handshake waits for the edge's answer.
 pub struct Hello {
     pub start: StartHandshake<TcpStream>,
     pub sni: Option<String>,
     /// The client's ALPN offer, in its order.
     pub alpn: Vec<Vec<u8>>,
-    pub config: Arc<ServerConfig>,
 }
 
 /// Classifies an error of the client leg.
@@ -173,12 +172,8 @@ async fn within<T>(
         .unwrap_or(Err(Failure::Timeout))
 }
 
-/// Reads the client's ClientHello and chooses the certificate for its SNI.
-pub async fn client_hello(
-    stream: TcpStream,
-    terminator: &Terminator,
-    deadline: Instant,
-) -> Result<Hello, Failure> {
+/// Reads the client's ClientHello.
+pub async fn client_hello(stream: TcpStream, deadline: Instant) -> Result<Hello, Failure> {
     within(deadline, async {
         let mut first = [0u8; 3];
         let n = stream
@@ -200,33 +195,27 @@ pub async fn client_hello(
             .alpn()
             .map(|protocols| protocols.map(<[u8]>::to_vec).collect())
             .unwrap_or_default();
-        let config = terminator
-            .choose(sni.as_deref())
-            .map_err(|_| Failure::NoSniMatch)?;
-        Ok(Hello {
-            start,
-            sni,
-            alpn,
-            config,
-        })
+        Ok(Hello { start, sni, alpn })
     })
     .await
 }
 
-/// Finishes the client's handshake, answering ALPN with `alpn` (the origin's
-/// choice) when there is one.
+/// Finishes the client's handshake with `config` (the certificate chosen for its
+/// SNI: `Terminator::choose`), answering ALPN with `alpn` (the origin's choice)
+/// when there is one.
 pub async fn finish_client(
     hello: Hello,
+    config: Arc<ServerConfig>,
     alpn: Option<Vec<u8>>,
     deadline: Instant,
 ) -> Result<server::TlsStream<TcpStream>, Failure> {
     let config = match alpn {
         Some(protocol) => {
-            let mut config = (*hello.config).clone();
+            let mut config = (*config).clone();
             config.alpn_protocols = vec![protocol];
             Arc::new(config)
         }
-        None => hello.config,
+        None => config,
     };
     within(deadline, async {
         hello
