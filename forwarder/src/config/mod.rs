@@ -29,7 +29,7 @@ pub use model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, IpFamily, Origin, PortRange, PortSpec,
     Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, XdpMode,
 };
-pub(crate) use raw::{RawAccessRule, RawApp, app_location};
+pub(crate) use raw::{RawAccessRule, RawApp, RawCertificate, app_location};
 pub use tls::{AppTls, CertificateFiles, TlsMode, TlsVersion};
 
 use raw::{RawAgent, RawConfig, RawFirewall};
