@@ -108,43 +108,22 @@ impl TcpLab {
     }
 
     fn start_haproxy(&self, opts: &Options) -> Result<Proc> {
-        if !sys::have("haproxy") {
-            bail!("haproxy not installed");
-        }
-        let cfg = self.dir.path().join("haproxy.cfg");
-        std::fs::write(
-            &cfg,
-            format!(
-                "global\n    maxconn 4000\n    nbthread 1\n\n\
-                 defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n    \
-                 timeout client 60s\n    timeout server 60s\n\n\
-                 listen iperf\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{IPERF_PORT}\n\n\
-                 listen echo\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{ECHO_PORT}\n",
-                IPERF_PORT + HAPROXY_OFFSET,
-                ECHO_PORT + HAPROXY_OFFSET
-            ),
-        )?;
-        let cfg_s = cfg.display().to_string();
-        let mut p = Proc::spawn(
-            self.lab.edge(),
+        let config = format!(
+            "global\n    maxconn 4000\n    nbthread 1\n\n\
+             defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n    \
+             timeout client 60s\n    timeout server 60s\n\n\
+             listen iperf\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{IPERF_PORT}\n\n\
+             listen echo\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{ECHO_PORT}\n",
+            IPERF_PORT + HAPROXY_OFFSET,
+            ECHO_PORT + HAPROXY_OFFSET
+        );
+        start_haproxy(
+            &self.lab,
+            self.dir.path(),
             opts.edge_cpu,
-            "haproxy",
-            &["-db", "-f", &cfg_s],
-            self.dir.path().join("haproxy.log"),
-        )?;
-        let port = format!("sport = :{}", ECHO_PORT + HAPROXY_OFFSET);
-        let up = super::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
-            self.lab
-                .edge()
-                .run("ss", &["-Hltn", &port])
-                .ok()
-                .filter(|s| !s.trim().is_empty())
-        });
-        p.check_running("haproxy")?;
-        if up.is_none() {
-            bail!("haproxy did not listen within 10 s");
-        }
-        Ok(p)
+            &config,
+            ECHO_PORT + HAPROXY_OFFSET,
+        )
     }
 
     /// One connect + echo from the client, 3 s at most.
@@ -171,14 +150,7 @@ impl TcpLab {
         variant: &str,
         run: impl FnOnce() -> Result<T>,
     ) -> Result<(T, Option<f64>)> {
-        let pid = self.proxy_pid(variant);
-        let before = pid.map(sys::process_cpu_seconds).transpose()?;
-        let out = run()?;
-        let cpu = match (pid, before) {
-            (Some(pid), Some(before)) => Some(sys::process_cpu_seconds(pid)? - before),
-            _ => None,
-        };
-        Ok((out, cpu))
+        with_process_cpu(self.proxy_pid(variant), run)
     }
 
     fn variant_addr(&self, variant: &str, port: u16) -> Result<SocketAddr> {
@@ -210,6 +182,57 @@ impl TcpLab {
             let _ = agent.stop();
         }
     }
+}
+
+/// HAProxy in `edge` on `cpu` with `config` (written to `dir`), once it listens on
+/// `port`.
+pub(super) fn start_haproxy(
+    lab: &Lab,
+    dir: &std::path::Path,
+    cpu: usize,
+    config: &str,
+    port: u16,
+) -> Result<Proc> {
+    if !sys::have("haproxy") {
+        bail!("haproxy not installed");
+    }
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(&cfg, config)?;
+    let cfg_s = cfg.display().to_string();
+    let mut p = Proc::spawn(
+        lab.edge(),
+        cpu,
+        "haproxy",
+        &["-db", "-f", &cfg_s],
+        dir.join("haproxy.log"),
+    )?;
+    let port = format!("sport = :{port}");
+    let up = super::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        lab.edge()
+            .run("ss", &["-Hltn", &port])
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    });
+    p.check_running("haproxy")?;
+    if up.is_none() {
+        bail!("haproxy did not listen within 10 s");
+    }
+    Ok(p)
+}
+
+/// CPU seconds process `pid` spent while `run` ran (`None` without a pid), and
+/// `run`'s result.
+pub(super) fn with_process_cpu<T>(
+    pid: Option<u32>,
+    run: impl FnOnce() -> Result<T>,
+) -> Result<(T, Option<f64>)> {
+    let before = pid.map(sys::process_cpu_seconds).transpose()?;
+    let out = run()?;
+    let cpu = match (pid, before) {
+        (Some(pid), Some(before)) => Some(sys::process_cpu_seconds(pid)? - before),
+        _ => None,
+    };
+    Ok((out, cpu))
 }
 
 /// The origin's echo server: reads `ECHO_LEN` bytes, writes them back, closes.
