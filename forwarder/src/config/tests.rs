@@ -1643,10 +1643,10 @@ fn load_reads_every_certificate_key_and_ca_file() {
         );
     };
     // Good: relative paths are the config file's directory's.
-    let config = Config::load(&write(&format!(
-        "tls = \"strict\"\ntls_certificates = [{{ cert = \"good.pem\", key = \"good.key\" }}]\n\
-         tls_origin_ca = \"ca.pem\"\n"
-    )))
+    let config = Config::load(&write(
+        "tls = \"strict\"\ntls_certificates = [{ cert = \"good.pem\", key = \"good.key\" }]\n\
+         tls_origin_ca = \"ca.pem\"\n",
+    ))
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.apps[0].tls.certificates[0].cert, good.cert);
     assert_eq!(config.apps[0].tls.origin_ca.as_ref(), Some(&ca.cert));
