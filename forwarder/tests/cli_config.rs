@@ -360,54 +360,45 @@ fn the_agent_log_can_be_json_lines() {
     );
 }
 
+/// `check-config` on `config` written to `NAME.toml` in a directory of its own:
+/// (exit code, stderr, the directory — gone by then).
+fn check_config_text(name: &str, config: &str) -> (Option<i32>, String, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("fwd-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("writing the config");
+    let output = check_config(&path);
+    std::fs::remove_dir_all(&dir).ok();
+    (output.status.code(), text(&output.stderr), dir)
+}
+
 /// What `run` would refuse about TLS, `check-config` refuses first, naming the
 /// app and the field: a certificate file that cannot be read, a CA bundle that
 /// cannot be read, `tls` on a UDP app.
 #[test]
 fn check_config_refuses_unreadable_tls_files_and_tls_on_udp() {
-    let dir = std::env::temp_dir().join(format!("fwd-cli-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("tls.toml");
-    std::fs::write(
-        &path,
-        "[agent]\ninterfaces = [\"eth0\"]\n\n\
-         [[apps]]\nid = \"web\"\nprotocol = \"tcp/443\"\norigin_direct = [\"tcp://10.0.0.5:443\"]\n\
-         tls = \"strict\"\ntls_certificates = [{ cert = \"missing.pem\", key = \"missing.key\" }]\n\
-         tls_origin_ca = \"/nonexistent/ca.pem\"\n\n\
-         [[apps]]\nid = \"dns\"\nprotocol = \"udp/53\"\norigin_direct = [\"udp://10.0.0.5:53\"]\n\
-         tls = \"flexible\"\n",
-    )
-    .expect("writing the config");
-    let output = check_config(&path);
-    let stderr = text(&output.stderr);
-    std::fs::remove_dir_all(&dir).ok();
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let web = "[agent]\ninterfaces = [\"eth0\"]\n\n\
+               [[apps]]\nid = \"web\"\nprotocol = \"tcp/443\"\norigin_direct = [\"tcp://10.0.0.5:443\"]\n\
+               tls = \"strict\"\ntls_certificates = [{ cert = \"missing.pem\", key = \"missing.key\" }]\n\
+               tls_origin_ca = \"/nonexistent/ca.pem\"\n";
     // The text alone is judged first: tls on UDP.
+    let udp = format!(
+        "{web}\n[[apps]]\nid = \"dns\"\nprotocol = \"udp/53\"\n\
+         origin_direct = [\"udp://10.0.0.5:53\"]\ntls = \"flexible\"\n"
+    );
+    let (code, stderr, _) = check_config_text("tls-udp", &udp);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("app 'dns' (apps[1]): tls: TCP apps only"),
         "{stderr}"
     );
     // Without that problem, the files are read (relative to the config's directory).
-    let dir = std::env::temp_dir().join(format!("fwd-cli-tls2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("tls.toml");
-    std::fs::write(
-        &path,
-        "[agent]\ninterfaces = [\"eth0\"]\n\n\
-         [[apps]]\nid = \"web\"\nprotocol = \"tcp/443\"\norigin_direct = [\"tcp://10.0.0.5:443\"]\n\
-         tls = \"strict\"\ntls_certificates = [{ cert = \"missing.pem\", key = \"missing.key\" }]\n\
-         tls_origin_ca = \"/nonexistent/ca.pem\"\n",
-    )
-    .expect("writing the config");
-    let output = check_config(&path);
-    let stderr = text(&output.stderr);
-    let missing = dir.join("missing.pem");
-    std::fs::remove_dir_all(&dir).ok();
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let (code, stderr, dir) = check_config_text("tls-files", web);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "app 'web' (apps[0]): tls_certificates[0].cert: cannot read {}",
-            missing.display()
+            dir.join("missing.pem").display()
         )),
         "{stderr}"
     );

@@ -88,21 +88,7 @@ fn start_nginx(
          events {{ worker_connections 64; }}\n{body}\n"
     );
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let mut cmd = lab.origin().cmd(
-        "nginx",
-        &[
-            "-p",
-            &d.to_string(),
-            "-c",
-            &format!("{d}/nginx.conf"),
-            "-e",
-            &format!("{d}/error.log"),
-            "-g",
-            "daemon off;",
-        ],
-    );
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let child = lab.origin().spawn(cmd).unwrap();
+    let child = lab.origin().spawn(lab.origin().nginx(dir.path())).unwrap();
     for port in ports {
         wait_listening(lab, SocketAddr::new(ORIGIN_V4.into(), *port), WAIT);
     }
@@ -116,22 +102,27 @@ struct SClient {
     ok: bool,
 }
 
-/// `openssl s_client` from `client` to the edge's `port`, sending `input` and
-/// reading until the server closes.
-fn s_client(lab: &Lab, port: u16, args: &[&str], input: &[u8]) -> SClient {
+/// `openssl s_client` from `client` to the edge's `port` with `args`, killed after
+/// `seconds`; stdin and stdout piped.
+fn spawn_s_client(lab: &Lab, port: u16, seconds: &str, args: &[&str], stderr: Stdio) -> Child {
     let connect = format!("{EDGE_CLIENT_V4}:{port}");
-    let mut all = vec![
-        "20", "openssl", "s_client", "-connect", &connect, "-ign_eof",
-    ];
+    let mut all = vec![seconds, "openssl", "s_client", "-connect", &connect];
     all.extend_from_slice(args);
-    let mut child = lab
-        .client()
+    lab.client()
         .cmd("timeout", &all)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
-        .expect("running openssl s_client");
+        .expect("running openssl s_client")
+}
+
+/// `openssl s_client` from `client` to the edge's `port`, sending `input` and
+/// reading until the server closes.
+fn s_client(lab: &Lab, port: u16, args: &[&str], input: &[u8]) -> SClient {
+    let mut all = vec!["-ign_eof"];
+    all.extend_from_slice(args);
+    let mut child = spawn_s_client(lab, port, "20", &all, Stdio::piped());
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(input).unwrap();
     drop(stdin);
@@ -141,6 +132,18 @@ fn s_client(lab: &Lab, port: u16, args: &[&str], input: &[u8]) -> SClient {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         ok: out.status.success(),
     }
+}
+
+/// `s_client` for `web.example`, the certificate verified against `ca`; must succeed.
+fn s_client_verified(lab: &Lab, agent: &AgentProcess, port: u16, ca: &str) -> SClient {
+    let out = s_client(
+        lab,
+        port,
+        &["-servername", WEB, "-CAfile", ca, "-verify_return_error"],
+        b"",
+    );
+    assert!(out.ok, "s_client: {}\n{}", out.stderr, agent.logs());
+    out
 }
 
 /// `curl` from `client`; stdout, or the error with stderr.
@@ -214,13 +217,7 @@ fn flexible_terminates_for_openssl_and_curl_in_front_of_plain_nginx() {
     let ca = path(&pki.ca.cert);
 
     // openssl: verified against the CA, for the name the certificate carries.
-    let out = s_client(
-        &lab,
-        7301,
-        &["-servername", WEB, "-CAfile", &ca, "-verify_return_error"],
-        b"",
-    );
-    assert!(out.ok, "s_client: {}\n{}", out.stderr, agent.logs());
+    let out = s_client_verified(&lab, &agent, 7301, &ca);
     assert!(out.stdout.contains("stream-origin"), "{}", out.stdout);
     assert!(
         out.stdout.contains("Verify return code: 0 (ok)"),
@@ -332,13 +329,7 @@ fn full_accepts_a_self_signed_origin_and_passes_alpn_through() {
     );
     let agent = start_agent(&lab, &apps);
     let ca = path(&pki.ca.cert);
-    let out = s_client(
-        &lab,
-        7311,
-        &["-servername", WEB, "-CAfile", &ca, "-verify_return_error"],
-        b"",
-    );
-    assert!(out.ok, "s_client: {}\n{}", out.stderr, agent.logs());
+    let out = s_client_verified(&lab, &agent, 7311, &ca);
     assert!(out.stdout.contains("full-origin"), "{}", out.stdout);
 
     // ALPN: the client's offer goes to the origin; the origin's choice comes back.
@@ -502,17 +493,7 @@ struct OpenClient {
 
 impl OpenClient {
     fn start(lab: &Lab, port: u16, args: &[&str]) -> OpenClient {
-        let connect = format!("{EDGE_CLIENT_V4}:{port}");
-        let mut all = vec!["60", "openssl", "s_client", "-connect", &connect];
-        all.extend_from_slice(args);
-        let mut child = lab
-            .client()
-            .cmd("timeout", &all)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("running openssl s_client");
+        let mut child = spawn_s_client(lab, port, "60", args, Stdio::null());
         let stdout = child.stdout.take().unwrap();
         let output = Arc::new(Mutex::new(String::new()));
         let sink = output.clone();

@@ -235,11 +235,21 @@ pub(super) fn with_process_cpu<T>(
     Ok((out, cpu))
 }
 
-/// The origin's echo server: reads `ECHO_LEN` bytes, writes them back, closes.
-fn start_echo(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
+/// A tokio server in `origin` on `ORIGIN_V4:port`, pinned to `cpu`, serving every
+/// connection with `handle` on a task of its own.
+pub(super) fn start_origin_server<F, Fut>(
+    lab: &Lab,
+    port: u16,
+    cpu: usize,
+    handle: F,
+) -> Result<NsTask<()>>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = lab
         .origin()
-        .run_in(|| std::net::TcpListener::bind((ORIGIN_V4, ECHO_PORT)))??;
+        .run_in(move || std::net::TcpListener::bind((ORIGIN_V4, port)))??;
     listener.set_nonblocking(true)?;
     lab.origin().spawn_async(async move {
         let _ = sys::pin(0, cpu);
@@ -247,17 +257,22 @@ fn start_echo(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
             return;
         };
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let mut buf = [0u8; ECHO_LEN];
-                if s.read_exact(&mut buf).await.is_ok() {
-                    let _ = s.write_all(&buf).await;
-                }
-                let _ = s.shutdown().await;
-            });
+            tokio::spawn(handle(s));
         }
+    })
+}
+
+/// The origin's echo server: reads `ECHO_LEN` bytes, writes them back, closes.
+fn start_echo(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
+    start_origin_server(lab, ECHO_PORT, cpu, |mut s| async move {
+        let mut buf = [0u8; ECHO_LEN];
+        if s.read_exact(&mut buf).await.is_ok() {
+            let _ = s.write_all(&buf).await;
+        }
+        let _ = s.shutdown().await;
     })
 }
 

@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use forwarder::tls::test_pki::TestPki;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpListener;
 
 use super::agent::{AgentProc, Proc};
 use super::sys::{self, TempDir};
-use super::tcp::{start_haproxy, with_process_cpu};
+use super::tcp::{start_haproxy, start_origin_server, with_process_cpu};
 use super::{Metric, Options, Scenario, Target, Variant};
 use forwarder_tests::{EDGE_CLIENT_V4, Lab, NsTask, ORIGIN_V4};
 
@@ -52,52 +51,36 @@ struct TlsLab {
 /// The origin: reads an HTTP request head, answers `200` with as many bytes as the
 /// path says (`GET /N`), closes.
 fn start_origin(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
-    let listener = lab
-        .origin()
-        .run_in(|| std::net::TcpListener::bind((ORIGIN_V4, ORIGIN_PORT)))??;
-    listener.set_nonblocking(true)?;
-    lab.origin().spawn_async(async move {
-        let _ = sys::pin(0, cpu);
-        let Ok(listener) = TcpListener::from_std(listener) else {
-            return;
-        };
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&head);
-                let len: u64 = text
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|path| path.trim_start_matches('/').parse().ok())
-                    .unwrap_or(0);
-                let header = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-                );
-                if s.write_all(header.as_bytes()).await.is_err() {
-                    return;
-                }
-                let chunk = vec![0x5au8; 256 * 1024];
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(chunk.len() as u64) as usize;
-                    if s.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n as u64;
-                }
-                let _ = s.shutdown().await;
-            });
+    start_origin_server(lab, ORIGIN_PORT, cpu, |mut s| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
         }
+        let text = String::from_utf8_lossy(&head);
+        let len: u64 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|path| path.trim_start_matches('/').parse().ok())
+            .unwrap_or(0);
+        let header =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
+        if s.write_all(header.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![0x5au8; 256 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if s.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n as u64;
+        }
+        let _ = s.shutdown().await;
     })
 }
 
@@ -193,22 +176,23 @@ impl TlsLab {
         }
     }
 
+    /// `program args…` in `client`, pinned to `cpu` at the highest priority, killed
+    /// after 60 s.
+    fn pinned_client(&self, cpu: usize, program: &str, args: &[&str]) -> std::process::Command {
+        let cpu = cpu.to_string();
+        let mut all = vec!["60", "nice", "-n", "-20", "taskset", "-c", &cpu, program];
+        all.extend_from_slice(args);
+        self.lab.client().cmd("timeout", &all)
+    }
+
     /// `curl` downloads `bytes` through the proxy on `port`; bytes per second.
     fn download(&self, port: u16, bytes: u64, cpu: usize) -> Result<f64> {
-        let cpu = cpu.to_string();
         let resolve = format!("{NAME}:{port}:{EDGE_CLIENT_V4}");
         let url = format!("https://{NAME}:{port}/{bytes}");
-        let mut cmd = self.lab.client().cmd(
-            "timeout",
+        let mut cmd = self.pinned_client(
+            cpu,
+            "curl",
             &[
-                "60",
-                "nice",
-                "-n",
-                "-20",
-                "taskset",
-                "-c",
-                &cpu,
-                "curl",
                 "-sS",
                 "--fail",
                 "--http1.1",
@@ -239,37 +223,24 @@ impl TlsLab {
     /// `HANDSHAKE_CLIENTS` parallel `openssl s_time -new` for `secs` seconds;
     /// (completed handshakes, wall time).
     fn handshakes(&self, port: u16, secs: u64, cpu: usize) -> Result<(u64, Duration)> {
-        let cpu = cpu.to_string();
         let connect = format!("{EDGE_CLIENT_V4}:{port}");
-        let secs_s = secs.to_string();
+        let secs = secs.to_string();
+        let args = [
+            "s_time",
+            "-connect",
+            &connect,
+            "-new",
+            "-time",
+            &secs,
+            "-ciphersuites",
+            SUITE,
+            "-CAfile",
+            &self.ca,
+        ];
         let started = Instant::now();
         let children: Vec<std::process::Child> = (0..HANDSHAKE_CLIENTS)
             .map(|_| {
-                self.lab
-                    .client()
-                    .cmd(
-                        "timeout",
-                        &[
-                            "60",
-                            "nice",
-                            "-n",
-                            "-20",
-                            "taskset",
-                            "-c",
-                            &cpu,
-                            "openssl",
-                            "s_time",
-                            "-connect",
-                            &connect,
-                            "-new",
-                            "-time",
-                            &secs_s,
-                            "-ciphersuites",
-                            SUITE,
-                            "-CAfile",
-                            &self.ca,
-                        ],
-                    )
+                self.pinned_client(cpu, "openssl", &args)
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::null())
                     .spawn()
