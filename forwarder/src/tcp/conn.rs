@@ -21,7 +21,6 @@ use super::stats::AppCounters;
 use crate::config::{App, ProxyProtocol};
 use crate::telemetry::events::{Event, EventKind, TlsFields, rfc3339, status};
 use crate::tls::Terminator;
-use crate::tls::handshake::{self, Failure};
 use crate::wire::{ProxyKind, Transport, proxy_header};
 
 /// Counts a connection as open for its app and for the drain; undone on drop.
@@ -47,13 +46,13 @@ impl Drop for LiveGuard {
 }
 
 /// Counts an open connection to an origin (see `TcpProxy::live_origins`).
-struct OriginGuard {
+pub(super) struct OriginGuard {
     shared: Arc<Shared>,
     origin: SocketAddr,
 }
 
 impl OriginGuard {
-    fn new(shared: Arc<Shared>, origin: SocketAddr) -> OriginGuard {
+    pub(super) fn new(shared: Arc<Shared>, origin: SocketAddr) -> OriginGuard {
         *shared
             .origins_live
             .lock()
@@ -159,7 +158,7 @@ pub fn idle_status(last_client: u64, last_origin: u64) -> u16 {
 }
 
 /// Per-connection progress, shared by the two directions and the idle watch.
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     client_bytes: AtomicU64,
     origin_bytes: AtomicU64,
@@ -180,17 +179,17 @@ impl Activity {
     }
 }
 
-struct Meta {
-    app: Arc<App>,
-    client: SocketAddr,
-    edge: SocketAddr,
-    accepted: Instant,
+pub(super) struct Meta {
+    pub(super) app: Arc<App>,
+    pub(super) client: SocketAddr,
+    pub(super) edge: SocketAddr,
+    pub(super) accepted: Instant,
     /// Filled in as the TLS handshakes go (`tls` apps).
-    tls: TlsFields,
+    pub(super) tls: TlsFields,
 }
 
 impl Meta {
-    fn event(&self, kind: EventKind, origin: Option<SocketAddr>, status: u16) -> Event {
+    pub(super) fn event(&self, kind: EventKind, origin: Option<SocketAddr>, status: u16) -> Event {
         Event {
             timestamp: rfc3339(SystemTime::now()),
             event: kind,
@@ -239,14 +238,14 @@ pub(crate) async fn serve(
     match terminator {
         None => serve_plain(&shared, meta, &counters, client_stream).await,
         Some(terminator) => {
-            serve_tls(&shared, meta, &counters, &terminator, client_stream).await;
+            super::conn_tls::serve(&shared, meta, &counters, &terminator, client_stream).await;
         }
     }
 }
 
 /// Connects to the app's origins in hash order (the next one on failure). When
 /// none answers, emits the `originError` event and returns `None`.
-async fn connect_origin(
+pub(super) async fn connect_origin(
     shared: &Shared,
     meta: &Meta,
     counters: &AppCounters,
@@ -288,7 +287,7 @@ async fn connect_origin(
 }
 
 /// The `connect` event; returns its timestamp for the `disconnect` event.
-fn emit_connect(
+pub(super) fn emit_connect(
     shared: &Shared,
     meta: &Meta,
     counters: &AppCounters,
@@ -303,7 +302,7 @@ fn emit_connect(
 }
 
 /// The `disconnect` event of a connection that had its `connect`.
-fn emit_disconnect(
+pub(super) fn emit_disconnect(
     shared: &Shared,
     meta: &Meta,
     counters: &AppCounters,
@@ -369,7 +368,7 @@ async fn serve_plain(
 }
 
 /// The end of a connection whose PROXY header could not be written.
-fn header_fault(meta: &Meta, origin: SocketAddr, err: &io::Error) -> (End, u64, u64) {
+pub(super) fn header_fault(meta: &Meta, origin: SocketAddr, err: &io::Error) -> (End, u64, u64) {
     debug!("app {}: PROXY header to {origin}: {err}", meta.app.id);
     let status = io_error_status(Side::Origin, false, err);
     (
@@ -383,7 +382,7 @@ fn header_fault(meta: &Meta, origin: SocketAddr, err: &io::Error) -> (End, u64, 
 }
 
 /// Passes a fault on as RST to the other side; both sides when drained.
-fn reset_after(end: End, client: &TcpStream, origin: &TcpStream) {
+pub(super) fn reset_after(end: End, client: &TcpStream, origin: &TcpStream) {
     match end {
         End::Fault {
             side: Side::Client, ..
@@ -399,222 +398,7 @@ fn reset_after(end: End, client: &TcpStream, origin: &TcpStream) {
     }
 }
 
-/// A handshake failed: its event (`originError` for the origin leg, else
-/// `disconnect`), its counters and a debug line.
-fn handshake_failed(
-    shared: &Shared,
-    meta: &Meta,
-    counters: &AppCounters,
-    failure: Failure,
-    origin: Option<SocketAddr>,
-    detail: &str,
-) {
-    debug!(
-        "app {}: TLS handshake for {} failed: {} {detail}",
-        meta.app.id,
-        meta.client,
-        failure.label()
-    );
-    let kind = if failure.is_origin() {
-        EventKind::OriginError
-    } else {
-        EventKind::Disconnect
-    };
-    let code = failure.status();
-    let mut event = meta.event(kind, origin, code);
-    event.tls.tls_error = Some(failure.label().to_string());
-    event.disconnect_timestamp = Some(event.timestamp.clone());
-    shared.events().emit(&event);
-    counters.tls_failure(failure.label());
-    counters.event(kind, code, Some(meta.accepted.elapsed()));
-}
-
-/// `TLSv1.3` / `TLSv1.2`, as the event and the metric label say it.
-fn version_name(version: Option<rustls::ProtocolVersion>) -> &'static str {
-    match version {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-        _ => "unknown",
-    }
-}
-
-/// The client leg's outcome, recorded in the event fields and the counters.
-fn client_handshake_done(
-    meta: &mut Meta,
-    counters: &AppCounters,
-    tls: &tokio_rustls::server::TlsStream<TcpStream>,
-) {
-    let session = tls.get_ref().1;
-    let version = version_name(session.protocol_version());
-    meta.tls.tls_version = Some(version.to_string());
-    meta.tls.alpn = session
-        .alpn_protocol()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    counters.tls_handshake(version, meta.accepted.elapsed());
-}
-
-/// A stream whose TCP socket can be reset.
-trait OverTcp: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
-    fn tcp(&self) -> &TcpStream;
-}
-
-impl OverTcp for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
-}
-
-impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-/// `tls = "flexible" | "full" | "strict"`. Flexible finishes the client's
-/// handshake before it connects to the origin (an origin sees only clients that
-/// completed TLS). Full and strict connect and shake hands with the origin
-/// between the ClientHello and the edge's answer, so the client's ALPN offer is
-/// made to the origin and the origin's choice is the client's answer. The PROXY
-/// header goes first on the origin leg, in clear (HAProxy's `send-proxy` with
-/// `ssl`).
-async fn serve_tls(
-    shared: &Arc<Shared>,
-    mut meta: Meta,
-    counters: &AppCounters,
-    terminator: &Terminator,
-    client_stream: TcpStream,
-) {
-    let mut close = shared.close_signal();
-    let deadline = meta.accepted + shared.handshake_timeout();
-    let hello = match handshake::client_hello(client_stream, deadline).await {
-        Ok(hello) => hello,
-        Err(failure) => {
-            handshake_failed(shared, &meta, counters, failure, None, "");
-            return;
-        }
-    };
-    meta.tls.sni = hello.sni.clone();
-    let Ok(config) = terminator.choose(hello.sni.as_deref()) else {
-        handshake_failed(shared, &meta, counters, Failure::NoSniMatch, None, "");
-        return;
-    };
-
-    if !terminator.settings().mode.origin_tls() {
-        let client_tls = match handshake::finish_client(hello, config, None, deadline).await {
-            Ok(tls) => tls,
-            Err(failure) => {
-                handshake_failed(shared, &meta, counters, failure, None, "");
-                return;
-            }
-        };
-        client_handshake_done(&mut meta, counters, &client_tls);
-        let Some((origin_addr, origin_stream)) =
-            connect_origin(shared, &meta, counters, &mut close).await
-        else {
-            reset(client_tls.get_ref().0);
-            return;
-        };
-        let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
-        let connect_ts = emit_connect(shared, &meta, counters, origin_addr);
-        let end = match write_proxy_header(&meta, origin_stream).await {
-            Err((_stream, err)) => {
-                reset(client_tls.get_ref().0);
-                header_fault(&meta, origin_addr, &err)
-            }
-            Ok(origin_stream) => {
-                pump_tls(shared, counters, client_tls, origin_stream, &mut close).await
-            }
-        };
-        emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
-        return;
-    }
-
-    let Some((origin_addr, origin_stream)) =
-        connect_origin(shared, &meta, counters, &mut close).await
-    else {
-        return;
-    };
-    let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
-    let origin_stream = match write_proxy_header(&meta, origin_stream).await {
-        Ok(stream) => stream,
-        Err((_stream, err)) => {
-            let detail = format!("PROXY header: {err}");
-            let failure = Failure::OriginHandshake;
-            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), &detail);
-            return;
-        }
-    };
-    let origin_tls = match handshake::origin(
-        terminator,
-        origin_stream,
-        origin_addr,
-        hello.sni.as_deref(),
-        &hello.alpn,
-        deadline,
-    )
-    .await
-    {
-        Ok(tls) => tls,
-        Err((failure, detail)) => {
-            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), &detail);
-            return;
-        }
-    };
-    let chosen = origin_tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    let client_tls = match handshake::finish_client(hello, config, chosen, deadline).await {
-        Ok(tls) => tls,
-        Err(failure) => {
-            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), "");
-            return;
-        }
-    };
-    client_handshake_done(&mut meta, counters, &client_tls);
-    let connect_ts = emit_connect(shared, &meta, counters, origin_addr);
-    let end = pump_tls(shared, counters, client_tls, origin_tls, &mut close).await;
-    emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
-}
-
-/// Moves both directions through rustls until both ended, one failed, the
-/// connection idled out or the drain time is over; then passes a fault on.
-async fn pump_tls<O: OverTcp>(
-    shared: &Shared,
-    counters: &AppCounters,
-    client: tokio_rustls::server::TlsStream<TcpStream>,
-    origin: O,
-    close: &mut tokio::sync::watch::Receiver<bool>,
-) -> (End, u64, u64) {
-    let activity = Activity::new();
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut origin_read, mut origin_write) = tokio::io::split(origin);
-    let end = run_directions(
-        shared,
-        &activity,
-        close,
-        crate::tls::pump::forward(
-            &mut client_read,
-            &mut origin_write,
-            activity.client_counter(counters),
-        ),
-        crate::tls::pump::forward(
-            &mut origin_read,
-            &mut client_write,
-            activity.origin_counter(counters),
-        ),
-    )
-    .await;
-    let client = client_read.unsplit(client_write);
-    let origin = origin_read.unsplit(origin_write);
-    reset_after(end, client.tcp(), origin.tcp());
-    activity.totals(end)
-}
-
-async fn write_proxy_header(
+pub(super) async fn write_proxy_header(
     meta: &Meta,
     mut origin: TcpStream,
 ) -> Result<TcpStream, (TcpStream, io::Error)> {
@@ -634,7 +418,7 @@ async fn write_proxy_header(
 }
 
 impl Activity {
-    fn new() -> Activity {
+    pub(super) fn new() -> Activity {
         Activity {
             start: Instant::now(),
             client_bytes: AtomicU64::new(0),
@@ -645,7 +429,7 @@ impl Activity {
     }
 
     /// The byte counter of the client → origin direction.
-    fn client_counter<'a>(&'a self, counters: &'a AppCounters) -> impl FnMut(u64) + 'a {
+    pub(super) fn client_counter<'a>(&'a self, counters: &'a AppCounters) -> impl FnMut(u64) + 'a {
         move |n| {
             self.client_bytes.fetch_add(n, Ordering::Relaxed);
             self.last_client.store(self.now(), Ordering::Relaxed);
@@ -654,7 +438,7 @@ impl Activity {
     }
 
     /// The byte counter of the origin → client direction.
-    fn origin_counter<'a>(&'a self, counters: &'a AppCounters) -> impl FnMut(u64) + 'a {
+    pub(super) fn origin_counter<'a>(&'a self, counters: &'a AppCounters) -> impl FnMut(u64) + 'a {
         move |n| {
             self.origin_bytes.fetch_add(n, Ordering::Relaxed);
             self.last_origin.store(self.now(), Ordering::Relaxed);
@@ -663,7 +447,7 @@ impl Activity {
     }
 
     /// How it ended, with the bytes each side sent.
-    fn totals(&self, end: End) -> (End, u64, u64) {
+    pub(super) fn totals(&self, end: End) -> (End, u64, u64) {
         (
             end,
             self.client_bytes.load(Ordering::Relaxed),
@@ -720,7 +504,7 @@ async fn pump(
 
 /// Runs both directions of a connection against the idle timeout and the drain:
 /// a read fault is the source side's, a write fault the destination's.
-async fn run_directions(
+pub(super) async fn run_directions(
     shared: &Shared,
     activity: &Activity,
     close: &mut tokio::sync::watch::Receiver<bool>,

@@ -5,12 +5,14 @@
 //! * [`listener`]: the listening sockets and the sysctls they depend on;
 //! * [`origin`]: origin order (hash of the client address), connecting, error codes;
 //! * [`splice`]: `splice(2)` through a pipe per direction, FIN and RST propagation;
-//! * [`conn`]: one connection's life, its events and counters;
+//! * [`conn`]: one connection's life, its events and counters; `conn_tls` the
+//!   same for apps that terminate TLS (`crate::tls`);
 //! * [`stats`]: per-app counters and the duration histogram.
 //!
 //! `docs/tcp.md` describes the design, the status codes, the limits and the sysctls.
 
 pub mod conn;
+mod conn_tls;
 pub mod copy;
 pub mod listener;
 pub mod origin;
