@@ -210,7 +210,7 @@ fn flexible_terminates_for_openssl_and_curl_in_front_of_plain_nginx() {
             "modern",
             (7303, 7302),
             "flexible",
-            &format!("{}tls_min_version = \"1.3\"\n", certificates(&[&pki.web]))
+            &format!("{}min_tls_version = \"1.3\"\n", certificates(&[&pki.web]))
         ),
     );
     let agent = start_agent(&lab, &apps);
@@ -365,9 +365,11 @@ fn strict_validates_the_origin_certificate() {
         &lab,
         &dir,
         &format!(
-            "stream {{ server {{ listen 10.0.2.2:7321 ssl; ssl_certificate {c}; ssl_certificate_key {k}; return \"strict-origin\\n\"; }} }}"
+            "stream {{ server {{ listen 10.0.2.2:7321 ssl; ssl_certificate {c}; ssl_certificate_key {k}; return \"strict-origin\\n\"; }} }}\n\
+             http {{ access_log off; server {{ listen 10.0.2.2:7323 ssl; ssl_certificate {c}; ssl_certificate_key {k}; \
+             location / {{ return 200 \"strict-http\\n\"; }} }} }}"
         ),
-        &[7321],
+        &[7321, 7323],
     );
     let web = certificates(&[&pki.web]);
     let good = format!(
@@ -376,9 +378,10 @@ fn strict_validates_the_origin_certificate() {
     );
     let wrong = format!("{web}tls_origin_ca = \"{}\"\n", path(&other_ca.cert));
     let apps = format!(
-        "{}{}",
+        "{}{}{}",
         tls_app("good", (7321, 7321), "strict", &good),
         tls_app("wrong", (7322, 7321), "strict", &wrong),
+        tls_app("http", (7323, 7323), "strict", &good),
     );
     let agent = start_agent(&lab, &apps);
     let ca = path(&pki.ca.cert);
@@ -388,6 +391,15 @@ fn strict_validates_the_origin_certificate() {
         out.stdout.contains("strict-origin"),
         "{}\n{}",
         out.stdout,
+        agent.logs()
+    );
+    // curl, HTTP through both TLS legs.
+    let r = resolve(7323);
+    let url = format!("https://{WEB}:7323/");
+    assert_eq!(
+        curl(&lab, &["--cacert", &ca, "--resolve", &r, &url]).as_deref(),
+        Ok("strict-http\n"),
+        "{}",
         agent.logs()
     );
 

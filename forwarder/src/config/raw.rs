@@ -98,7 +98,7 @@ pub(crate) struct RawApp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_strict_sni: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_min_version: Option<String>,
+    pub min_tls_version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_origin_ca: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

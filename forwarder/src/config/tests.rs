@@ -1457,7 +1457,7 @@ const CERTS: &str = "tls_certificates = [{ cert = \"/etc/f/a.pem\", key = \"/etc
 #[test]
 fn tls_keys_parse_into_the_model_and_round_trip() {
     let config = parse_ok(&tls_app(&format!(
-        "tls = \"strict\"\n{CERTS}tls_strict_sni = true\ntls_min_version = \"1.3\"\n\
+        "tls = \"strict\"\n{CERTS}tls_strict_sni = true\nmin_tls_version = \"1.3\"\n\
          tls_origin_ca = \"/etc/f/ca.pem\"\ntls_origin_server_name = \"origin.example\"\n"
     )));
     let tls = &config.apps[0].tls;
@@ -1557,7 +1557,7 @@ fn tls_certificates_are_required_with_a_mode_and_only_then() {
     for key in [
         CERTS.to_string(),
         "tls_strict_sni = true\n".into(),
-        "tls_min_version = \"1.3\"\n".into(),
+        "min_tls_version = \"1.3\"\n".into(),
     ] {
         let text = tls_app(&key);
         let field = key.split(' ').next().unwrap();
@@ -1566,13 +1566,13 @@ fn tls_certificates_are_required_with_a_mode_and_only_then() {
 }
 
 #[test]
-fn tls_min_version_and_the_origin_keys_are_checked() {
+fn min_tls_version_and_the_origin_keys_are_checked() {
     assert_problem(
         &tls_app(&format!(
-            "tls = \"full\"\n{CERTS}tls_min_version = \"1.1\"\n"
+            "tls = \"full\"\n{CERTS}min_tls_version = \"1.1\"\n"
         )),
         TLS_WEB,
-        "tls_min_version",
+        "min_tls_version",
         "'1.1' is not one of 1.2, 1.3",
     );
     assert_problem(

@@ -67,7 +67,7 @@ impl FromStr for TlsMode {
     }
 }
 
-/// `tls_min_version`.
+/// `min_tls_version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub enum TlsVersion {
     #[default]
@@ -144,7 +144,7 @@ pub(crate) fn raw_tls(tls: &AppTls, raw: &mut RawApp) {
             .collect(),
     );
     raw.tls_strict_sni = Some(tls.strict_sni);
-    raw.tls_min_version = Some(tls.min_version.to_string());
+    raw.min_tls_version = Some(tls.min_version.to_string());
     raw.tls_origin_ca = tls.origin_ca.as_deref().map(path);
     raw.tls_origin_server_name = tls.origin_server_name.clone();
 }
@@ -172,7 +172,7 @@ pub(crate) fn check(
     let given: [(&str, bool); 5] = [
         ("tls_certificates", raw.tls_certificates.is_some()),
         ("tls_strict_sni", raw.tls_strict_sni.is_some()),
-        ("tls_min_version", raw.tls_min_version.is_some()),
+        ("min_tls_version", raw.min_tls_version.is_some()),
         ("tls_origin_ca", raw.tls_origin_ca.is_some()),
         (
             "tls_origin_server_name",
@@ -235,11 +235,11 @@ pub(crate) fn check(
             })
             .collect(),
     };
-    let min_version = match raw.tls_min_version.as_deref().map(str::parse::<TlsVersion>) {
+    let min_version = match raw.min_tls_version.as_deref().map(str::parse::<TlsVersion>) {
         None => TlsVersion::default(),
         Some(Ok(version)) => version,
         Some(Err(reason)) => {
-            problem("tls_min_version", reason);
+            problem("min_tls_version", reason);
             TlsVersion::default()
         }
     };

@@ -35,7 +35,7 @@ pub enum Failure {
     NotTls,
     /// The client's SNI names no certificate of the app (`tls_strict_sni`).
     NoSniMatch,
-    /// No protocol version in common (e.g. a TLS 1.2 client, `tls_min_version = "1.3"`).
+    /// No protocol version in common (e.g. a TLS 1.2 client, `min_tls_version = "1.3"`).
     ProtocolVersion,
     /// No cipher suite, key-exchange group or signature scheme in common.
     NoSharedCipher,
