@@ -760,3 +760,83 @@ fn garbage_instead_of_a_client_hello_is_closed_counted_and_never_reaches_the_ori
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(*reached.lock().unwrap(), 0, "the origin was contacted");
 }
+
+#[test]
+fn a_client_that_stalls_in_the_handshake_is_closed_at_the_timeout() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let pki = pki("stall");
+    let origin = origin_listener(&lab, SocketAddr::new(ORIGIN_V4.into(), 7371));
+    serve(origin, |_s: TcpStream| {});
+    let agent = start_agent(
+        &lab,
+        &tls_app(
+            "stall",
+            (7371, 7371),
+            "flexible",
+            &certificates(&[&pki.web]),
+        ),
+    );
+    // Silent, and the first bytes of a record that never completes.
+    for request in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01][..]] {
+        let mut client =
+            client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7371), WAIT).unwrap();
+        client.write_all(request).unwrap();
+        let started = Instant::now();
+        let (reply, _) = read_all(&mut client);
+        let waited = started.elapsed();
+        assert!(reply.is_empty(), "{reply:?}");
+        assert!(
+            waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+            "closed after {waited:?}, the handshake timeout is {TEST_HANDSHAKE_TIMEOUT}"
+        );
+    }
+    let evs = wait_events(&agent, "stall", WAIT, |e| e.len() == 2);
+    for e in &evs {
+        assert_eq!((e.event(), e.status()), ("disconnect", 497), "{e:?}");
+        assert_eq!(e.str("TlsError"), Some("timeout"));
+    }
+    wait_tls(&agent, "stall", |t| t.failures.get("timeout") == Some(&2));
+}
+
+#[test]
+fn the_drain_ends_a_connection_still_in_its_handshake() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let pki = pki("drain");
+    let origin = origin_listener(&lab, SocketAddr::new(ORIGIN_V4.into(), 7381));
+    serve(origin, |_s: TcpStream| {});
+    let mut agent = start_agent(
+        &lab,
+        &tls_app(
+            "drain",
+            (7381, 7381),
+            "flexible",
+            &certificates(&[&pki.web]),
+        ),
+    );
+    // A first byte of a handshake record, then nothing: the agent waits for the rest.
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7381), WAIT).unwrap();
+    client.write_all(&[0x16]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "{status:?}\n{}", agent.logs());
+    // Ended by the drain (1 s), before the handshake timeout (2 s) would have.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let evs = app_events(&agent, "drain");
+    assert_eq!(evs.len(), 1, "{evs:#?}");
+    assert_eq!((evs[0].event(), evs[0].status()), ("disconnect", 999));
+    assert_eq!(evs[0].str("TlsError"), None);
+}

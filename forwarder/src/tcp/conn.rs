@@ -179,6 +179,7 @@ impl Activity {
     }
 }
 
+#[derive(Clone)]
 pub(super) struct Meta {
     pub(super) app: Arc<App>,
     pub(super) client: SocketAddr,

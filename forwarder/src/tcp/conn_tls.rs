@@ -97,13 +97,24 @@ impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// `tls = "flexible" | "full" | "strict"`. Flexible finishes the client's
-/// handshake before it connects to the origin (an origin sees only clients that
-/// completed TLS). Full and strict connect and shake hands with the origin
-/// between the ClientHello and the edge's answer, so the client's ALPN offer is
-/// made to the origin and the origin's choice is the client's answer. The PROXY
-/// header goes first on the origin leg, in clear (HAProxy's `send-proxy` with
-/// `ssl`).
+/// The origin leg once established: plain TCP (`flexible`) or TLS.
+enum OriginLeg {
+    Plain(TcpStream),
+    Tls(tokio_rustls::client::TlsStream<TcpStream>),
+}
+
+/// A connection whose handshakes are done and whose origin is connected.
+struct Established {
+    origin: SocketAddr,
+    client: tokio_rustls::server::TlsStream<TcpStream>,
+    leg: OriginLeg,
+    _origin_guard: OriginGuard,
+}
+
+/// `tls = "flexible" | "full" | "strict"`: the handshakes (`establish`), then the
+/// `connect` event, forwarding and the `disconnect` event. The drain interrupts
+/// a connection still in its handshakes (a `disconnect` with 999, as an open
+/// connection gets).
 pub(super) async fn serve(
     shared: &Arc<Shared>,
     mut meta: Meta,
@@ -112,93 +123,137 @@ pub(super) async fn serve(
     client_stream: TcpStream,
 ) {
     let mut close = shared.close_signal();
+    let accepted = meta.clone();
+    let established = tokio::select! {
+        r = establish(shared, &mut meta, counters, terminator, client_stream) => r,
+        _ = close.wait_for(|c| *c) => {
+            let mut event = accepted.event(EventKind::Disconnect, None, End::Drained.status());
+            event.disconnect_timestamp = Some(event.timestamp.clone());
+            shared.events().emit(&event);
+            counters.event(EventKind::Disconnect, End::Drained.status(), Some(accepted.accepted.elapsed()));
+            return;
+        }
+    };
+    let Some(established) = established else {
+        return;
+    };
+    let origin = established.origin;
+    let connect_ts = emit_connect(shared, &meta, counters, origin);
+    let end = match established.leg {
+        OriginLeg::Plain(leg) => {
+            pump_tls(shared, counters, established.client, leg, &mut close).await
+        }
+        OriginLeg::Tls(leg) => {
+            pump_tls(shared, counters, established.client, leg, &mut close).await
+        }
+    };
+    emit_disconnect(shared, &meta, counters, origin, connect_ts, end);
+}
+
+/// Flexible finishes the client's handshake before it connects to the origin (an
+/// origin sees only clients that completed TLS). Full and strict connect and shake
+/// hands with the origin between the ClientHello and the edge's answer, so the
+/// client's ALPN offer is made to the origin and the origin's choice is the
+/// client's answer. The PROXY header goes first on the origin leg, in clear
+/// (HAProxy's `send-proxy` with `ssl`). Every failure has emitted its event when
+/// this returns `None`.
+async fn establish(
+    shared: &Arc<Shared>,
+    meta: &mut Meta,
+    counters: &AppCounters,
+    terminator: &Terminator,
+    client_stream: TcpStream,
+) -> Option<Established> {
+    let mut close = shared.close_signal();
     let deadline = meta.accepted + shared.handshake_timeout();
+    let failed = |meta: &Meta, failure: Failure, origin: Option<SocketAddr>, detail: &str| {
+        handshake_failed(shared, meta, counters, failure, origin, detail);
+    };
     let hello = match handshake::client_hello(client_stream, deadline).await {
         Ok(hello) => hello,
         Err(failure) => {
-            handshake_failed(shared, &meta, counters, failure, None, "");
-            return;
+            failed(meta, failure, None, "");
+            return None;
         }
     };
     meta.tls.sni = hello.sni.clone();
     let Ok(config) = terminator.choose(hello.sni.as_deref()) else {
-        handshake_failed(shared, &meta, counters, Failure::NoSniMatch, None, "");
-        return;
+        failed(meta, Failure::NoSniMatch, None, "");
+        return None;
     };
 
     if !terminator.settings().mode.origin_tls() {
-        let client_tls = match handshake::finish_client(hello, config, None, deadline).await {
+        let client = match handshake::finish_client(hello, config, None, deadline).await {
             Ok(tls) => tls,
             Err(failure) => {
-                handshake_failed(shared, &meta, counters, failure, None, "");
-                return;
+                failed(meta, failure, None, "");
+                return None;
             }
         };
-        client_handshake_done(&mut meta, counters, &client_tls);
-        let Some((origin_addr, origin_stream)) =
-            connect_origin(shared, &meta, counters, &mut close).await
+        client_handshake_done(meta, counters, &client);
+        let Some((origin, stream)) = connect_origin(shared, meta, counters, &mut close).await
         else {
-            reset(client_tls.get_ref().0);
-            return;
+            reset(client.get_ref().0);
+            return None;
         };
-        let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
-        let connect_ts = emit_connect(shared, &meta, counters, origin_addr);
-        let end = match write_proxy_header(&meta, origin_stream).await {
+        let origin_guard = OriginGuard::new(shared.clone(), origin);
+        return match write_proxy_header(meta, stream).await {
+            Ok(stream) => Some(Established {
+                origin,
+                client,
+                leg: OriginLeg::Plain(stream),
+                _origin_guard: origin_guard,
+            }),
             Err((_stream, err)) => {
-                reset(client_tls.get_ref().0);
-                header_fault(&meta, origin_addr, &err)
-            }
-            Ok(origin_stream) => {
-                pump_tls(shared, counters, client_tls, origin_stream, &mut close).await
+                reset(client.get_ref().0);
+                let (end, _, _) = header_fault(meta, origin, &err);
+                let mut event = meta.event(EventKind::OriginError, Some(origin), end.status());
+                event.disconnect_timestamp = Some(event.timestamp.clone());
+                shared.events().emit(&event);
+                counters.event(
+                    EventKind::OriginError,
+                    end.status(),
+                    Some(meta.accepted.elapsed()),
+                );
+                None
             }
         };
-        emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
-        return;
     }
 
-    let Some((origin_addr, origin_stream)) =
-        connect_origin(shared, &meta, counters, &mut close).await
-    else {
-        return;
-    };
-    let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
-    let origin_stream = match write_proxy_header(&meta, origin_stream).await {
+    let (origin, stream) = connect_origin(shared, meta, counters, &mut close).await?;
+    let origin_guard = OriginGuard::new(shared.clone(), origin);
+    let stream = match write_proxy_header(meta, stream).await {
         Ok(stream) => stream,
         Err((_stream, err)) => {
             let detail = format!("PROXY header: {err}");
-            let failure = Failure::OriginHandshake;
-            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), &detail);
-            return;
+            failed(meta, Failure::OriginHandshake, Some(origin), &detail);
+            return None;
         }
     };
-    let origin_tls = match handshake::origin(
-        terminator,
-        origin_stream,
-        origin_addr,
-        hello.sni.as_deref(),
-        &hello.alpn,
-        deadline,
-    )
-    .await
+    let sni = hello.sni.as_deref();
+    let leg = match handshake::origin(terminator, stream, origin, sni, &hello.alpn, deadline).await
     {
         Ok(tls) => tls,
         Err((failure, detail)) => {
-            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), &detail);
-            return;
+            failed(meta, failure, Some(origin), &detail);
+            return None;
         }
     };
-    let chosen = origin_tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    let client_tls = match handshake::finish_client(hello, config, chosen, deadline).await {
+    let chosen = leg.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let client = match handshake::finish_client(hello, config, chosen, deadline).await {
         Ok(tls) => tls,
         Err(failure) => {
-            handshake_failed(shared, &meta, counters, failure, Some(origin_addr), "");
-            return;
+            failed(meta, failure, Some(origin), "");
+            return None;
         }
     };
-    client_handshake_done(&mut meta, counters, &client_tls);
-    let connect_ts = emit_connect(shared, &meta, counters, origin_addr);
-    let end = pump_tls(shared, counters, client_tls, origin_tls, &mut close).await;
-    emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
+    client_handshake_done(meta, counters, &client);
+    Some(Established {
+        origin,
+        client,
+        leg: OriginLeg::Tls(leg),
+        _origin_guard: origin_guard,
+    })
 }
 
 /// Moves both directions through rustls until both ended, one failed, the

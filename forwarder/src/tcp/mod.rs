@@ -308,7 +308,7 @@ impl TcpProxy {
     }
 
     /// The TLS state of every app that terminates TLS: kept where the settings
-    /// did not change (certificate changes are the watcher's), new otherwise.
+    /// did not change (its files read again if they changed), new otherwise.
     fn terminators_for(
         &self,
         apps: &BTreeMap<String, Arc<App>>,
@@ -316,7 +316,13 @@ impl TcpProxy {
         let mut terminators = BTreeMap::new();
         for (id, app) in apps.iter().filter(|(_, a)| a.tls.mode.terminates()) {
             let terminator = match self.shared.terminator(id) {
-                Some(kept) if *kept.settings() == app.tls => kept,
+                Some(kept) if *kept.settings() == app.tls => {
+                    // A reload (SIGHUP) picks up replaced files at once.
+                    if let Some(Err(err)) = kept.reload_if_changed() {
+                        warn!("app {id}: TLS certificate files cannot be used: {err:#}");
+                    }
+                    kept
+                }
                 _ => Arc::new(Terminator::new(id, &app.tls)?),
             };
             terminators.insert(id.clone(), terminator);
