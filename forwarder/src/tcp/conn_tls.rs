@@ -79,6 +79,12 @@ trait OverTcp: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
     fn tcp(&self) -> &TcpStream;
 }
 
+impl<T: OverTcp + ?Sized> OverTcp for Box<T> {
+    fn tcp(&self) -> &TcpStream {
+        (**self).tcp()
+    }
+}
+
 impl OverTcp for TcpStream {
     fn tcp(&self) -> &TcpStream {
         self
@@ -100,7 +106,8 @@ impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
 /// The origin leg once established: plain TCP (`flexible`) or TLS.
 enum OriginLeg {
     Plain(TcpStream),
-    Tls(tokio_rustls::client::TlsStream<TcpStream>),
+    // Boxed: a TLS session is a kilobyte, a socket a few words.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// A connection whose handshakes are done and whose origin is connected.
@@ -251,7 +258,7 @@ async fn establish(
     Some(Established {
         origin,
         client,
-        leg: OriginLeg::Tls(leg),
+        leg: OriginLeg::Tls(Box::new(leg)),
         _origin_guard: origin_guard,
     })
 }
