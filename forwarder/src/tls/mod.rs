@@ -100,7 +100,7 @@ impl Terminator {
             TlsMode::Off | TlsMode::Flexible => None,
             TlsMode::Full => Some(client_config(
                 settings.min_version,
-                verify::NotValidated::config_part(),
+                OriginCheck::NotValidated,
             )?),
             TlsMode::Strict => {
                 let roots = certs::load_roots(settings.origin_ca.as_deref())
@@ -111,7 +111,10 @@ impl Terminator {
                         .with_context(|| {
                             format!("app {app_id}: the origin certificate verifier")
                         })?;
-                Some(client_config(settings.min_version, verifier)?)
+                Some(client_config(
+                    settings.min_version,
+                    OriginCheck::Validated(verifier),
+                )?)
             }
         };
         Ok(Terminator {
@@ -232,16 +235,25 @@ impl Terminator {
     }
 }
 
-fn client_config(
-    min: TlsVersion,
-    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
-) -> anyhow::Result<Arc<ClientConfig>> {
-    let config = ClientConfig::builder_with_provider(provider())
+/// How the origin leg treats the origin's certificate.
+enum OriginCheck {
+    /// `full`: accepted as it is ([`verify::NotValidated`]).
+    NotValidated,
+    /// `strict`: validated against the CA store, for the origin's server name.
+    Validated(Arc<rustls::client::WebPkiServerVerifier>),
+}
+
+fn client_config(min: TlsVersion, check: OriginCheck) -> anyhow::Result<Arc<ClientConfig>> {
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions(min))
-        .context("the TLS protocol versions")?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .context("the TLS protocol versions")?;
+    let config = match check {
+        OriginCheck::NotValidated => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verify::NotValidated)),
+        OriginCheck::Validated(verifier) => builder.with_webpki_verifier(verifier),
+    }
+    .with_no_client_auth();
     Ok(Arc::new(config))
 }
 

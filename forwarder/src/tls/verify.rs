@@ -3,8 +3,6 @@
 //! handshake signatures are still checked with the certificate's key, so the
 //! connection is encrypted to whoever holds that key.
 
-use std::sync::Arc;
-
 use rustls::DigitallySignedStruct;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature};
@@ -15,12 +13,6 @@ use super::provider;
 /// Accepts any origin certificate; verifies the handshake signatures.
 #[derive(Debug)]
 pub struct NotValidated;
-
-impl NotValidated {
-    pub fn config_part() -> Arc<dyn ServerCertVerifier> {
-        Arc::new(NotValidated)
-    }
-}
 
 impl ServerCertVerifier for NotValidated {
     fn verify_server_cert(
