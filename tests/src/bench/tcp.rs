@@ -32,12 +32,44 @@ const ECHO_LEN: usize = 64;
 /// Concurrent connections of the connection-rate client.
 const CONCURRENCY: usize = 8;
 
+/// The two proxies a scenario compares, each with why it cannot run (if so).
+pub(super) struct Proxies {
+    pub(super) agent: Option<AgentProc>,
+    pub(super) haproxy: Result<Proc, String>,
+    pub(super) forwarder: Result<(), String>,
+}
+
+impl Proxies {
+    /// The proxy process of `variant` (none for `direct`).
+    pub(super) fn pid(&self, variant: &str) -> Option<u32> {
+        match variant {
+            "forwarder" => self.agent.as_ref()?.pid(),
+            "haproxy" => self.haproxy.as_ref().ok().map(|p| p.child.id()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn unavailable(&self, variant: &str) -> Option<String> {
+        match variant {
+            "forwarder" => self.forwarder.clone().err(),
+            "haproxy" => self.haproxy.as_ref().err().cloned(),
+            _ => None,
+        }
+    }
+
+    /// Stops HAProxy and the agent.
+    pub(super) fn stop(&mut self) {
+        self.haproxy = Err(String::new());
+        if let Some(agent) = self.agent.take() {
+            let _ = agent.stop();
+        }
+    }
+}
+
 /// The shared TCP topology of one scenario.
 struct TcpLab {
     lab: Lab,
-    agent: Option<AgentProc>,
-    haproxy: Result<Proc, String>,
-    forwarder: Result<(), String>,
+    proxies: Proxies,
     _echo: NsTask<()>,
     iperf: Option<Proc>,
     dir: TempDir,
@@ -45,15 +77,8 @@ struct TcpLab {
 
 impl TcpLab {
     fn new(opts: &Options, with_iperf: bool) -> Result<TcpLab> {
-        let lab = Lab::new()?;
+        let lab = proxy_lab(opts)?;
         let dir = TempDir::new("tcp")?;
-        for ns in [lab.client(), lab.edge()] {
-            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-        }
-        lab.attach_pass_stubs()?;
-        sys::threaded_napi(lab.client(), &lab.ifaces().client, opts.gen_cpu)?;
-        sys::threaded_napi(lab.origin(), &lab.ifaces().origin, opts.gen_cpu)?;
         let echo = start_echo(&lab, opts.gen_cpu)?;
         let iperf = if with_iperf && sys::have("iperf3") {
             let port = IPERF_PORT.to_string();
@@ -78,28 +103,28 @@ impl TcpLab {
             IPERF_PORT + HAPROXY_OFFSET,
             ECHO_PORT + HAPROXY_OFFSET
         );
-        let agent = AgentProc::start(&lab, &config, opts.edge_cpu)?;
-        sys::threaded_napi(lab.edge(), ec, opts.edge_cpu)?;
-        sys::threaded_napi(lab.edge(), eo, opts.edge_cpu)?;
+        let agent = start_pinned_agent(&lab, &config, opts)?;
         let mut tl = TcpLab {
             lab,
-            agent: Some(agent),
-            haproxy: Err(String::new()),
-            forwarder: Ok(()),
+            proxies: Proxies {
+                agent: Some(agent),
+                haproxy: Err(String::new()),
+                forwarder: Ok(()),
+            },
             _echo: echo,
             iperf,
             dir,
         };
-        tl.haproxy = tl.start_haproxy(opts).map_err(|e| format!("{e:#}"));
-        if tl.haproxy.is_ok()
+        tl.proxies.haproxy = tl.start_haproxy(opts).map_err(|e| format!("{e:#}"));
+        if tl.proxies.haproxy.is_ok()
             && let Err(e) = tl.echo_probe(SocketAddr::from((
                 EDGE_CLIENT_V4,
                 ECHO_PORT + HAPROXY_OFFSET,
             )))
         {
-            tl.haproxy = Err(format!("HAProxy does not relay: {e:#}"));
+            tl.proxies.haproxy = Err(format!("HAProxy does not relay: {e:#}"));
         }
-        tl.forwarder = tl
+        tl.proxies.forwarder = tl
             .echo_probe(SocketAddr::from((EDGE_CLIENT_V4, ECHO_PORT)))
             .map_err(|e| {
                 format!("the forwarder's TCP proxy does not relay (connect + echo through {EDGE_CLIENT_V4}:{ECHO_PORT}): {e:#}")
@@ -135,28 +160,19 @@ impl TcpLab {
         })?
     }
 
-    /// The proxy process of `variant` (none for `direct`).
-    fn proxy_pid(&self, variant: &str) -> Option<u32> {
-        match variant {
-            "forwarder" => self.agent.as_ref()?.pid(),
-            "haproxy" => self.haproxy.as_ref().ok().map(|p| p.child.id()),
-            _ => None,
-        }
-    }
-
     /// CPU seconds the proxy of `variant` spent while `run` ran, and its result.
     fn with_proxy_cpu<T>(
         &self,
         variant: &str,
         run: impl FnOnce() -> Result<T>,
     ) -> Result<(T, Option<f64>)> {
-        with_process_cpu(self.proxy_pid(variant), run)
+        with_process_cpu(self.proxies.pid(variant), run)
     }
 
     fn variant_addr(&self, variant: &str, port: u16) -> Result<SocketAddr> {
         Ok(match variant {
             "forwarder" => {
-                if let Err(e) = &self.forwarder {
+                if let Err(e) = &self.proxies.forwarder {
                     bail!("{e}");
                 }
                 SocketAddr::from((EDGE_CLIENT_V4, port))
@@ -168,20 +184,37 @@ impl TcpLab {
     }
 
     fn unavailable(&self, variant: &str) -> Option<String> {
-        match variant {
-            "forwarder" => self.forwarder.clone().err(),
-            "haproxy" => self.haproxy.as_ref().err().cloned(),
-            _ => None,
-        }
+        self.proxies.unavailable(variant)
     }
 
     fn finish(mut self) {
-        self.haproxy = Err(String::new());
         self.iperf = None;
-        if let Some(agent) = self.agent.take() {
-            let _ = agent.stop();
-        }
+        self.proxies.stop();
     }
+}
+
+/// A lab for comparing proxies: many short connections possible (`tcp_tw_reuse`, a
+/// wide port range in client and edge), XDP_PASS stubs on the client and origin
+/// veths, their NAPI threads on the generator CPU.
+pub(super) fn proxy_lab(opts: &Options) -> Result<Lab> {
+    let lab = Lab::new()?;
+    for ns in [lab.client(), lab.edge()] {
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    }
+    lab.attach_pass_stubs()?;
+    sys::threaded_napi(lab.client(), &lab.ifaces().client, opts.gen_cpu)?;
+    sys::threaded_napi(lab.origin(), &lab.ifaces().origin, opts.gen_cpu)?;
+    Ok(lab)
+}
+
+/// The agent with `config` on the edge CPU, and the edge veths' NAPI threads there.
+pub(super) fn start_pinned_agent(lab: &Lab, config: &str, opts: &Options) -> Result<AgentProc> {
+    let agent = AgentProc::start(lab, config, opts.edge_cpu)?;
+    let [ec, eo] = lab.edge_ifaces();
+    sys::threaded_napi(lab.edge(), ec, opts.edge_cpu)?;
+    sys::threaded_napi(lab.edge(), eo, opts.edge_cpu)?;
+    Ok(agent)
 }
 
 /// HAProxy in `edge` on `cpu` with `config` (written to `dir`), once it listens on

@@ -18,9 +18,10 @@ use anyhow::{Context as _, Result, bail};
 use forwarder::tls::test_pki::TestPki;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::agent::{AgentProc, Proc};
 use super::sys::{self, TempDir};
-use super::tcp::{start_haproxy, start_origin_server, with_process_cpu};
+use super::tcp::{
+    Proxies, proxy_lab, start_haproxy, start_origin_server, start_pinned_agent, with_process_cpu,
+};
 use super::{Metric, Options, Scenario, Target, Variant};
 use forwarder_tests::{EDGE_CLIENT_V4, Lab, NsTask, ORIGIN_V4};
 
@@ -38,9 +39,7 @@ const SUITE: &str = "TLS_AES_256_GCM_SHA384";
 
 struct TlsLab {
     lab: Lab,
-    agent: Option<AgentProc>,
-    haproxy: Result<Proc, String>,
-    forwarder: Result<(), String>,
+    proxies: Proxies,
     _origin: NsTask<()>,
     /// Keeps the certificates until the lab goes.
     _pki: TestPki,
@@ -86,15 +85,8 @@ fn start_origin(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
 
 impl TlsLab {
     fn new(opts: &Options) -> Result<TlsLab> {
-        let lab = Lab::new()?;
+        let lab = proxy_lab(opts)?;
         let dir = TempDir::new("tls")?;
-        for ns in [lab.client(), lab.edge()] {
-            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-        }
-        lab.attach_pass_stubs()?;
-        sys::threaded_napi(lab.client(), &lab.ifaces().client, opts.gen_cpu)?;
-        sys::threaded_napi(lab.origin(), &lab.ifaces().origin, opts.gen_cpu)?;
         let origin = start_origin(&lab, opts.gen_cpu)?;
         let pki = TestPki::new("bench");
         let ca = pki.ca("ca");
@@ -108,9 +100,7 @@ impl TlsLab {
             edge.cert.display(),
             edge.key.display()
         );
-        let agent = AgentProc::start(&lab, &config, opts.edge_cpu)?;
-        sys::threaded_napi(lab.edge(), ec, opts.edge_cpu)?;
-        sys::threaded_napi(lab.edge(), eo, opts.edge_cpu)?;
+        let agent = start_pinned_agent(&lab, &config, opts)?;
         // HAProxy wants the chain and the key in one file.
         let combined = dir.path().join("edge-combined.pem");
         let mut pem = std::fs::read(&edge.cert)?;
@@ -135,20 +125,22 @@ impl TlsLab {
         .map_err(|e| format!("{e:#}"));
         let mut tl = TlsLab {
             lab,
-            agent: Some(agent),
-            haproxy,
-            forwarder: Ok(()),
+            proxies: Proxies {
+                agent: Some(agent),
+                haproxy,
+                forwarder: Ok(()),
+            },
             _origin: origin,
             ca: ca.cert.display().to_string(),
             _pki: pki,
             _dir: dir,
         };
-        if tl.haproxy.is_ok()
+        if tl.proxies.haproxy.is_ok()
             && let Err(e) = tl.download(HAPROXY_PORT, 1000, 0)
         {
-            tl.haproxy = Err(format!("HAProxy does not relay: {e:#}"));
+            tl.proxies.haproxy = Err(format!("HAProxy does not relay: {e:#}"));
         }
-        tl.forwarder = tl
+        tl.proxies.forwarder = tl
             .download(FORWARDER_PORT, 1000, 0)
             .map(|_| ())
             .map_err(|e| format!("the forwarder does not terminate and relay: {e:#}"));
@@ -158,21 +150,13 @@ impl TlsLab {
     fn port(&self, variant: &str) -> Result<u16> {
         match variant {
             "forwarder" => {
-                if let Err(e) = &self.forwarder {
+                if let Err(e) = &self.proxies.forwarder {
                     bail!("{e}");
                 }
                 Ok(FORWARDER_PORT)
             }
             "haproxy" => Ok(HAPROXY_PORT),
             other => bail!("unknown variant {other}"),
-        }
-    }
-
-    fn proxy_pid(&self, variant: &str) -> Option<u32> {
-        match variant {
-            "forwarder" => self.agent.as_ref()?.pid(),
-            "haproxy" => self.haproxy.as_ref().ok().map(|p| p.child.id()),
-            _ => None,
         }
     }
 
@@ -366,18 +350,13 @@ impl Scenario for TlsTermination {
     }
 
     fn unavailable(&mut self, variant: &str, _opts: &Options) -> Option<String> {
-        let tl = self.tl.as_ref()?;
-        match variant {
-            "forwarder" => tl.forwarder.clone().err(),
-            "haproxy" => tl.haproxy.as_ref().err().cloned(),
-            _ => None,
-        }
+        self.tl.as_ref()?.proxies.unavailable(variant)
     }
 
     fn measure(&mut self, variant: &str, _round: usize, opts: &Options) -> Result<Vec<f64>> {
         let tl = self.tl.as_ref().context("no lab")?;
         let port = tl.port(variant)?;
-        let pid = tl.proxy_pid(variant);
+        let pid = tl.proxies.pid(variant);
         let secs = TlsTermination::handshake_secs(opts);
         let ((handshakes, elapsed), hs_cpu) =
             with_process_cpu(pid, || tl.handshakes(port, secs, opts.gen_cpu))?;
@@ -422,10 +401,7 @@ impl Scenario for TlsTermination {
 
     fn finish(&mut self) {
         if let Some(mut tl) = self.tl.take() {
-            tl.haproxy = Err(String::new());
-            if let Some(agent) = tl.agent.take() {
-                let _ = agent.stop();
-            }
+            tl.proxies.stop();
         }
     }
 }
