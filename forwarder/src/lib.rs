@@ -11,6 +11,7 @@ pub mod reload;
 pub mod spectrum;
 pub mod tcp;
 pub mod telemetry;
+pub mod tls;
 pub mod udp_flows;
 pub mod wire;
 

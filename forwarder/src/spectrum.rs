@@ -36,6 +36,11 @@ pub struct Import {
 /// `check-config` refuses it until the operator puts this host's edge address in.
 pub const EDGE_PLACEHOLDER: &str = "EDGE-ADDRESS-OF-THIS-HOST";
 
+/// Where an imported TLS app's certificate and key are expected: Spectrum served
+/// the zone's edge certificate, which cannot be exported, so the operator puts
+/// the app's own PEM files here (`<dir>/<app id>.pem`, `.key`).
+pub const TLS_CERTIFICATE_DIR: &str = "/etc/forwarder/tls";
+
 /// Whether `field` with `value` changes nothing here, so that saying it is ignored
 /// would only be noise: TLS off (pass-through, as here), Argo off, direct traffic,
 /// API timestamps, connectivity to every family.
@@ -58,7 +63,6 @@ pub fn why_ignored(field: &str) -> &'static str {
         "dns" => {
             "the DNS record lives at Cloudflare; point your own DNS name at the edge addresses"
         }
-        "tls" => "TLS termination is not supported; TCP is passed through as is",
         "argo_smart_routing" => "Argo Smart Routing is a Cloudflare network feature",
         "traffic_type" => "only direct L4 proxying exists here",
         "type" => "edge addresses come from the local interfaces and agent.edge_addresses",
@@ -184,7 +188,9 @@ pub fn import(json: &str) -> anyhow::Result<Import> {
         let Value::Object(fields) = app else {
             bail!("{path} is {}, expected an app object", json_type(&app));
         };
-        let raw = convert_app(&path, fields, &mut ignored, &mut fill_in)?;
+        // What to fill in only counts for an app that is kept.
+        let mut app_fill_in = Vec::new();
+        let raw = convert_app(&path, fields, &mut ignored, &mut app_fill_in)?;
         if raw.origin_direct.as_ref().is_none_or(Vec::is_empty) {
             skipped.push(format!(
                 "{}: no origin_direct (origin_dns is not supported), so the app is left out",
@@ -192,6 +198,7 @@ pub fn import(json: &str) -> anyhow::Result<Import> {
             ));
             continue;
         }
+        fill_in.extend(app_fill_in);
         raw_apps.push(raw);
     }
 
@@ -228,6 +235,7 @@ fn convert_app(
     fill_in: &mut Vec<String>,
 ) -> anyhow::Result<RawApp> {
     let mut raw = RawApp::default();
+    let mut tls = None;
     for (key, value) in fields {
         if changes_nothing(&key, &value) {
             continue;
@@ -265,16 +273,58 @@ fn convert_app(
                 ),
             },
             "edge_ips" => raw.edge_ips = edge_ips(&field_path, value, ignored, fill_in)?,
+            "tls" => tls = Some(string(&field_path, value)?),
             _ => ignored.push(field_path),
         }
     }
+    // After the loop: the certificate's file names come from the app's id.
+    if let Some(mode) = tls {
+        edge_tls(path, &mode, &mut raw, fill_in);
+        raw.tls = Some(mode);
+    }
     Ok(raw)
+}
+
+/// `tls` (flexible, full, strict): the same mode here, with certificate files the
+/// operator must supply (named after the app) — check-config reads them.
+fn edge_tls(path: &str, mode: &str, raw: &mut RawApp, fill_in: &mut Vec<String>) {
+    let name: String = raw
+        .id
+        .as_deref()
+        .unwrap_or(path)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let cert = format!("{TLS_CERTIFICATE_DIR}/{name}.pem");
+    let key = format!("{TLS_CERTIFICATE_DIR}/{name}.key");
+    let origin = match mode {
+        "strict" => {
+            "; the origin's certificate is validated against the system CA store \
+             (tls_origin_ca names another bundle)"
+        }
+        _ => "",
+    };
+    fill_in.push(format!(
+        "{path}: tls = \"{mode}\": put this app's certificate chain (PEM, leaf first) in \
+         {cert} and its private key in {key} (Spectrum served Cloudflare's edge \
+         certificate, which cannot be exported){origin}"
+    ));
+    raw.tls_certificates = Some(vec![config::RawCertificate {
+        cert: Some(cert),
+        key: Some(key),
+    }]);
 }
 
 fn is_mapped_field(key: &str) -> bool {
     matches!(
         key,
-        "id" | "protocol" | "origin_direct" | "proxy_protocol" | "ip_firewall" | "edge_ips"
+        "id" | "protocol" | "origin_direct" | "proxy_protocol" | "ip_firewall" | "edge_ips" | "tls"
     )
 }
 
@@ -596,9 +646,44 @@ mod tests {
             [
                 "apps[0].argo_smart_routing",
                 "apps[0].edge_ips.connectivity",
-                "apps[0].tls",
                 "apps[0].traffic_type",
             ]
+        );
+    }
+
+    #[test]
+    fn tls_is_mapped_with_the_certificate_files_to_supply() {
+        let json = r#"[{"id":"web","protocol":"tcp/443","origin_direct":["tcp://192.0.2.1:443"],"tls":"strict"},
+            {"id":"mail","protocol":"tcp/993","origin_direct":["tcp://192.0.2.2:993"],"tls":"flexible"},
+            {"id":"ssh","protocol":"tcp/22","origin_direct":["tcp://192.0.2.3:22"],"tls":"off"}]"#;
+        let imported = import(json).expect("import");
+        assert!(imported.ignored.is_empty(), "{:?}", imported.ignored);
+        assert!(imported.problems.is_empty(), "{:?}", imported.problems);
+        let config = Config::parse(&wrap(&imported.toml)).expect("parses");
+        let web = &config.apps[0].tls;
+        assert_eq!(web.mode, config::TlsMode::Strict);
+        assert_eq!(
+            web.certificates[0].cert,
+            std::path::Path::new("/etc/forwarder/tls/web.pem")
+        );
+        assert_eq!(
+            web.certificates[0].key,
+            std::path::Path::new("/etc/forwarder/tls/web.key")
+        );
+        assert_eq!(config.apps[1].tls.mode, config::TlsMode::Flexible);
+        assert_eq!(config.apps[2].tls, config::AppTls::default());
+        assert_eq!(imported.fill_in.len(), 2, "{:?}", imported.fill_in);
+        assert!(imported.fill_in[0].contains("/etc/forwarder/tls/web.pem"));
+        assert!(imported.fill_in[0].contains("system CA store"));
+        assert!(imported.fill_in[1].contains("/etc/forwarder/tls/mail.key"));
+        // tls on a UDP app is a problem, as check-config would say.
+        let udp = r#"[{"id":"dns","protocol":"udp/53","origin_direct":["udp://192.0.2.1:53"],"tls":"full"}]"#;
+        let problems = import(udp).expect("import").problems;
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.field == "tls" && p.reason.contains("TCP apps only")),
+            "{problems:?}"
         );
     }
 

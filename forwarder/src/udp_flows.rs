@@ -267,6 +267,7 @@ pub fn flow_event(
         disconnect_timestamp: (kind == EventKind::Disconnect).then(|| rfc3339(now_wall)),
         flows: None,
         healthy_origins: None,
+        tls: Default::default(),
     }
 }
 

@@ -85,7 +85,7 @@ fn check_config_lists_every_problem_and_exits_1() {
         "access_rules[0]: value: '10.0.1.130/25' has host bits set; did you mean '10.0.1.128/25'?",
         "app 'game' (apps[0]): origin_direct: scheme 'tcp' does not match protocol 'udp'",
         "app 'game' (apps[0]): proxy_protocol: 'v1' is TCP only; use 'v2' or 'simple' for UDP",
-        "app 'tcp-20-30' (apps[1]): colour: unknown key (line 21); expected one of: id, protocol, edge_ips, origin_direct, proxy_protocol, ip_firewall, udp_new_flows_per_second, health_check",
+        "app 'tcp-20-30' (apps[1]): colour: unknown key (line 21); expected one of: id, protocol, edge_ips, origin_direct, proxy_protocol, ip_firewall, udp_new_flows_per_second, health_check, tls, tls_certificates, tls_strict_sni, min_tls_version, tls_origin_ca, tls_origin_server_name",
         "app 'tcp-20-30' (apps[1]): origin_direct: 'tcp://10.0.0.6:20' has 1 port(s) but the app's edge range 20-30 has 11; an origin needs exactly as many ports as the edge (edge LOW+k goes to origin LOW+k)",
         "app 'game' (apps[2]): origin_direct: a UDP app's origins must share one IP family: 10.0.0.5 is IPv4, 2001:db8::5 is IPv6",
         "app 'game' (apps[2]): id: 'game' is already the id of apps[0]",
@@ -200,7 +200,6 @@ fn import_spectrum_skips_an_app_without_origin_direct_and_exits_1() {
     assert_eq!(
         text(&output.stderr),
         "ignored apps[0].origin_dns: DNS origins are not supported; use origin_direct\n\
-         ignored apps[0].tls: TLS termination is not supported; TCP is passed through as is\n\
          skipped app 'dns-origin' (apps[0]): no origin_direct (origin_dns is not supported), so the app is left out\n"
     );
 }
@@ -362,5 +361,53 @@ fn the_agent_log_can_be_json_lines() {
             .as_str()
             .is_some_and(|m| m.contains("open-file limit")),
         "{first}"
+    );
+}
+
+/// `check-config` on `config` written to `NAME.toml` in a directory of its own:
+/// (exit code, stderr, the directory — gone by then).
+fn check_config_text(name: &str, config: &str) -> (Option<i32>, String, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("fwd-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).expect("writing the config");
+    let output = check_config(&path);
+    std::fs::remove_dir_all(&dir).ok();
+    (output.status.code(), text(&output.stderr), dir)
+}
+
+/// What `run` would refuse about TLS, `check-config` refuses first, naming the
+/// app and the field: a certificate file that cannot be read, a CA bundle that
+/// cannot be read, `tls` on a UDP app.
+#[test]
+fn check_config_refuses_unreadable_tls_files_and_tls_on_udp() {
+    let web = "[agent]\ninterfaces = [\"eth0\"]\n\n\
+               [[apps]]\nid = \"web\"\nprotocol = \"tcp/443\"\norigin_direct = [\"tcp://10.0.0.5:443\"]\n\
+               tls = \"strict\"\ntls_certificates = [{ cert = \"missing.pem\", key = \"missing.key\" }]\n\
+               tls_origin_ca = \"/nonexistent/ca.pem\"\n";
+    // The text alone is judged first: tls on UDP.
+    let udp = format!(
+        "{web}\n[[apps]]\nid = \"dns\"\nprotocol = \"udp/53\"\n\
+         origin_direct = [\"udp://10.0.0.5:53\"]\ntls = \"flexible\"\n"
+    );
+    let (code, stderr, _) = check_config_text("tls-udp", &udp);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("app 'dns' (apps[1]): tls: TCP apps only"),
+        "{stderr}"
+    );
+    // Without that problem, the files are read (relative to the config's directory).
+    let (code, stderr, dir) = check_config_text("tls-files", web);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "app 'web' (apps[0]): tls_certificates[0].cert: cannot read {}",
+            dir.join("missing.pem").display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("app 'web' (apps[0]): tls_origin_ca: cannot read /nonexistent/ca.pem"),
+        "{stderr}"
     );
 }

@@ -30,6 +30,7 @@ fn quick_bench_produces_every_row() {
         "tcp-throughput",
         "tcp-connrate",
         "syn-flood",
+        "tls",
     ] {
         assert!(
             scenarios.iter().any(|s| s == expected),

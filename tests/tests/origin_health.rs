@@ -11,7 +11,6 @@ mod tcp_support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use forwarder_tests::agent::{AgentProcess, forwarder_bin};
@@ -44,20 +43,7 @@ fn nginx(lab: &Lab, dir: &TempDir, addr: SocketAddr, name: &str) -> NsChild {
          stream {{ server {{ listen {addr}; return \"{name}\\n\"; }} }}\n"
     );
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let mut cmd = lab.origin().cmd(
-        "nginx",
-        &[
-            "-p",
-            &d.to_string(),
-            "-c",
-            &format!("{d}/nginx.conf"),
-            "-e",
-            &format!("{d}/error.log"),
-            "-g",
-            "daemon off;",
-        ],
-    );
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let cmd = lab.origin().nginx(dir.path());
     let child = lab.origin().spawn(cmd).unwrap();
     wait_listening(lab, addr, WAIT);
     child

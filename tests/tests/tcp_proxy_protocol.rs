@@ -87,21 +87,7 @@ fn nginx_sees_the_client_address_v1_v2_ipv4_ipv6() {
          }}\n"
     );
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let mut cmd = lab.origin().cmd(
-        "nginx",
-        &[
-            "-p",
-            &d.to_string(),
-            "-c",
-            &format!("{d}/nginx.conf"),
-            "-e",
-            &format!("{d}/error.log"),
-            "-g",
-            "daemon off;",
-        ],
-    );
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let _nginx = lab.origin().spawn(cmd).unwrap();
+    let _nginx = lab.origin().spawn(lab.origin().nginx(dir.path())).unwrap();
     wait_listening(&lab, SocketAddr::new(ORIGIN_V4.into(), 7101), WAIT);
     wait_listening(&lab, SocketAddr::new(ORIGIN_V4.into(), 7102), WAIT);
     let agent = start_agent(&lab, &apps(7101));

@@ -28,6 +28,9 @@ pub const PACKAGES: &[&str] = &[
     "dnsutils",
     "dnsmasq",
     "curl",
+    // TLS termination tests: test certificates, `openssl s_client`, the default CA store.
+    "openssl",
+    "ca-certificates",
     "lftp",
     "hping3",
     "socat",

@@ -309,6 +309,7 @@ impl Agent {
             let totals = snapshot.connections.entry(id).or_default();
             totals.durations = tcp.durations;
             totals.connect_times = Some(tcp.connect_times);
+            totals.tls = tcp.tls;
         }
         snapshot.analytics = self.event_stats.analytics();
         snapshot.origins = self.origin_rows();

@@ -11,6 +11,7 @@ mod duration;
 mod host;
 mod model;
 mod raw;
+mod tls;
 mod validate;
 
 #[cfg(test)]
@@ -28,7 +29,8 @@ pub use model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortRange,
     PortSpec, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, UdpProbe, XdpMode,
 };
-pub(crate) use raw::{RawAccessRule, RawApp, RawOrigin, app_location};
+pub(crate) use raw::{RawAccessRule, RawApp, RawCertificate, RawOrigin, app_location};
+pub use tls::{AppTls, CertificateFiles, TlsMode, TlsVersion};
 
 use raw::{RawAgent, RawConfig, RawFirewall};
 
@@ -116,6 +118,8 @@ impl Config {
     }
 
     /// Reads and parses a config file; a read error is a `ConfigError` naming the path.
+    /// Relative paths in the TLS keys are taken from the file's directory, and every
+    /// certificate, key and CA bundle they name is read and checked as `run` would.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| {
             ConfigError::single(
@@ -124,7 +128,23 @@ impl Config {
                 format!("cannot read the config file: {error}"),
             )
         })?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for app in &mut config.apps {
+            tls::resolve_paths(app, base);
+        }
+        let locations: Vec<String> = config
+            .apps
+            .iter()
+            .enumerate()
+            .map(|(index, app)| app_location(Some(&app.id), index))
+            .collect();
+        let problems = tls::check_files(&config.apps, &locations);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
     }
 
     /// The config as TOML, with every key written out (defaults included), so that
@@ -276,7 +296,7 @@ fn raw_agent(agent: &AgentConfig) -> RawAgent {
 }
 
 fn raw_app(app: &App) -> RawApp {
-    RawApp {
+    let mut raw = RawApp {
         id: Some(app.id.clone()),
         protocol: Some(app.port_spec().to_string()),
         edge_ips: (!app.edge_ips.is_empty())
@@ -301,7 +321,10 @@ fn raw_app(app: &App) -> RawApp {
         ip_firewall: Some(app.ip_firewall),
         udp_new_flows_per_second: app.udp_new_flows_per_second.map(i64::from),
         health_check: app.health_check.as_ref().map(raw_health_check),
-    }
+        ..RawApp::default()
+    };
+    tls::raw_tls(&app.tls, &mut raw);
+    raw
 }
 
 fn raw_health_check(check: &HealthCheck) -> raw::RawHealthCheck {

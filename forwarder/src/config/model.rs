@@ -533,6 +533,8 @@ pub struct App {
     pub ip_firewall: bool,
     /// UDP apps: new flows admitted per second (`None`: no limit).
     pub udp_new_flows_per_second: Option<u32>,
+    /// TCP apps: Edge TLS Termination (`tls` and the `tls_*` keys).
+    pub tls: super::tls::AppTls,
     /// `[apps.health_check]`: origins that fail it get no new connections or flows.
     pub health_check: Option<HealthCheck>,
 }
@@ -718,7 +720,7 @@ pub fn proxy_supports(proxy: ProxyProtocol, protocol: Protocol) -> bool {
 }
 
 /// Parses one of a fixed set of lower-case keywords, listing them on failure.
-fn parse_keyword<T: Copy>(
+pub(super) fn parse_keyword<T: Copy>(
     text: &str,
     choices: &[T],
     name: impl Fn(T) -> &'static str,

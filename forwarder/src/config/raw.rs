@@ -93,6 +93,28 @@ pub(crate) struct RawApp {
     pub udp_new_flows_per_second: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_certificates: Option<Vec<RawCertificate>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_strict_sni: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_tls_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_origin_ca: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_origin_server_name: Option<String>,
+}
+
+/// One `tls_certificates` entry: `{ cert = "...", key = "..." }`.
+#[derive(Debug, Default, Clone, PartialEq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificate {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// One `origin_direct` entry: the URL alone, or a table with a weight.
@@ -476,7 +498,7 @@ mod tests {
             ["agent", "firewall", "access_rules", "apps"]
         );
         assert_eq!(struct_fields::<RawFirewall>(), ["default"]);
-        assert_eq!(struct_fields::<RawApp>().len(), 8);
+        assert_eq!(struct_fields::<RawApp>().len(), 14);
     }
 
     #[test]

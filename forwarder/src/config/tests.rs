@@ -1579,3 +1579,257 @@ fn weights_and_health_checks_are_checked() {
         "unknown field `port`",
     );
 }
+
+// ---- TLS termination (tls, tls_*) ----
+
+const TLS_WEB: &str = "app 'web' (apps[0])";
+
+/// A TCP app `web` with `body` added.
+fn tls_app(body: &str) -> String {
+    with_agent(&format!(
+        "[[apps]]\nid = \"web\"\nprotocol = \"tcp/443\"\norigin_direct = [\"tcp://10.0.0.5:443\"]\n{body}"
+    ))
+}
+
+const CERTS: &str = "tls_certificates = [{ cert = \"/etc/f/a.pem\", key = \"/etc/f/a.key\" }, { cert = \"b.pem\", key = \"b.key\" }]\n";
+
+#[test]
+fn tls_keys_parse_into_the_model_and_round_trip() {
+    let config = parse_ok(&tls_app(&format!(
+        "tls = \"strict\"\n{CERTS}tls_strict_sni = true\nmin_tls_version = \"1.3\"\n\
+         tls_origin_ca = \"/etc/f/ca.pem\"\ntls_origin_server_name = \"origin.example\"\n"
+    )));
+    let tls = &config.apps[0].tls;
+    assert_eq!(tls.mode, TlsMode::Strict);
+    assert_eq!(
+        tls.certificates,
+        [
+            CertificateFiles {
+                cert: "/etc/f/a.pem".into(),
+                key: "/etc/f/a.key".into()
+            },
+            CertificateFiles {
+                cert: "b.pem".into(),
+                key: "b.key".into()
+            }
+        ]
+    );
+    assert!(tls.strict_sni);
+    assert_eq!(tls.min_version, TlsVersion::Tls13);
+    assert_eq!(
+        tls.origin_ca.as_deref(),
+        Some(std::path::Path::new("/etc/f/ca.pem"))
+    );
+    assert_eq!(tls.origin_server_name.as_deref(), Some("origin.example"));
+    assert_eq!(parse_ok(&config.to_toml()), config);
+    // Defaults: off; with a mode, TLS 1.2 up, no strict SNI, the system CA store.
+    assert_eq!(parse_ok(&tls_app("")).apps[0].tls, AppTls::default());
+    let flexible = parse_ok(&tls_app(&format!("tls = \"flexible\"\n{CERTS}")));
+    let tls = &flexible.apps[0].tls;
+    assert_eq!(
+        (tls.min_version, tls.strict_sni),
+        (TlsVersion::Tls12, false)
+    );
+    assert_eq!(tls.origin_ca, None);
+    assert_eq!(parse_ok(&flexible.to_toml()), flexible);
+}
+
+#[test]
+fn tls_is_one_of_the_four_modes_and_tcp_only() {
+    assert_problem(
+        &tls_app("tls = \"on\"\n"),
+        TLS_WEB,
+        "tls",
+        "'on' is not one of off, flexible, full, strict",
+    );
+    let udp = |body: &str| {
+        with_agent(&format!(
+            "[[apps]]\nid = \"dns\"\nprotocol = \"udp/53\"\norigin_direct = [\"udp://10.0.0.5:53\"]\n{body}"
+        ))
+    };
+    assert_problem(
+        &udp(&format!("tls = \"flexible\"\n{CERTS}")),
+        "app 'dns' (apps[0])",
+        "tls",
+        "TCP apps only",
+    );
+    assert_problem(
+        &udp(&format!("tls = \"flexible\"\n{CERTS}")),
+        "app 'dns' (apps[0])",
+        "tls_certificates",
+        "TCP apps only",
+    );
+    // "off" on UDP says what is true anyway.
+    parse_ok(&udp("tls = \"off\"\n"));
+}
+
+#[test]
+fn tls_certificates_are_required_with_a_mode_and_only_then() {
+    for mode in ["flexible", "full", "strict"] {
+        assert_problem(
+            &tls_app(&format!("tls = \"{mode}\"\n")),
+            TLS_WEB,
+            "tls_certificates",
+            "missing",
+        );
+        assert_problem(
+            &tls_app(&format!("tls = \"{mode}\"\ntls_certificates = []\n")),
+            TLS_WEB,
+            "tls_certificates",
+            "missing",
+        );
+    }
+    assert_problem(
+        &tls_app("tls = \"flexible\"\ntls_certificates = [{ cert = \"a.pem\" }]\n"),
+        TLS_WEB,
+        "tls_certificates[0].key",
+        "missing",
+    );
+    assert_problem(
+        &tls_app(
+            "tls = \"flexible\"\ntls_certificates = [{ cert = \"a.pem\", key = \"a.key\", chain = \"x\" }]\n",
+        ),
+        TLS_WEB,
+        "tls_certificates",
+        "unknown field `chain`",
+    );
+    for key in [
+        CERTS.to_string(),
+        "tls_strict_sni = true\n".into(),
+        "min_tls_version = \"1.3\"\n".into(),
+    ] {
+        let text = tls_app(&key);
+        let field = key.split(' ').next().unwrap();
+        assert_problem(&text, TLS_WEB, field, "only with tls = ");
+    }
+}
+
+#[test]
+fn min_tls_version_and_the_origin_keys_are_checked() {
+    assert_problem(
+        &tls_app(&format!(
+            "tls = \"full\"\n{CERTS}min_tls_version = \"1.1\"\n"
+        )),
+        TLS_WEB,
+        "min_tls_version",
+        "'1.1' is not one of 1.2, 1.3",
+    );
+    assert_problem(
+        &tls_app(&format!(
+            "tls = \"full\"\n{CERTS}tls_origin_ca = \"/ca.pem\"\n"
+        )),
+        TLS_WEB,
+        "tls_origin_ca",
+        "only with tls = \"strict\"",
+    );
+    assert_problem(
+        &tls_app(&format!(
+            "tls = \"flexible\"\n{CERTS}tls_origin_server_name = \"o.example\"\n"
+        )),
+        TLS_WEB,
+        "tls_origin_server_name",
+        "only with tls = \"full\" or \"strict\"",
+    );
+    assert_problem(
+        &tls_app(&format!(
+            "tls = \"strict\"\n{CERTS}tls_origin_server_name = \"not a name\"\n"
+        )),
+        TLS_WEB,
+        "tls_origin_server_name",
+        "neither a DNS name nor an IP address",
+    );
+    let ip = parse_ok(&tls_app(&format!(
+        "tls = \"full\"\n{CERTS}tls_origin_server_name = \"10.0.0.5\"\n"
+    )));
+    assert_eq!(
+        ip.apps[0].tls.origin_server_name.as_deref(),
+        Some("10.0.0.5")
+    );
+}
+
+/// `Config::load` (check-config and run) reads the files the TLS keys name.
+#[test]
+fn load_reads_every_certificate_key_and_ca_file() {
+    use crate::tls::test_pki::TestPki;
+    let pki = TestPki::new("config");
+    let ca = pki.ca("ca");
+    let good = pki.leaf("good", &["web.example"], Some(&ca));
+    let other = pki.leaf("other", &["other.example"], Some(&ca));
+    let write = |body: &str| {
+        let path = pki.dir().join("forwarder.toml");
+        std::fs::write(&path, tls_app(body)).unwrap();
+        path
+    };
+    let entry = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "tls_certificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let problems = |body: &str| -> Vec<Problem> {
+        match Config::load(&write(body)) {
+            Ok(_) => panic!("expected problems for:\n{body}"),
+            Err(e) => e.problems,
+        }
+    };
+    let has = |problems: &[Problem], field: &str, part: &str| {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.location == TLS_WEB && p.field == field && p.reason.contains(part)),
+            "no {field}: ...{part}... in {problems:?}"
+        );
+    };
+    // Good: relative paths are the config file's directory's.
+    let config = Config::load(&write(
+        "tls = \"strict\"\ntls_certificates = [{ cert = \"good.pem\", key = \"good.key\" }]\n\
+         tls_origin_ca = \"ca.pem\"\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.apps[0].tls.certificates[0].cert, good.cert);
+    assert_eq!(config.apps[0].tls.origin_ca.as_ref(), Some(&ca.cert));
+
+    let missing = pki.dir().join("missing.pem");
+    has(
+        &problems(&format!(
+            "tls = \"flexible\"\n{}",
+            entry(&missing, &good.key)
+        )),
+        "tls_certificates[0].cert",
+        "cannot read",
+    );
+    has(
+        &problems(&format!(
+            "tls = \"flexible\"\n{}",
+            entry(&good.cert, &missing)
+        )),
+        "tls_certificates[0].key",
+        "cannot read",
+    );
+    has(
+        &problems(&format!(
+            "tls = \"full\"\n{}",
+            entry(&good.cert, &other.key)
+        )),
+        "tls_certificates[0].key",
+        "is not the key of the certificate",
+    );
+    has(
+        &problems(&format!(
+            "tls = \"flexible\"\n{}",
+            entry(&good.key, &good.key)
+        )),
+        "tls_certificates[0].cert",
+        "no PEM CERTIFICATE",
+    );
+    has(
+        &problems(&format!(
+            "tls = \"strict\"\n{}tls_origin_ca = \"{}\"\n",
+            entry(&good.cert, &good.key),
+            missing.display()
+        )),
+        "tls_origin_ca",
+        "cannot read",
+    );
+}

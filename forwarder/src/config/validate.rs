@@ -555,6 +555,7 @@ impl Validator<'_> {
             (Some(check), Some(spec)) => self.health_check(&location, spec.protocol, check),
             _ => None,
         };
+        let tls = super::tls::check(&location, raw, spec.map(|s| s.protocol), self.problems);
         let app = match (spec, edge_ips) {
             (Some(spec), Some(edge_ips)) => Some(App {
                 id: id.clone().unwrap_or_else(|| App::default_id(&spec)),
@@ -566,6 +567,7 @@ impl Validator<'_> {
                 ip_firewall: raw.ip_firewall.unwrap_or(true),
                 udp_new_flows_per_second,
                 health_check,
+                tls,
             }),
             _ => None,
         };

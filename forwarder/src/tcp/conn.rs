@@ -19,7 +19,8 @@ use super::origin;
 use super::splice::{self, Fault};
 use super::stats::AppCounters;
 use crate::config::{App, ProxyProtocol};
-use crate::telemetry::events::{Event, EventKind, rfc3339, status};
+use crate::telemetry::events::{Event, EventKind, TlsFields, rfc3339, status};
+use crate::tls::Terminator;
 use crate::wire::{ProxyKind, Transport, proxy_header};
 
 /// Counts a connection as open for its app and for the drain; undone on drop.
@@ -45,13 +46,13 @@ impl Drop for LiveGuard {
 }
 
 /// Counts an open connection to an origin (see `TcpProxy::live_origins`).
-struct OriginGuard {
+pub(super) struct OriginGuard {
     shared: Arc<Shared>,
     origin: SocketAddr,
 }
 
 impl OriginGuard {
-    fn new(shared: Arc<Shared>, origin: SocketAddr) -> OriginGuard {
+    pub(super) fn new(shared: Arc<Shared>, origin: SocketAddr) -> OriginGuard {
         *shared
             .origins_live
             .lock()
@@ -157,7 +158,7 @@ pub fn idle_status(last_client: u64, last_origin: u64) -> u16 {
 }
 
 /// Per-connection progress, shared by the two directions and the idle watch.
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     client_bytes: AtomicU64,
     origin_bytes: AtomicU64,
@@ -178,15 +179,18 @@ impl Activity {
     }
 }
 
-struct Meta {
-    app: Arc<App>,
-    client: SocketAddr,
-    edge: SocketAddr,
-    accepted: Instant,
+#[derive(Clone)]
+pub(super) struct Meta {
+    pub(super) app: Arc<App>,
+    pub(super) client: SocketAddr,
+    pub(super) edge: SocketAddr,
+    pub(super) accepted: Instant,
+    /// Filled in as the TLS handshakes go (`tls` apps).
+    pub(super) tls: TlsFields,
 }
 
 impl Meta {
-    fn event(&self, kind: EventKind, origin: Option<SocketAddr>, status: u16) -> Event {
+    pub(super) fn event(&self, kind: EventKind, origin: Option<SocketAddr>, status: u16) -> Event {
         Event {
             timestamp: rfc3339(SystemTime::now()),
             event: kind,
@@ -208,15 +212,18 @@ impl Meta {
             disconnect_timestamp: None,
             flows: None,
             healthy_origins: None,
+            tls: self.tls.clone(),
         }
     }
 }
 
 /// Serves one accepted connection to the end. `client` and `edge` are unmapped
-/// (IPv4 as IPv4).
+/// (IPv4 as IPv4). `terminator`: the app terminates TLS.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     app: Arc<App>,
+    terminator: Option<Arc<Terminator>>,
     counters: Arc<AppCounters>,
     _guard: LiveGuard,
     client_stream: TcpStream,
@@ -228,17 +235,30 @@ pub(crate) async fn serve(
         client,
         edge,
         accepted: Instant::now(),
+        tls: TlsFields::default(),
     };
-    // TCP_NODELAY comes from the listener (inherited by accept).
-    let mut close = shared.close_signal();
-    let events = || shared.events();
+    match terminator {
+        None => serve_plain(&shared, meta, &counters, client_stream).await,
+        Some(terminator) => {
+            super::conn_tls::serve(&shared, meta, &counters, &terminator, client_stream).await;
+        }
+    }
+}
 
-    // 1. The origin, in hash order; the next one on failure.
+/// Connects to the app's origins in hash order (the next one on failure). When
+/// none answers, emits the `originError` event and returns `None`.
+pub(super) async fn connect_origin(
+    shared: &Shared,
+    meta: &Meta,
+    counters: &AppCounters,
+    close: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(SocketAddr, TcpStream)> {
     let timeout = shared.connect_timeout();
     let mut failure = None;
-    let mut connected = None;
     let selection = shared.selection(&meta.app);
-    for (offset, candidate) in origin::candidates(&meta.app, &selection, client.ip(), edge.port()) {
+    for (offset, candidate) in
+        origin::candidates(&meta.app, &selection, meta.client.ip(), meta.edge.port())
+    {
         let origin_counters =
             shared.origin_counters(&meta.app.id, &meta.app.origins[offset].label());
         let started = Instant::now();
@@ -250,13 +270,12 @@ pub(crate) async fn serve(
             Ok(stream) => {
                 counters.connected_in(started.elapsed());
                 origin_counters.opened();
-                connected = Some((candidate, stream, origin_counters));
-                break;
+                return Some((candidate, stream));
             }
             Err((code, err)) => {
                 debug!(
-                    "app {}: origin {candidate} for {client}: {err} ({code})",
-                    meta.app.id
+                    "app {}: origin {candidate} for {}: {err} ({code})",
+                    meta.app.id, meta.client
                 );
                 let stop = code == status::UNKNOWN;
                 if !stop {
@@ -269,93 +288,136 @@ pub(crate) async fn serve(
             }
         }
     }
-    let Some((origin_addr, origin_stream, origin_counters)) = connected else {
-        let (origin_addr, code) =
-            failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
-        let mut event = meta.event(EventKind::OriginError, origin_addr, code);
-        event.disconnect_timestamp = Some(event.timestamp.clone());
-        events().emit(&event);
-        counters.event(EventKind::OriginError, code, Some(meta.accepted.elapsed()));
+    let (origin_addr, code) =
+        failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
+    let mut event = meta.event(EventKind::OriginError, origin_addr, code);
+    event.disconnect_timestamp = Some(event.timestamp.clone());
+    shared.events().emit(&event);
+    counters.event(EventKind::OriginError, code, Some(meta.accepted.elapsed()));
+    None
+}
+
+/// The `connect` event; returns its timestamp for the `disconnect` event.
+pub(super) fn emit_connect(
+    shared: &Shared,
+    meta: &Meta,
+    counters: &AppCounters,
+    origin: SocketAddr,
+) -> String {
+    let connect_ts = rfc3339(SystemTime::now());
+    let mut event = meta.event(EventKind::Connect, Some(origin), status::OPENED);
+    event.connect_timestamp = Some(connect_ts.clone());
+    shared.events().emit(&event);
+    counters.event(EventKind::Connect, status::OPENED, None);
+    connect_ts
+}
+
+/// The `disconnect` event of a connection that had its `connect`.
+pub(super) fn emit_disconnect(
+    shared: &Shared,
+    meta: &Meta,
+    counters: &AppCounters,
+    origin: SocketAddr,
+    connect_ts: String,
+    (end, client_bytes, origin_bytes): (End, u64, u64),
+) {
+    // The origin's own figures (`forwarder origins`): found by its address.
+    if let Some(o) = meta.app.origins.iter().find(|o| {
+        o.addr == origin.ip() && meta.app.origin_port(o, meta.edge.port()) == origin.port()
+    }) {
+        shared
+            .origin_counters(&meta.app.id, &o.label())
+            .closed(client_bytes, origin_bytes);
+    }
+    let code = end.status();
+    let mut event = meta.event(EventKind::Disconnect, Some(origin), code);
+    event.client_bytes = client_bytes;
+    event.origin_bytes = origin_bytes;
+    event.connect_timestamp = Some(connect_ts);
+    event.disconnect_timestamp = Some(event.timestamp.clone());
+    shared.events().emit(&event);
+    counters.event(EventKind::Disconnect, code, Some(meta.accepted.elapsed()));
+}
+
+/// `tls = "off"`: origin, PROXY header, then splice or copy.
+async fn serve_plain(
+    shared: &Arc<Shared>,
+    meta: Meta,
+    counters: &AppCounters,
+    client_stream: TcpStream,
+) {
+    // TCP_NODELAY comes from the listener (inherited by accept).
+    let mut close = shared.close_signal();
+    // 1. The origin, in hash order; the next one on failure.
+    let Some((origin_addr, origin_stream)) =
+        connect_origin(shared, &meta, counters, &mut close).await
+    else {
         reset(&client_stream);
         return;
     };
-
     let _origin_guard = OriginGuard::new(shared.clone(), origin_addr);
-    let connect_ts = rfc3339(SystemTime::now());
-    let mut connect_event = meta.event(EventKind::Connect, Some(origin_addr), status::OPENED);
-    connect_event.connect_timestamp = Some(connect_ts.clone());
-    events().emit(&connect_event);
-    counters.event(EventKind::Connect, status::OPENED, None);
+    let connect_ts = emit_connect(shared, &meta, counters, origin_addr);
 
     // 2. The PROXY header, before any payload.
     let end = match write_proxy_header(&meta, origin_stream).await {
         Err((stream, err)) => {
-            let status = io_error_status(Side::Origin, false, &err);
-            debug!("app {}: PROXY header to {origin_addr}: {err}", meta.app.id);
             drop(stream);
             reset(&client_stream);
-            (
-                End::Fault {
-                    side: Side::Origin,
-                    status,
-                },
-                0,
-                0,
-            )
+            header_fault(&meta, origin_addr, &err)
         }
         // 3. Splice both ways.
         Ok(origin_stream) => {
-            let activity = Activity {
-                start: Instant::now(),
-                client_bytes: AtomicU64::new(0),
-                origin_bytes: AtomicU64::new(0),
-                last_client: AtomicU64::new(0),
-                last_origin: AtomicU64::new(0),
-            };
+            let activity = Activity::new();
             let end = pump(
-                &shared,
-                &counters,
+                shared,
+                counters,
                 &client_stream,
                 &origin_stream,
                 &activity,
                 &mut close,
             )
             .await;
-            match end {
-                End::Fault {
-                    side: Side::Client, ..
-                } => reset(&origin_stream),
-                End::Fault {
-                    side: Side::Origin, ..
-                } => reset(&client_stream),
-                End::Drained => {
-                    reset(&client_stream);
-                    reset(&origin_stream);
-                }
-                End::Normal | End::Idle { .. } => {}
-            }
+            reset_after(end, &client_stream, &origin_stream);
             drop(origin_stream);
-            (
-                end,
-                activity.client_bytes.load(Ordering::Relaxed),
-                activity.origin_bytes.load(Ordering::Relaxed),
-            )
+            activity.totals(end)
         }
     };
     drop(client_stream);
-    let (end, client_bytes, origin_bytes) = end;
-    origin_counters.closed(client_bytes, origin_bytes);
-    let code = end.status();
-    let mut event = meta.event(EventKind::Disconnect, Some(origin_addr), code);
-    event.client_bytes = client_bytes;
-    event.origin_bytes = origin_bytes;
-    event.connect_timestamp = Some(connect_ts);
-    event.disconnect_timestamp = Some(event.timestamp.clone());
-    events().emit(&event);
-    counters.event(EventKind::Disconnect, code, Some(meta.accepted.elapsed()));
+    emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
 }
 
-async fn write_proxy_header(
+/// The end of a connection whose PROXY header could not be written.
+pub(super) fn header_fault(meta: &Meta, origin: SocketAddr, err: &io::Error) -> (End, u64, u64) {
+    debug!("app {}: PROXY header to {origin}: {err}", meta.app.id);
+    let status = io_error_status(Side::Origin, false, err);
+    (
+        End::Fault {
+            side: Side::Origin,
+            status,
+        },
+        0,
+        0,
+    )
+}
+
+/// Passes a fault on as RST to the other side; both sides when drained.
+pub(super) fn reset_after(end: End, client: &TcpStream, origin: &TcpStream) {
+    match end {
+        End::Fault {
+            side: Side::Client, ..
+        } => reset(origin),
+        End::Fault {
+            side: Side::Origin, ..
+        } => reset(client),
+        End::Drained => {
+            reset(client);
+            reset(origin);
+        }
+        End::Normal | End::Idle { .. } => {}
+    }
+}
+
+pub(super) async fn write_proxy_header(
     meta: &Meta,
     mut origin: TcpStream,
 ) -> Result<TcpStream, (TcpStream, io::Error)> {
@@ -374,8 +436,47 @@ async fn write_proxy_header(
     }
 }
 
-/// Moves both directions (spliced or copied, `tcp_splice`) until both ended, one failed, the connection idled out
-/// or the drain time is over.
+impl Activity {
+    pub(super) fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            client_bytes: AtomicU64::new(0),
+            origin_bytes: AtomicU64::new(0),
+            last_client: AtomicU64::new(0),
+            last_origin: AtomicU64::new(0),
+        }
+    }
+
+    /// The byte counter of the client → origin direction.
+    pub(super) fn client_counter<'a>(&'a self, counters: &'a AppCounters) -> impl FnMut(u64) + 'a {
+        move |n| {
+            self.client_bytes.fetch_add(n, Ordering::Relaxed);
+            self.last_client.store(self.now(), Ordering::Relaxed);
+            counters.add_client_bytes(n);
+        }
+    }
+
+    /// The byte counter of the origin → client direction.
+    pub(super) fn origin_counter<'a>(&'a self, counters: &'a AppCounters) -> impl FnMut(u64) + 'a {
+        move |n| {
+            self.origin_bytes.fetch_add(n, Ordering::Relaxed);
+            self.last_origin.store(self.now(), Ordering::Relaxed);
+            counters.add_origin_bytes(n);
+        }
+    }
+
+    /// How it ended, with the bytes each side sent.
+    pub(super) fn totals(&self, end: End) -> (End, u64, u64) {
+        (
+            end,
+            self.client_bytes.load(Ordering::Relaxed),
+            self.origin_bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Moves both directions (spliced or copied, `tcp_splice`) until both ended, one
+/// failed, the connection idled out or the drain time is over.
 async fn pump(
     shared: &Shared,
     counters: &AppCounters,
@@ -405,50 +506,56 @@ async fn pump(
         None => (None, None),
     };
     let client_to_origin = async {
-        let on_bytes = |n| {
-            activity.client_bytes.fetch_add(n, Ordering::Relaxed);
-            activity
-                .last_client
-                .store(activity.now(), Ordering::Relaxed);
-            counters.add_client_bytes(n);
-        };
+        let on_bytes = activity.client_counter(counters);
         match up.as_mut() {
             Some(pipe) => splice::forward(client, origin, pipe, on_bytes).await,
             None => copy::forward(client, origin, on_bytes).await,
         }
-        .map_err(|fault| match fault {
-            Fault::Read(e) => End::Fault {
-                side: Side::Client,
-                status: io_error_status(Side::Client, true, &e),
-            },
-            Fault::Write(e) => End::Fault {
-                side: Side::Origin,
-                status: io_error_status(Side::Origin, false, &e),
-            },
-        })
     };
     let origin_to_client = async {
-        let on_bytes = |n| {
-            activity.origin_bytes.fetch_add(n, Ordering::Relaxed);
-            activity
-                .last_origin
-                .store(activity.now(), Ordering::Relaxed);
-            counters.add_origin_bytes(n);
-        };
+        let on_bytes = activity.origin_counter(counters);
         match down.as_mut() {
             Some(pipe) => splice::forward(origin, client, pipe, on_bytes).await,
             None => copy::forward(origin, client, on_bytes).await,
         }
-        .map_err(|fault| match fault {
+    };
+    let end = run_directions(shared, activity, close, client_to_origin, origin_to_client).await;
+    for pipe in [up, down].into_iter().flatten() {
+        shared.pipes.give(pipe);
+    }
+    end
+}
+
+/// Runs both directions of a connection against the idle timeout and the drain:
+/// a read fault is the source side's, a write fault the destination's.
+pub(super) async fn run_directions(
+    shared: &Shared,
+    activity: &Activity,
+    close: &mut tokio::sync::watch::Receiver<bool>,
+    client_to_origin: impl Future<Output = Result<u64, Fault>>,
+    origin_to_client: impl Future<Output = Result<u64, Fault>>,
+) -> End {
+    let fault = |source: Side, destination: Side| {
+        move |fault| match fault {
             Fault::Read(e) => End::Fault {
-                side: Side::Origin,
-                status: io_error_status(Side::Origin, true, &e),
+                side: source,
+                status: io_error_status(source, true, &e),
             },
             Fault::Write(e) => End::Fault {
-                side: Side::Client,
-                status: io_error_status(Side::Client, false, &e),
+                side: destination,
+                status: io_error_status(destination, false, &e),
             },
-        })
+        }
+    };
+    let client_to_origin = async {
+        client_to_origin
+            .await
+            .map_err(fault(Side::Client, Side::Origin))
+    };
+    let origin_to_client = async {
+        origin_to_client
+            .await
+            .map_err(fault(Side::Origin, Side::Client))
     };
     let idle = async {
         loop {
@@ -474,9 +581,6 @@ async fn pump(
         end = idle => end,
         _ = close.wait_for(|c| *c) => End::Drained,
     };
-    for pipe in [up, down].into_iter().flatten() {
-        shared.pipes.give(pipe);
-    }
     end
 }
 

@@ -5,12 +5,14 @@
 //! * [`listener`]: the listening sockets and the sysctls they depend on;
 //! * [`origin`]: origin order (hash of the client address), connecting, error codes;
 //! * [`splice`]: `splice(2)` through a pipe per direction, FIN and RST propagation;
-//! * [`conn`]: one connection's life, its events and counters;
+//! * [`conn`]: one connection's life, its events and counters; `conn_tls` the
+//!   same for apps that terminate TLS (`crate::tls`);
 //! * [`stats`]: per-app counters and the duration histogram.
 //!
 //! `docs/tcp.md` describes the design, the status codes, the limits and the sysctls.
 
 pub mod conn;
+mod conn_tls;
 pub mod copy;
 pub mod listener;
 pub mod origin;
@@ -33,6 +35,7 @@ use crate::config::{App, Config, Protocol};
 use crate::datapath::Datapath;
 use crate::lb::{Availability, OriginRef, Selection};
 use crate::telemetry::events::EventLog;
+use crate::tls::Terminator;
 use crate::wire::unmap_socket_addr as unmap;
 
 pub use stats::{EventCount, TcpAppStats};
@@ -83,6 +86,11 @@ pub(crate) struct Shared {
     ended: Notify,
     /// `true` once the drain time is over: open connections close at once.
     close_all: watch::Sender<bool>,
+    /// TLS state of the apps that terminate TLS, by app id (a connection keeps
+    /// the `Arc` it started with).
+    terminators: RwLock<BTreeMap<String, Arc<Terminator>>>,
+    /// How long a TLS handshake may take (both legs together).
+    handshake_timeout: Duration,
 }
 
 impl Shared {
@@ -106,6 +114,18 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    fn terminator(&self, app: &str) -> Option<Arc<Terminator>> {
+        self.terminators
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(app)
+            .cloned()
     }
 
     pub(crate) fn close_signal(&self) -> watch::Receiver<bool> {
@@ -170,6 +190,8 @@ pub struct TcpProxy {
     shared: Arc<Shared>,
     listeners: BTreeMap<String, ListenerHandle>,
     runtime: tokio::runtime::Handle,
+    /// Re-reads TLS certificates whose files changed.
+    certificate_watch: JoinHandle<()>,
 }
 
 impl TcpProxy {
@@ -213,11 +235,15 @@ impl TcpProxy {
             live: AtomicU64::new(0),
             ended: Notify::new(),
             close_all,
+            terminators: RwLock::new(BTreeMap::new()),
+            handshake_timeout: crate::tls::handshake::timeout_from_env()?,
         });
+        let certificate_watch = runtime.spawn(watch_certificates(shared.clone()));
         let mut proxy = TcpProxy {
             shared,
             listeners: BTreeMap::new(),
             runtime,
+            certificate_watch,
         };
         proxy.apply(config, datapath)?;
         datapath.attach_sk_lookup()?;
@@ -235,6 +261,14 @@ impl TcpProxy {
             .filter(|a| a.protocol == Protocol::Tcp)
             .map(|a| (a.id.clone(), Arc::new(a.clone())))
             .collect();
+        // TLS state first: a certificate that cannot be read fails the whole
+        // change before anything else changed.
+        let terminators = self.terminators_for(&tcp_apps)?;
+        *self
+            .shared
+            .terminators
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = terminators;
         *self.shared.apps.write().unwrap_or_else(|e| e.into_inner()) = tcp_apps.clone();
         *self
             .shared
@@ -299,6 +333,29 @@ impl TcpProxy {
             }
         }
         Ok(())
+    }
+
+    /// The TLS state of every app that terminates TLS: kept where the settings
+    /// did not change (its files read again if they changed), new otherwise.
+    fn terminators_for(
+        &self,
+        apps: &BTreeMap<String, Arc<App>>,
+    ) -> anyhow::Result<BTreeMap<String, Arc<Terminator>>> {
+        let mut terminators = BTreeMap::new();
+        for (id, app) in apps.iter().filter(|(_, a)| a.tls.mode.terminates()) {
+            let terminator = match self.shared.terminator(id) {
+                Some(kept) if *kept.settings() == app.tls => {
+                    // A reload (SIGHUP) picks up replaced files at once.
+                    if let Some(Err(err)) = kept.reload_if_changed() {
+                        warn!("app {id}: TLS certificate files cannot be used: {err:#}");
+                    }
+                    kept
+                }
+                _ => Arc::new(Terminator::new(id, &app.tls)?),
+            };
+            terminators.insert(id.clone(), terminator);
+        }
+        Ok(terminators)
     }
 
     fn open_listener(
@@ -463,6 +520,7 @@ impl TcpProxy {
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
+        self.certificate_watch.abort();
         for (_, handle) in std::mem::take(&mut self.listeners) {
             handle.task.abort();
         }
@@ -519,6 +577,39 @@ async fn accept_loop(
         Err(err) => debug!("app {app_id}: {err}"),
     }
     debug!("app {app_id}: listener closed");
+}
+
+/// How often the certificate files of TLS apps are looked at.
+pub const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Re-reads the certificates of TLS apps whose files changed (new connections get
+/// the new ones; open ones keep theirs). An unusable new file is logged and the
+/// previous certificates stay in service.
+async fn watch_certificates(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(CERTIFICATE_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let terminators: Vec<(String, Arc<Terminator>)> = shared
+            .terminators
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, t)| (id.clone(), t.clone()))
+            .collect();
+        for (id, terminator) in terminators {
+            // Reading a few small files: off the async workers.
+            let outcome = tokio::task::spawn_blocking(move || terminator.reload_if_changed()).await;
+            match outcome {
+                Ok(Some(Ok(()))) => info!("app {id}: TLS certificates reloaded"),
+                Ok(Some(Err(err))) => warn!(
+                    "app {id}: TLS certificate files changed but cannot be used; \
+                     the previous certificates stay in service: {err:#}"
+                ),
+                Ok(None) | Err(_) => {}
+            }
+        }
+    }
 }
 
 /// Connections the open-file limit allows: two sockets each, two pipes more when
@@ -591,9 +682,22 @@ fn dispatch(
         return;
     }
     let guard = conn::LiveGuard::new(shared.clone(), counters.clone());
+    // An app that terminates TLS without its TLS state (only while a reload turns
+    // `tls` on) is not served in clear.
+    let terminator = match app.tls.mode.terminates() {
+        false => None,
+        true => match shared.terminator(&app.id) {
+            Some(terminator) => Some(terminator),
+            None => {
+                conn::reset(&stream);
+                return;
+            }
+        },
+    };
     tokio::spawn(conn::serve(
         shared.clone(),
         app,
+        terminator,
         counters,
         guard,
         stream,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::telemetry::analytics::Histogram;
+use crate::telemetry::analytics::{Histogram, TlsStats};
 use crate::telemetry::events::EventKind;
 
 /// Upper bounds (seconds) of the origin connect-time histogram
@@ -47,6 +47,9 @@ pub struct TcpAppStats {
     pub durations: Histogram,
     /// Times to connect to an origin (successful attempts).
     pub connect_times: Histogram,
+    /// Apps that terminate TLS (once a handshake was tried).
+    #[serde(default)]
+    pub tls: Option<TlsStats>,
 }
 
 impl TcpAppStats {
@@ -72,6 +75,7 @@ pub struct AppCounters {
     origin_bytes: AtomicU64,
     ended: Mutex<Ended>,
     connect_times: Mutex<Option<Histogram>>,
+    tls: Mutex<Option<TlsStats>>,
 }
 
 impl AppCounters {
@@ -117,6 +121,21 @@ impl AppCounters {
             .observe(took.as_secs_f64());
     }
 
+    /// Counts one completed client handshake of `version` that took `took`.
+    pub(crate) fn tls_handshake(&self, version: &str, took: Duration) {
+        let mut tls = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        let tls = tls.get_or_insert_with(TlsStats::default);
+        *tls.handshakes.entry(version.to_string()).or_insert(0) += 1;
+        tls.handshake_times.observe(took.as_secs_f64());
+    }
+
+    /// Counts one failed handshake (`reason`: a `tls::handshake::Failure` label).
+    pub(crate) fn tls_failure(&self, reason: &str) {
+        let mut tls = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        let tls = tls.get_or_insert_with(TlsStats::default);
+        *tls.failures.entry(reason.to_string()).or_insert(0) += 1;
+    }
+
     pub fn snapshot(&self) -> TcpAppStats {
         let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
         TcpAppStats {
@@ -141,6 +160,7 @@ impl AppCounters {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
                 .unwrap_or_else(|| Histogram::new(&CONNECT_BUCKETS)),
+            tls: self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }
@@ -242,6 +262,14 @@ mod tests {
         assert_eq!(s.count(EventKind::Connect, 0), 1);
         assert_eq!(s.count(EventKind::OriginError, 521), 0);
         assert_eq!(s.durations.count, 2);
+        assert_eq!(s.tls, None, "no TLS figures before a handshake");
+        c.tls_handshake("TLSv1.3", Duration::from_millis(2));
+        c.tls_failure("not_tls");
+        c.tls_failure("not_tls");
+        let tls = c.snapshot().tls.expect("TLS figures");
+        assert_eq!(tls.handshakes["TLSv1.3"], 1);
+        assert_eq!(tls.failures["not_tls"], 2);
+        assert_eq!(tls.handshake_times.count, 1);
     }
 
     #[test]

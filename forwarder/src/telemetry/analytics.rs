@@ -104,6 +104,37 @@ pub struct ConnectionTotals {
     /// TCP apps: how long connecting to an origin took (successful attempts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_times: Option<Histogram>,
+    /// TCP apps that terminate TLS: handshakes and their failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStats>,
+}
+
+/// Upper bounds (seconds) of the TLS handshake-time histogram
+/// (`forwarder_tls_handshake_duration_seconds`): from 0.5 ms to the 10 s timeout.
+pub const HANDSHAKE_BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// One TLS app's handshake figures since the agent started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TlsStats {
+    /// Completed client handshakes by protocol version (`TLSv1.3`, `TLSv1.2`).
+    pub handshakes: BTreeMap<String, u64>,
+    /// Failed handshakes by reason (`tls::handshake::Failure` labels).
+    pub failures: BTreeMap<String, u64>,
+    /// From accept to the client leg's completed handshake (for `full`/`strict`
+    /// this includes the origin's connect and handshake, see docs/tcp.md).
+    pub handshake_times: Histogram,
+}
+
+impl Default for TlsStats {
+    fn default() -> Self {
+        TlsStats {
+            handshakes: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            handshake_times: Histogram::new(&HANDSHAKE_BUCKETS),
+        }
+    }
 }
 
 impl ConnectionTotals {
@@ -369,6 +400,7 @@ impl EventStats {
                             .collect(),
                         durations: durations.clone(),
                         connect_times: None,
+                        tls: None,
                     },
                 )
             })
@@ -567,6 +599,7 @@ mod tests {
             disconnect_timestamp: secs.map(|s| at(s.1)),
             flows: None,
             healthy_origins: None,
+            tls: Default::default(),
         }
     }
 

@@ -38,6 +38,14 @@ pub mod status {
     /// app's connection limit or the agent's open-file capacity was reached; only
     /// on `clientFiltered` summaries.
     pub const REFUSED_AT_CAPACITY: u16 = 503;
+    /// Not in Spectrum's table: the TLS handshake with the client failed (`tls`
+    /// apps; the reason is the event's `TlsError`). 495 is nginx's code for TLS
+    /// client errors; client timeouts and resets during the handshake keep 497/499.
+    pub const TLS_CLIENT_HANDSHAKE_FAILED: u16 = 495;
+    /// Cloudflare's 525: the TLS handshake with the origin failed (`full`, `strict`).
+    pub const TLS_ORIGIN_HANDSHAKE_FAILED: u16 = 525;
+    /// Cloudflare's 526: the origin's certificate is invalid (`strict`).
+    pub const TLS_ORIGIN_BAD_CERTIFICATE: u16 = 526;
 }
 
 /// `Event` values.
@@ -110,6 +118,29 @@ pub struct Event {
     /// again, see `lb`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub healthy_origins: Option<u64>,
+    /// TCP apps with `tls` on (not in Spectrum's dataset): see [`TlsFields`].
+    #[serde(flatten, default)]
+    pub tls: TlsFields,
+}
+
+/// The event fields of a connection whose TLS the edge terminates; all absent
+/// for `tls = "off"` apps and UDP.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TlsFields {
+    /// The client leg's protocol version: `TLSv1.2` or `TLSv1.3`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tls_version: Option<String>,
+    /// The server name the client sent (SNI).
+    #[serde(rename = "SNI", skip_serializing_if = "Option::is_none", default)]
+    pub sni: Option<String>,
+    /// The application protocol agreed with the client (ALPN), e.g. `h2`.
+    #[serde(rename = "ALPN", skip_serializing_if = "Option::is_none", default)]
+    pub alpn: Option<String>,
+    /// Why the handshake failed (the `reason` of
+    /// `forwarder_tls_handshake_failures_total`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tls_error: Option<String>,
 }
 
 impl Event {
@@ -144,6 +175,7 @@ impl Event {
             disconnect_timestamp: None,
             flows: None,
             healthy_origins: None,
+            tls: TlsFields::default(),
         }
     }
 }
@@ -332,6 +364,7 @@ mod tests {
             disconnect_timestamp: Some("2024-01-01T00:00:01.000000Z".into()),
             flows: None,
             healthy_origins: None,
+            tls: TlsFields::default(),
         };
         let json: serde_json::Value = serde_json::to_value(&event).unwrap();
         for field in [

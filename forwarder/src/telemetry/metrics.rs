@@ -53,6 +53,10 @@ pub mod names {
     pub const UDP_FLOW_SCAN: &str = "forwarder_udp_flow_scan";
     pub const TCP_CONNECTIONS: &str = "forwarder_tcp_connections";
     pub const TCP_REFUSED: &str = "forwarder_tcp_refused";
+    pub const TLS_HANDSHAKES: &str = "forwarder_tls_handshakes";
+    pub const TLS_HANDSHAKE_FAILURES: &str = "forwarder_tls_handshake_failures";
+    /// With the unit `seconds`: `forwarder_tls_handshake_duration_seconds`.
+    pub const TLS_HANDSHAKE_DURATION: &str = "forwarder_tls_handshake_duration";
     pub const FIREWALL_RULE_HITS: &str = "forwarder_firewall_rule_hits";
     pub const INTERFACE_PACKETS: &str = "forwarder_interface_packets";
     pub const BUILD_INFO: &str = "forwarder_build_info";
@@ -389,6 +393,38 @@ impl Collector for SnapshotCollector {
                 .filter(|(_, a)| a.protocol == "tcp")
                 .map(|(id, a)| (vec![("app", id.as_str())], a.refused)),
         )?;
+        let tls_apps: Vec<(&str, &crate::telemetry::analytics::TlsStats)> = s
+            .connections
+            .iter()
+            .filter_map(|(app, t)| Some((app.as_str(), t.tls.as_ref()?)))
+            .collect();
+        counter(
+            &mut encoder,
+            names::TLS_HANDSHAKES,
+            "Completed TLS handshakes with clients (tls apps), by protocol version.",
+            tls_apps.iter().flat_map(|(app, t)| {
+                t.handshakes
+                    .iter()
+                    .map(|(version, n)| (vec![("app", *app), ("version", version.as_str())], *n))
+            }),
+        )?;
+        counter(
+            &mut encoder,
+            names::TLS_HANDSHAKE_FAILURES,
+            "Failed TLS handshakes (client or origin leg), by reason; every reason of every tls app, zeros included.",
+            tls_apps.iter().flat_map(|(app, t)| {
+                crate::tls::handshake::Failure::ALL.iter().map(|f| {
+                    let n = t.failures.get(f.label()).copied().unwrap_or(0);
+                    (vec![("app", *app), ("reason", f.label())], n)
+                })
+            }),
+        )?;
+        seconds_histograms(
+            &mut encoder,
+            names::TLS_HANDSHAKE_DURATION,
+            "From accept to the completed TLS handshake with the client (tls apps).",
+            tls_apps.iter().map(|(app, t)| (*app, &t.handshake_times)),
+        )?;
         counter(
             &mut encoder,
             names::FIREWALL_RULE_HITS,
@@ -653,14 +689,20 @@ mod tests {
                 ],
                 durations,
                 connect_times: None,
+                tls: None,
             },
         );
         let mut connect = Histogram::new(&crate::tcp::stats::CONNECT_BUCKETS);
         connect.observe(0.0003);
+        let mut tls = crate::telemetry::analytics::TlsStats::default();
+        tls.handshakes.insert("TLSv1.3".into(), 6);
+        tls.failures.insert("not_tls".into(), 2);
+        tls.handshake_times.observe(0.003);
         s.connections.insert(
             "web".into(),
             ConnectionTotals {
                 connect_times: Some(connect),
+                tls: Some(tls),
                 ..ConnectionTotals::default()
             },
         );
@@ -690,6 +732,11 @@ mod tests {
             "forwarder_udp_flows{app=\"game\"} 1",
             "forwarder_tcp_connections{app=\"web\"} 4",
             "forwarder_tcp_refused_total{app=\"web\"} 7",
+            "forwarder_tls_handshakes_total{app=\"web\",version=\"TLSv1.3\"} 6",
+            "forwarder_tls_handshake_failures_total{app=\"web\",reason=\"not_tls\"} 2",
+            "forwarder_tls_handshake_failures_total{app=\"web\",reason=\"no_sni_match\"} 0",
+            "forwarder_tls_handshake_duration_seconds_bucket{le=\"0.005\",app=\"web\"} 1",
+            "forwarder_tls_handshake_duration_seconds_count{app=\"web\"} 1",
             "forwarder_firewall_rule_hits_total{rule=\"10.0.1.128/25\"} 9",
             "# EOF",
         ] {
@@ -699,6 +746,10 @@ mod tests {
             );
         }
         assert!(!text.contains("forwarder_udp_flows{app=\"web\"}"));
+        assert!(
+            !text.contains("forwarder_tls_handshake_failures_total{app=\"game\""),
+            "no TLS series for an app without TLS"
+        );
     }
 
     #[tokio::test]

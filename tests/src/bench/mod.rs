@@ -15,6 +15,7 @@ pub mod report;
 pub mod sys;
 pub mod tcp;
 pub mod tcp_idle;
+pub mod tls;
 pub mod udp;
 pub mod udp_spoof;
 pub mod xdp_cost;
@@ -203,6 +204,7 @@ pub fn all_scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(tcp::TcpConnRate::default()),
         Box::new(tcp::SynFlood::default()),
         Box::new(tcp_idle::TcpIdle::default()),
+        Box::new(tls::TlsTermination::default()),
     ]
 }
 

@@ -32,12 +32,44 @@ const ECHO_LEN: usize = 64;
 /// Concurrent connections of the connection-rate client.
 const CONCURRENCY: usize = 8;
 
+/// The two proxies a scenario compares, each with why it cannot run (if so).
+pub(super) struct Proxies {
+    pub(super) agent: Option<AgentProc>,
+    pub(super) haproxy: Result<Proc, String>,
+    pub(super) forwarder: Result<(), String>,
+}
+
+impl Proxies {
+    /// The proxy process of `variant` (none for `direct`).
+    pub(super) fn pid(&self, variant: &str) -> Option<u32> {
+        match variant {
+            "forwarder" => self.agent.as_ref()?.pid(),
+            "haproxy" => self.haproxy.as_ref().ok().map(|p| p.child.id()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn unavailable(&self, variant: &str) -> Option<String> {
+        match variant {
+            "forwarder" => self.forwarder.clone().err(),
+            "haproxy" => self.haproxy.as_ref().err().cloned(),
+            _ => None,
+        }
+    }
+
+    /// Stops HAProxy and the agent.
+    pub(super) fn stop(&mut self) {
+        self.haproxy = Err(String::new());
+        if let Some(agent) = self.agent.take() {
+            let _ = agent.stop();
+        }
+    }
+}
+
 /// The shared TCP topology of one scenario.
 struct TcpLab {
     lab: Lab,
-    agent: Option<AgentProc>,
-    haproxy: Result<Proc, String>,
-    forwarder: Result<(), String>,
+    proxies: Proxies,
     _echo: NsTask<()>,
     iperf: Option<Proc>,
     dir: TempDir,
@@ -45,15 +77,8 @@ struct TcpLab {
 
 impl TcpLab {
     fn new(opts: &Options, with_iperf: bool) -> Result<TcpLab> {
-        let lab = Lab::new()?;
+        let lab = proxy_lab(opts)?;
         let dir = TempDir::new("tcp")?;
-        for ns in [lab.client(), lab.edge()] {
-            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-        }
-        lab.attach_pass_stubs()?;
-        sys::threaded_napi(lab.client(), &lab.ifaces().client, opts.gen_cpu)?;
-        sys::threaded_napi(lab.origin(), &lab.ifaces().origin, opts.gen_cpu)?;
         let echo = start_echo(&lab, opts.gen_cpu)?;
         let iperf = if with_iperf && sys::have("iperf3") {
             let port = IPERF_PORT.to_string();
@@ -78,28 +103,28 @@ impl TcpLab {
             IPERF_PORT + HAPROXY_OFFSET,
             ECHO_PORT + HAPROXY_OFFSET
         );
-        let agent = AgentProc::start(&lab, &config, opts.edge_cpu)?;
-        sys::threaded_napi(lab.edge(), ec, opts.edge_cpu)?;
-        sys::threaded_napi(lab.edge(), eo, opts.edge_cpu)?;
+        let agent = start_pinned_agent(&lab, &config, opts)?;
         let mut tl = TcpLab {
             lab,
-            agent: Some(agent),
-            haproxy: Err(String::new()),
-            forwarder: Ok(()),
+            proxies: Proxies {
+                agent: Some(agent),
+                haproxy: Err(String::new()),
+                forwarder: Ok(()),
+            },
             _echo: echo,
             iperf,
             dir,
         };
-        tl.haproxy = tl.start_haproxy(opts).map_err(|e| format!("{e:#}"));
-        if tl.haproxy.is_ok()
+        tl.proxies.haproxy = tl.start_haproxy(opts).map_err(|e| format!("{e:#}"));
+        if tl.proxies.haproxy.is_ok()
             && let Err(e) = tl.echo_probe(SocketAddr::from((
                 EDGE_CLIENT_V4,
                 ECHO_PORT + HAPROXY_OFFSET,
             )))
         {
-            tl.haproxy = Err(format!("HAProxy does not relay: {e:#}"));
+            tl.proxies.haproxy = Err(format!("HAProxy does not relay: {e:#}"));
         }
-        tl.forwarder = tl
+        tl.proxies.forwarder = tl
             .echo_probe(SocketAddr::from((EDGE_CLIENT_V4, ECHO_PORT)))
             .map_err(|e| {
                 format!("the forwarder's TCP proxy does not relay (connect + echo through {EDGE_CLIENT_V4}:{ECHO_PORT}): {e:#}")
@@ -108,43 +133,22 @@ impl TcpLab {
     }
 
     fn start_haproxy(&self, opts: &Options) -> Result<Proc> {
-        if !sys::have("haproxy") {
-            bail!("haproxy not installed");
-        }
-        let cfg = self.dir.path().join("haproxy.cfg");
-        std::fs::write(
-            &cfg,
-            format!(
-                "global\n    maxconn 4000\n    nbthread 1\n\n\
-                 defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n    \
-                 timeout client 60s\n    timeout server 60s\n\n\
-                 listen iperf\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{IPERF_PORT}\n\n\
-                 listen echo\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{ECHO_PORT}\n",
-                IPERF_PORT + HAPROXY_OFFSET,
-                ECHO_PORT + HAPROXY_OFFSET
-            ),
-        )?;
-        let cfg_s = cfg.display().to_string();
-        let mut p = Proc::spawn(
-            self.lab.edge(),
+        let config = format!(
+            "global\n    maxconn 4000\n    nbthread 1\n\n\
+             defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n    \
+             timeout client 60s\n    timeout server 60s\n\n\
+             listen iperf\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{IPERF_PORT}\n\n\
+             listen echo\n    bind {EDGE_CLIENT_V4}:{}\n    server origin {ORIGIN_V4}:{ECHO_PORT}\n",
+            IPERF_PORT + HAPROXY_OFFSET,
+            ECHO_PORT + HAPROXY_OFFSET
+        );
+        start_haproxy(
+            &self.lab,
+            self.dir.path(),
             opts.edge_cpu,
-            "haproxy",
-            &["-db", "-f", &cfg_s],
-            self.dir.path().join("haproxy.log"),
-        )?;
-        let port = format!("sport = :{}", ECHO_PORT + HAPROXY_OFFSET);
-        let up = super::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
-            self.lab
-                .edge()
-                .run("ss", &["-Hltn", &port])
-                .ok()
-                .filter(|s| !s.trim().is_empty())
-        });
-        p.check_running("haproxy")?;
-        if up.is_none() {
-            bail!("haproxy did not listen within 10 s");
-        }
-        Ok(p)
+            &config,
+            ECHO_PORT + HAPROXY_OFFSET,
+        )
     }
 
     /// One connect + echo from the client, 3 s at most.
@@ -156,35 +160,19 @@ impl TcpLab {
         })?
     }
 
-    /// The proxy process of `variant` (none for `direct`).
-    fn proxy_pid(&self, variant: &str) -> Option<u32> {
-        match variant {
-            "forwarder" => self.agent.as_ref()?.pid(),
-            "haproxy" => self.haproxy.as_ref().ok().map(|p| p.child.id()),
-            _ => None,
-        }
-    }
-
     /// CPU seconds the proxy of `variant` spent while `run` ran, and its result.
     fn with_proxy_cpu<T>(
         &self,
         variant: &str,
         run: impl FnOnce() -> Result<T>,
     ) -> Result<(T, Option<f64>)> {
-        let pid = self.proxy_pid(variant);
-        let before = pid.map(sys::process_cpu_seconds).transpose()?;
-        let out = run()?;
-        let cpu = match (pid, before) {
-            (Some(pid), Some(before)) => Some(sys::process_cpu_seconds(pid)? - before),
-            _ => None,
-        };
-        Ok((out, cpu))
+        with_process_cpu(self.proxies.pid(variant), run)
     }
 
     fn variant_addr(&self, variant: &str, port: u16) -> Result<SocketAddr> {
         Ok(match variant {
             "forwarder" => {
-                if let Err(e) = &self.forwarder {
+                if let Err(e) = &self.proxies.forwarder {
                     bail!("{e}");
                 }
                 SocketAddr::from((EDGE_CLIENT_V4, port))
@@ -196,27 +184,105 @@ impl TcpLab {
     }
 
     fn unavailable(&self, variant: &str) -> Option<String> {
-        match variant {
-            "forwarder" => self.forwarder.clone().err(),
-            "haproxy" => self.haproxy.as_ref().err().cloned(),
-            _ => None,
-        }
+        self.proxies.unavailable(variant)
     }
 
     fn finish(mut self) {
-        self.haproxy = Err(String::new());
         self.iperf = None;
-        if let Some(agent) = self.agent.take() {
-            let _ = agent.stop();
-        }
+        self.proxies.stop();
     }
 }
 
-/// The origin's echo server: reads `ECHO_LEN` bytes, writes them back, closes.
-fn start_echo(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
+/// A lab for comparing proxies: many short connections possible (`tcp_tw_reuse`, a
+/// wide port range in client and edge), XDP_PASS stubs on the client and origin
+/// veths, their NAPI threads on the generator CPU.
+pub(super) fn proxy_lab(opts: &Options) -> Result<Lab> {
+    let lab = Lab::new()?;
+    for ns in [lab.client(), lab.edge()] {
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    }
+    lab.attach_pass_stubs()?;
+    sys::threaded_napi(lab.client(), &lab.ifaces().client, opts.gen_cpu)?;
+    sys::threaded_napi(lab.origin(), &lab.ifaces().origin, opts.gen_cpu)?;
+    Ok(lab)
+}
+
+/// The agent with `config` on the edge CPU, and the edge veths' NAPI threads there.
+pub(super) fn start_pinned_agent(lab: &Lab, config: &str, opts: &Options) -> Result<AgentProc> {
+    let agent = AgentProc::start(lab, config, opts.edge_cpu)?;
+    let [ec, eo] = lab.edge_ifaces();
+    sys::threaded_napi(lab.edge(), ec, opts.edge_cpu)?;
+    sys::threaded_napi(lab.edge(), eo, opts.edge_cpu)?;
+    Ok(agent)
+}
+
+/// HAProxy in `edge` on `cpu` with `config` (written to `dir`), once it listens on
+/// `port`.
+pub(super) fn start_haproxy(
+    lab: &Lab,
+    dir: &std::path::Path,
+    cpu: usize,
+    config: &str,
+    port: u16,
+) -> Result<Proc> {
+    if !sys::have("haproxy") {
+        bail!("haproxy not installed");
+    }
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(&cfg, config)?;
+    let cfg_s = cfg.display().to_string();
+    let mut p = Proc::spawn(
+        lab.edge(),
+        cpu,
+        "haproxy",
+        &["-db", "-f", &cfg_s],
+        dir.join("haproxy.log"),
+    )?;
+    let port = format!("sport = :{port}");
+    let up = super::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        lab.edge()
+            .run("ss", &["-Hltn", &port])
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    });
+    p.check_running("haproxy")?;
+    if up.is_none() {
+        bail!("haproxy did not listen within 10 s");
+    }
+    Ok(p)
+}
+
+/// CPU seconds process `pid` spent while `run` ran (`None` without a pid), and
+/// `run`'s result.
+pub(super) fn with_process_cpu<T>(
+    pid: Option<u32>,
+    run: impl FnOnce() -> Result<T>,
+) -> Result<(T, Option<f64>)> {
+    let before = pid.map(sys::process_cpu_seconds).transpose()?;
+    let out = run()?;
+    let cpu = match (pid, before) {
+        (Some(pid), Some(before)) => Some(sys::process_cpu_seconds(pid)? - before),
+        _ => None,
+    };
+    Ok((out, cpu))
+}
+
+/// A tokio server in `origin` on `ORIGIN_V4:port`, pinned to `cpu`, serving every
+/// connection with `handle` on a task of its own.
+pub(super) fn start_origin_server<F, Fut>(
+    lab: &Lab,
+    port: u16,
+    cpu: usize,
+    handle: F,
+) -> Result<NsTask<()>>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = lab
         .origin()
-        .run_in(|| std::net::TcpListener::bind((ORIGIN_V4, ECHO_PORT)))??;
+        .run_in(move || std::net::TcpListener::bind((ORIGIN_V4, port)))??;
     listener.set_nonblocking(true)?;
     lab.origin().spawn_async(async move {
         let _ = sys::pin(0, cpu);
@@ -224,17 +290,22 @@ fn start_echo(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
             return;
         };
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let mut buf = [0u8; ECHO_LEN];
-                if s.read_exact(&mut buf).await.is_ok() {
-                    let _ = s.write_all(&buf).await;
-                }
-                let _ = s.shutdown().await;
-            });
+            tokio::spawn(handle(s));
         }
+    })
+}
+
+/// The origin's echo server: reads `ECHO_LEN` bytes, writes them back, closes.
+fn start_echo(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
+    start_origin_server(lab, ECHO_PORT, cpu, |mut s| async move {
+        let mut buf = [0u8; ECHO_LEN];
+        if s.read_exact(&mut buf).await.is_ok() {
+            let _ = s.write_all(&buf).await;
+        }
+        let _ = s.shutdown().await;
     })
 }
 

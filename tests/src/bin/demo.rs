@@ -108,9 +108,9 @@ fn spp_origin(ns: &Netns) -> Result<()> {
 }
 
 fn start_nginx(lab: &Lab, dir: &Path) -> Result<forwarder_tests::NsChild> {
-    let d = dir.join("nginx");
-    std::fs::create_dir_all(&d)?;
-    let d = d.display();
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(&prefix)?;
+    let d = prefix.display();
     let conf = format!(
         "pid {d}/nginx.pid;\nerror_log {d}/error.log;\nworker_processes 1;\nuser root;\n\
          events {{ worker_connections 64; }}\n\
@@ -121,21 +121,9 @@ fn start_nginx(lab: &Lab, dir: &Path) -> Result<forwarder_tests::NsChild> {
              }}\n  }}\n}}\n"
     );
     std::fs::write(format!("{d}/nginx.conf"), conf)?;
-    let mut cmd = lab.origin().cmd(
-        "nginx",
-        &[
-            "-p",
-            &d.to_string(),
-            "-c",
-            &format!("{d}/nginx.conf"),
-            "-e",
-            &format!("{d}/error.log"),
-            "-g",
-            "daemon off;",
-        ],
-    );
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    lab.origin().spawn(cmd).context("starting nginx")
+    lab.origin()
+        .spawn(lab.origin().nginx(&prefix))
+        .context("starting nginx")
 }
 
 fn start_vsftpd(lab: &Lab, dir: &Path) -> Result<forwarder_tests::NsChild> {

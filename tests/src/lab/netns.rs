@@ -8,7 +8,7 @@ use std::{
     io::Write as _,
     net::IpAddr,
     os::fd::AsRawFd as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex, Weak, mpsc},
     thread::JoinHandle,
@@ -67,6 +67,28 @@ impl Netns {
         cmd.args(["netns", "exec", &self.name])
             .arg(program)
             .args(args);
+        cmd
+    }
+
+    /// nginx in the foreground in the namespace, with `prefix/nginx.conf` as its
+    /// config, `prefix` as its prefix and `prefix/error.log` as its error log;
+    /// output discarded. Start it with [`Netns::spawn`].
+    pub fn nginx(&self, prefix: &Path) -> Command {
+        let d = prefix.display();
+        let mut cmd = self.cmd(
+            "nginx",
+            &[
+                "-p",
+                &d.to_string(),
+                "-c",
+                &format!("{d}/nginx.conf"),
+                "-e",
+                &format!("{d}/error.log"),
+                "-g",
+                "daemon off;",
+            ],
+        );
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         cmd
     }
 

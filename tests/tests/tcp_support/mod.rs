@@ -21,17 +21,24 @@ use forwarder_tests::agent::AgentProcess;
 /// Origin connect timeout the tests give the agent (see [`init`]).
 pub const TEST_CONNECT_TIMEOUT: &str = "1s";
 
+/// TLS handshake timeout the tests give the agent (see [`init`]).
+pub const TEST_HANDSHAKE_TIMEOUT: &str = "2s";
+
 static INIT: Once = Once::new();
 
 /// Every test of a `tcp_*` binary calls this first: sets the agent's origin connect
 /// timeout (`FORWARDER_TCP_CONNECT_TIMEOUT`, inherited by the agent process) so that
-/// a blackholed origin costs one second, not five.
+/// a blackholed origin costs one second, not five, and its TLS handshake timeout
+/// (`FORWARDER_TLS_HANDSHAKE_TIMEOUT`) so that a silent client costs two, not ten.
 pub fn init() {
     INIT.call_once(|| {
         // SAFETY: every test of these binaries calls `init` before anything else, and
         // `Once` makes the others wait, so no other thread of ours reads the
         // environment while it changes.
-        unsafe { std::env::set_var("FORWARDER_TCP_CONNECT_TIMEOUT", TEST_CONNECT_TIMEOUT) };
+        unsafe {
+            std::env::set_var("FORWARDER_TCP_CONNECT_TIMEOUT", TEST_CONNECT_TIMEOUT);
+            std::env::set_var("FORWARDER_TLS_HANDSHAKE_TIMEOUT", TEST_HANDSHAKE_TIMEOUT);
+        };
     });
 }
 
