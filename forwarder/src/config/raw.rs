@@ -93,6 +93,8 @@ pub(crate) struct RawApp {
     pub udp_new_flows_per_second: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_fastpath: Option<String>,
 }
 
 /// One `origin_direct` entry: the URL alone, or a table with a weight.
@@ -476,7 +478,7 @@ mod tests {
             ["agent", "firewall", "access_rules", "apps"]
         );
         assert_eq!(struct_fields::<RawFirewall>(), ["default"]);
-        assert_eq!(struct_fields::<RawApp>().len(), 8);
+        assert_eq!(struct_fields::<RawApp>().len(), 9);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 pub mod conn;
 pub mod copy;
+pub mod fastpath;
 pub mod listener;
 pub mod origin;
 pub mod splice;

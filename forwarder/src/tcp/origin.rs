@@ -114,6 +114,7 @@ mod tests {
             ip_firewall: true,
             udp_new_flows_per_second: None,
             health_check: None,
+            tcp_fastpath: Default::default(),
         }
     }
 
