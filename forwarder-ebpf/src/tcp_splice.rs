@@ -367,7 +367,7 @@ fn rewrite_options(
         let blocks = len.wrapping_sub(2) / 8;
         if h[0..3] == SACK_LAYOUT
             && len >= 10
-            && (len - 2) % 8 == 0
+            && (len - 2).is_multiple_of(8)
             && blocks <= MAX_SACK_BLOCKS
             && used + 2 + len <= opt_len
         {

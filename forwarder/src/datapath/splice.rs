@@ -58,6 +58,18 @@ impl Datapath {
         Ok(counts)
     }
 
+    /// A handle of `SPLICES` of its own (a second fd of the same map), for the TCP
+    /// proxy's connection tasks, which do not hold the datapath.
+    pub fn splice_map(&self) -> anyhow::Result<HashMap<MapData, SpliceKey, SpliceEntry>> {
+        let map = match self.ebpf.map("SPLICES").context("SPLICES")? {
+            aya::maps::Map::HashMap(data) => data,
+            _ => bail!("SPLICES is not a hash map"),
+        };
+        let id = map.info().context("SPLICES map info")?.id();
+        let data = MapData::from_id(id).context("opening SPLICES by id")?;
+        HashMap::try_from(aya::maps::Map::HashMap(data)).context("SPLICES as a hash map")
+    }
+
     fn splices_mut(&mut self) -> anyhow::Result<HashMap<&mut MapData, SpliceKey, SpliceEntry>> {
         let map = self.ebpf.map_mut("SPLICES").context("SPLICES")?;
         HashMap::try_from(map).context("SPLICES as a hash map")

@@ -15,10 +15,11 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::copy;
+use super::handoff::{LegAddrs, Outcome};
 use super::origin;
 use super::splice::{self, Fault, Pipe};
 use super::stats::AppCounters;
-use crate::config::{App, ProxyProtocol};
+use crate::config::{App, ProxyProtocol, TcpFastpath};
 use crate::telemetry::events::{Event, EventKind, rfc3339, status};
 use crate::wire::{ProxyKind, Transport, proxy_header};
 
@@ -303,43 +304,54 @@ pub(crate) async fn serve(
                 0,
             )
         }
-        // 3. Splice both ways.
+        // 3. In XDP (`tcp_fastpath = "xdp"`, when eligible), or splice both ways.
         Ok(origin_stream) => {
-            let activity = Activity {
-                start: Instant::now(),
-                client_bytes: AtomicU64::new(0),
-                origin_bytes: AtomicU64::new(0),
-                last_client: AtomicU64::new(0),
-                last_origin: AtomicU64::new(0),
-            };
-            let end = pump(
-                &shared,
-                &counters,
-                &client_stream,
-                &origin_stream,
-                &activity,
-                &mut close,
-            )
-            .await;
-            match end {
-                End::Fault {
-                    side: Side::Client, ..
-                } => reset(&origin_stream),
-                End::Fault {
-                    side: Side::Origin, ..
-                } => reset(&client_stream),
-                End::Drained => {
-                    reset(&client_stream);
-                    reset(&origin_stream);
+            match splice_in_xdp(&shared, &meta, &client_stream, &origin_stream, origin_addr).await {
+                Some(outcome) => {
+                    counters.add_client_bytes(outcome.client_bytes);
+                    counters.add_origin_bytes(outcome.origin_bytes);
+                    // Both sockets were retired: closing them sends nothing.
+                    drop(origin_stream);
+                    (outcome.end, outcome.client_bytes, outcome.origin_bytes)
                 }
-                End::Normal | End::Idle { .. } => {}
+                None => {
+                    let activity = Activity {
+                        start: Instant::now(),
+                        client_bytes: AtomicU64::new(0),
+                        origin_bytes: AtomicU64::new(0),
+                        last_client: AtomicU64::new(0),
+                        last_origin: AtomicU64::new(0),
+                    };
+                    let end = pump(
+                        &shared,
+                        &counters,
+                        &client_stream,
+                        &origin_stream,
+                        &activity,
+                        &mut close,
+                    )
+                    .await;
+                    match end {
+                        End::Fault {
+                            side: Side::Client, ..
+                        } => reset(&origin_stream),
+                        End::Fault {
+                            side: Side::Origin, ..
+                        } => reset(&client_stream),
+                        End::Drained => {
+                            reset(&client_stream);
+                            reset(&origin_stream);
+                        }
+                        End::Normal | End::Idle { .. } => {}
+                    }
+                    drop(origin_stream);
+                    (
+                        end,
+                        activity.client_bytes.load(Ordering::Relaxed),
+                        activity.origin_bytes.load(Ordering::Relaxed),
+                    )
+                }
             }
-            drop(origin_stream);
-            (
-                end,
-                activity.client_bytes.load(Ordering::Relaxed),
-                activity.origin_bytes.load(Ordering::Relaxed),
-            )
         }
     };
     drop(client_stream);
@@ -353,6 +365,38 @@ pub(crate) async fn serve(
     event.disconnect_timestamp = Some(event.timestamp.clone());
     events().emit(&event);
     counters.event(EventKind::Disconnect, code, Some(meta.accepted.elapsed()));
+}
+
+/// `tcp_fastpath = "xdp"`: hands the connection to the datapath once both legs
+/// are quiet and eligible, then waits for its end (docs/tcp.md, "XDP splice").
+/// `None`: not asked for, or it fell back; the sockets are as before.
+async fn splice_in_xdp(
+    shared: &Shared,
+    meta: &Meta,
+    client: &TcpStream,
+    origin: &TcpStream,
+    origin_addr: SocketAddr,
+) -> Option<Outcome> {
+    if meta.app.tcp_fastpath != TcpFastpath::Xdp {
+        return None;
+    }
+    let splicer = shared.splicer()?;
+    let local = crate::wire::unmap_socket_addr(origin.local_addr().ok()?);
+    let addrs = LegAddrs {
+        client: meta.client,
+        edge: meta.edge,
+        local,
+        origin: origin_addr,
+    };
+    let done = splicer
+        .try_splice(&meta.app.id, client, origin, addrs)
+        .await
+        .ok()?;
+    Some(done.await.unwrap_or(Outcome {
+        end: End::Drained,
+        client_bytes: 0,
+        origin_bytes: 0,
+    }))
 }
 
 async fn write_proxy_header(

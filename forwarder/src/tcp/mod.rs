@@ -13,8 +13,10 @@
 pub mod conn;
 pub mod copy;
 pub mod fastpath;
+pub mod handoff;
 pub mod listener;
 pub mod origin;
+pub mod repair;
 pub mod splice;
 pub mod stats;
 
@@ -82,6 +84,9 @@ pub(crate) struct Shared {
     ended: Notify,
     /// `true` once the drain time is over: open connections close at once.
     close_all: watch::Sender<bool>,
+    /// The XDP splice (`tcp_fastpath = "xdp"`); `None` when its map could not be
+    /// opened (every connection then takes the socket path).
+    splicer: Option<Arc<handoff::Splicer>>,
 }
 
 impl Shared {
@@ -105,6 +110,10 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    pub(crate) fn splicer(&self) -> Option<&handoff::Splicer> {
+        self.splicer.as_deref()
     }
 
     pub(crate) fn close_signal(&self) -> watch::Receiver<bool> {
@@ -194,6 +203,13 @@ impl TcpProxy {
             Err(_) => DEFAULT_CONNECT_TIMEOUT,
         };
         let (close_all, _) = watch::channel(false);
+        let splicer = match datapath.splice_map() {
+            Ok(map) => Some(Arc::new(handoff::Splicer::new(map))),
+            Err(err) => {
+                warn!("the XDP splice is unavailable, TCP stays on the socket path: {err:#}");
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             apps: RwLock::new(BTreeMap::new()),
             idle_timeout: RwLock::new(config.agent.tcp_idle_timeout),
@@ -211,7 +227,11 @@ impl TcpProxy {
             live: AtomicU64::new(0),
             ended: Notify::new(),
             close_all,
+            splicer,
         });
+        if shared.splicer.is_some() {
+            runtime.spawn(sweep_splices(shared.clone()));
+        }
         let mut proxy = TcpProxy {
             shared,
             listeners: BTreeMap::new(),
@@ -227,6 +247,9 @@ impl TcpProxy {
     /// continue), moved apps change sockmap slot; new connections use the new origins.
     pub fn apply(&mut self, config: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         let indices = datapath.app_indices();
+        if let Some(splicer) = self.shared.splicer() {
+            splicer.set_app_indices(indices.clone());
+        }
         let tcp_apps: BTreeMap<String, Arc<App>> = config
             .apps
             .iter()
@@ -591,6 +614,18 @@ fn dispatch(
         peer,
         local,
     ));
+}
+
+/// Ends spliced connections (see `handoff::Splicer::sweep`) for as long as the
+/// proxy lives (the task holds the shared state; it stops with the runtime).
+async fn sweep_splices(shared: Arc<Shared>) {
+    let close = shared.close_signal();
+    loop {
+        tokio::time::sleep(handoff::SWEEP_INTERVAL).await;
+        if let Some(splicer) = shared.splicer() {
+            splicer.sweep(shared.idle_timeout(), *close.borrow());
+        }
+    }
 }
 
 /// Helpers of the forwarding engines' unit tests.

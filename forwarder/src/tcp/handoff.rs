@@ -1,0 +1,284 @@
+//! The agent's side of the XDP splice (docs/tcp.md, "XDP splice"): hands a quiet
+//! connection's two legs to the datapath (`try_splice`) and watches the spliced
+//! connections until FIN both ways, an RST or the idle timeout ends them (`sweep`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap, MapData};
+use forwarder_common::{SEEN_FIN, SEEN_RST, SpliceEntry, SpliceKey};
+use log::{debug, info};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::conn::{End, Side};
+use super::fastpath::{Ineligible, LegState, eligibility, splice_entries};
+use super::repair;
+use crate::telemetry::events::status;
+
+/// How long a connection may take to go quiet before it stays on the socket path.
+const QUIET_WAIT: Duration = Duration::from_millis(200);
+const QUIET_POLL: Duration = Duration::from_millis(5);
+/// After FIN both ways, the entries stay this long for the last ACK (and a
+/// retransmitted FIN) to pass.
+const FIN_GRACE: Duration = Duration::from_secs(2);
+/// How often the spliced connections are looked at.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How a spliced connection ended, as its task reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub end: End,
+    pub client_bytes: u64,
+    pub origin_bytes: u64,
+}
+
+/// One spliced connection being watched.
+struct Watched {
+    /// Client → origin, origin → client.
+    keys: [SpliceKey; 2],
+    done: oneshot::Sender<Outcome>,
+    /// Segments both ways at the last sweep, and since when they have not moved.
+    packets: u64,
+    still_since: Instant,
+    /// When FIN had been seen both ways.
+    fin_since: Option<Instant>,
+}
+
+/// The `SPLICES` map (a handle of the agent's own) and the connections in it.
+pub struct Splicer {
+    map: Mutex<HashMap<MapData, SpliceKey, SpliceEntry>>,
+    watched: Mutex<Vec<Watched>>,
+    /// App index per app id (for `APP_STATS`), set at every reload.
+    app_indices: Mutex<BTreeMap<String, u32>>,
+    spliced: AtomicU64,
+    /// Fallbacks, by `Ineligible::ALL` index.
+    fallbacks: [AtomicU64; Ineligible::ALL.len()],
+}
+
+impl Splicer {
+    pub fn new(map: HashMap<MapData, SpliceKey, SpliceEntry>) -> Splicer {
+        Splicer {
+            map: Mutex::new(map),
+            watched: Mutex::new(Vec::new()),
+            app_indices: Mutex::new(BTreeMap::new()),
+            spliced: AtomicU64::new(0),
+            fallbacks: Default::default(),
+        }
+    }
+
+    pub fn set_app_indices(&self, indices: BTreeMap<String, u32>) {
+        *self.app_indices.lock().unwrap_or_else(|e| e.into_inner()) = indices;
+    }
+
+    /// Connections spliced, and fallbacks by reason.
+    pub fn counts(&self) -> (u64, Vec<(Ineligible, u64)>) {
+        let fallbacks = Ineligible::ALL
+            .iter()
+            .zip(&self.fallbacks)
+            .map(|(reason, n)| (*reason, n.load(Ordering::Relaxed)))
+            .collect();
+        (self.spliced.load(Ordering::Relaxed), fallbacks)
+    }
+
+    fn fallback(&self, app: &str, client: SocketAddr, reason: Ineligible) -> Ineligible {
+        if let Some(i) = Ineligible::ALL.iter().position(|r| *r == reason) {
+            self.fallbacks[i].fetch_add(1, Ordering::Relaxed);
+        }
+        info!("app {app}: {client} stays on the socket path ({reason})");
+        reason
+    }
+
+    /// Hands the connection to the datapath once both legs are quiet. `Ok`: the
+    /// sockets are retired (the caller drops nothing more on them) and the
+    /// receiver reports the end; `Err`: the sockets are as before and the caller
+    /// forwards on them.
+    pub async fn try_splice(
+        &self,
+        app: &str,
+        client: &TcpStream,
+        origin: &TcpStream,
+        addrs: LegAddrs,
+    ) -> Result<oneshot::Receiver<Outcome>, Ineligible> {
+        let fail = |reason| self.fallback(app, addrs.client, reason);
+        let deadline = Instant::now() + QUIET_WAIT;
+        loop {
+            let quiet = repair::is_quiet(client).and_then(|c| Ok(c && repair::is_quiet(origin)?));
+            match quiet {
+                Ok(true) => break,
+                Ok(false) if Instant::now() < deadline => tokio::time::sleep(QUIET_POLL).await,
+                Ok(false) => return Err(fail(Ineligible::NotQuiet)),
+                Err(_) => return Err(fail(Ineligible::Repair)),
+            }
+        }
+        let app_index = self
+            .app_indices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(app)
+            .copied()
+            .unwrap_or(0);
+        let (client_ifindex, origin_ifindex) = match (
+            crate::route::route_to(addrs.client.ip()),
+            crate::route::route_to(addrs.origin.ip()),
+        ) {
+            (Ok(c), Ok(o)) => (c.ifindex, o.ifindex),
+            _ => return Err(fail(Ineligible::Repair)),
+        };
+        let client_leg =
+            match repair::enter_and_read(client, addrs.edge, addrs.client, client_ifindex) {
+                Ok(leg) => leg,
+                Err(_) => return Err(fail(Ineligible::Repair)),
+            };
+        let origin_leg =
+            match repair::enter_and_read(origin, addrs.local, addrs.origin, origin_ifindex) {
+                Ok(leg) => leg,
+                Err(_) => {
+                    let _ = repair::resume(client);
+                    return Err(fail(Ineligible::Repair));
+                }
+            };
+        let resume_both = || {
+            let _ = repair::resume(client);
+            let _ = repair::resume(origin);
+        };
+        if let Err(reason) = eligibility(&client_leg, &origin_leg) {
+            resume_both();
+            return Err(fail(reason));
+        }
+        let pair = splice_entries(&client_leg, &origin_leg, app_index);
+        if self.insert(&pair).is_err() {
+            resume_both();
+            return Err(fail(Ineligible::MapFull));
+        }
+        // The commit point: a segment that reached a socket before the entries were
+        // in moved its sequence numbers; the entries are then wrong.
+        let unchanged = |sock: &TcpStream, leg: &LegState| {
+            repair::queue_seqs(sock)
+                .is_ok_and(|(snd, rcv)| snd == leg.snd_nxt && rcv == leg.rcv_nxt)
+        };
+        if !unchanged(client, &client_leg) || !unchanged(origin, &origin_leg) {
+            self.remove(&[pair[0].0, pair[1].0]);
+            resume_both();
+            return Err(fail(Ineligible::NotQuiet));
+        }
+        // Out of the kernel's tables; nothing on the wire.
+        if repair::retire(client).is_err() || repair::retire(origin).is_err() {
+            // Half retired cannot be undone: the connection ends (the sweep sees
+            // no more segments and times it out if the peers do not reset it).
+            debug!("app {app}: retiring the sockets of {} failed", addrs.client);
+        }
+        let (done, outcome) = oneshot::channel();
+        self.watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Watched {
+                keys: [pair[0].0, pair[1].0],
+                done,
+                packets: 0,
+                still_since: Instant::now(),
+                fin_since: None,
+            });
+        self.spliced.fetch_add(1, Ordering::Relaxed);
+        info!(
+            "app {app}: {} spliced in XDP (timestamps {}, sack {})",
+            addrs.client, client_leg.timestamps, client_leg.sack
+        );
+        Ok(outcome)
+    }
+
+    fn insert(&self, pair: &[(SpliceKey, SpliceEntry); 2]) -> Result<(), aya::maps::MapError> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(pair[0].0, pair[0].1, 0)?;
+        if let Err(e) = map.insert(pair[1].0, pair[1].1, 0) {
+            let _ = map.remove(&pair[0].0);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn remove(&self, keys: &[SpliceKey]) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            let _ = map.remove(key);
+        }
+    }
+
+    /// One look at every spliced connection: those that ended (RST either way,
+    /// FIN both ways plus `FIN_GRACE`, no segment for `idle`, or `close_all`) lose
+    /// their entries and their task hears how they ended.
+    pub fn sweep(&self, idle: Duration, close_all: bool) {
+        let now = Instant::now();
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = Vec::with_capacity(watched.len());
+        for mut w in watched.drain(..) {
+            let (to_origin, to_client) = {
+                let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+                (map.get(&w.keys[0], 0).ok(), map.get(&w.keys[1], 0).ok())
+            };
+            let (Some(up), Some(down)) = (to_origin, to_client) else {
+                // Gone from the map (removed by hand): ended, counts unknown.
+                let _ = w.done.send(Outcome {
+                    end: End::Drained,
+                    client_bytes: 0,
+                    origin_bytes: 0,
+                });
+                continue;
+            };
+            let packets = up.packets + down.packets;
+            if packets != w.packets {
+                w.packets = packets;
+                w.still_since = now;
+            }
+            if up.seen & SEEN_FIN != 0 && down.seen & SEEN_FIN != 0 && w.fin_since.is_none() {
+                w.fin_since = Some(now);
+            }
+            let end = if up.seen & SEEN_RST != 0 {
+                Some(End::Fault {
+                    side: Side::Client,
+                    status: status::CLIENT_RST,
+                })
+            } else if down.seen & SEEN_RST != 0 {
+                Some(End::Fault {
+                    side: Side::Origin,
+                    status: status::ORIGIN_RST,
+                })
+            } else if w.fin_since.is_some_and(|t| now - t >= FIN_GRACE) {
+                Some(End::Normal)
+            } else if now - w.still_since >= idle {
+                Some(End::Idle {
+                    status: status::CLIENT_TIMEOUT,
+                })
+            } else if close_all {
+                Some(End::Drained)
+            } else {
+                None
+            };
+            match end {
+                Some(end) => {
+                    self.remove(&w.keys);
+                    let _ = w.done.send(Outcome {
+                        end,
+                        client_bytes: up.bytes,
+                        origin_bytes: down.bytes,
+                    });
+                }
+                None => kept.push(w),
+            }
+        }
+        *watched = kept;
+    }
+}
+
+/// The four addresses of a connection: the client and the edge address it
+/// dialled, the agent's origin-side address and the origin.
+#[derive(Debug, Clone, Copy)]
+pub struct LegAddrs {
+    pub client: SocketAddr,
+    pub edge: SocketAddr,
+    pub local: SocketAddr,
+    pub origin: SocketAddr,
+}
