@@ -161,39 +161,20 @@ fn loss_on_each_leg_is_recovered_end_to_end() {
     }
     let origin = SocketAddr::new(ORIGIN_V4.into(), 7103);
     let (lab, agent) = lab_and_agent(&app("lossy", 7103, origin));
-    let ifaces = lab.ifaces().clone();
-    // 1% loss out of the client and out of the origin: each leg loses segments
-    // and ACKs, which only the end hosts can recover.
-    lab.client()
-        .run(
-            "tc",
-            &[
-                "qdisc",
-                "add",
-                "dev",
-                &ifaces.client,
-                "root",
-                "netem",
-                "loss",
-                "1%",
-            ],
-        )
-        .expect("netem on the client");
-    lab.origin()
-        .run(
-            "tc",
-            &[
-                "qdisc",
-                "add",
-                "dev",
-                &ifaces.origin,
-                "root",
-                "netem",
-                "loss",
-                "1%",
-            ],
-        )
-        .expect("netem on the origin");
+    // 1% of the TCP segments lost into and out of the client and the origin (nft:
+    // this kernel has no netem): each leg loses data and ACKs both ways, which
+    // only the end hosts can recover.
+    for ns in [lab.client(), lab.origin()] {
+        for cmd in [
+            "add table inet loss",
+            "add chain inet loss out { type filter hook output priority 0; }",
+            "add chain inet loss in { type filter hook input priority 0; }",
+            "add rule inet loss out meta l4proto tcp numgen random mod 100 0 counter drop",
+            "add rule inet loss in meta l4proto tcp numgen random mod 100 0 counter drop",
+        ] {
+            ns.run("nft", &[cmd]).expect("nft loss rule");
+        }
+    }
     let listener = origin_listener(&lab, origin);
     const LEN: u64 = 20 * 1024 * 1024;
     let origin_side = std::thread::spawn(move || {
@@ -212,6 +193,11 @@ fn loss_on_each_leg_is_recovered_end_to_end() {
     client.shutdown(Shutdown::Write).unwrap();
     let received = receive_sum(&mut client).unwrap();
     let (origin_got, origin_sent) = origin_side.join().unwrap();
+    // The loss was real: each namespace's rules dropped segments.
+    for ns in [lab.client(), lab.origin()] {
+        let rules = ns.run("nft", &["list", "table", "inet", "loss"]).unwrap();
+        assert!(!rules.contains("packets 0 "), "no loss injected:\n{rules}");
+    }
     assert_eq!(origin_got, sent, "client -> origin differs");
     assert_eq!(received, origin_sent, "origin -> client differs");
     let evs = wait_events(&agent, "lossy", WAIT, |e| {
