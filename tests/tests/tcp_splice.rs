@@ -151,6 +151,13 @@ fn bulk_both_ways_through_a_spliced_connection_ipv4_and_ipv6() {
         assert!(d.num("OriginBytes").unwrap() >= BULK, "{d:?}");
         assert_eq!(d.origin(), Some(origin));
     }
+    let stats = agent.stats().unwrap();
+    assert_eq!(
+        stats.tcp_fastpath.get("spliced"),
+        Some(&2),
+        "{:?}",
+        stats.tcp_fastpath
+    );
 }
 
 #[test]
@@ -353,4 +360,56 @@ fn an_ineligible_connection_falls_back_to_the_socket_path() {
     assert_eq!(d.status(), 200, "{d:?}");
     assert_eq!(d.num("ClientBytes"), Some(50_000));
     assert_eq!(d.num("OriginBytes"), Some(50_000));
+    let stats = agent.stats().unwrap();
+    assert_eq!(stats.tcp_fastpath.get("timestamps_differ"), Some(&1));
+    assert_eq!(stats.tcp_fastpath.get("spliced"), Some(&0));
+}
+
+#[test]
+fn fastpath_off_keeps_the_socket_path() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7107);
+    let apps = "[[apps]]\nid = \"plain\"\nprotocol = \"tcp/7107\"\n\
+                origin_direct = [\"tcp://10.0.2.2:7107\"]\n";
+    let (lab, agent) = lab_and_agent(apps);
+    let listener = origin_listener(&lab, origin);
+    serve(listener, |mut s: TcpStream| {
+        let (request, _) = read_all(&mut s);
+        s.write_all(&request).unwrap();
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7107), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    std::thread::sleep(QUIET);
+    // The agent's own two sockets carry the connection.
+    assert_eq!(
+        edge_sockets(&lab, 7107),
+        2,
+        "client and origin sockets at the edge"
+    );
+    client.write_all(&[9u8; 50_000]).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (echo, err) = read_all(&mut client);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(echo, vec![9u8; 50_000]);
+    let evs = wait_events(&agent, "plain", WAIT, |e| {
+        event_for(e, "disconnect", local).is_some()
+    });
+    let d = event_for(&evs, "disconnect", local).unwrap();
+    assert_eq!(d.status(), 200, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(50_000));
+    let log = agent.stderr();
+    assert!(
+        !log.contains("spliced in XDP") && !log.contains("stays on the socket path"),
+        "no handoff attempted:\n{log}"
+    );
+    let stats = agent.stats().unwrap();
+    assert!(
+        stats.tcp_fastpath.values().all(|n| *n == 0),
+        "{:?}",
+        stats.tcp_fastpath
+    );
 }

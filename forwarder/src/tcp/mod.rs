@@ -357,6 +357,22 @@ impl TcpProxy {
         })
     }
 
+    /// Connections of `tcp_fastpath = "xdp"` apps by outcome (`spliced` or the
+    /// fallback reason), every outcome listed.
+    pub fn fastpath_counts(&self) -> BTreeMap<String, u64> {
+        let Some(splicer) = self.shared.splicer() else {
+            return BTreeMap::new();
+        };
+        let (spliced, fallbacks) = splicer.counts();
+        std::iter::once(("spliced".to_string(), spliced))
+            .chain(
+                fallbacks
+                    .into_iter()
+                    .map(|(r, n)| (r.label().to_string(), n)),
+            )
+            .collect()
+    }
+
     /// Counters per app id (apps removed since keep theirs).
     pub fn stats(&self) -> BTreeMap<String, TcpAppStats> {
         self.shared

@@ -53,6 +53,7 @@ pub mod names {
     pub const UDP_FLOW_SCAN: &str = "forwarder_udp_flow_scan";
     pub const TCP_CONNECTIONS: &str = "forwarder_tcp_connections";
     pub const TCP_REFUSED: &str = "forwarder_tcp_refused";
+    pub const TCP_FASTPATH: &str = "forwarder_tcp_fastpath_connections";
     pub const FIREWALL_RULE_HITS: &str = "forwarder_firewall_rule_hits";
     pub const INTERFACE_PACKETS: &str = "forwarder_interface_packets";
     pub const BUILD_INFO: &str = "forwarder_build_info";
@@ -391,6 +392,14 @@ impl Collector for SnapshotCollector {
         )?;
         counter(
             &mut encoder,
+            names::TCP_FASTPATH,
+            "TCP connections of tcp_fastpath = \"xdp\" apps by outcome: spliced (handed to XDP), or why they stayed on the socket path (not_quiet, timestamps_differ, sack_differs, window_scaling_differs, mixed_families, urgent_data, repair_failed, map_full).",
+            s.tcp_fastpath
+                .iter()
+                .map(|(outcome, n)| (vec![("outcome", outcome.as_str())], *n)),
+        )?;
+        counter(
+            &mut encoder,
             names::FIREWALL_RULE_HITS,
             "Packets whose source matched an access rule (by the rule's value).",
             s.rule_hits
@@ -665,6 +674,8 @@ mod tests {
             },
         );
         s.rule_hits.insert("10.0.1.128/25".into(), 9);
+        s.tcp_fastpath.insert("spliced".into(), 3);
+        s.tcp_fastpath.insert("not_quiet".into(), 1);
         s
     }
 
@@ -690,6 +701,8 @@ mod tests {
             "forwarder_udp_flows{app=\"game\"} 1",
             "forwarder_tcp_connections{app=\"web\"} 4",
             "forwarder_tcp_refused_total{app=\"web\"} 7",
+            "forwarder_tcp_fastpath_connections_total{outcome=\"spliced\"} 3",
+            "forwarder_tcp_fastpath_connections_total{outcome=\"not_quiet\"} 1",
             "forwarder_firewall_rule_hits_total{rule=\"10.0.1.128/25\"} 9",
             "# EOF",
         ] {
