@@ -239,12 +239,16 @@ pub(crate) async fn serve(
     let mut failure = None;
     let mut connected = None;
     let selection = shared.selection(&meta.app);
+    // An origin leg that may be spliced carries no segment the client leg could not.
+    let mss = (meta.app.tcp_fastpath == TcpFastpath::Xdp)
+        .then(|| origin::maxseg(&client_stream).ok())
+        .flatten();
     for (offset, candidate) in origin::candidates(&meta.app, &selection, client.ip(), edge.port()) {
         let origin_counters =
             shared.origin_counters(&meta.app.id, &meta.app.origins[offset].label());
         let started = Instant::now();
         let attempt = tokio::select! {
-            r = origin::connect(candidate, timeout) => r,
+            r = origin::connect_clamped(candidate, timeout, mss) => r,
             _ = close.wait_for(|c| *c) => Err((status::UNKNOWN, io::Error::other("agent stopping"))),
         };
         match attempt {

@@ -74,12 +74,27 @@ pub fn connect_error_status(err: &io::Error) -> u16 {
 
 /// Connects to `origin` within `timeout`. The error carries its status code.
 pub async fn connect(origin: SocketAddr, timeout: Duration) -> Result<TcpStream, (u16, io::Error)> {
+    connect_clamped(origin, timeout, None).await
+}
+
+/// As [`connect`], with the MSS of the connection clamped to `mss` (`TCP_MAXSEG`
+/// before connect: the SYN offers at most that, and no segment either way is
+/// larger). The XDP splice does not resize segments, so the origin leg must carry
+/// nothing the client leg could not (docs/tcp.md, XDP splice).
+pub async fn connect_clamped(
+    origin: SocketAddr,
+    timeout: Duration,
+    mss: Option<u32>,
+) -> Result<TcpStream, (u16, io::Error)> {
     let attempt = async {
         let socket = match origin {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         socket.set_nodelay(true)?;
+        if let Some(mss) = mss {
+            set_maxseg(&socket, mss)?;
+        }
         socket.connect(origin).await
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -92,6 +107,46 @@ pub async fn connect(origin: SocketAddr, timeout: Duration) -> Result<TcpStream,
                 format!("no answer within {timeout:?}"),
             ),
         )),
+    }
+}
+
+/// `TCP_MAXSEG` of a socket: its current MSS (connected) or the clamp (set).
+pub fn maxseg(sock: &impl std::os::fd::AsRawFd) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd; pointer to an int and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value.max(0) as u32)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn set_maxseg(sock: &impl std::os::fd::AsRawFd, mss: u32) -> io::Result<()> {
+    let value = mss as libc::c_int;
+    // SAFETY: valid fd; pointer to an int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -185,5 +240,26 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ok = connect(listener.local_addr().unwrap(), Duration::from_secs(2)).await;
         assert!(ok.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_clamped_connection_carries_segments_no_larger_than_the_clamp() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect_clamped(addr, Duration::from_secs(5), Some(1000))
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        // Loopback's MTU would give ~65000; the SYN offered 1000 at most.
+        assert!(
+            maxseg(&accepted).unwrap() <= 1000,
+            "{}",
+            maxseg(&accepted).unwrap()
+        );
+        assert!(maxseg(&stream).unwrap() <= 1000);
+        let unclamped = connect(addr, Duration::from_secs(5)).await.unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(maxseg(&accepted).unwrap() > 1000);
+        drop(unclamped);
     }
 }
