@@ -6,8 +6,9 @@
 //! status, an ineligible connection (timestamps on one leg only) falls back to the
 //! socket path and still works.
 //!
-//! Peers wait a moment after connecting before they speak: the handoff happens
-//! only while both legs are quiet (docs/tcp.md). Whether a connection was spliced
+//! The handoff happens at a quiet point (docs/tcp.md): most peers here wait a
+//! moment after connecting; one speaks first (a request and its answer are
+//! forwarded on the way to the quiet point). Whether a connection was spliced
 //! is read from the agent's log (one line per handoff or fallback, with the
 //! reason), and the spliced path is checked to carry the bytes: the edge has no
 //! socket of the connection any more while data still flows.
@@ -412,4 +413,53 @@ fn fastpath_off_keeps_the_socket_path() {
         "{:?}",
         stats.tcp_fastpath
     );
+}
+
+#[test]
+fn a_client_that_speaks_first_is_spliced_after_the_first_exchange() {
+    init();
+    if !require_root() {
+        return;
+    }
+    const LEN: u64 = 50 * 1024 * 1024;
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7108);
+    let (lab, agent) = lab_and_agent(&app("first", 7108, origin));
+    let listener = origin_listener(&lab, origin);
+    let origin_side = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut request = [0u8; 5];
+        s.read_exact(&mut request).unwrap();
+        assert_eq!(&request, b"hello");
+        s.write_all(b"world").unwrap();
+        // The client's go-ahead comes once it has the answer.
+        let mut go = [0u8; 2];
+        s.read_exact(&mut go).unwrap();
+        let sent = send_random(&mut s, 5, LEN).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let (rest, _) = read_all(&mut s);
+        (sent, rest.len())
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7108), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(b"hello").unwrap();
+    let mut answer = [0u8; 5];
+    client.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"world");
+    wait_log(&agent, local, "spliced in XDP");
+    client.write_all(b"go").unwrap();
+    let received = receive_sum(&mut client).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (sent, rest) = origin_side.join().unwrap();
+    assert_eq!(received, sent, "origin -> client differs");
+    assert_eq!(rest, 0);
+    let evs = wait_events(&agent, "first", WAIT, |e| {
+        event_for(e, "disconnect", local).is_some()
+    });
+    let d = event_for(&evs, "disconnect", local).unwrap();
+    assert_eq!(d.status(), 200, "{d:?}");
+    // The request and its answer went through the agent, the rest through XDP.
+    assert_eq!(d.num("ClientBytes"), Some(7), "{d:?}");
+    assert!(d.num("OriginBytes").unwrap() >= LEN + 5, "{d:?}");
 }

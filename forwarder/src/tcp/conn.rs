@@ -17,6 +17,7 @@ use super::Shared;
 use super::copy;
 use super::handoff::{LegAddrs, Outcome};
 use super::origin;
+use super::quiet::Drained;
 use super::splice::{self, Fault, Pipe};
 use super::stats::AppCounters;
 use crate::config::{App, ProxyProtocol, TcpFastpath};
@@ -310,7 +311,17 @@ pub(crate) async fn serve(
         }
         // 3. In XDP (`tcp_fastpath = "xdp"`, when eligible), or splice both ways.
         Ok(origin_stream) => {
-            match splice_in_xdp(&shared, &meta, &client_stream, &origin_stream, origin_addr).await {
+            let mut drained = Drained::default();
+            let spliced = splice_in_xdp(
+                &shared,
+                &meta,
+                &client_stream,
+                &origin_stream,
+                origin_addr,
+                &mut drained,
+            )
+            .await;
+            match spliced {
                 Some(outcome) => {
                     counters.add_client_bytes(outcome.client_bytes);
                     counters.add_origin_bytes(outcome.origin_bytes);
@@ -319,10 +330,13 @@ pub(crate) async fn serve(
                     (outcome.end, outcome.client_bytes, outcome.origin_bytes)
                 }
                 None => {
+                    // Bytes forwarded on the way to a quiet point not reached.
+                    counters.add_client_bytes(drained.client_bytes);
+                    counters.add_origin_bytes(drained.origin_bytes);
                     let activity = Activity {
                         start: Instant::now(),
-                        client_bytes: AtomicU64::new(0),
-                        origin_bytes: AtomicU64::new(0),
+                        client_bytes: AtomicU64::new(drained.client_bytes),
+                        origin_bytes: AtomicU64::new(drained.origin_bytes),
                         last_client: AtomicU64::new(0),
                         last_origin: AtomicU64::new(0),
                     };
@@ -373,13 +387,15 @@ pub(crate) async fn serve(
 
 /// `tcp_fastpath = "xdp"`: hands the connection to the datapath once both legs
 /// are quiet and eligible, then waits for its end (docs/tcp.md, "XDP splice").
-/// `None`: not asked for, or it fell back; the sockets are as before.
+/// `None`: not asked for, or it fell back; the sockets are as before. Bytes
+/// forwarded on the way to the quiet point are in `drained` either way.
 async fn splice_in_xdp(
     shared: &Shared,
     meta: &Meta,
     client: &TcpStream,
     origin: &TcpStream,
     origin_addr: SocketAddr,
+    drained: &mut Drained,
 ) -> Option<Outcome> {
     if meta.app.tcp_fastpath != TcpFastpath::Xdp {
         return None;
@@ -393,14 +409,19 @@ async fn splice_in_xdp(
         origin: origin_addr,
     };
     let done = splicer
-        .try_splice(&meta.app.id, client, origin, addrs)
+        .try_splice(&meta.app.id, client, origin, addrs, drained)
         .await
         .ok()?;
-    Some(done.await.unwrap_or(Outcome {
+    let outcome = done.await.unwrap_or(Outcome {
         end: End::Drained,
         client_bytes: 0,
         origin_bytes: 0,
-    }))
+    });
+    Some(Outcome {
+        client_bytes: outcome.client_bytes + drained.client_bytes,
+        origin_bytes: outcome.origin_bytes + drained.origin_bytes,
+        ..outcome
+    })
 }
 
 async fn write_proxy_header(

@@ -16,12 +16,14 @@ use tokio::sync::oneshot;
 
 use super::conn::{End, Side};
 use super::fastpath::{Ineligible, LegState, eligibility, splice_entries};
+use super::quiet::{Drained, NotQuiet, drain_until_quiet};
 use super::repair;
 use crate::telemetry::events::status;
 
-/// How long a connection may take to go quiet before it stays on the socket path.
+/// How long a connection may take to go quiet, and how many bytes may be forwarded
+/// on the way, before it stays on the socket path.
 const QUIET_WAIT: Duration = Duration::from_millis(200);
-const QUIET_POLL: Duration = Duration::from_millis(5);
+const QUIET_BUDGET: u64 = 256 * 1024;
 /// After FIN both ways, the entries stay this long for the last ACK (and a
 /// retransmitted FIN) to pass.
 const FIN_GRACE: Duration = Duration::from_secs(2);
@@ -92,27 +94,23 @@ impl Splicer {
         reason
     }
 
-    /// Hands the connection to the datapath once both legs are quiet. `Ok`: the
-    /// sockets are retired (the caller drops nothing more on them) and the
-    /// receiver reports the end; `Err`: the sockets are as before and the caller
-    /// forwards on them.
+    /// Hands the connection to the datapath once both legs are quiet (bytes that
+    /// arrive meanwhile are forwarded and added to `drained`). `Ok`: the sockets
+    /// are retired and the receiver reports the end; `Err`: the sockets are as
+    /// before and the caller forwards on them.
     pub async fn try_splice(
         &self,
         app: &str,
         client: &TcpStream,
         origin: &TcpStream,
         addrs: LegAddrs,
+        drained: &mut Drained,
     ) -> Result<oneshot::Receiver<Outcome>, Ineligible> {
         let fail = |reason| self.fallback(app, addrs.client, reason);
-        let deadline = Instant::now() + QUIET_WAIT;
-        loop {
-            let quiet = repair::is_quiet(client).and_then(|c| Ok(c && repair::is_quiet(origin)?));
-            match quiet {
-                Ok(true) => break,
-                Ok(false) if Instant::now() < deadline => tokio::time::sleep(QUIET_POLL).await,
-                Ok(false) => return Err(fail(Ineligible::NotQuiet)),
-                Err(_) => return Err(fail(Ineligible::Repair)),
-            }
+        match drain_until_quiet(client, origin, QUIET_WAIT, QUIET_BUDGET, drained).await {
+            Ok(()) => {}
+            Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::NotQuiet)),
+            Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
         }
         let app_index = self
             .app_indices

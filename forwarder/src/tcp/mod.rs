@@ -16,6 +16,7 @@ pub mod fastpath;
 pub mod handoff;
 pub mod listener;
 pub mod origin;
+pub mod quiet;
 pub mod repair;
 pub mod splice;
 pub mod stats;
