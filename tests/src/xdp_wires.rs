@@ -1,10 +1,37 @@
 //! What the exact-bytes `BPF_PROG_TEST_RUN` tests of the XDP datapath share: the
-//! MACs and names of a lab's veths (expected frames are framed with them) and an
-//! exact frame comparison that names the first differing byte.
+//! lab's addresses per family, the MACs and names of its veths (expected frames are
+//! framed with them) and an exact frame comparison that names the first differing
+//! byte.
 
 use std::net::IpAddr;
 
-use crate::{Lab, Netns};
+use crate::{
+    CLIENT_V4, CLIENT_V6, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Lab,
+    Netns, ORIGIN_V4, ORIGIN_V6,
+};
+
+/// The four lab addresses of one family: the client, the edge address it talks
+/// to, the edge's origin-side address and the origin.
+pub struct Family {
+    pub client: IpAddr,
+    pub edge: IpAddr,
+    pub local: IpAddr,
+    pub origin: IpAddr,
+}
+
+pub const V4: Family = Family {
+    client: IpAddr::V4(CLIENT_V4),
+    edge: IpAddr::V4(EDGE_CLIENT_V4),
+    local: IpAddr::V4(EDGE_ORIGIN_V4),
+    origin: IpAddr::V4(ORIGIN_V4),
+};
+
+pub const V6: Family = Family {
+    client: IpAddr::V6(CLIENT_V6),
+    edge: IpAddr::V6(EDGE_CLIENT_V6),
+    local: IpAddr::V6(EDGE_ORIGIN_V6),
+    origin: IpAddr::V6(ORIGIN_V6),
+};
 
 /// MAC addresses and interface names of the lab veths.
 #[derive(Clone)]

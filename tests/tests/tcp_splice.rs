@@ -142,10 +142,7 @@ fn bulk_both_ways_through_a_spliced_connection_ipv4_and_ipv6() {
         ("bulk6", SocketAddr::new(EDGE_CLIENT_V6.into(), 7102), v6),
     ] {
         let local = bulk_both_ways(&lab, &agent, edge, origin);
-        let evs = wait_events(&agent, id, WAIT, |e| {
-            event_for(e, "disconnect", local).is_some()
-        });
-        let d = event_for(&evs, "disconnect", local).unwrap();
+        let d = wait_disconnect(&agent, id, local, WAIT);
         assert_eq!(d.status(), 200, "{d:?}");
         // Payload bytes the edge forwarded: retransmissions count too.
         assert!(d.num("ClientBytes").unwrap() >= BULK, "{d:?}");
@@ -208,10 +205,7 @@ fn loss_on_each_leg_is_recovered_end_to_end() {
     }
     assert_eq!(origin_got, sent, "client -> origin differs");
     assert_eq!(received, origin_sent, "origin -> client differs");
-    let evs = wait_events(&agent, "lossy", WAIT, |e| {
-        event_for(e, "disconnect", local).is_some()
-    });
-    let d = event_for(&evs, "disconnect", local).unwrap();
+    let d = wait_disconnect(&agent, "lossy", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
 }
 
@@ -254,10 +248,7 @@ fn half_close_both_ways() {
         100_000,
         "the client's bytes after the origin's FIN"
     );
-    let evs = wait_events(&agent, "half", WAIT, |e| {
-        event_for(e, "disconnect", local).is_some()
-    });
-    let d = event_for(&evs, "disconnect", local).unwrap();
+    let d = wait_disconnect(&agent, "half", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
     assert_eq!(d.num("ClientBytes"), Some(100_000), "{d:?}");
     assert_eq!(d.num("OriginBytes"), Some(11), "{d:?}");
@@ -304,10 +295,7 @@ fn rst_either_way_reaches_the_other_peer_with_its_status() {
         Some(ErrorKind::ConnectionReset),
         "origin got the RST"
     );
-    let evs = wait_events(&agent, "rst", WAIT, |e| {
-        event_for(e, "disconnect", local).is_some()
-    });
-    assert_eq!(event_for(&evs, "disconnect", local).unwrap().status(), 499);
+    assert_eq!(wait_disconnect(&agent, "rst", local, WAIT).status(), 499);
 
     // The origin resets: the client gets the RST, status 444.
     let mut client = client_connect(&lab, edge, WAIT).unwrap();
@@ -318,10 +306,7 @@ fn rst_either_way_reaches_the_other_peer_with_its_status() {
     assert_eq!(data, b"bye");
     let err = err.expect("the client must see a reset, not a clean end");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
-    let evs = wait_events(&agent, "rst", WAIT, |e| {
-        event_for(e, "disconnect", local).is_some()
-    });
-    let d = event_for(&evs, "disconnect", local).unwrap();
+    let d = wait_disconnect(&agent, "rst", local, WAIT);
     assert_eq!(d.status(), 444, "{d:?}");
     assert_eq!(d.num("ClientBytes"), Some(5));
     assert_eq!(d.num("OriginBytes"), Some(3));
@@ -354,10 +339,7 @@ fn an_ineligible_connection_falls_back_to_the_socket_path() {
     let (echo, err) = read_all(&mut client);
     assert!(err.is_none(), "{err:?}");
     assert_eq!(echo, vec![7u8; 50_000]);
-    let evs = wait_events(&agent, "fallback", WAIT, |e| {
-        event_for(e, "disconnect", local).is_some()
-    });
-    let d = event_for(&evs, "disconnect", local).unwrap();
+    let d = wait_disconnect(&agent, "fallback", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
     assert_eq!(d.num("ClientBytes"), Some(50_000));
     assert_eq!(d.num("OriginBytes"), Some(50_000));
@@ -396,10 +378,7 @@ fn fastpath_off_keeps_the_socket_path() {
     let (echo, err) = read_all(&mut client);
     assert!(err.is_none(), "{err:?}");
     assert_eq!(echo, vec![9u8; 50_000]);
-    let evs = wait_events(&agent, "plain", WAIT, |e| {
-        event_for(e, "disconnect", local).is_some()
-    });
-    let d = event_for(&evs, "disconnect", local).unwrap();
+    let d = wait_disconnect(&agent, "plain", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
     assert_eq!(d.num("ClientBytes"), Some(50_000));
     let log = agent.stderr();
@@ -454,10 +433,7 @@ fn a_client_that_speaks_first_is_spliced_after_the_first_exchange() {
     let (sent, rest) = origin_side.join().unwrap();
     assert_eq!(received, sent, "origin -> client differs");
     assert_eq!(rest, 0);
-    let evs = wait_events(&agent, "first", WAIT, |e| {
-        event_for(e, "disconnect", local).is_some()
-    });
-    let d = event_for(&evs, "disconnect", local).unwrap();
+    let d = wait_disconnect(&agent, "first", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
     // The request and its answer went through the agent, the rest through XDP.
     assert_eq!(d.num("ClientBytes"), Some(7), "{d:?}");

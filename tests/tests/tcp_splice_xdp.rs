@@ -23,10 +23,9 @@ use forwarder::route::route_to;
 use forwarder::tcp::fastpath::{LegState, splice_entries};
 use forwarder_common::{SEEN_FIN, SEEN_RST, SpliceCounter, SpliceEntry, SpliceKey};
 use forwarder_tests::frames::*;
-use forwarder_tests::xdp_wires::{Wires, assert_frame, wires};
+use forwarder_tests::xdp_wires::{Family, V4, V6, Wires, assert_frame, wires};
 use forwarder_tests::{
-    CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4,
-    EDGE_ORIGIN_V6, Lab, ORIGIN_V4, ORIGIN_V6, require_root,
+    CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, Lab, ORIGIN_V4, ORIGIN_V6, require_root,
 };
 
 const XDP_DROP: u32 = 1;
@@ -72,27 +71,6 @@ origin_direct = ["tcp://10.0.2.2:8081"]
 "#
     )
 }
-
-struct Family {
-    client: IpAddr,
-    edge: IpAddr,
-    local: IpAddr,
-    origin: IpAddr,
-}
-
-const V4: Family = Family {
-    client: IpAddr::V4(CLIENT_V4),
-    edge: IpAddr::V4(EDGE_CLIENT_V4),
-    local: IpAddr::V4(EDGE_ORIGIN_V4),
-    origin: IpAddr::V4(ORIGIN_V4),
-};
-
-const V6: Family = Family {
-    client: IpAddr::V6(CLIENT_V6),
-    edge: IpAddr::V6(EDGE_CLIENT_V6),
-    local: IpAddr::V6(EDGE_ORIGIN_V6),
-    origin: IpAddr::V6(ORIGIN_V6),
-};
 
 /// The datapath in the edge namespace with the test config and the lab's routes.
 struct Harness {
@@ -271,6 +249,17 @@ fn framed(dst_mac: [u8; 6], src_mac: [u8; 6], src: IpAddr, dst: IpAddr, seg: &[u
     f
 }
 
+/// The frame of segment `seg` from `src` to `dst` between the given MACs.
+fn tcp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    seg: &TcpFields,
+) -> Vec<u8> {
+    framed(dst_mac, src_mac, src, dst, &tcp_segment(src, dst, seg))
+}
+
 /// The client's segment as it arrives at the edge, and the frame the forwarder
 /// must send to the origin for it (`out` are the translated fields).
 fn client_to_origin(
@@ -280,21 +269,10 @@ fn client_to_origin(
     out: &TcpFields,
 ) -> (Vec<u8>, Vec<u8>) {
     let w = &h.w;
-    let input = framed(
-        w.ec_mac,
-        w.cl_mac,
-        f.client,
-        f.edge,
-        &tcp_segment(f.client, f.edge, seg),
-    );
-    let want = framed(
-        w.oe_mac,
-        w.eo_mac,
-        f.local,
-        f.origin,
-        &tcp_segment(f.local, f.origin, out),
-    );
-    (input, want)
+    (
+        tcp_frame(w.ec_mac, w.cl_mac, f.client, f.edge, seg),
+        tcp_frame(w.oe_mac, w.eo_mac, f.local, f.origin, out),
+    )
 }
 
 /// As `client_to_origin`, the other way.
@@ -305,21 +283,10 @@ fn origin_to_client(
     out: &TcpFields,
 ) -> (Vec<u8>, Vec<u8>) {
     let w = &h.w;
-    let input = framed(
-        w.eo_mac,
-        w.oe_mac,
-        f.origin,
-        f.local,
-        &tcp_segment(f.origin, f.local, seg),
-    );
-    let want = framed(
-        w.cl_mac,
-        w.ec_mac,
-        f.edge,
-        f.client,
-        &tcp_segment(f.edge, f.client, out),
-    );
-    (input, want)
+    (
+        tcp_frame(w.eo_mac, w.oe_mac, f.origin, f.local, seg),
+        tcp_frame(w.cl_mac, w.ec_mac, f.edge, f.client, out),
+    )
 }
 
 fn rescaled(window: u16, from: u8, to: u8) -> u16 {
@@ -562,23 +529,11 @@ fn untranslatable_segments_of_a_spliced_connection_are_dropped_not_passed() {
         let frames = [
             (
                 "truncated option",
-                framed(
-                    w.ec_mac,
-                    w.cl_mac,
-                    f.client,
-                    f.edge,
-                    &tcp_segment(f.client, f.edge, &truncated),
-                ),
+                tcp_frame(w.ec_mac, w.cl_mac, f.client, f.edge, &truncated),
             ),
             (
                 "unaligned options",
-                framed(
-                    w.ec_mac,
-                    w.cl_mac,
-                    f.client,
-                    f.edge,
-                    &tcp_segment(f.client, f.edge, &unaligned),
-                ),
+                tcp_frame(w.ec_mac, w.cl_mac, f.client, f.edge, &unaligned),
             ),
             ("IPv4 options", with_ip_options),
         ];
@@ -619,13 +574,7 @@ fn unspliced_segments_and_fastpath_off_apps_pass_to_the_kernel_as_before() {
             options: &[],
             payload: b"plain",
         };
-        let frame = framed(
-            w.ec_mac,
-            w.cl_mac,
-            f.client,
-            f.edge,
-            &tcp_segment(f.client, f.edge, &seg),
-        );
+        let frame = tcp_frame(w.ec_mac, w.cl_mac, f.client, f.edge, &seg);
         let out = h.run(&frame, h.ec_index);
         assert_eq!(out.verdict, XDP_PASS, "fastpath-off app: to the kernel");
         assert_eq!(out.frame, frame, "fastpath-off app: untouched");
@@ -635,13 +584,7 @@ fn unspliced_segments_and_fastpath_off_apps_pass_to_the_kernel_as_before() {
             dport: EDGE_PORT,
             ..seg
         };
-        let frame = framed(
-            w.ec_mac,
-            w.cl_mac,
-            f.client,
-            f.edge,
-            &tcp_segment(f.client, f.edge, &seg),
-        );
+        let frame = tcp_frame(w.ec_mac, w.cl_mac, f.client, f.edge, &seg);
         let out = h.run(&frame, h.ec_index);
         assert_eq!(out.verdict, XDP_PASS, "unspliced connection: to the kernel");
         assert_eq!(out.frame, frame, "unspliced connection: untouched");

@@ -23,7 +23,7 @@ use forwarder_common::{
     FlowState, MAX_FLOWS, MAX_NEW_FLOWS,
 };
 use forwarder_tests::frames::*;
-use forwarder_tests::xdp_wires::{Wires, assert_frame, wires};
+use forwarder_tests::xdp_wires::{Family, V4, V6, Wires, assert_frame, wires};
 use forwarder_tests::{
     CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4,
     EDGE_ORIGIN_V6, Lab, ORIGIN_V4, ORIGIN_V6, require_root,
@@ -474,27 +474,6 @@ fn with_harness(body: impl FnOnce(&mut Harness) + Send) {
 }
 
 // ---- the three modes, both directions -------------------------------------------
-
-struct Family {
-    client: IpAddr,
-    edge: IpAddr,
-    local: IpAddr,
-    origin: IpAddr,
-}
-
-const V4: Family = Family {
-    client: IpAddr::V4(CLIENT_V4),
-    edge: IpAddr::V4(EDGE_CLIENT_V4),
-    local: IpAddr::V4(EDGE_ORIGIN_V4),
-    origin: IpAddr::V4(ORIGIN_V4),
-};
-
-const V6: Family = Family {
-    client: IpAddr::V6(CLIENT_V6),
-    edge: IpAddr::V6(EDGE_CLIENT_V6),
-    local: IpAddr::V6(EDGE_ORIGIN_V6),
-    origin: IpAddr::V6(ORIGIN_V6),
-};
 
 fn simple_both_directions(h: &mut Harness, f: &Family) {
     let w = h.w.clone();

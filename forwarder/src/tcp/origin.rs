@@ -112,42 +112,11 @@ pub async fn connect_clamped(
 
 /// `TCP_MAXSEG` of a socket: its current MSS (connected) or the clamp (set).
 pub fn maxseg(sock: &impl std::os::fd::AsRawFd) -> io::Result<u32> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid fd; pointer to an int and its length.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_MAXSEG,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value.max(0) as u32)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    super::repair::getsockopt_u32(sock.as_raw_fd(), libc::TCP_MAXSEG)
 }
 
 fn set_maxseg(sock: &impl std::os::fd::AsRawFd, mss: u32) -> io::Result<()> {
-    let value = mss as libc::c_int;
-    // SAFETY: valid fd; pointer to an int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_MAXSEG,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    super::repair::setsockopt_int(sock.as_raw_fd(), libc::TCP_MAXSEG, mss as libc::c_int)
 }
 
 #[cfg(test)]

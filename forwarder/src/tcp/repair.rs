@@ -28,7 +28,8 @@ const TCPI_OPT_TIMESTAMPS: u8 = 1;
 const TCPI_OPT_SACK: u8 = 2;
 const TCPI_OPT_WSCALE: u8 = 4;
 
-fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+/// `setsockopt(IPPROTO_TCP, option, value)`.
+pub(crate) fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: valid fd; pointer to an int of the given size.
     let rc = unsafe {
         libc::setsockopt(
@@ -46,7 +47,8 @@ fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Res
     }
 }
 
-fn getsockopt_u32(fd: RawFd, option: libc::c_int) -> io::Result<u32> {
+/// `getsockopt(IPPROTO_TCP, option)` of a 4-byte value.
+pub(crate) fn getsockopt_u32(fd: RawFd, option: libc::c_int) -> io::Result<u32> {
     let mut value = 0u32;
     let mut len = size_of::<u32>() as libc::socklen_t;
     // SAFETY: valid fd; pointer to a u32 and its length.

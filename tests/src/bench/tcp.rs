@@ -47,6 +47,14 @@ pub(super) struct TcpLab {
 }
 
 impl TcpLab {
+    /// The lab with the iperf3 server (which must be installed).
+    pub(super) fn with_iperf(opts: &Options) -> Result<TcpLab> {
+        if !sys::have("iperf3") {
+            bail!("iperf3 not installed");
+        }
+        TcpLab::new(opts, true)
+    }
+
     pub(super) fn new(opts: &Options, with_iperf: bool) -> Result<TcpLab> {
         let lab = Lab::new()?;
         let dir = TempDir::new("tcp")?;
@@ -328,10 +336,15 @@ pub struct TcpThroughput {
 
 impl TcpThroughput {
     fn seconds(opts: &Options) -> u64 {
-        opts.duration(Duration::from_secs(3), Duration::from_secs(1))
-            .as_secs()
-            .max(1)
+        iperf_seconds(opts)
     }
+}
+
+/// How long one iperf3 run lasts.
+pub(super) fn iperf_seconds(opts: &Options) -> u64 {
+    opts.duration(Duration::from_secs(3), Duration::from_secs(1))
+        .as_secs()
+        .max(1)
 }
 
 /// One iperf3 stream client → `addr` for `secs`, from the client namespace on
@@ -430,10 +443,7 @@ impl Scenario for TcpThroughput {
     }
 
     fn prepare(&mut self, opts: &Options) -> Result<()> {
-        if !sys::have("iperf3") {
-            bail!("iperf3 not installed");
-        }
-        self.tl = Some(TcpLab::new(opts, true)?);
+        self.tl = Some(TcpLab::with_iperf(opts)?);
         Ok(())
     }
 

@@ -12,7 +12,8 @@ use anyhow::{Context as _, Result, bail};
 
 use super::sys;
 use super::tcp::{
-    ECHO_PORT, IPERF_PORT, TcpLab, conn_loop, iperf_client, iperf_receiver_mbps, pinning_note,
+    ECHO_PORT, IPERF_PORT, TcpLab, conn_loop, iperf_client, iperf_receiver_mbps, iperf_seconds,
+    pinning_note,
 };
 use super::{Metric, Options, Scenario, Target, Variant};
 
@@ -25,9 +26,7 @@ pub struct TcpSplice {
 
 impl TcpSplice {
     fn seconds(opts: &Options) -> u64 {
-        opts.duration(Duration::from_secs(3), Duration::from_secs(1))
-            .as_secs()
-            .max(1)
+        iperf_seconds(opts)
     }
 
     fn setup_time(opts: &Options) -> Duration {
@@ -115,10 +114,7 @@ impl Scenario for TcpSplice {
     }
 
     fn prepare(&mut self, opts: &Options) -> Result<()> {
-        if !sys::have("iperf3") {
-            bail!("iperf3 not installed");
-        }
-        self.tl = Some(TcpLab::new(opts, true)?);
+        self.tl = Some(TcpLab::with_iperf(opts)?);
         Ok(())
     }
 
