@@ -2,13 +2,13 @@
 //! connection's two legs to the datapath (`try_splice`) and watches the spliced
 //! connections until FIN both ways, an RST or the idle timeout ends them (`sweep`).
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use forwarder_common::{SEEN_FIN, SEEN_RST, SpliceEntry, SpliceKey};
 use log::{debug, info};
 use tokio::net::TcpStream;
@@ -27,6 +27,9 @@ const QUIET_BUDGET: u64 = 256 * 1024;
 /// After FIN both ways, the entries stay this long for the last ACK (and a
 /// retransmitted FIN) to pass.
 const FIN_GRACE: Duration = Duration::from_secs(2);
+/// How long a looked-up egress interface is used, and how many are kept.
+const ROUTE_TTL: Duration = Duration::from_secs(5);
+const MAX_CACHED_ROUTES: usize = 65_536;
 /// How often the spliced connections are looked at.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -52,8 +55,10 @@ struct Watched {
 
 /// The `SPLICES` map (a handle of the agent's own) and the connections in it.
 pub struct Splicer {
-    map: Mutex<HashMap<MapData, SpliceKey, SpliceEntry>>,
+    map: Mutex<BpfHashMap<MapData, SpliceKey, SpliceEntry>>,
     watched: Mutex<Vec<Watched>>,
+    /// Egress interface by destination (see `ifindex_to`).
+    routes: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     /// App index per app id (for `APP_STATS`), set at every reload.
     app_indices: Mutex<BTreeMap<String, u32>>,
     spliced: AtomicU64,
@@ -62,10 +67,11 @@ pub struct Splicer {
 }
 
 impl Splicer {
-    pub fn new(map: HashMap<MapData, SpliceKey, SpliceEntry>) -> Splicer {
+    pub fn new(map: BpfHashMap<MapData, SpliceKey, SpliceEntry>) -> Splicer {
         Splicer {
             map: Mutex::new(map),
             watched: Mutex::new(Vec::new()),
+            routes: Mutex::new(HashMap::new()),
             app_indices: Mutex::new(BTreeMap::new()),
             spliced: AtomicU64::new(0),
             fallbacks: Default::default(),
@@ -119,12 +125,11 @@ impl Splicer {
             .get(app)
             .copied()
             .unwrap_or(0);
-        let (client_ifindex, origin_ifindex) = match (
-            crate::route::route_to(addrs.client.ip()),
-            crate::route::route_to(addrs.origin.ip()),
-        ) {
-            (Ok(c), Ok(o)) => (c.ifindex, o.ifindex),
-            _ => return Err(fail(Ineligible::Repair)),
+        let (Some(client_ifindex), Some(origin_ifindex)) = (
+            self.ifindex_to(addrs.client.ip()).await,
+            self.ifindex_to(addrs.origin.ip()).await,
+        ) else {
+            return Err(fail(Ineligible::Repair));
         };
         let client_leg =
             match repair::enter_and_read(client, addrs.edge, addrs.client, client_ifindex) {
@@ -186,6 +191,36 @@ impl Splicer {
             addrs.client, client_leg.timestamps, client_leg.sack
         );
         Ok(outcome)
+    }
+
+    /// The interface the route to `ip` leaves by: where the XDP program looks the
+    /// route up from. Cached for `ROUTE_TTL` (a netlink round trip per
+    /// connection would cost more than the rest of the handoff); the MACs are
+    /// the datapath's own route cache's business and follow route changes.
+    async fn ifindex_to(&self, ip: IpAddr) -> Option<u32> {
+        let now = Instant::now();
+        if let Some((ifindex, at)) = self
+            .routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            && now - *at < ROUTE_TTL
+        {
+            return Some(*ifindex);
+        }
+        let route = tokio::task::spawn_blocking(move || crate::route::route_to(ip))
+            .await
+            .ok()?
+            .ok()?;
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.len() >= MAX_CACHED_ROUTES {
+            routes.retain(|_, (_, at)| now - *at < ROUTE_TTL);
+            if routes.len() >= MAX_CACHED_ROUTES {
+                routes.clear();
+            }
+        }
+        routes.insert(ip, (route.ifindex, now));
+        Some(route.ifindex)
     }
 
     fn insert(&self, pair: &[(SpliceKey, SpliceEntry); 2]) -> Result<(), aya::maps::MapError> {
