@@ -55,10 +55,13 @@ pub enum Ineligible {
     Repair,
     /// `SPLICES` is full or the insert failed.
     MapFull,
+    /// A segment reached a socket just as the entries went in, and the entries
+    /// had already translated others: the connection is reset.
+    Raced,
 }
 
 impl Ineligible {
-    pub const ALL: [Ineligible; 8] = [
+    pub const ALL: [Ineligible; 9] = [
         Ineligible::MixedFamilies,
         Ineligible::Timestamps,
         Ineligible::Sack,
@@ -67,6 +70,7 @@ impl Ineligible {
         Ineligible::NotQuiet,
         Ineligible::Repair,
         Ineligible::MapFull,
+        Ineligible::Raced,
     ];
 
     /// The metric label and log word.
@@ -80,6 +84,7 @@ impl Ineligible {
             Ineligible::NotQuiet => "not_quiet",
             Ineligible::Repair => "repair_failed",
             Ineligible::MapFull => "map_full",
+            Ineligible::Raced => "handoff_raced",
         }
     }
 }

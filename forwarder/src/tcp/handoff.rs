@@ -27,6 +27,9 @@ const QUIET_BUDGET: u64 = 256 * 1024;
 /// After FIN both ways, the entries stay this long for the last ACK (and a
 /// retransmitted FIN) to pass.
 const FIN_GRACE: Duration = Duration::from_secs(2);
+/// How long segments the program passed before the entries went in are given to
+/// reach the sockets before the handoff is committed.
+const COMMIT_SETTLE: Duration = Duration::from_millis(10);
 /// How long a looked-up egress interface is used, and how many are kept.
 const ROUTE_TTL: Duration = Duration::from_secs(5);
 const MAX_CACHED_ROUTES: usize = 65_536;
@@ -157,16 +160,38 @@ impl Splicer {
             resume_both();
             return Err(fail(Ineligible::MapFull));
         }
-        // The commit point: a segment that reached a socket before the entries were
-        // in moved its sequence numbers; the entries are then wrong.
+        // The commit point. A segment the program passed just before the entries
+        // were in may still be on its way up the stack: give it time to land, then
+        // look. One that reached a socket moved its sequence numbers (or sits in
+        // its receive queue), and the entries are then wrong.
+        tokio::time::sleep(COMMIT_SETTLE).await;
         let unchanged = |sock: &TcpStream, leg: &LegState| {
             repair::queue_seqs(sock)
                 .is_ok_and(|(snd, rcv)| snd == leg.snd_nxt && rcv == leg.rcv_nxt)
+                && repair::is_quiet(sock).unwrap_or(false)
         };
         if !unchanged(client, &client_leg) || !unchanged(origin, &origin_leg) {
+            let translated = self.translated(&[pair[0].0, pair[1].0]);
             self.remove(&[pair[0].0, pair[1].0]);
             resume_both();
-            return Err(fail(Ineligible::NotQuiet));
+            if translated == 0 {
+                return Err(fail(Ineligible::NotQuiet));
+            }
+            // Both paths carried bytes: the streams no longer meet. The sockets
+            // are reset when the connection's task closes them.
+            fail(Ineligible::Raced);
+            super::conn::reset(client);
+            super::conn::reset(origin);
+            let (done, outcome) = oneshot::channel();
+            let _ = done.send(Outcome {
+                end: End::Fault {
+                    side: Side::Client,
+                    status: status::UNKNOWN,
+                },
+                client_bytes: 0,
+                origin_bytes: 0,
+            });
+            return Ok(outcome);
         }
         // Out of the kernel's tables; nothing on the wire.
         if repair::retire(client).is_err() || repair::retire(origin).is_err() {
@@ -231,6 +256,15 @@ impl Splicer {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Segments the entries of `keys` translated so far.
+    fn translated(&self, keys: &[SpliceKey]) -> u64 {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter()
+            .filter_map(|k| map.get(k, 0).ok())
+            .map(|e| e.packets)
+            .sum()
     }
 
     fn remove(&self, keys: &[SpliceKey]) {
