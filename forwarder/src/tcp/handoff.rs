@@ -27,6 +27,9 @@ const QUIET_BUDGET: u64 = 256 * 1024;
 /// After FIN both ways, the entries stay this long for the last ACK (and a
 /// retransmitted FIN) to pass.
 const FIN_GRACE: Duration = Duration::from_secs(2);
+/// Handoffs tried per connection before its quiet deadline (a segment that lands
+/// in a socket during one makes it start over).
+const MAX_HANDOFF_ATTEMPTS: u32 = 3;
 /// How long segments the program passed before the entries went in are given to
 /// reach the sockets before the handoff is committed.
 const COMMIT_SETTLE: Duration = Duration::from_millis(10);
@@ -116,83 +119,94 @@ impl Splicer {
         drained: &mut Drained,
     ) -> Result<oneshot::Receiver<Outcome>, Ineligible> {
         let fail = |reason| self.fallback(app, addrs.client, reason);
-        match drain_until_quiet(client, origin, QUIET_WAIT, QUIET_BUDGET, drained).await {
-            Ok(()) => {}
-            Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::NotQuiet)),
-            Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
-        }
-        let app_index = self
-            .app_indices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(app)
-            .copied()
-            .unwrap_or(0);
-        let (Some(client_ifindex), Some(origin_ifindex)) = (
-            self.ifindex_to(addrs.client.ip()).await,
-            self.ifindex_to(addrs.origin.ip()).await,
-        ) else {
-            return Err(fail(Ineligible::Repair));
-        };
-        let client_leg =
-            match repair::enter_and_read(client, addrs.edge, addrs.client, client_ifindex) {
-                Ok(leg) => leg,
-                Err(_) => return Err(fail(Ineligible::Repair)),
-            };
-        let origin_leg =
-            match repair::enter_and_read(origin, addrs.local, addrs.origin, origin_ifindex) {
-                Ok(leg) => leg,
-                Err(_) => {
-                    let _ = repair::resume(client);
-                    return Err(fail(Ineligible::Repair));
-                }
-            };
-        let resume_both = || {
-            let _ = repair::resume(client);
-            let _ = repair::resume(origin);
-        };
-        if let Err(reason) = eligibility(&client_leg, &origin_leg) {
-            resume_both();
-            return Err(fail(reason));
-        }
-        let pair = splice_entries(&client_leg, &origin_leg, app_index);
-        if self.insert(&pair).is_err() {
-            resume_both();
-            return Err(fail(Ineligible::MapFull));
-        }
-        // The commit point. A segment the program passed just before the entries
-        // were in may still be on its way up the stack: give it time to land, then
-        // look. One that reached a socket moved its sequence numbers (or sits in
-        // its receive queue), and the entries are then wrong.
-        tokio::time::sleep(COMMIT_SETTLE).await;
-        let unchanged = |sock: &TcpStream, leg: &LegState| {
-            repair::queue_seqs(sock)
-                .is_ok_and(|(snd, rcv)| snd == leg.snd_nxt && rcv == leg.rcv_nxt)
-                && repair::is_quiet(sock).unwrap_or(false)
-        };
-        if !unchanged(client, &client_leg) || !unchanged(origin, &origin_leg) {
-            let translated = self.translated(&[pair[0].0, pair[1].0]);
-            self.remove(&[pair[0].0, pair[1].0]);
-            resume_both();
-            if translated == 0 {
-                return Err(fail(Ineligible::NotQuiet));
+        let deadline = Instant::now() + QUIET_WAIT;
+        let mut attempts = 0;
+        let (pair, client_leg) = loop {
+            attempts += 1;
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match drain_until_quiet(client, origin, wait, QUIET_BUDGET, drained).await {
+                Ok(()) => {}
+                Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::NotQuiet)),
+                Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
             }
-            // Both paths carried bytes: the streams no longer meet. The sockets
-            // are reset when the connection's task closes them.
-            fail(Ineligible::Raced);
-            super::conn::reset(client);
-            super::conn::reset(origin);
-            let (done, outcome) = oneshot::channel();
-            let _ = done.send(Outcome {
-                end: End::Fault {
-                    side: Side::Client,
-                    status: status::UNKNOWN,
-                },
-                client_bytes: 0,
-                origin_bytes: 0,
-            });
-            return Ok(outcome);
-        }
+            let app_index = self
+                .app_indices
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(app)
+                .copied()
+                .unwrap_or(0);
+            let (Some(client_ifindex), Some(origin_ifindex)) = (
+                self.ifindex_to(addrs.client.ip()).await,
+                self.ifindex_to(addrs.origin.ip()).await,
+            ) else {
+                return Err(fail(Ineligible::Repair));
+            };
+            let client_leg =
+                match repair::enter_and_read(client, addrs.edge, addrs.client, client_ifindex) {
+                    Ok(leg) => leg,
+                    Err(_) => return Err(fail(Ineligible::Repair)),
+                };
+            let origin_leg =
+                match repair::enter_and_read(origin, addrs.local, addrs.origin, origin_ifindex) {
+                    Ok(leg) => leg,
+                    Err(_) => {
+                        let _ = repair::resume(client);
+                        return Err(fail(Ineligible::Repair));
+                    }
+                };
+            let resume_both = || {
+                let _ = repair::resume(client);
+                let _ = repair::resume(origin);
+            };
+            if let Err(reason) = eligibility(&client_leg, &origin_leg) {
+                resume_both();
+                return Err(fail(reason));
+            }
+            let pair = splice_entries(&client_leg, &origin_leg, app_index);
+            if self.insert(&pair).is_err() {
+                resume_both();
+                return Err(fail(Ineligible::MapFull));
+            }
+            // The commit point. A segment the program passed just before the entries
+            // were in may still be on its way up the stack: give it time to land, then
+            // look. One that reached a socket moved its sequence numbers (or sits in
+            // its receive queue), and the entries are then wrong.
+            tokio::time::sleep(COMMIT_SETTLE).await;
+            let unchanged = |sock: &TcpStream, leg: &LegState| {
+                repair::queue_seqs(sock)
+                    .is_ok_and(|(snd, rcv)| snd == leg.snd_nxt && rcv == leg.rcv_nxt)
+                    && repair::is_quiet(sock).unwrap_or(false)
+            };
+            if !unchanged(client, &client_leg) || !unchanged(origin, &origin_leg) {
+                let translated = self.translated(&[pair[0].0, pair[1].0]);
+                self.remove(&[pair[0].0, pair[1].0]);
+                resume_both();
+                if translated == 0 {
+                    // Nothing crossed XDP yet: forward what landed and try again.
+                    if attempts < MAX_HANDOFF_ATTEMPTS && Instant::now() < deadline {
+                        continue;
+                    }
+                    return Err(fail(Ineligible::NotQuiet));
+                }
+                // Both paths carried bytes: the streams no longer meet. The sockets
+                // are reset when the connection's task closes them.
+                fail(Ineligible::Raced);
+                super::conn::reset(client);
+                super::conn::reset(origin);
+                let (done, outcome) = oneshot::channel();
+                let _ = done.send(Outcome {
+                    end: End::Fault {
+                        side: Side::Client,
+                        status: status::UNKNOWN,
+                    },
+                    client_bytes: 0,
+                    origin_bytes: 0,
+                });
+                return Ok(outcome);
+            }
+            break (pair, client_leg);
+        };
         // Out of the kernel's tables; nothing on the wire.
         if repair::retire(client).is_err() || repair::retire(origin).is_err() {
             // Half retired cannot be undone: the connection ends (the sweep sees
