@@ -6,7 +6,10 @@
 //! * [`origin`]: origin order (hash of the client address), connecting, error codes;
 //! * [`splice`]: `splice(2)` through a pipe per direction, FIN and RST propagation;
 //! * [`conn`]: one connection's life, its events and counters;
-//! * [`stats`]: per-app counters and the duration histogram.
+//! * [`stats`]: per-app counters and the duration histogram;
+//! * `tcp_fastpath = "xdp"`: [`quiet`] (reaching a quiet point), [`repair`]
+//!   (`TCP_REPAIR`), [`fastpath`] (eligibility, the `SPLICES` entries) and
+//!   [`handoff`] (the handoff to XDP and the sweep that ends spliced connections).
 //!
 //! `docs/tcp.md` describes the design, the status codes, the limits and the sysctls.
 
