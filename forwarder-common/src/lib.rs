@@ -243,6 +243,9 @@ impl core::str::FromStr for ProxyMode {
 pub const HINT_EDGE_PORT: u8 = 1;
 /// Some origin of that protocol uses the port as its source port (return traffic).
 pub const HINT_ORIGIN_PORT: u8 = 2;
+/// TCP: the port is an edge or origin port of an app with `tcp_fastpath = "xdp"`,
+/// so a segment on it may belong to a spliced connection (`SPLICES`).
+pub const HINT_SPLICE: u8 = 4;
 pub const PORT_HINTS_LEN: u32 = 2 * 65536;
 
 /// Index into `PORT_HINTS`: TCP ports first, then UDP ports.
@@ -311,7 +314,9 @@ pub struct AppInfo {
     pub proxy: u8,
     /// 1 when `[[access_rules]]`/`[firewall]` apply to this app.
     pub ip_firewall: u8,
-    pub _pad: u8,
+    /// TCP: 1 when the app's established connections may be spliced in XDP
+    /// (`tcp_fastpath = "xdp"`).
+    pub tcp_fastpath: u8,
     /// UDP: new flows the app admits per second (`udp_new_flows_per_second`);
     /// 0: no limit.
     pub new_flows_per_second: u32,
@@ -551,6 +556,113 @@ pub struct NatKey {
     pub _pad: u16,
 }
 
+// ---- TCP splicing in XDP (docs/tcp.md, "XDP splice") ------------------------------
+
+/// Capacity of `SPLICES`: two entries (one per direction) per spliced connection.
+pub const MAX_SPLICES: u32 = 131_072;
+
+/// Key of `SPLICES`: one direction of a spliced connection, as its segments arrive
+/// (source = the sending peer). Addresses 16 bytes as everywhere (IPv4-mapped).
+// align(4): copied and compared in 4-byte words, as `FlowKey`.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SpliceKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Value of `SPLICES`: how a segment arriving as the key says leaves on the other
+/// leg. Written by the agent at splice time; the program writes only the counters,
+/// `seen`, the timestamp learning (`ts_learn`, `tsval_delta`, the other entry's
+/// `tsecr_delta`) and `route`.
+///
+/// Sequence arithmetic is modulo 2^32: the outgoing sequence number is
+/// `seq + seq_delta`, the acknowledgement (and every SACK edge) `ack + ack_delta`.
+/// The entry of the other direction holds the negated deltas.
+///
+/// Timestamps: neither peer's clock can be read from the agent's sockets (TCP_REPAIR
+/// gives a socket's own clock, not the peer's last TSval), so the offset is learnt
+/// from the first segment: while `ts_learn` is 1, `tsval_delta` holds the clock of
+/// the agent's socket on the outgoing leg at splice time (the "base"); the first
+/// segment with a timestamp option leaves with TSval = base (so the receiver's PAWS
+/// check, which last saw that socket's clock, passes), `tsval_delta` becomes
+/// `base - TSval` and the other entry's `tsecr_delta` its negation, so echoes map
+/// back exactly.
+///
+/// No clock is read per segment: the agent finds an idle connection by counters
+/// that stopped moving between its scans, as it does for UDP flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SpliceEntry {
+    /// The segment leaves from `src`:`sport` to `dst`:`dport`.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// 4 or 6 (both legs are of one family: see docs/tcp.md, eligibility).
+    pub family: u8,
+    /// `SPLICE_*` bits (written by the agent only).
+    pub flags: u8,
+    /// The window field arrives scaled by `2^wscale_in` (the sender's shift on the
+    /// incoming leg) and leaves scaled by `2^wscale_out` (the shift the receiver
+    /// on the outgoing leg applies). 0..=14.
+    pub wscale_in: u8,
+    pub wscale_out: u8,
+    pub seq_delta: u32,
+    pub ack_delta: u32,
+    /// Added to the TSval / TSecr of the timestamp option (when `SPLICE_TIMESTAMPS`).
+    pub tsval_delta: u32,
+    pub tsecr_delta: u32,
+    /// Interface the route to `dst` is looked up from (the agent's choice at
+    /// splice time: the interface the leg's socket used).
+    pub ifindex: u32,
+    /// App index (for `APP_STATS`).
+    pub app: u32,
+    /// Cached egress towards `dst` (filled by the program, see `RouteCache`).
+    pub route: RouteCache,
+    /// Segments and payload bytes translated in this direction.
+    pub packets: u64,
+    pub bytes: u64,
+    /// `SEEN_*` bits, set by the program.
+    pub seen: u8,
+    /// 1 until the timestamp offset is learnt (see above).
+    pub ts_learn: u8,
+    pub _pad: [u8; 6],
+}
+
+/// `SpliceEntry::flags`: both legs negotiated timestamps; rewrite TSval/TSecr.
+pub const SPLICE_TIMESTAMPS: u8 = 1;
+/// Both legs negotiated SACK; rewrite SACK blocks (without it they are left as is,
+/// and an entry never sees one).
+pub const SPLICE_SACK: u8 = 2;
+/// This entry carries the client's segments to the origin (`DIR_INGRESS` in
+/// `APP_STATS`); without it, the origin's to the client.
+pub const SPLICE_TO_ORIGIN: u8 = 4;
+
+/// `SpliceEntry::seen`: a FIN has been translated in this direction.
+pub const SEEN_FIN: u8 = 1;
+/// An RST has been translated in this direction; the agent removes both entries
+/// and reports the connection reset.
+pub const SEEN_RST: u8 = 2;
+
+/// Per-CPU splice counters (`SPLICE_COUNTERS`), by index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceCounter {
+    /// Segments translated and sent.
+    Translated = 0,
+    /// Segments of a spliced connection dropped: malformed (IP options, bad data
+    /// offset, truncated options) or no route. Never passed to the kernel, which
+    /// has no socket for them any more and would answer with an RST.
+    Dropped = 1,
+}
+
+impl SpliceCounter {
+    pub const COUNT: usize = 2;
+}
+
 /// PROXY v2 (HAProxy's proxy-protocol.txt §2.2): the 12-byte signature, then
 /// version/command, family/transport, a 16-bit address length and the addresses.
 pub const PROXY_V2_SIGNATURE: [u8; 12] = [
@@ -603,6 +715,8 @@ mod pod {
     unsafe impl aya::Pod for SourceWindow {}
     unsafe impl aya::Pod for EdgeV4List {}
     unsafe impl aya::Pod for RouteCache {}
+    unsafe impl aya::Pod for SpliceKey {}
+    unsafe impl aya::Pod for SpliceEntry {}
     // `MaglevEntry` is `[u16; 4]`: aya implements `Pod` for arrays of `Pod` already.
 }
 
@@ -628,6 +742,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<RouteCache>(), 24);
         assert_eq!(size_of::<FlowState>(), 96);
+        assert_eq!(size_of::<SpliceKey>(), 36);
+        assert_eq!(size_of::<SpliceEntry>(), 112);
         assert_eq!(size_of::<NatKey>(), 20);
         assert_eq!(size_of::<Settings>(), 16);
         assert_eq!(size_of::<NatClaim>(), 48);

@@ -93,8 +93,20 @@ pub fn native_addrs(family: u8, src: &[u8; 16], dst: &[u8; 16]) -> u64 {
 /// otherwise be added).
 #[inline(always)]
 pub fn pseudo_header(family: u8, src: &[u8; 16], dst: &[u8; 16], udp_len: u16) -> u64 {
-    // Protocol 17 and the UDP length (IPv6 uses a 32-bit length; the upper half is 0).
-    combine(17 + udp_len as u64, native_addrs(family, src, dst))
+    transport_pseudo_header(17, family, src, dst, udp_len)
+}
+
+/// As `pseudo_header`, for transport protocol `proto` (TCP or UDP) and segment
+/// length `len` (IPv6 uses a 32-bit length; the upper half is 0).
+#[inline(always)]
+pub fn transport_pseudo_header(
+    proto: u8,
+    family: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    len: u16,
+) -> u64 {
+    combine(proto as u64 + len as u64, native_addrs(family, src, dst))
 }
 
 /// Bytes summed per `bpf_csum_diff` call (the helper takes at most 512).
@@ -112,9 +124,10 @@ pub fn is_partial(field: u16, pseudo_header_sum: u64) -> bool {
     field == fold(pseudo_header_sum)
 }
 
-/// Completes the UDP checksum of the segment at `l4` (`len` bytes), whose field
-/// holds only the pseudo-header sum (the caller checked: see `is_partial`): the
-/// segment's sum with that field in place is the full sum, written into the frame.
+/// Completes the transport checksum of the segment at `l4` (`len` bytes; the field
+/// at `l4 + field`: 6 for UDP, 16 for TCP), whose field holds only the
+/// pseudo-header sum (the caller checked: see `is_partial`): the segment's sum with
+/// that field in place is the full sum, written into the frame.
 /// Returns false when the segment could not be summed (longer than
 /// `MAX_SUMMED_SEGMENT`).
 ///
@@ -122,7 +135,7 @@ pub fn is_partial(field: u16, pseudo_header_sum: u64) -> bool {
 /// the summing loop end at its return instead of multiplying the rest of the
 /// program.
 #[inline(never)]
-pub fn complete_partial(ctx: *mut xdp_md, l4: usize, len: usize) -> bool {
+pub fn complete_partial(ctx: *mut xdp_md, l4: usize, len: usize, field: usize) -> bool {
     let ctx = XdpContext::new(ctx);
     let l4 = l4 & 0xfff;
     let Some(sum) = segment_sum(&ctx, l4, len) else {
@@ -132,7 +145,7 @@ pub fn complete_partial(ctx: *mut xdp_md, l4: usize, len: usize) -> bool {
         0 => 0xffff,
         c => c,
     };
-    let Some(field) = ptr_at_mut::<[u8; 2]>(&ctx, l4 + 6) else {
+    let Some(field) = ptr_at_mut::<[u8; 2]>(&ctx, l4 + (field & 0x1f)) else {
         return false;
     };
     // SAFETY: bounds checked by ptr_at_mut; packet memory, exclusively ours.

@@ -22,6 +22,7 @@ mod rewrite;
 mod route_cache;
 mod scratch;
 mod steer;
+mod tcp_splice;
 mod tcp_state;
 mod udp;
 
@@ -59,6 +60,16 @@ fn classify(ctx: &XdpContext) -> u32 {
             };
         }
         Parsed::Ip => {}
+    }
+    // Segments of spliced TCP connections first: they are translated whatever the
+    // classifier would say (their sockets are gone; see tcp_splice).
+    let pkt = &scratch.pkt;
+    if pkt.proto == PROTO_TCP
+        && !pkt.fragment
+        && pkt.vlan_tags == 0
+        && let Some(verdict) = tcp_splice::established(ctx, scratch)
+    {
+        return verdict;
     }
     // Datagrams of live flows first: one flow lookup instead of the classifier's.
     let pkt = &scratch.pkt;

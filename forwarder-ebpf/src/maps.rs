@@ -10,8 +10,9 @@ use forwarder_common::{
     AppInfo, Counters, DropReason, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState,
     MAGLEV_LANES, MAX_APPS, MAX_EDGE_ADDRS, MAX_FLOWS, MAX_IFINDEX, MAX_MAGLEV_SLOTS,
     MAX_NAT_CLAIMS, MAX_NEW_FLOWS, MAX_ORIGINS, MAX_PORT_ENTRIES, MAX_RULES, MAX_SOURCE_WINDOWS,
-    MaglevEntry, NatClaim, NatKey, OriginInfo, OriginPortKey, OriginPortTarget, PORT_HINTS_LEN,
-    PortKey, PortTarget, RouteCache, RuleVerdict, Settings, SourceKey, SourceWindow,
+    MAX_SPLICES, MaglevEntry, NatClaim, NatKey, OriginInfo, OriginPortKey, OriginPortTarget,
+    PORT_HINTS_LEN, PortKey, PortTarget, RouteCache, RuleVerdict, Settings, SourceKey,
+    SourceWindow, SpliceCounter, SpliceEntry, SpliceKey,
 };
 
 /// IPv6 edge addresses → their index.
@@ -126,3 +127,14 @@ pub static SOURCE_WINDOWS: LruHashMap<SourceKey, SourceWindow> =
 /// One listening socket per TCP app, indexed by app (sk_lookup steering).
 #[map]
 pub static TCP_LISTENERS: SockMap = SockMap::with_max_entries(MAX_APPS, 0);
+
+/// Spliced TCP connections, one entry per direction, keyed as the segments arrive
+/// (see `SpliceEntry`). Written by the agent at splice time and removed by it at
+/// teardown; the program writes counters, flags and the route cache.
+#[map]
+pub static SPLICES: HashMap<SpliceKey, SpliceEntry> = HashMap::with_max_entries(MAX_SPLICES, 0);
+
+/// Splice events, indexed by `SpliceCounter`.
+#[map]
+pub static SPLICE_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(SpliceCounter::COUNT as u32, 0);

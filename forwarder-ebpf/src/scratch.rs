@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::PerCpuArray,
 };
-use forwarder_common::{FlowKey, FlowState, NatClaim, NatKey};
+use forwarder_common::{FlowKey, FlowState, NatClaim, NatKey, SpliceKey};
 
 use crate::parse::Packet;
 
@@ -26,6 +26,8 @@ pub struct Scratch {
     /// A new NAT port claim's value before it is inserted.
     pub claim: NatClaim,
     pub fib: bpf_fib_lookup,
+    /// The 4-tuple a TCP segment is looked up by in `SPLICES`.
+    pub splice: SpliceKey,
     pub tuple: bpf_sock_tuple,
 }
 

@@ -140,7 +140,7 @@ fn complete_partial_checksum(ctx: &XdpContext, pkt: &Packet) -> bool {
     if field == 0 || !csum::is_partial(field, pseudo) {
         return true;
     }
-    csum::complete_partial(ctx.ctx, l4, udp_len as usize)
+    csum::complete_partial(ctx.ctx, l4, udp_len as usize, 6)
 }
 
 /// The flow a plain-NAT reply's destination port names (its key left in `s.key`).
@@ -531,7 +531,7 @@ pub unsafe fn atomic_add(dst: *mut u64, value: u64) {
 
 /// Out of `ifindex`: back where it came from (XDP_TX) or redirected.
 #[inline(always)]
-fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
+pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
     if ifindex == ctx.ingress_ifindex() as u32 {
         xdp_action::XDP_TX
     } else {

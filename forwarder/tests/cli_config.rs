@@ -85,7 +85,7 @@ fn check_config_lists_every_problem_and_exits_1() {
         "access_rules[0]: value: '10.0.1.130/25' has host bits set; did you mean '10.0.1.128/25'?",
         "app 'game' (apps[0]): origin_direct: scheme 'tcp' does not match protocol 'udp'",
         "app 'game' (apps[0]): proxy_protocol: 'v1' is TCP only; use 'v2' or 'simple' for UDP",
-        "app 'tcp-20-30' (apps[1]): colour: unknown key (line 21); expected one of: id, protocol, edge_ips, origin_direct, proxy_protocol, ip_firewall, udp_new_flows_per_second, health_check, tls, tls_certificates, tls_strict_sni, min_tls_version, tls_origin_ca, tls_origin_server_name",
+        "app 'tcp-20-30' (apps[1]): colour: unknown key (line 21); expected one of: id, protocol, edge_ips, origin_direct, proxy_protocol, ip_firewall, udp_new_flows_per_second, health_check, tcp_fastpath, tls, tls_certificates, tls_strict_sni, min_tls_version, tls_origin_ca, tls_origin_server_name",
         "app 'tcp-20-30' (apps[1]): origin_direct: 'tcp://10.0.0.6:20' has 1 port(s) but the app's edge range 20-30 has 11; an origin needs exactly as many ports as the edge (edge LOW+k goes to origin LOW+k)",
         "app 'game' (apps[2]): origin_direct: a UDP app's origins must share one IP family: 10.0.0.5 is IPv4, 2001:db8::5 is IPv6",
         "app 'game' (apps[2]): id: 'game' is already the id of apps[0]",

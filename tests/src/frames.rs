@@ -184,6 +184,38 @@ pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8, payload:
     s
 }
 
+/// The fields of a TCP segment built by [`tcp_segment`].
+#[derive(Clone, Debug)]
+pub struct TcpFields<'a> {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    /// Already encoded, a multiple of 4 bytes (at most 40).
+    pub options: &'a [u8],
+    pub payload: &'a [u8],
+}
+
+/// A TCP segment with options and a correct checksum for `src` → `dst`.
+pub fn tcp_segment(src: IpAddr, dst: IpAddr, f: &TcpFields) -> Vec<u8> {
+    assert!(f.options.len().is_multiple_of(4) && f.options.len() <= 40);
+    let mut s = vec![0u8; 20];
+    s[0..2].copy_from_slice(&f.sport.to_be_bytes());
+    s[2..4].copy_from_slice(&f.dport.to_be_bytes());
+    s[4..8].copy_from_slice(&f.seq.to_be_bytes());
+    s[8..12].copy_from_slice(&f.ack.to_be_bytes());
+    s[12] = (((20 + f.options.len()) / 4) as u8) << 4;
+    s[13] = f.flags;
+    s[14..16].copy_from_slice(&f.window.to_be_bytes());
+    s.extend_from_slice(f.options);
+    s.extend_from_slice(f.payload);
+    let c = transport_checksum(src, dst, PROTO_TCP, &s);
+    s[16..18].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
 /// An ICMP (v4) message with a correct checksum.
 pub fn icmp4(icmp_type: u8, code: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![icmp_type, code, 0, 0];

@@ -8,6 +8,7 @@ pub mod failover;
 pub mod frames;
 pub mod lab;
 pub mod spp_origin;
+pub mod xdp_wires;
 
 pub use lab::{
     CLIENT_NET_V4, CLIENT_NET_V6, CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, EDGE_CLIENT_V4,

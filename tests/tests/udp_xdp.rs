@@ -23,6 +23,7 @@ use forwarder_common::{
     FlowState, MAX_FLOWS, MAX_NEW_FLOWS,
 };
 use forwarder_tests::frames::*;
+use forwarder_tests::xdp_wires::{Family, V4, V6, Wires, assert_frame, wires};
 use forwarder_tests::{
     CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4,
     EDGE_ORIGIN_V6, Lab, ORIGIN_V4, ORIGIN_V6, require_root,
@@ -126,61 +127,23 @@ proxy_protocol = "off"
     )
 }
 
-/// MAC addresses and interface names of the lab veths.
-#[derive(Clone)]
-struct Wires {
-    ec: String,
-    eo: String,
-    ec_mac: [u8; 6],
-    eo_mac: [u8; 6],
-    cl_mac: [u8; 6],
-    oe_mac: [u8; 6],
-}
-
-fn parse_mac(text: &str) -> [u8; 6] {
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).expect("hex MAC byte"))
-        .collect();
-    bytes.try_into().expect("6-byte MAC")
-}
-
-/// The MAC of `ifname` in `ns` (`ip -br link`: name, state, MAC, flags).
-fn mac_of(ns: &forwarder_tests::Netns, ifname: &str) -> [u8; 6] {
-    let out = ns
-        .ip(&["-br", "link", "show", "dev", ifname])
-        .expect("ip link show");
-    let mac = out.split_whitespace().nth(2).expect("MAC column");
-    parse_mac(mac)
-}
-
 /// A lab whose edge knows the client's and the origins' MACs, with a second origin
 /// address (10.0.2.3 / fd00:2::3) for the multi-origin apps.
 fn lab() -> (Lab, Wires) {
     let lab = Lab::new().expect("lab");
-    let ifaces = lab.ifaces().clone();
     lab.add_origin_address("10.0.2.3/24")
         .expect("origin address");
     lab.add_origin_address("fd00:2::3/64")
         .expect("origin address");
-    for addr in [
+    let hosts = [
         IpAddr::from(CLIENT_V4),
         CLIENT_V6.into(),
         ORIGIN_V4.into(),
         ORIGIN_V6.into(),
         ORIGIN2_V4.into(),
         ORIGIN2_V6.into(),
-    ] {
-        lab.edge().ping(addr).expect("edge reaches the lab hosts");
-    }
-    let wires = Wires {
-        ec_mac: mac_of(lab.edge(), &ifaces.edge_client),
-        eo_mac: mac_of(lab.edge(), &ifaces.edge_origin),
-        cl_mac: mac_of(lab.client(), &ifaces.client),
-        oe_mac: mac_of(lab.origin(), &ifaces.origin),
-        ec: ifaces.edge_client,
-        eo: ifaces.edge_origin,
-    };
+    ];
+    let wires = wires(&lab, &hosts);
     (lab, wires)
 }
 
@@ -495,29 +458,6 @@ fn check_sent(what: &str, frame: &[u8], zero_ok: bool) {
     }
 }
 
-/// Exact comparison with the first differing offset in the message.
-#[track_caller]
-fn assert_frame(what: &str, got: &[u8], want: &[u8]) {
-    if got != want {
-        let at = got
-            .iter()
-            .zip(want)
-            .position(|(a, b)| a != b)
-            .unwrap_or(got.len().min(want.len()));
-        panic!(
-            "{what}: frames differ at byte {at} (len {} vs {})\n got: {}\nwant: {}",
-            got.len(),
-            want.len(),
-            hex(got),
-            hex(want)
-        );
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Runs `body` with a harness on a thread in the lab's edge namespace.
 fn with_harness(body: impl FnOnce(&mut Harness) + Send) {
     if !require_root() {
@@ -534,27 +474,6 @@ fn with_harness(body: impl FnOnce(&mut Harness) + Send) {
 }
 
 // ---- the three modes, both directions -------------------------------------------
-
-struct Family {
-    client: IpAddr,
-    edge: IpAddr,
-    local: IpAddr,
-    origin: IpAddr,
-}
-
-const V4: Family = Family {
-    client: IpAddr::V4(CLIENT_V4),
-    edge: IpAddr::V4(EDGE_CLIENT_V4),
-    local: IpAddr::V4(EDGE_ORIGIN_V4),
-    origin: IpAddr::V4(ORIGIN_V4),
-};
-
-const V6: Family = Family {
-    client: IpAddr::V6(CLIENT_V6),
-    edge: IpAddr::V6(EDGE_CLIENT_V6),
-    local: IpAddr::V6(EDGE_ORIGIN_V6),
-    origin: IpAddr::V6(ORIGIN_V6),
-};
 
 fn simple_both_directions(h: &mut Harness, f: &Family) {
     let w = h.w.clone();

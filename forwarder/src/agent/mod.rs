@@ -313,6 +313,7 @@ impl Agent {
         }
         snapshot.analytics = self.event_stats.analytics();
         snapshot.origins = self.origin_rows();
+        snapshot.tcp_fastpath = self.tcp.fastpath_counts();
         Ok(snapshot)
     }
 

@@ -27,7 +27,8 @@ pub use duration::{format_duration, parse_duration};
 pub use host::interface_addresses;
 pub use model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortRange,
-    PortSpec, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, UdpProbe, XdpMode,
+    PortSpec, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpFastpath, TcpSplice, UdpProbe,
+    XdpMode,
 };
 pub(crate) use raw::{RawAccessRule, RawApp, RawCertificate, RawOrigin, app_location};
 pub use tls::{AppTls, CertificateFiles, TlsMode, TlsVersion};
@@ -321,6 +322,9 @@ fn raw_app(app: &App) -> RawApp {
         ip_firewall: Some(app.ip_firewall),
         udp_new_flows_per_second: app.udp_new_flows_per_second.map(i64::from),
         health_check: app.health_check.as_ref().map(raw_health_check),
+        // Written only when on, so a config without the key reads back without it.
+        tcp_fastpath: (app.tcp_fastpath != TcpFastpath::Off)
+            .then(|| app.tcp_fastpath.as_str().to_string()),
         ..RawApp::default()
     };
     tls::raw_tls(&app.tls, &mut raw);

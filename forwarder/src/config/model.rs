@@ -537,6 +537,38 @@ pub struct App {
     pub tls: super::tls::AppTls,
     /// `[apps.health_check]`: origins that fail it get no new connections or flows.
     pub health_check: Option<HealthCheck>,
+    /// TCP apps: whether established connections are handed to the XDP splice
+    /// (docs/tcp.md); `Off` keeps every byte on the socket path.
+    pub tcp_fastpath: TcpFastpath,
+}
+
+/// `tcp_fastpath`: where the bytes of an established TCP connection go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpFastpath {
+    /// Through the agent's sockets (splice/copy), as always.
+    #[default]
+    Off,
+    /// Translated packet by packet in XDP once both legs are quiet and eligible.
+    Xdp,
+}
+
+impl TcpFastpath {
+    pub const ALL: [TcpFastpath; 2] = [TcpFastpath::Off, TcpFastpath::Xdp];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TcpFastpath::Off => "off",
+            TcpFastpath::Xdp => "xdp",
+        }
+    }
+}
+
+impl FromStr for TcpFastpath {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_keyword(text, &Self::ALL, |s| s.as_str())
+    }
 }
 
 /// How an app's origins are checked (`[apps.health_check]`).

@@ -94,6 +94,8 @@ pub(crate) struct RawApp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_fastpath: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_certificates: Option<Vec<RawCertificate>>,
@@ -498,7 +500,7 @@ mod tests {
             ["agent", "firewall", "access_rules", "apps"]
         );
         assert_eq!(struct_fields::<RawFirewall>(), ["default"]);
-        assert_eq!(struct_fields::<RawApp>().len(), 14);
+        assert_eq!(struct_fields::<RawApp>().len(), 15);
     }
 
     #[test]

@@ -736,6 +736,39 @@ fn udp_new_flows_per_second_is_a_positive_count_for_udp_apps() {
 }
 
 #[test]
+fn tcp_fastpath_is_off_by_default_and_xdp_for_tcp_apps_only() {
+    let app = |protocol: &str, line: &str| {
+        with_agent(&format!(
+            "[[apps]]\nid = \"a\"\nprotocol = \"{protocol}/5000\"\n\
+             origin_direct = [\"{protocol}://10.0.0.2:5000\"]\n{line}\n"
+        ))
+    };
+    assert_eq!(
+        parse_ok(&app("tcp", "")).apps[0].tcp_fastpath,
+        TcpFastpath::Off
+    );
+    let on = parse_ok(&app("tcp", "tcp_fastpath = \"xdp\""));
+    assert_eq!(on.apps[0].tcp_fastpath, TcpFastpath::Xdp);
+    // The key survives the round trip through TOML; off is not written.
+    let text = on.to_toml();
+    assert!(text.contains("tcp_fastpath = \"xdp\""), "{text}");
+    assert_eq!(parse_ok(&text).apps[0].tcp_fastpath, TcpFastpath::Xdp);
+    assert!(!parse_ok(&app("tcp", "")).to_toml().contains("tcp_fastpath"));
+    assert_problem(
+        &app("tcp", "tcp_fastpath = \"ebpf\""),
+        "app 'a' (apps[0])",
+        "tcp_fastpath",
+        "'ebpf' is not one of off, xdp",
+    );
+    assert_problem(
+        &app("udp", "tcp_fastpath = \"xdp\""),
+        "app 'a' (apps[0])",
+        "tcp_fastpath",
+        "TCP apps only",
+    );
+}
+
+#[test]
 fn the_datapath_capacities_are_checked_before_run() {
     let apps = |n: usize| {
         (0..n)

@@ -11,8 +11,8 @@ use super::duration::format_duration;
 use super::duration::parse_duration;
 use super::model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortSpec,
-    Prefix, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpSplice, UdpProbe, XdpMode,
-    proxy_supports,
+    Prefix, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpFastpath, TcpSplice, UdpProbe,
+    XdpMode, proxy_supports,
 };
 use super::raw::{
     RawAccessRule, RawAgent, RawApp, RawFirewall, RawHealthCheck, RawOrigin, RawSections,
@@ -551,6 +551,19 @@ impl Validator<'_> {
                 None
             }
         };
+        let tcp_fastpath = self.parse_or(
+            &location,
+            "tcp_fastpath",
+            raw.tcp_fastpath.as_ref(),
+            TcpFastpath::Off,
+        );
+        if tcp_fastpath != TcpFastpath::Off && spec.is_some_and(|s| s.protocol != Protocol::Tcp) {
+            self.problem(
+                &location,
+                "tcp_fastpath",
+                "TCP apps only (UDP apps are always forwarded in XDP)",
+            );
+        }
         let health_check = match (&raw.health_check, spec) {
             (Some(check), Some(spec)) => self.health_check(&location, spec.protocol, check),
             _ => None,
@@ -568,6 +581,7 @@ impl Validator<'_> {
                 udp_new_flows_per_second,
                 health_check,
                 tls,
+                tcp_fastpath,
             }),
             _ => None,
         };

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod plan;
+mod splice;
 pub mod test_run;
 
 use std::collections::{BTreeMap, HashSet};
@@ -20,8 +21,8 @@ use aya::{
 use forwarder_common::{
     ADMISSION_ASSURED, AppInfo, CLAIM_ASSURED, Counters, DIR_EGRESS, DIR_INGRESS, DropReason,
     EDGE_V4_INLINE, EdgeAddr, EdgeV4List, FlowCounter, FlowKey, FlowState, HINT_EDGE_PORT,
-    HINT_ORIGIN_PORT, MAGLEV_LANES, MAX_IFINDEX, MaglevEntry, NatClaim, NatKey, OriginInfo,
-    OriginPortTarget, PortTarget, ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
+    HINT_ORIGIN_PORT, HINT_SPLICE, MAGLEV_LANES, MAX_IFINDEX, MaglevEntry, NatClaim, NatKey,
+    OriginInfo, OriginPortTarget, PortTarget, ROUTE_EPOCH_INDEX, RuleVerdict, Settings, hint_index,
 };
 use log::{info, warn};
 
@@ -968,11 +969,20 @@ fn edge_v4_list(v4: &BTreeMap<u32, u32>) -> EdgeV4List {
 fn port_hints(plans: &[&Plan]) -> BTreeMap<u32, u8> {
     let mut hints = BTreeMap::new();
     for plan in plans {
-        for k in plan.ports.keys() {
-            *hints.entry(hint_index(k.proto, k.port)).or_insert(0) |= HINT_EDGE_PORT;
+        // Ports of apps whose TCP connections may be spliced in XDP: only their
+        // segments pay the `SPLICES` lookup.
+        let splices = |app: u32| {
+            plan.apps
+                .get(app as usize)
+                .is_some_and(|info| info.tcp_fastpath != 0)
+        };
+        for (k, app) in &plan.ports {
+            let splice = if splices(*app) { HINT_SPLICE } else { 0 };
+            *hints.entry(hint_index(k.proto, k.port)).or_insert(0) |= HINT_EDGE_PORT | splice;
         }
-        for k in plan.origin_ports.keys() {
-            *hints.entry(hint_index(k.proto, k.port)).or_insert(0) |= HINT_ORIGIN_PORT;
+        for (k, app) in &plan.origin_ports {
+            let splice = if splices(*app) { HINT_SPLICE } else { 0 };
+            *hints.entry(hint_index(k.proto, k.port)).or_insert(0) |= HINT_ORIGIN_PORT | splice;
         }
     }
     hints

@@ -14,7 +14,7 @@ use forwarder_common::{
     RuleVerdict, Settings, maglev_table_size,
 };
 
-use crate::config::{Config, IpFamily, Protocol, ProxyProtocol, RuleAction};
+use crate::config::{Config, IpFamily, Protocol, ProxyProtocol, RuleAction, TcpFastpath};
 use crate::lb::Availability;
 use crate::route::OriginRoute;
 
@@ -305,7 +305,7 @@ impl Plan {
                 proto,
                 proxy: app.proxy_protocol.code(),
                 ip_firewall: app.ip_firewall as u8,
-                _pad: 0,
+                tcp_fastpath: (app.tcp_fastpath == TcpFastpath::Xdp) as u8,
                 new_flows_per_second: app.udp_new_flows_per_second.unwrap_or(0),
                 table_first,
                 table_size,
@@ -421,7 +421,7 @@ const UNUSED_APP: AppInfo = AppInfo {
     proto: 0,
     proxy: ProxyProtocol::Off.code(),
     ip_firewall: 0,
-    _pad: 0,
+    tcp_fastpath: 0,
     new_flows_per_second: 0,
     table_first: 0,
     table_size: 0,

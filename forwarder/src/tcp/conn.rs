@@ -15,10 +15,12 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::copy;
+use super::handoff::{LegAddrs, Outcome};
 use super::origin;
+use super::quiet::Drained;
 use super::splice::{self, Fault};
 use super::stats::AppCounters;
-use crate::config::{App, ProxyProtocol};
+use crate::config::{App, ProxyProtocol, TcpFastpath};
 use crate::telemetry::events::{Event, EventKind, TlsFields, rfc3339, status};
 use crate::tls::Terminator;
 use crate::wire::{ProxyKind, Transport, proxy_header};
@@ -247,10 +249,13 @@ pub(crate) async fn serve(
 
 /// Connects to the app's origins in hash order (the next one on failure). When
 /// none answers, emits the `originError` event and returns `None`.
+/// `mss`: clamp the origin leg's MSS to this (a leg that may be spliced in XDP
+/// carries no segment the client leg could not).
 pub(super) async fn connect_origin(
     shared: &Shared,
     meta: &Meta,
     counters: &AppCounters,
+    mss: Option<u32>,
     close: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<(SocketAddr, TcpStream)> {
     let timeout = shared.connect_timeout();
@@ -263,7 +268,7 @@ pub(super) async fn connect_origin(
             shared.origin_counters(&meta.app.id, &meta.app.origins[offset].label());
         let started = Instant::now();
         let attempt = tokio::select! {
-            r = origin::connect(candidate, timeout) => r,
+            r = origin::connect_clamped(candidate, timeout, mss) => r,
             _ = close.wait_for(|c| *c) => Err((status::UNKNOWN, io::Error::other("agent stopping"))),
         };
         match attempt {
@@ -349,8 +354,11 @@ async fn serve_plain(
     // TCP_NODELAY comes from the listener (inherited by accept).
     let mut close = shared.close_signal();
     // 1. The origin, in hash order; the next one on failure.
+    let mss = (meta.app.tcp_fastpath == TcpFastpath::Xdp)
+        .then(|| origin::maxseg(&client_stream).ok())
+        .flatten();
     let Some((origin_addr, origin_stream)) =
-        connect_origin(shared, &meta, counters, &mut close).await
+        connect_origin(shared, &meta, counters, mss, &mut close).await
     else {
         reset(&client_stream);
         return;
@@ -365,25 +373,94 @@ async fn serve_plain(
             reset(&client_stream);
             header_fault(&meta, origin_addr, &err)
         }
-        // 3. Splice both ways.
+        // 3. In XDP (`tcp_fastpath = "xdp"`, when eligible), or splice both ways.
         Ok(origin_stream) => {
-            let activity = Activity::new();
-            let end = pump(
+            let mut drained = Drained::default();
+            let spliced = splice_in_xdp(
                 shared,
-                counters,
+                &meta,
                 &client_stream,
                 &origin_stream,
-                &activity,
-                &mut close,
+                origin_addr,
+                &mut drained,
             )
             .await;
-            reset_after(end, &client_stream, &origin_stream);
-            drop(origin_stream);
-            activity.totals(end)
+            match spliced {
+                Some(outcome) => {
+                    counters.add_client_bytes(outcome.client_bytes);
+                    counters.add_origin_bytes(outcome.origin_bytes);
+                    // Both sockets were retired: closing them sends nothing.
+                    drop(origin_stream);
+                    (outcome.end, outcome.client_bytes, outcome.origin_bytes)
+                }
+                None => {
+                    // Bytes forwarded on the way to a quiet point not reached.
+                    counters.add_client_bytes(drained.client_bytes);
+                    counters.add_origin_bytes(drained.origin_bytes);
+                    let activity = Activity::new();
+                    activity
+                        .client_bytes
+                        .store(drained.client_bytes, Ordering::Relaxed);
+                    activity
+                        .origin_bytes
+                        .store(drained.origin_bytes, Ordering::Relaxed);
+                    let end = pump(
+                        shared,
+                        counters,
+                        &client_stream,
+                        &origin_stream,
+                        &activity,
+                        &mut close,
+                    )
+                    .await;
+                    reset_after(end, &client_stream, &origin_stream);
+                    drop(origin_stream);
+                    activity.totals(end)
+                }
+            }
         }
     };
     drop(client_stream);
     emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
+}
+
+/// `tcp_fastpath = "xdp"`: hands the connection to the datapath once both legs
+/// are quiet and eligible, then waits for its end (docs/tcp.md, "XDP splice").
+/// `None`: not asked for, or it fell back; the sockets are as before. Bytes
+/// forwarded on the way to the quiet point are in `drained` either way.
+async fn splice_in_xdp(
+    shared: &Shared,
+    meta: &Meta,
+    client: &TcpStream,
+    origin: &TcpStream,
+    origin_addr: SocketAddr,
+    drained: &mut Drained,
+) -> Option<Outcome> {
+    if meta.app.tcp_fastpath != TcpFastpath::Xdp {
+        return None;
+    }
+    let splicer = shared.splicer()?;
+    let local = crate::wire::unmap_socket_addr(origin.local_addr().ok()?);
+    let addrs = LegAddrs {
+        client: meta.client,
+        edge: meta.edge,
+        local,
+        origin: origin_addr,
+    };
+    let done = splicer
+        .try_splice(&meta.app.id, client, origin, addrs, drained)
+        .await
+        .ok()?;
+    let outcome = done.await.unwrap_or(Outcome {
+        end: End::Drained,
+        client_bytes: 0,
+        origin_bytes: 0,
+    });
+    Some(Outcome {
+        client_bytes: outcome.client_bytes + drained.client_bytes,
+        origin_bytes: outcome.origin_bytes + drained.origin_bytes,
+        ..outcome
+    })
 }
 
 /// The end of a connection whose PROXY header could not be written.

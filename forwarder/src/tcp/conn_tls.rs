@@ -198,7 +198,7 @@ async fn establish(
             }
         };
         client_handshake_done(meta, counters, &client);
-        let Some((origin, stream)) = connect_origin(shared, meta, counters, &mut close).await
+        let Some((origin, stream)) = connect_origin(shared, meta, counters, None, &mut close).await
         else {
             reset(client.get_ref().0);
             return None;
@@ -227,7 +227,7 @@ async fn establish(
         };
     }
 
-    let (origin, stream) = connect_origin(shared, meta, counters, &mut close).await?;
+    let (origin, stream) = connect_origin(shared, meta, counters, None, &mut close).await?;
     let origin_guard = OriginGuard::new(shared.clone(), origin);
     let stream = match write_proxy_header(meta, stream).await {
         Ok(stream) => stream,

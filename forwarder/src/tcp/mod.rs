@@ -7,15 +7,22 @@
 //! * [`splice`]: `splice(2)` through a pipe per direction, FIN and RST propagation;
 //! * [`conn`]: one connection's life, its events and counters; `conn_tls` the
 //!   same for apps that terminate TLS (`crate::tls`);
-//! * [`stats`]: per-app counters and the duration histogram.
+//! * [`stats`]: per-app counters and the duration histogram;
+//! * `tcp_fastpath = "xdp"`: [`quiet`] (reaching a quiet point), [`repair`]
+//!   (`TCP_REPAIR`), [`fastpath`] (eligibility, the `SPLICES` entries) and
+//!   [`handoff`] (the handoff to XDP and the sweep that ends spliced connections).
 //!
 //! `docs/tcp.md` describes the design, the status codes, the limits and the sysctls.
 
 pub mod conn;
 mod conn_tls;
 pub mod copy;
+pub mod fastpath;
+pub mod handoff;
 pub mod listener;
 pub mod origin;
+pub mod quiet;
+pub mod repair;
 pub mod splice;
 pub mod stats;
 
@@ -91,6 +98,9 @@ pub(crate) struct Shared {
     terminators: RwLock<BTreeMap<String, Arc<Terminator>>>,
     /// How long a TLS handshake may take (both legs together).
     handshake_timeout: Duration,
+    /// The XDP splice (`tcp_fastpath = "xdp"`); `None` when its map could not be
+    /// opened (every connection then takes the socket path).
+    splicer: Option<Arc<handoff::Splicer>>,
 }
 
 impl Shared {
@@ -126,6 +136,10 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .get(app)
             .cloned()
+    }
+
+    pub(crate) fn splicer(&self) -> Option<&handoff::Splicer> {
+        self.splicer.as_deref()
     }
 
     pub(crate) fn close_signal(&self) -> watch::Receiver<bool> {
@@ -217,6 +231,13 @@ impl TcpProxy {
             Err(_) => DEFAULT_CONNECT_TIMEOUT,
         };
         let (close_all, _) = watch::channel(false);
+        let splicer = match datapath.splice_map() {
+            Ok(map) => Some(Arc::new(handoff::Splicer::new(map))),
+            Err(err) => {
+                warn!("the XDP splice is unavailable, TCP stays on the socket path: {err:#}");
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             apps: RwLock::new(BTreeMap::new()),
             idle_timeout: RwLock::new(config.agent.tcp_idle_timeout),
@@ -237,8 +258,12 @@ impl TcpProxy {
             close_all,
             terminators: RwLock::new(BTreeMap::new()),
             handshake_timeout: crate::tls::handshake::timeout_from_env()?,
+            splicer,
         });
         let certificate_watch = runtime.spawn(watch_certificates(shared.clone()));
+        if shared.splicer.is_some() {
+            runtime.spawn(sweep_splices(shared.clone()));
+        }
         let mut proxy = TcpProxy {
             shared,
             listeners: BTreeMap::new(),
@@ -255,6 +280,9 @@ impl TcpProxy {
     /// continue), moved apps change sockmap slot; new connections use the new origins.
     pub fn apply(&mut self, config: &Config, datapath: &mut Datapath) -> anyhow::Result<()> {
         let indices = datapath.app_indices();
+        if let Some(splicer) = self.shared.splicer() {
+            splicer.set_app_indices(indices.clone());
+        }
         let tcp_apps: BTreeMap<String, Arc<App>> = config
             .apps
             .iter()
@@ -391,6 +419,22 @@ impl TcpProxy {
             stop,
             task,
         })
+    }
+
+    /// Connections of `tcp_fastpath = "xdp"` apps by outcome (`spliced` or the
+    /// fallback reason), every outcome listed.
+    pub fn fastpath_counts(&self) -> BTreeMap<String, u64> {
+        let Some(splicer) = self.shared.splicer() else {
+            return BTreeMap::new();
+        };
+        let (spliced, fallbacks) = splicer.counts();
+        std::iter::once(("spliced".to_string(), spliced))
+            .chain(
+                fallbacks
+                    .into_iter()
+                    .map(|(r, n)| (r.label().to_string(), n)),
+            )
+            .collect()
     }
 
     /// Counters per app id (apps removed since keep theirs).
@@ -704,6 +748,18 @@ fn dispatch(
         peer,
         local,
     ));
+}
+
+/// Ends spliced connections (see `handoff::Splicer::sweep`) for as long as the
+/// proxy lives (the task holds the shared state; it stops with the runtime).
+async fn sweep_splices(shared: Arc<Shared>) {
+    let close = shared.close_signal();
+    loop {
+        tokio::time::sleep(handoff::SWEEP_INTERVAL).await;
+        if let Some(splicer) = shared.splicer() {
+            splicer.sweep(shared.idle_timeout(), *close.borrow());
+        }
+    }
 }
 
 /// Helpers of the forwarding engines' unit tests.

@@ -74,12 +74,27 @@ pub fn connect_error_status(err: &io::Error) -> u16 {
 
 /// Connects to `origin` within `timeout`. The error carries its status code.
 pub async fn connect(origin: SocketAddr, timeout: Duration) -> Result<TcpStream, (u16, io::Error)> {
+    connect_clamped(origin, timeout, None).await
+}
+
+/// As [`connect`], with the MSS of the connection clamped to `mss` (`TCP_MAXSEG`
+/// before connect: the SYN offers at most that, and no segment either way is
+/// larger). The XDP splice does not resize segments, so the origin leg must carry
+/// nothing the client leg could not (docs/tcp.md, XDP splice).
+pub async fn connect_clamped(
+    origin: SocketAddr,
+    timeout: Duration,
+    mss: Option<u32>,
+) -> Result<TcpStream, (u16, io::Error)> {
     let attempt = async {
         let socket = match origin {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         socket.set_nodelay(true)?;
+        if let Some(mss) = mss {
+            set_maxseg(&socket, mss)?;
+        }
         socket.connect(origin).await
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -93,6 +108,15 @@ pub async fn connect(origin: SocketAddr, timeout: Duration) -> Result<TcpStream,
             ),
         )),
     }
+}
+
+/// `TCP_MAXSEG` of a socket: its current MSS (connected) or the clamp (set).
+pub fn maxseg(sock: &impl std::os::fd::AsRawFd) -> io::Result<u32> {
+    super::repair::getsockopt_u32(sock.as_raw_fd(), libc::TCP_MAXSEG)
+}
+
+fn set_maxseg(sock: &impl std::os::fd::AsRawFd, mss: u32) -> io::Result<()> {
+    super::repair::setsockopt_int(sock.as_raw_fd(), libc::TCP_MAXSEG, mss as libc::c_int)
 }
 
 #[cfg(test)]
@@ -115,6 +139,7 @@ mod tests {
             udp_new_flows_per_second: None,
             health_check: None,
             tls: Default::default(),
+            tcp_fastpath: Default::default(),
         }
     }
 
@@ -185,5 +210,26 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ok = connect(listener.local_addr().unwrap(), Duration::from_secs(2)).await;
         assert!(ok.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_clamped_connection_carries_segments_no_larger_than_the_clamp() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect_clamped(addr, Duration::from_secs(5), Some(1000))
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        // Loopback's MTU would give ~65000; the SYN offered 1000 at most.
+        assert!(
+            maxseg(&accepted).unwrap() <= 1000,
+            "{}",
+            maxseg(&accepted).unwrap()
+        );
+        assert!(maxseg(&stream).unwrap() <= 1000);
+        let unclamped = connect(addr, Duration::from_secs(5)).await.unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(maxseg(&accepted).unwrap() > 1000);
+        drop(unclamped);
     }
 }

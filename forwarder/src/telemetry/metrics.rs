@@ -57,6 +57,7 @@ pub mod names {
     pub const TLS_HANDSHAKE_FAILURES: &str = "forwarder_tls_handshake_failures";
     /// With the unit `seconds`: `forwarder_tls_handshake_duration_seconds`.
     pub const TLS_HANDSHAKE_DURATION: &str = "forwarder_tls_handshake_duration";
+    pub const TCP_FASTPATH: &str = "forwarder_tcp_fastpath_connections";
     pub const FIREWALL_RULE_HITS: &str = "forwarder_firewall_rule_hits";
     pub const INTERFACE_PACKETS: &str = "forwarder_interface_packets";
     pub const BUILD_INFO: &str = "forwarder_build_info";
@@ -427,6 +428,14 @@ impl Collector for SnapshotCollector {
         )?;
         counter(
             &mut encoder,
+            names::TCP_FASTPATH,
+            "TCP connections of tcp_fastpath = \"xdp\" apps by outcome: spliced (handed to XDP), or why they stayed on the socket path (not_quiet, timestamps_differ, sack_differs, window_scaling_differs, mixed_families, urgent_data, repair_failed, map_full, handoff_raced).",
+            s.tcp_fastpath
+                .iter()
+                .map(|(outcome, n)| (vec![("outcome", outcome.as_str())], *n)),
+        )?;
+        counter(
+            &mut encoder,
             names::FIREWALL_RULE_HITS,
             "Packets whose source matched an access rule (by the rule's value).",
             s.rule_hits
@@ -707,6 +716,8 @@ mod tests {
             },
         );
         s.rule_hits.insert("10.0.1.128/25".into(), 9);
+        s.tcp_fastpath.insert("spliced".into(), 3);
+        s.tcp_fastpath.insert("not_quiet".into(), 1);
         s
     }
 
@@ -737,6 +748,8 @@ mod tests {
             "forwarder_tls_handshake_failures_total{app=\"web\",reason=\"no_sni_match\"} 0",
             "forwarder_tls_handshake_duration_seconds_bucket{le=\"0.005\",app=\"web\"} 1",
             "forwarder_tls_handshake_duration_seconds_count{app=\"web\"} 1",
+            "forwarder_tcp_fastpath_connections_total{outcome=\"spliced\"} 3",
+            "forwarder_tcp_fastpath_connections_total{outcome=\"not_quiet\"} 1",
             "forwarder_firewall_rule_hits_total{rule=\"10.0.1.128/25\"} 9",
             "# EOF",
         ] {

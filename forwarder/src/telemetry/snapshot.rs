@@ -36,6 +36,10 @@ pub struct StatsSnapshot {
     /// Every origin of every app: health, drain, weight, traffic.
     #[serde(default)]
     pub origins: Vec<OriginStatus>,
+    /// TCP connections of `tcp_fastpath = "xdp"` apps by outcome: `spliced`, or
+    /// the reason they stayed on the socket path (`fastpath::Ineligible::label`).
+    #[serde(default)]
+    pub tcp_fastpath: BTreeMap<String, u64>,
 }
 
 /// One origin of one app (`forwarder origins`, the per-origin metrics).

@@ -15,6 +15,7 @@ pub mod report;
 pub mod sys;
 pub mod tcp;
 pub mod tcp_idle;
+pub mod tcp_splice;
 pub mod tls;
 pub mod udp;
 pub mod udp_spoof;
@@ -202,6 +203,7 @@ pub fn all_scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(udp_spoof::UdpSpoofFlood::default()),
         Box::new(tcp::TcpThroughput::default()),
         Box::new(tcp::TcpConnRate::default()),
+        Box::new(tcp_splice::TcpSplice::default()),
         Box::new(tcp::SynFlood::default()),
         Box::new(tcp_idle::TcpIdle::default()),
         Box::new(tls::TlsTermination::default()),

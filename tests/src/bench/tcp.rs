@@ -23,8 +23,11 @@ use super::{Metric, Options, Scenario, Target, Variant};
 use forwarder_tests::{EDGE_CLIENT_V4, Lab, NsTask, ORIGIN_V4};
 
 /// Origin ports: iperf3 server, echo server.
-const IPERF_PORT: u16 = 5201;
-const ECHO_PORT: u16 = 8000;
+pub(super) const IPERF_PORT: u16 = 5201;
+pub(super) const ECHO_PORT: u16 = 8000;
+/// The apps with `tcp_fastpath = "xdp"` listen on the origin port + this (same
+/// origins).
+const XDP_OFFSET: u16 = 1;
 /// HAProxy listens on the origin port + this.
 const HAPROXY_OFFSET: u16 = 10000;
 /// Bytes each short connection sends and gets back.
@@ -43,7 +46,7 @@ impl Proxies {
     /// The proxy process of `variant` (none for `direct`).
     pub(super) fn pid(&self, variant: &str) -> Option<u32> {
         match variant {
-            "forwarder" => self.agent.as_ref()?.pid(),
+            "forwarder" | "forwarder-xdp" => self.agent.as_ref()?.pid(),
             "haproxy" => self.haproxy.as_ref().ok().map(|p| p.child.id()),
             _ => None,
         }
@@ -51,7 +54,7 @@ impl Proxies {
 
     pub(super) fn unavailable(&self, variant: &str) -> Option<String> {
         match variant {
-            "forwarder" => self.forwarder.clone().err(),
+            "forwarder" | "forwarder-xdp" => self.forwarder.clone().err(),
             "haproxy" => self.haproxy.as_ref().err().cloned(),
             _ => None,
         }
@@ -67,7 +70,7 @@ impl Proxies {
 }
 
 /// The shared TCP topology of one scenario.
-struct TcpLab {
+pub(super) struct TcpLab {
     lab: Lab,
     proxies: Proxies,
     _echo: NsTask<()>,
@@ -76,7 +79,15 @@ struct TcpLab {
 }
 
 impl TcpLab {
-    fn new(opts: &Options, with_iperf: bool) -> Result<TcpLab> {
+    /// The lab with the iperf3 server (which must be installed).
+    pub(super) fn with_iperf(opts: &Options) -> Result<TcpLab> {
+        if !sys::have("iperf3") {
+            bail!("iperf3 not installed");
+        }
+        TcpLab::new(opts, true)
+    }
+
+    pub(super) fn new(opts: &Options, with_iperf: bool) -> Result<TcpLab> {
         let lab = proxy_lab(opts)?;
         let dir = TempDir::new("tcp")?;
         let echo = start_echo(&lab, opts.gen_cpu)?;
@@ -99,9 +110,15 @@ impl TcpLab {
              [[apps]]\nid = \"iperf\"\nprotocol = \"tcp/{IPERF_PORT}\"\n\
              origin_direct = [\"tcp://{ORIGIN_V4}:{IPERF_PORT}\"]\n\n\
              [[apps]]\nid = \"echo\"\nprotocol = \"tcp/{ECHO_PORT}\"\n\
-             origin_direct = [\"tcp://{ORIGIN_V4}:{ECHO_PORT}\"]\n",
+             origin_direct = [\"tcp://{ORIGIN_V4}:{ECHO_PORT}\"]\n\n\
+             [[apps]]\nid = \"iperf-xdp\"\nprotocol = \"tcp/{}\"\n\
+             origin_direct = [\"tcp://{ORIGIN_V4}:{IPERF_PORT}\"]\ntcp_fastpath = \"xdp\"\n\n\
+             [[apps]]\nid = \"echo-xdp\"\nprotocol = \"tcp/{}\"\n\
+             origin_direct = [\"tcp://{ORIGIN_V4}:{ECHO_PORT}\"]\ntcp_fastpath = \"xdp\"\n",
             IPERF_PORT + HAPROXY_OFFSET,
-            ECHO_PORT + HAPROXY_OFFSET
+            ECHO_PORT + HAPROXY_OFFSET,
+            IPERF_PORT + XDP_OFFSET,
+            ECHO_PORT + XDP_OFFSET
         );
         let agent = start_pinned_agent(&lab, &config, opts)?;
         let mut tl = TcpLab {
@@ -161,7 +178,7 @@ impl TcpLab {
     }
 
     /// CPU seconds the proxy of `variant` spent while `run` ran, and its result.
-    fn with_proxy_cpu<T>(
+    pub(super) fn with_proxy_cpu<T>(
         &self,
         variant: &str,
         run: impl FnOnce() -> Result<T>,
@@ -169,8 +186,14 @@ impl TcpLab {
         with_process_cpu(self.proxies.pid(variant), run)
     }
 
-    fn variant_addr(&self, variant: &str, port: u16) -> Result<SocketAddr> {
+    pub(super) fn variant_addr(&self, variant: &str, port: u16) -> Result<SocketAddr> {
         Ok(match variant {
+            "forwarder-xdp" => {
+                if let Err(e) = &self.proxies.forwarder {
+                    bail!("{e}");
+                }
+                SocketAddr::from((EDGE_CLIENT_V4, port + XDP_OFFSET))
+            }
             "forwarder" => {
                 if let Err(e) = &self.proxies.forwarder {
                     bail!("{e}");
@@ -183,11 +206,26 @@ impl TcpLab {
         })
     }
 
-    fn unavailable(&self, variant: &str) -> Option<String> {
+    pub(super) fn unavailable(&self, variant: &str) -> Option<String> {
         self.proxies.unavailable(variant)
     }
 
-    fn finish(mut self) {
+    pub(super) fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    /// Connections the agent handed to XDP so far (`forwarder_tcp_fastpath_connections`).
+    pub(super) fn spliced(&self) -> Result<u64> {
+        let agent = self.proxies.agent.as_ref().context("no agent")?;
+        Ok(agent
+            .stats()?
+            .tcp_fastpath
+            .get("spliced")
+            .copied()
+            .unwrap_or(0))
+    }
+
+    pub(super) fn finish(mut self) {
         self.iperf = None;
         self.proxies.stop();
     }
@@ -348,7 +386,7 @@ fn tcp_variants(direct: bool) -> Vec<Variant> {
     v
 }
 
-fn pinning_note(opts: &Options) -> String {
+pub(super) fn pinning_note(opts: &Options) -> String {
     format!(
         "Pinned: edge NAPI threads (ec, eo), the agent and HAProxy on CPU {}; client \
          and origin NAPI threads (cl, oe, XDP_PASS stubs), clients, servers and \
@@ -369,14 +407,52 @@ pub struct TcpThroughput {
 
 impl TcpThroughput {
     fn seconds(opts: &Options) -> u64 {
-        opts.duration(Duration::from_secs(3), Duration::from_secs(1))
-            .as_secs()
-            .max(1)
+        iperf_seconds(opts)
     }
 }
 
+/// How long one iperf3 run lasts.
+pub(super) fn iperf_seconds(opts: &Options) -> u64 {
+    opts.duration(Duration::from_secs(3), Duration::from_secs(1))
+        .as_secs()
+        .max(1)
+}
+
+/// One iperf3 stream client → `addr` for `secs`, from the client namespace on
+/// CPU `gen_cpu` (30 s at most).
+pub(super) fn iperf_client(
+    lab: &Lab,
+    addr: SocketAddr,
+    secs: u64,
+    gen_cpu: usize,
+) -> std::process::Command {
+    let secs = secs.to_string();
+    let gen_cpu = gen_cpu.to_string();
+    lab.client().cmd(
+        "timeout",
+        &[
+            "30",
+            "nice",
+            "-n",
+            "-20",
+            "taskset",
+            "-c",
+            &gen_cpu,
+            "iperf3",
+            "-c",
+            &addr.ip().to_string(),
+            "-p",
+            &addr.port().to_string(),
+            "-t",
+            &secs,
+            "-f",
+            "m",
+        ],
+    )
+}
+
 /// Mbit/s of the `receiver` summary line of iperf3's text output (`-f m`).
-fn iperf_receiver_mbps(out: &str) -> Result<f64> {
+pub(super) fn iperf_receiver_mbps(out: &str) -> Result<f64> {
     let line = out
         .lines()
         .rev()
@@ -438,10 +514,7 @@ impl Scenario for TcpThroughput {
     }
 
     fn prepare(&mut self, opts: &Options) -> Result<()> {
-        if !sys::have("iperf3") {
-            bail!("iperf3 not installed");
-        }
-        self.tl = Some(TcpLab::new(opts, true)?);
+        self.tl = Some(TcpLab::with_iperf(opts)?);
         Ok(())
     }
 
@@ -452,29 +525,7 @@ impl Scenario for TcpThroughput {
     fn measure(&mut self, variant: &str, _round: usize, opts: &Options) -> Result<Vec<f64>> {
         let tl = self.tl.as_ref().context("no lab")?;
         let addr = tl.variant_addr(variant, IPERF_PORT)?;
-        let secs = TcpThroughput::seconds(opts).to_string();
-        let gen_cpu = opts.gen_cpu.to_string();
-        let mut cmd = tl.lab.client().cmd(
-            "timeout",
-            &[
-                "30",
-                "nice",
-                "-n",
-                "-20",
-                "taskset",
-                "-c",
-                &gen_cpu,
-                "iperf3",
-                "-c",
-                &addr.ip().to_string(),
-                "-p",
-                &addr.port().to_string(),
-                "-t",
-                &secs,
-                "-f",
-                "m",
-            ],
-        );
+        let mut cmd = iperf_client(&tl.lab, addr, TcpThroughput::seconds(opts), opts.gen_cpu);
         let (out, cpu) = tl.with_proxy_cpu(variant, || {
             forwarder_tests::OutputOk::output_ok(&mut cmd).context("iperf3 client")
         })?;
@@ -521,7 +572,7 @@ impl TcpConnRate {
 
 /// Runs `CONCURRENCY` loops of connect + echo + close against `addr` for `duration`
 /// from the client namespace; returns (successes, failures, elapsed).
-fn conn_loop(
+pub(super) fn conn_loop(
     lab: &Lab,
     addr: SocketAddr,
     duration: Duration,

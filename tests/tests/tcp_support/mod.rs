@@ -164,6 +164,22 @@ pub fn event_for<'a>(evs: &'a [Ev], kind: &str, client: SocketAddr) -> Option<&'
         .find(|e| e.event() == kind && e.client() == Some(client))
 }
 
+/// Waits (up to `timeout`) for the `disconnect` event of `client`'s connection to
+/// app `app` and returns it.
+pub fn wait_disconnect(
+    agent: &AgentProcess,
+    app: &str,
+    client: SocketAddr,
+    timeout: Duration,
+) -> Ev {
+    let evs = wait_events(agent, app, timeout, |e| {
+        event_for(e, "disconnect", client).is_some()
+    });
+    event_for(&evs, "disconnect", client)
+        .cloned()
+        .expect("disconnect event")
+}
+
 /// A listening socket in `origin` on `addr`.
 pub fn origin_listener(lab: &Lab, addr: SocketAddr) -> TcpListener {
     lab.origin()

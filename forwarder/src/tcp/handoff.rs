@@ -1,0 +1,365 @@
+//! The agent's side of the XDP splice (docs/tcp.md, "XDP splice"): hands a quiet
+//! connection's two legs to the datapath (`try_splice`) and watches the spliced
+//! connections until FIN both ways, an RST or the idle timeout ends them (`sweep`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use forwarder_common::{SEEN_FIN, SEEN_RST, SpliceEntry, SpliceKey};
+use log::{debug, info};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::conn::{End, Side};
+use super::fastpath::{Ineligible, LegState, eligibility, splice_entries};
+use super::quiet::{Drained, NotQuiet, drain_until_quiet};
+use super::repair;
+use crate::telemetry::events::status;
+
+/// How long a connection may take to go quiet, and how many bytes may be forwarded
+/// on the way, before it stays on the socket path.
+const QUIET_WAIT: Duration = Duration::from_millis(200);
+const QUIET_BUDGET: u64 = 256 * 1024;
+/// After FIN both ways, the entries stay this long for the last ACK (and a
+/// retransmitted FIN) to pass.
+const FIN_GRACE: Duration = Duration::from_secs(2);
+/// Handoffs tried per connection before its quiet deadline (a segment that lands
+/// in a socket during one makes it start over).
+const MAX_HANDOFF_ATTEMPTS: u32 = 3;
+/// How long segments the program passed before the entries went in are given to
+/// reach the sockets before the handoff is committed.
+const COMMIT_SETTLE: Duration = Duration::from_millis(10);
+/// How long a looked-up egress interface is used, and how many are kept.
+const ROUTE_TTL: Duration = Duration::from_secs(5);
+const MAX_CACHED_ROUTES: usize = 65_536;
+/// How often the spliced connections are looked at.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How a spliced connection ended, as its task reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub end: End,
+    pub client_bytes: u64,
+    pub origin_bytes: u64,
+}
+
+/// One spliced connection being watched.
+struct Watched {
+    /// Client → origin, origin → client.
+    keys: [SpliceKey; 2],
+    done: oneshot::Sender<Outcome>,
+    /// Segments both ways at the last sweep, and since when they have not moved.
+    packets: u64,
+    still_since: Instant,
+    /// When FIN had been seen both ways.
+    fin_since: Option<Instant>,
+}
+
+/// The `SPLICES` map (a handle of the agent's own) and the connections in it.
+pub struct Splicer {
+    map: Mutex<BpfHashMap<MapData, SpliceKey, SpliceEntry>>,
+    watched: Mutex<Vec<Watched>>,
+    /// Egress interface by destination (see `ifindex_to`).
+    routes: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// App index per app id (for `APP_STATS`), set at every reload.
+    app_indices: Mutex<BTreeMap<String, u32>>,
+    spliced: AtomicU64,
+    /// Fallbacks, by `Ineligible::ALL` index.
+    fallbacks: [AtomicU64; Ineligible::ALL.len()],
+}
+
+impl Splicer {
+    pub fn new(map: BpfHashMap<MapData, SpliceKey, SpliceEntry>) -> Splicer {
+        Splicer {
+            map: Mutex::new(map),
+            watched: Mutex::new(Vec::new()),
+            routes: Mutex::new(HashMap::new()),
+            app_indices: Mutex::new(BTreeMap::new()),
+            spliced: AtomicU64::new(0),
+            fallbacks: Default::default(),
+        }
+    }
+
+    pub fn set_app_indices(&self, indices: BTreeMap<String, u32>) {
+        *self.app_indices.lock().unwrap_or_else(|e| e.into_inner()) = indices;
+    }
+
+    /// Connections spliced, and fallbacks by reason.
+    pub fn counts(&self) -> (u64, Vec<(Ineligible, u64)>) {
+        let fallbacks = Ineligible::ALL
+            .iter()
+            .zip(&self.fallbacks)
+            .map(|(reason, n)| (*reason, n.load(Ordering::Relaxed)))
+            .collect();
+        (self.spliced.load(Ordering::Relaxed), fallbacks)
+    }
+
+    fn fallback(&self, app: &str, client: SocketAddr, reason: Ineligible) -> Ineligible {
+        if let Some(i) = Ineligible::ALL.iter().position(|r| *r == reason) {
+            self.fallbacks[i].fetch_add(1, Ordering::Relaxed);
+        }
+        info!("app {app}: {client} stays on the socket path ({reason})");
+        reason
+    }
+
+    /// Hands the connection to the datapath once both legs are quiet (bytes that
+    /// arrive meanwhile are forwarded and added to `drained`). `Ok`: the sockets
+    /// are retired and the receiver reports the end; `Err`: the sockets are as
+    /// before and the caller forwards on them.
+    pub async fn try_splice(
+        &self,
+        app: &str,
+        client: &TcpStream,
+        origin: &TcpStream,
+        addrs: LegAddrs,
+        drained: &mut Drained,
+    ) -> Result<oneshot::Receiver<Outcome>, Ineligible> {
+        let fail = |reason| self.fallback(app, addrs.client, reason);
+        let deadline = Instant::now() + QUIET_WAIT;
+        let mut attempts = 0;
+        let (pair, client_leg) = loop {
+            attempts += 1;
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match drain_until_quiet(client, origin, wait, QUIET_BUDGET, drained).await {
+                Ok(()) => {}
+                Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::NotQuiet)),
+                Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
+            }
+            let app_index = self
+                .app_indices
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(app)
+                .copied()
+                .unwrap_or(0);
+            let (Some(client_ifindex), Some(origin_ifindex)) = (
+                self.ifindex_to(addrs.client.ip()).await,
+                self.ifindex_to(addrs.origin.ip()).await,
+            ) else {
+                return Err(fail(Ineligible::Repair));
+            };
+            let client_leg =
+                match repair::enter_and_read(client, addrs.edge, addrs.client, client_ifindex) {
+                    Ok(leg) => leg,
+                    Err(_) => return Err(fail(Ineligible::Repair)),
+                };
+            let origin_leg =
+                match repair::enter_and_read(origin, addrs.local, addrs.origin, origin_ifindex) {
+                    Ok(leg) => leg,
+                    Err(_) => {
+                        let _ = repair::resume(client);
+                        return Err(fail(Ineligible::Repair));
+                    }
+                };
+            let resume_both = || {
+                let _ = repair::resume(client);
+                let _ = repair::resume(origin);
+            };
+            if let Err(reason) = eligibility(&client_leg, &origin_leg) {
+                resume_both();
+                return Err(fail(reason));
+            }
+            let pair = splice_entries(&client_leg, &origin_leg, app_index);
+            if self.insert(&pair).is_err() {
+                resume_both();
+                return Err(fail(Ineligible::MapFull));
+            }
+            // The commit point. A segment the program passed just before the entries
+            // were in may still be on its way up the stack: give it time to land, then
+            // look. One that reached a socket moved its sequence numbers (or sits in
+            // its receive queue), and the entries are then wrong.
+            tokio::time::sleep(COMMIT_SETTLE).await;
+            let unchanged = |sock: &TcpStream, leg: &LegState| {
+                repair::queue_seqs(sock)
+                    .is_ok_and(|(snd, rcv)| snd == leg.snd_nxt && rcv == leg.rcv_nxt)
+                    && repair::is_quiet(sock).unwrap_or(false)
+            };
+            if !unchanged(client, &client_leg) || !unchanged(origin, &origin_leg) {
+                let translated = self.translated(&[pair[0].0, pair[1].0]);
+                self.remove(&[pair[0].0, pair[1].0]);
+                resume_both();
+                if translated == 0 {
+                    // Nothing crossed XDP yet: forward what landed and try again.
+                    if attempts < MAX_HANDOFF_ATTEMPTS && Instant::now() < deadline {
+                        continue;
+                    }
+                    return Err(fail(Ineligible::NotQuiet));
+                }
+                // Both paths carried bytes: the streams no longer meet. The sockets
+                // are reset when the connection's task closes them.
+                fail(Ineligible::Raced);
+                super::conn::reset(client);
+                super::conn::reset(origin);
+                let (done, outcome) = oneshot::channel();
+                let _ = done.send(Outcome {
+                    end: End::Fault {
+                        side: Side::Client,
+                        status: status::UNKNOWN,
+                    },
+                    client_bytes: 0,
+                    origin_bytes: 0,
+                });
+                return Ok(outcome);
+            }
+            break (pair, client_leg);
+        };
+        // Out of the kernel's tables; nothing on the wire.
+        if repair::retire(client).is_err() || repair::retire(origin).is_err() {
+            // Half retired cannot be undone: the connection ends (the sweep sees
+            // no more segments and times it out if the peers do not reset it).
+            debug!("app {app}: retiring the sockets of {} failed", addrs.client);
+        }
+        let (done, outcome) = oneshot::channel();
+        self.watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Watched {
+                keys: [pair[0].0, pair[1].0],
+                done,
+                packets: 0,
+                still_since: Instant::now(),
+                fin_since: None,
+            });
+        self.spliced.fetch_add(1, Ordering::Relaxed);
+        info!(
+            "app {app}: {} spliced in XDP (timestamps {}, sack {})",
+            addrs.client, client_leg.timestamps, client_leg.sack
+        );
+        Ok(outcome)
+    }
+
+    /// The interface the route to `ip` leaves by: where the XDP program looks the
+    /// route up from. Cached for `ROUTE_TTL` (a netlink round trip per
+    /// connection would cost more than the rest of the handoff); the MACs are
+    /// the datapath's own route cache's business and follow route changes.
+    async fn ifindex_to(&self, ip: IpAddr) -> Option<u32> {
+        let now = Instant::now();
+        if let Some((ifindex, at)) = self
+            .routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            && now - *at < ROUTE_TTL
+        {
+            return Some(*ifindex);
+        }
+        let route = tokio::task::spawn_blocking(move || crate::route::route_to(ip))
+            .await
+            .ok()?
+            .ok()?;
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.len() >= MAX_CACHED_ROUTES {
+            routes.retain(|_, (_, at)| now - *at < ROUTE_TTL);
+            if routes.len() >= MAX_CACHED_ROUTES {
+                routes.clear();
+            }
+        }
+        routes.insert(ip, (route.ifindex, now));
+        Some(route.ifindex)
+    }
+
+    fn insert(&self, pair: &[(SpliceKey, SpliceEntry); 2]) -> Result<(), aya::maps::MapError> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(pair[0].0, pair[0].1, 0)?;
+        if let Err(e) = map.insert(pair[1].0, pair[1].1, 0) {
+            let _ = map.remove(&pair[0].0);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Segments the entries of `keys` translated so far.
+    fn translated(&self, keys: &[SpliceKey]) -> u64 {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter()
+            .filter_map(|k| map.get(k, 0).ok())
+            .map(|e| e.packets)
+            .sum()
+    }
+
+    fn remove(&self, keys: &[SpliceKey]) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            let _ = map.remove(key);
+        }
+    }
+
+    /// One look at every spliced connection: those that ended (RST either way,
+    /// FIN both ways plus `FIN_GRACE`, no segment for `idle`, or `close_all`) lose
+    /// their entries and their task hears how they ended.
+    pub fn sweep(&self, idle: Duration, close_all: bool) {
+        let now = Instant::now();
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = Vec::with_capacity(watched.len());
+        for mut w in watched.drain(..) {
+            let (to_origin, to_client) = {
+                let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+                (map.get(&w.keys[0], 0).ok(), map.get(&w.keys[1], 0).ok())
+            };
+            let (Some(up), Some(down)) = (to_origin, to_client) else {
+                // Gone from the map (removed by hand): ended, counts unknown.
+                let _ = w.done.send(Outcome {
+                    end: End::Drained,
+                    client_bytes: 0,
+                    origin_bytes: 0,
+                });
+                continue;
+            };
+            let packets = up.packets + down.packets;
+            if packets != w.packets {
+                w.packets = packets;
+                w.still_since = now;
+            }
+            if up.seen & SEEN_FIN != 0 && down.seen & SEEN_FIN != 0 && w.fin_since.is_none() {
+                w.fin_since = Some(now);
+            }
+            let end = if up.seen & SEEN_RST != 0 {
+                Some(End::Fault {
+                    side: Side::Client,
+                    status: status::CLIENT_RST,
+                })
+            } else if down.seen & SEEN_RST != 0 {
+                Some(End::Fault {
+                    side: Side::Origin,
+                    status: status::ORIGIN_RST,
+                })
+            } else if w.fin_since.is_some_and(|t| now - t >= FIN_GRACE) {
+                Some(End::Normal)
+            } else if now - w.still_since >= idle {
+                Some(End::Idle {
+                    status: status::CLIENT_TIMEOUT,
+                })
+            } else if close_all {
+                Some(End::Drained)
+            } else {
+                None
+            };
+            match end {
+                Some(end) => {
+                    self.remove(&w.keys);
+                    let _ = w.done.send(Outcome {
+                        end,
+                        client_bytes: up.bytes,
+                        origin_bytes: down.bytes,
+                    });
+                }
+                None => kept.push(w),
+            }
+        }
+        *watched = kept;
+    }
+}
+
+/// The four addresses of a connection: the client and the edge address it
+/// dialled, the agent's origin-side address and the origin.
+#[derive(Debug, Clone, Copy)]
+pub struct LegAddrs {
+    pub client: SocketAddr,
+    pub edge: SocketAddr,
+    pub local: SocketAddr,
+    pub origin: SocketAddr,
+}

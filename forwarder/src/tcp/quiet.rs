@@ -1,0 +1,94 @@
+//! Bringing a connection to a quiet point before the XDP splice: whatever either
+//! peer sends meanwhile is forwarded at once (so a client that speaks first, or a
+//! first request and its answer, do not keep it from being spliced), until both of
+//! the agent's sockets have nothing unread and nothing unacknowledged.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::repair;
+
+/// Readiness is not reported for acknowledgements: the sockets are looked at
+/// again this often while bytes are in flight.
+const POLL: Duration = Duration::from_millis(2);
+/// Bytes forwarded at most per read.
+const CHUNK: usize = 16 * 1024;
+
+/// Payload bytes forwarded on the way to the quiet point.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drained {
+    pub client_bytes: u64,
+    pub origin_bytes: u64,
+}
+
+/// Why no quiet point was reached.
+#[derive(Debug)]
+pub enum NotQuiet {
+    /// Still busy at the deadline, or more than the budget moved.
+    Busy,
+    /// A peer closed or reset its side: the socket path takes it from here (EOF
+    /// and errors stay on the socket for its next read).
+    Closed,
+    /// The socket state could not be read.
+    Failed(io::Error),
+}
+
+/// Forwards what arrives until both sockets are quiet, for at most `wait` and
+/// `budget` bytes (both ways together). Bytes moved are added to `drained`.
+pub async fn drain_until_quiet(
+    client: &TcpStream,
+    origin: &TcpStream,
+    wait: Duration,
+    budget: u64,
+    drained: &mut Drained,
+) -> Result<(), NotQuiet> {
+    let deadline = Instant::now() + wait;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let quiet = repair::is_quiet(client)
+            .and_then(|c| Ok(c && repair::is_quiet(origin)?))
+            .map_err(NotQuiet::Failed)?;
+        if quiet {
+            return Ok(());
+        }
+        if Instant::now() >= deadline || drained.client_bytes + drained.origin_bytes > budget {
+            return Err(NotQuiet::Busy);
+        }
+        tokio::select! {
+            r = client.readable() => {
+                r.map_err(|_| NotQuiet::Closed)?;
+                drained.client_bytes += move_some(client, origin, &mut buf).await?;
+            }
+            r = origin.readable() => {
+                r.map_err(|_| NotQuiet::Closed)?;
+                drained.origin_bytes += move_some(origin, client, &mut buf).await?;
+            }
+            _ = tokio::time::sleep_until(deadline.min(Instant::now() + POLL)) => {}
+        }
+    }
+}
+
+/// Reads what `from` has (without waiting) and writes all of it to `to`.
+async fn move_some(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> Result<u64, NotQuiet> {
+    let n = match from.try_read(buf) {
+        Ok(0) => return Err(NotQuiet::Closed),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+        Err(_) => return Err(NotQuiet::Closed),
+    };
+    let mut rest = &buf[..n];
+    while !rest.is_empty() {
+        to.writable().await.map_err(|_| NotQuiet::Closed)?;
+        match to.try_write(rest) {
+            Ok(k) => rest = &rest[k..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // The bytes read are lost with the connection: the socket path sees
+            // the same error on its next write and resets the other side.
+            Err(_) => return Err(NotQuiet::Closed),
+        }
+    }
+    Ok(n as u64)
+}

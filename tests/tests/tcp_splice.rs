@@ -1,0 +1,441 @@
+//! `tcp_fastpath = "xdp"` end to end with real peers (docs/tcp.md, "XDP splice"):
+//! the agent accepts, connects the origin, hands the quiet connection to XDP and
+//! retires its sockets; the bytes then go through the translation only. A large
+//! transfer each way keeps its checksums (also with loss injected on each leg),
+//! half-close works both ways, RST both ways ends the connection with the right
+//! status, an ineligible connection (timestamps on one leg only) falls back to the
+//! socket path and still works.
+//!
+//! The handoff happens at a quiet point (docs/tcp.md): most peers here wait a
+//! moment after connecting; one speaks first (a request and its answer are
+//! forwarded on the way to the quiet point). Whether a connection was spliced
+//! is read from the agent's log (one line per handoff or fallback, with the
+//! reason), and the spliced path is checked to carry the bytes: the edge has no
+//! socket of the connection any more while data still flows.
+//!
+//! Root, after `cargo build -p forwarder`: `cargo test -p forwarder-tests --test tcp_splice`.
+
+mod tcp_support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use forwarder_tests::agent::AgentProcess;
+use forwarder_tests::{EDGE_CLIENT_V4, EDGE_CLIENT_V6, Lab, ORIGIN_V4, ORIGIN_V6, require_root};
+use tcp_support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+/// How long peers stay silent after connecting: the handoff's window.
+const QUIET: Duration = Duration::from_millis(500);
+/// Bytes each way of the bulk transfers (see docs/tcp.md, Tests, for the size).
+const BULK: u64 = 200 * 1024 * 1024;
+
+fn app(id: &str, port: u16, origin: SocketAddr) -> String {
+    let origin = match origin {
+        SocketAddr::V4(a) => format!("tcp://{a}"),
+        SocketAddr::V6(a) => format!("tcp://{a}"),
+    };
+    format!(
+        "[[apps]]\nid = \"{id}\"\nprotocol = \"tcp/{port}\"\norigin_direct = [\"{origin}\"]\n\
+         tcp_fastpath = \"xdp\"\n"
+    )
+}
+
+/// A lab whose edge veth peers carry the XDP stub (redirected frames are only
+/// delivered to a veth with a program), and the agent with `apps`.
+fn lab_and_agent(apps: &str) -> (Lab, AgentProcess) {
+    let lab = Lab::new().unwrap();
+    lab.attach_pass_stubs().expect("pass stubs");
+    let agent = start_agent(&lab, apps);
+    (lab, agent)
+}
+
+/// Waits until the agent logged the handoff (or the fallback) of `client`.
+fn wait_log(agent: &AgentProcess, client: SocketAddr, what: &str) -> String {
+    let needle = format!("{client} {what}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = agent.stderr();
+        if let Some(line) = log.lines().find(|l| l.contains(&needle)) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no '{needle}' in the agent's log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The edge's TCP sockets towards `port` (`ss`, in the edge namespace).
+fn edge_sockets(lab: &Lab, port: u16) -> usize {
+    let out = lab
+        .edge()
+        .run("ss", &["-Htn", "state", "established"])
+        .expect("ss");
+    out.lines()
+        .filter(|l| l.contains(&format!(":{port} ")))
+        .count()
+}
+
+/// Both ways at once, `BULK` bytes each, checksums compared; returns the
+/// client's local address.
+fn bulk_both_ways(
+    lab: &Lab,
+    agent: &AgentProcess,
+    edge: SocketAddr,
+    origin: SocketAddr,
+) -> SocketAddr {
+    let listener = origin_listener(lab, origin);
+    let origin_side = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut reader = stream.try_clone().unwrap();
+        let rx = std::thread::spawn(move || receive_sum(&mut reader).unwrap());
+        std::thread::sleep(QUIET);
+        let mut writer = stream;
+        let sent = send_random(&mut writer, 2, BULK).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+        (sent, rx.join().unwrap())
+    });
+    let client = client_connect(lab, edge, WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    wait_log(agent, local, "spliced in XDP");
+    let mut reader = client.try_clone().unwrap();
+    let rx = std::thread::spawn(move || receive_sum(&mut reader).unwrap());
+    std::thread::sleep(QUIET);
+    // The agent's sockets are retired: nothing of the connection at the edge.
+    assert_eq!(edge_sockets(lab, edge.port()), 0, "no socket at the edge");
+    let mut writer = client;
+    let started = Instant::now();
+    let sent = send_random(&mut writer, 1, BULK).unwrap();
+    writer.shutdown(Shutdown::Write).unwrap();
+    let received = rx.join().unwrap();
+    let (origin_sent, origin_received) = origin_side.join().unwrap();
+    eprintln!(
+        "{} MB each way through the XDP splice in {:?}",
+        BULK >> 20,
+        started.elapsed()
+    );
+    assert_eq!(sent.1, BULK);
+    assert_eq!(origin_received, sent, "client -> origin differs");
+    assert_eq!(received, origin_sent, "origin -> client differs");
+    local
+}
+
+#[test]
+fn bulk_both_ways_through_a_spliced_connection_ipv4_and_ipv6() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let v4 = SocketAddr::new(ORIGIN_V4.into(), 7101);
+    let v6 = SocketAddr::new(ORIGIN_V6.into(), 7102);
+    let (lab, agent) = lab_and_agent(&format!(
+        "{}\n{}",
+        app("bulk4", 7101, v4),
+        app("bulk6", 7102, v6)
+    ));
+    for (id, edge, origin) in [
+        ("bulk4", SocketAddr::new(EDGE_CLIENT_V4.into(), 7101), v4),
+        ("bulk6", SocketAddr::new(EDGE_CLIENT_V6.into(), 7102), v6),
+    ] {
+        let local = bulk_both_ways(&lab, &agent, edge, origin);
+        let d = wait_disconnect(&agent, id, local, WAIT);
+        assert_eq!(d.status(), 200, "{d:?}");
+        // Payload bytes the edge forwarded: retransmissions count too.
+        assert!(d.num("ClientBytes").unwrap() >= BULK, "{d:?}");
+        assert!(d.num("OriginBytes").unwrap() >= BULK, "{d:?}");
+        assert_eq!(d.origin(), Some(origin));
+    }
+    let stats = agent.stats().unwrap();
+    assert_eq!(
+        stats.tcp_fastpath.get("spliced"),
+        Some(&2),
+        "{:?}",
+        stats.tcp_fastpath
+    );
+}
+
+#[test]
+fn loss_on_each_leg_is_recovered_end_to_end() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7103);
+    let (lab, agent) = lab_and_agent(&app("lossy", 7103, origin));
+    // 1% of the TCP segments lost into and out of the client and the origin (nft:
+    // this kernel has no netem): each leg loses data and ACKs both ways, which
+    // only the end hosts can recover.
+    for ns in [lab.client(), lab.origin()] {
+        for cmd in [
+            "add table inet loss",
+            "add chain inet loss out { type filter hook output priority 0; }",
+            "add chain inet loss in { type filter hook input priority 0; }",
+            "add rule inet loss out meta l4proto tcp numgen random mod 100 0 counter drop",
+            "add rule inet loss in meta l4proto tcp numgen random mod 100 0 counter drop",
+        ] {
+            ns.run("nft", &[cmd]).expect("nft loss rule");
+        }
+    }
+    let listener = origin_listener(&lab, origin);
+    const LEN: u64 = 20 * 1024 * 1024;
+    let origin_side = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let got = receive_sum(&mut stream).unwrap();
+        let sent = send_random(&mut stream, 4, LEN).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        (got, sent)
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7103), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    wait_log(&agent, local, "spliced in XDP");
+    let sent = send_random(&mut client, 3, LEN).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let received = receive_sum(&mut client).unwrap();
+    let (origin_got, origin_sent) = origin_side.join().unwrap();
+    // The loss was real: each namespace's rules dropped segments.
+    for ns in [lab.client(), lab.origin()] {
+        let rules = ns.run("nft", &["list", "table", "inet", "loss"]).unwrap();
+        assert!(!rules.contains("packets 0 "), "no loss injected:\n{rules}");
+    }
+    assert_eq!(origin_got, sent, "client -> origin differs");
+    assert_eq!(received, origin_sent, "origin -> client differs");
+    let d = wait_disconnect(&agent, "lossy", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+}
+
+#[test]
+fn half_close_both_ways() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7104);
+    let (lab, agent) = lab_and_agent(&app("half", 7104, origin));
+    let listener = origin_listener(&lab, origin);
+    // The origin half-closes first and keeps reading; then the client does.
+    let origin_side = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        std::thread::sleep(QUIET * 2);
+        s.write_all(b"origin done").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let (request, err) = read_all(&mut s);
+        assert!(err.is_none(), "{err:?}");
+        request
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7104), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    wait_log(&agent, local, "spliced in XDP");
+    let (reply, err) = read_all(&mut client);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(
+        reply, b"origin done",
+        "the origin's half-close reached the client"
+    );
+    // After the origin's FIN the client can still send, and then close.
+    client.write_all(&[b'x'; 100_000]).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let request = origin_side.join().unwrap();
+    assert_eq!(
+        request.len(),
+        100_000,
+        "the client's bytes after the origin's FIN"
+    );
+    let d = wait_disconnect(&agent, "half", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(100_000), "{d:?}");
+    assert_eq!(d.num("OriginBytes"), Some(11), "{d:?}");
+}
+
+#[test]
+fn rst_either_way_reaches_the_other_peer_with_its_status() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7105);
+    let (lab, agent) = lab_and_agent(&app("rst", 7105, origin));
+    let listener = origin_listener(&lab, origin);
+    let (tx, rx) = std::sync::mpsc::channel();
+    serve(listener, move |mut s: TcpStream| {
+        let mut hello = [0u8; 5];
+        s.read_exact(&mut hello).unwrap();
+        if &hello == b"reset" {
+            // The origin resets.
+            s.write_all(b"bye").unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            set_linger_zero(&s);
+            return;
+        }
+        s.write_all(b"ok").unwrap();
+        let (_, err) = read_all(&mut s);
+        let _ = tx.send(err.map(|e| e.kind()));
+    });
+    let edge = SocketAddr::new(EDGE_CLIENT_V4.into(), 7105);
+
+    // The client resets: the origin gets the RST, status 499.
+    let mut client = client_connect(&lab, edge, WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    wait_log(&agent, local, "spliced in XDP");
+    client.write_all(b"hello").unwrap();
+    let mut ok = [0u8; 2];
+    client.read_exact(&mut ok).unwrap();
+    set_linger_zero(&client);
+    drop(client);
+    let origin_saw = rx.recv_timeout(WAIT).expect("origin connection ended");
+    assert_eq!(
+        origin_saw,
+        Some(ErrorKind::ConnectionReset),
+        "origin got the RST"
+    );
+    assert_eq!(wait_disconnect(&agent, "rst", local, WAIT).status(), 499);
+
+    // The origin resets: the client gets the RST, status 444.
+    let mut client = client_connect(&lab, edge, WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    wait_log(&agent, local, "spliced in XDP");
+    client.write_all(b"reset").unwrap();
+    let (data, err) = read_all(&mut client);
+    assert_eq!(data, b"bye");
+    let err = err.expect("the client must see a reset, not a clean end");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    let d = wait_disconnect(&agent, "rst", local, WAIT);
+    assert_eq!(d.status(), 444, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(5));
+    assert_eq!(d.num("OriginBytes"), Some(3));
+}
+
+#[test]
+fn an_ineligible_connection_falls_back_to_the_socket_path() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7106);
+    let (lab, agent) = lab_and_agent(&app("fallback", 7106, origin));
+    // The client offers no timestamps; the origin leg has them.
+    lab.client()
+        .run("sysctl", &["-qw", "net.ipv4.tcp_timestamps=0"])
+        .expect("sysctl in client");
+    let listener = origin_listener(&lab, origin);
+    serve(listener, |mut s: TcpStream| {
+        let (request, _) = read_all(&mut s);
+        s.write_all(&request).unwrap();
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7106), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    let line = wait_log(&agent, local, "stays on the socket path");
+    assert!(line.contains("timestamps_differ"), "{line}");
+    client.write_all(&[7u8; 50_000]).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (echo, err) = read_all(&mut client);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(echo, vec![7u8; 50_000]);
+    let d = wait_disconnect(&agent, "fallback", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(50_000));
+    assert_eq!(d.num("OriginBytes"), Some(50_000));
+    let stats = agent.stats().unwrap();
+    assert_eq!(stats.tcp_fastpath.get("timestamps_differ"), Some(&1));
+    assert_eq!(stats.tcp_fastpath.get("spliced"), Some(&0));
+}
+
+#[test]
+fn fastpath_off_keeps_the_socket_path() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7107);
+    let apps = "[[apps]]\nid = \"plain\"\nprotocol = \"tcp/7107\"\n\
+                origin_direct = [\"tcp://10.0.2.2:7107\"]\n";
+    let (lab, agent) = lab_and_agent(apps);
+    let listener = origin_listener(&lab, origin);
+    serve(listener, |mut s: TcpStream| {
+        let (request, _) = read_all(&mut s);
+        s.write_all(&request).unwrap();
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7107), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    std::thread::sleep(QUIET);
+    // The agent's own two sockets carry the connection.
+    assert_eq!(
+        edge_sockets(&lab, 7107),
+        2,
+        "client and origin sockets at the edge"
+    );
+    client.write_all(&[9u8; 50_000]).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (echo, err) = read_all(&mut client);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(echo, vec![9u8; 50_000]);
+    let d = wait_disconnect(&agent, "plain", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(50_000));
+    let log = agent.stderr();
+    assert!(
+        !log.contains("spliced in XDP") && !log.contains("stays on the socket path"),
+        "no handoff attempted:\n{log}"
+    );
+    let stats = agent.stats().unwrap();
+    assert!(
+        stats.tcp_fastpath.values().all(|n| *n == 0),
+        "{:?}",
+        stats.tcp_fastpath
+    );
+}
+
+#[test]
+fn a_client_that_speaks_first_is_spliced_after_the_first_exchange() {
+    init();
+    if !require_root() {
+        return;
+    }
+    const LEN: u64 = 50 * 1024 * 1024;
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7108);
+    let (lab, agent) = lab_and_agent(&app("first", 7108, origin));
+    let listener = origin_listener(&lab, origin);
+    let origin_side = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut request = [0u8; 5];
+        s.read_exact(&mut request).unwrap();
+        assert_eq!(&request, b"hello");
+        s.write_all(b"world").unwrap();
+        // The client's go-ahead comes once it has the answer.
+        let mut go = [0u8; 2];
+        s.read_exact(&mut go).unwrap();
+        let sent = send_random(&mut s, 5, LEN).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let (rest, _) = read_all(&mut s);
+        (sent, rest.len())
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7108), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(b"hello").unwrap();
+    let mut answer = [0u8; 5];
+    client.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"world");
+    wait_log(&agent, local, "spliced in XDP");
+    client.write_all(b"go").unwrap();
+    let received = receive_sum(&mut client).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (sent, rest) = origin_side.join().unwrap();
+    assert_eq!(received, sent, "origin -> client differs");
+    assert_eq!(rest, 0);
+    let d = wait_disconnect(&agent, "first", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+    // The request and its answer went through the agent, the rest through XDP.
+    assert_eq!(d.num("ClientBytes"), Some(7), "{d:?}");
+    assert!(d.num("OriginBytes").unwrap() >= LEN + 5, "{d:?}");
+}
