@@ -1866,3 +1866,17 @@ fn load_reads_every_certificate_key_and_ca_file() {
         "cannot read",
     );
 }
+
+#[test]
+fn tcp_fastpath_xdp_cannot_carry_an_app_whose_tls_the_edge_terminates() {
+    let text = with_agent(
+        "[[apps]]\nid = \"web\"\nprotocol = \"tcp/443\"\norigin_direct = [\"tcp://10.0.0.5:443\"]\n\
+         tcp_fastpath = \"xdp\"\ntls = \"flexible\"\ntls_certificates = [{ cert = \"/nonexistent.pem\", key = \"/nonexistent.key\" }]\n",
+    );
+    assert_problem(
+        &text,
+        "app 'web' (apps[0])",
+        "tcp_fastpath",
+        "cannot carry an app whose TLS",
+    );
+}

@@ -569,6 +569,14 @@ impl Validator<'_> {
             _ => None,
         };
         let tls = super::tls::check(&location, raw, spec.map(|s| s.protocol), self.problems);
+        if tcp_fastpath != TcpFastpath::Off && tls.mode != super::tls::TlsMode::Off {
+            // XDP rewrites segments as they are: the edge could not decrypt them.
+            self.problem(
+                &location,
+                "tcp_fastpath",
+                "\"xdp\" splices the bytes as they are, so it cannot carry an app whose TLS the edge terminates; use tls = \"off\" or tcp_fastpath = \"off\"",
+            );
+        }
         let app = match (spec, edge_ips) {
             (Some(spec), Some(edge_ips)) => Some(App {
                 id: id.clone().unwrap_or_else(|| App::default_id(&spec)),
