@@ -246,29 +246,21 @@ pub fn flow_event(
     now_wall: SystemTime,
 ) -> Event {
     let first_seen = now_wall - Duration::from_nanos(now_mono.saturating_sub(state.first_seen_ns));
-    Event {
-        timestamp: rfc3339(now_wall),
-        event: kind,
-        application: app.to_string(),
-        protocol: "udp".into(),
-        client_ip: Some(ip_from16(key.client)),
-        client_port: Some(key.client_port),
-        server_ip: Some(ip_from16(key.edge)),
-        server_port: Some(key.edge_port),
-        origin_ip: origin,
-        origin_port: Some(state.origin_port),
-        proxy_protocol: proxy.to_string(),
-        client_bytes: state.bytes_in,
-        origin_bytes: state.bytes_out,
-        client_packets: Some(state.packets_in),
-        origin_packets: Some(state.packets_out),
-        status,
-        connect_timestamp: Some(rfc3339(first_seen)),
-        disconnect_timestamp: (kind == EventKind::Disconnect).then(|| rfc3339(now_wall)),
-        flows: None,
-        healthy_origins: None,
-        tls: Default::default(),
-    }
+    let mut event = Event::summary(kind, app.to_string(), "udp", status, now_wall);
+    event.client_ip = Some(ip_from16(key.client));
+    event.client_port = Some(key.client_port);
+    event.server_ip = Some(ip_from16(key.edge));
+    event.server_port = Some(key.edge_port);
+    event.origin_ip = origin;
+    event.origin_port = Some(state.origin_port);
+    event.proxy_protocol = proxy.to_string();
+    event.client_bytes = state.bytes_in;
+    event.origin_bytes = state.bytes_out;
+    event.client_packets = Some(state.packets_in);
+    event.origin_packets = Some(state.packets_out);
+    event.connect_timestamp = Some(rfc3339(first_seen));
+    event.disconnect_timestamp = (kind == EventKind::Disconnect).then(|| rfc3339(now_wall));
+    event
 }
 
 impl UdpFlowTracker {

@@ -206,13 +206,13 @@ async fn udp_check(
         *socket = Some(
             probe_socket(spec.target, avoid)
                 .await
-                .map_err(|e| udp_error_status(&e))?,
+                .map_err(|e| connect_error_status(&e))?,
         );
     }
     let Some(sock) = socket.as_ref() else {
         return Err(status::ORIGIN_UNKNOWN_ERROR);
     };
-    let local = sock.local_addr().map_err(|e| udp_error_status(&e))?;
+    let local = sock.local_addr().map_err(|e| connect_error_status(&e))?;
     let mut datagram = match spec.proxy {
         ProxyProtocol::Simple => spp::Repr {
             client: local,
@@ -225,12 +225,12 @@ async fn udp_check(
     datagram.extend_from_slice(&probe.send);
     sock.send(&datagram)
         .await
-        .map_err(|e| udp_error_status(&e))?;
+        .map_err(|e| connect_error_status(&e))?;
     let mut buf = vec![0u8; 65_536];
     let n = sock
         .recv(&mut buf)
         .await
-        .map_err(|e| udp_error_status(&e))?;
+        .map_err(|e| connect_error_status(&e))?;
     let reply = &buf[..n];
     let payload = match spec.proxy {
         ProxyProtocol::Simple => match spp::Header::new_checked(reply) {
@@ -265,10 +265,6 @@ async fn probe_socket(target: SocketAddr, avoid: &[PortRange]) -> io::Result<Udp
     Err(io::Error::other(
         "no ephemeral UDP port outside the edge ports and udp_nat_ports",
     ))
-}
-
-fn udp_error_status(err: &io::Error) -> u16 {
-    connect_error_status(err)
 }
 
 /// One origin's verdict and check figures.

@@ -193,29 +193,16 @@ pub(super) struct Meta {
 
 impl Meta {
     pub(super) fn event(&self, kind: EventKind, origin: Option<SocketAddr>, status: u16) -> Event {
-        Event {
-            timestamp: rfc3339(SystemTime::now()),
-            event: kind,
-            application: self.app.id.clone(),
-            protocol: "tcp".to_string(),
-            client_ip: Some(self.client.ip()),
-            client_port: Some(self.client.port()),
-            server_ip: Some(self.edge.ip()),
-            server_port: Some(self.edge.port()),
-            origin_ip: origin.map(|o| o.ip()),
-            origin_port: origin.map(|o| o.port()),
-            proxy_protocol: self.app.proxy_protocol.as_str().to_string(),
-            client_bytes: 0,
-            origin_bytes: 0,
-            client_packets: None,
-            origin_packets: None,
-            status,
-            connect_timestamp: None,
-            disconnect_timestamp: None,
-            flows: None,
-            healthy_origins: None,
-            tls: self.tls.clone(),
-        }
+        let mut event = Event::summary(kind, self.app.id.clone(), "tcp", status, SystemTime::now());
+        event.client_ip = Some(self.client.ip());
+        event.client_port = Some(self.client.port());
+        event.server_ip = Some(self.edge.ip());
+        event.server_port = Some(self.edge.port());
+        event.origin_ip = origin.map(|o| o.ip());
+        event.origin_port = origin.map(|o| o.port());
+        event.proxy_protocol = self.app.proxy_protocol.as_str().to_string();
+        event.tls = self.tls.clone();
+        event
     }
 }
 

@@ -144,9 +144,10 @@ pub struct TlsFields {
 }
 
 impl Event {
-    /// A summary line (no client, edge or origin address; counts left at zero for
-    /// the caller to fill in): `clientFiltered` summaries and the UDP flow events
-    /// beyond the budget.
+    /// An event with no client, edge or origin address and counts at zero, for the
+    /// caller to fill in: as it is, a summary line (`clientFiltered`, the UDP flow
+    /// events beyond the budget, origin health); every other builder starts from
+    /// it too, so a new field is written in one place.
     pub fn summary(
         kind: EventKind,
         application: String,
