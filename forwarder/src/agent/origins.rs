@@ -14,7 +14,7 @@ use crate::config::{Config, Protocol};
 use crate::lb::health::{CheckResult, Report, Transition};
 use crate::lb::{self, Availability};
 use crate::telemetry::events::{Event, EventKind, status};
-use crate::telemetry::snapshot::OriginStatus;
+use crate::telemetry::snapshot::{OriginHealth, OriginStatus};
 
 impl Agent {
     /// Starts the health checks of the running config; results go to `report`.
@@ -275,11 +275,10 @@ impl Agent {
                     protocol: app.protocol.as_str().to_string(),
                     weight: origin.weight,
                     health: match (&app.health_check, verdict) {
-                        (None, _) => "unchecked",
-                        (Some(_), Some(v)) if !v.up => "down",
-                        (Some(_), _) => "up",
-                    }
-                    .to_string(),
+                        (None, _) => OriginHealth::Unchecked,
+                        (Some(_), Some(v)) if !v.up => OriginHealth::Down,
+                        (Some(_), _) => OriginHealth::Up,
+                    },
                     drained: self.availability.drained.contains(&key),
                     selected: members.contains(&(offset as u16)),
                     checks: verdict.map_or(0, |v| v.checks),

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use super::stats::{Align, Table, bytes, count};
 use crate::telemetry::control::{request_drain, request_stats};
-use crate::telemetry::snapshot::OriginStatus;
+use crate::telemetry::snapshot::{OriginHealth, OriginStatus};
 
 /// The table `forwarder origins` prints.
 pub fn render(origins: &[OriginStatus]) -> String {
@@ -30,9 +30,9 @@ pub fn render(origins: &[OriginStatus]) -> String {
             (false, true) => "serving",
             (false, false) => "standby",
         };
-        let health = match (o.health.as_str(), o.last_failure) {
-            ("down", code) if code > 0 => format!("down ({code})"),
-            (health, _) => health.to_string(),
+        let health = match (o.health, o.last_failure) {
+            (OriginHealth::Down, code) if code > 0 => format!("down ({code})"),
+            (health, _) => health.as_str().to_string(),
         };
         let failed: u64 = o.connect_failures.values().sum();
         let check = o
@@ -99,7 +99,7 @@ mod tests {
                 origin: "10.0.0.5:22".into(),
                 protocol: "tcp".into(),
                 weight: 3,
-                health: "up".into(),
+                health: OriginHealth::Up,
                 selected: true,
                 live: 2,
                 connections: 40,
@@ -111,7 +111,7 @@ mod tests {
                 origin: "10.0.0.6:22".into(),
                 protocol: "tcp".into(),
                 weight: 1,
-                health: "down".into(),
+                health: OriginHealth::Down,
                 last_failure: 521,
                 connect_failures: [(521, 3)].into(),
                 ..OriginStatus::default()
@@ -121,7 +121,7 @@ mod tests {
                 origin: "10.0.0.7:27015".into(),
                 protocol: "udp".into(),
                 weight: 1,
-                health: "unchecked".into(),
+                health: OriginHealth::Unchecked,
                 drained: true,
                 ..OriginStatus::default()
             },

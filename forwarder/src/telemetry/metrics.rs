@@ -27,7 +27,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::telemetry::analytics::Histogram;
 use crate::telemetry::control::SnapshotFn;
-use crate::telemetry::snapshot::StatsSnapshot;
+use crate::telemetry::snapshot::{OriginHealth, StatsSnapshot};
 
 /// The `Content-Type` of a scrape.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -165,7 +165,7 @@ impl SnapshotCollector {
             "1 while the origin passes its health check (or has none), 0 while it is down.",
             origins
                 .iter()
-                .map(|o| (labels(o), u64::from(o.health != "down"))),
+                .map(|o| (labels(o), u64::from(o.health != OriginHealth::Down))),
         )?;
         gauge(
             encoder,
@@ -175,7 +175,7 @@ impl SnapshotCollector {
         )?;
         let mut up: BTreeMap<&str, u64> = BTreeMap::new();
         for o in origins {
-            *up.entry(o.app.as_str()).or_default() += u64::from(o.health != "down");
+            *up.entry(o.app.as_str()).or_default() += u64::from(o.health != OriginHealth::Down);
         }
         gauge(
             encoder,

@@ -42,6 +42,29 @@ pub struct StatsSnapshot {
     pub tcp_fastpath: BTreeMap<String, u64>,
 }
 
+/// What the health checks say of an origin (`up`, `down`, `unchecked` in JSON).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginHealth {
+    /// Passing its health check (or not yet failed `fall` times).
+    Up,
+    /// Failing its health check: out of selection.
+    Down,
+    /// The app has no health check.
+    #[default]
+    Unchecked,
+}
+
+impl OriginHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginHealth::Up => "up",
+            OriginHealth::Down => "down",
+            OriginHealth::Unchecked => "unchecked",
+        }
+    }
+}
+
 /// One origin of one app (`forwarder origins`, the per-origin metrics).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct OriginStatus {
@@ -50,8 +73,7 @@ pub struct OriginStatus {
     pub origin: String,
     pub protocol: String,
     pub weight: u32,
-    /// `up`, `down` (failing its health check) or `unchecked` (no check).
-    pub health: String,
+    pub health: OriginHealth,
     /// Taken out by `forwarder drain`.
     pub drained: bool,
     /// Gets new connections or flows now (see `lb` for who is picked when).
