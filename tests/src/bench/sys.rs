@@ -368,3 +368,87 @@ pub fn cpu_busy_seconds(cpu: usize) -> Result<f64> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(busy as f64 / hz)
 }
+
+/// A CPU budget for one process while alive: a cgroup of its own with a CFS quota
+/// (`share` of one CPU per `period`), the cgroup v1 `cpu` controller or cgroup v2's
+/// `cpu.max`. Only the process's own CPU time is charged (its threads' user and
+/// system time); softirq work such as the TCP stack in NAPI is not. Dropping it
+/// moves the process back to the cgroup it came from and removes the cgroup.
+#[derive(Debug)]
+pub struct CpuBudget {
+    dir: PathBuf,
+    home: PathBuf,
+    pid: u32,
+}
+
+impl CpuBudget {
+    pub fn new(tag: &str, pid: u32, share: f64, period: Duration) -> Result<CpuBudget> {
+        let period_us = period.as_micros().max(1000) as u64;
+        let quota_us = ((period_us as f64 * share) as u64).max(1000);
+        let (mount, v2) = if Path::new("/sys/fs/cgroup/cpu/cgroup.procs").exists() {
+            (PathBuf::from("/sys/fs/cgroup/cpu"), false)
+        } else if std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
+        {
+            (PathBuf::from("/sys/fs/cgroup"), true)
+        } else {
+            bail!("no cgroup cpu controller (neither v1 /sys/fs/cgroup/cpu nor v2 cpu.max)");
+        };
+        // The process's own cgroup of that hierarchy, to go back to.
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .with_context(|| format!("/proc/{pid}/cgroup"))?;
+        let own = cgroups
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+                let wanted = if v2 {
+                    controllers.is_empty()
+                } else {
+                    controllers.split(',').any(|c| c == "cpu")
+                };
+                wanted.then(|| path.trim_start_matches('/').to_string())
+            })
+            .next()
+            .context("the process is in no cgroup of the cpu hierarchy")?;
+        let home = mount.join(own);
+        let dir = mount.join(format!("forwarder-bench-{tag}-{pid}"));
+        if v2 {
+            // The controller must be enabled for the root's children.
+            let _ = std::fs::write(mount.join("cgroup.subtree_control"), "+cpu");
+        }
+        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let budget = CpuBudget {
+            dir: dir.clone(),
+            home,
+            pid,
+        };
+        if v2 {
+            std::fs::write(dir.join("cpu.max"), format!("{quota_us} {period_us}"))
+                .context("cpu.max")?;
+        } else {
+            std::fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string())
+                .context("cpu.cfs_period_us")?;
+            std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())
+                .context("cpu.cfs_quota_us")?;
+        }
+        // Writing the pid to cgroup.procs moves every thread of the process.
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", dir.display()))?;
+        Ok(budget)
+    }
+}
+
+impl Drop for CpuBudget {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
+        // Threads started while in the budget follow the process back; rmdir only
+        // succeeds once the cgroup is empty.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
