@@ -228,8 +228,17 @@ pub(crate) async fn serve(
     };
     match terminator {
         None => serve_plain(&shared, meta, &counters, client_stream).await,
+        // Boxed: the TLS state would make every connection's task as large (a
+        // task's future is moved into place when spawned).
         Some(terminator) => {
-            super::conn_tls::serve(&shared, meta, &counters, &terminator, client_stream).await;
+            Box::pin(super::conn_tls::serve(
+                &shared,
+                meta,
+                &counters,
+                &terminator,
+                client_stream,
+            ))
+            .await;
         }
     }
 }
@@ -363,15 +372,21 @@ async fn serve_plain(
         // 3. In XDP (`tcp_fastpath = "xdp"`, when eligible), or splice both ways.
         Ok(origin_stream) => {
             let mut drained = Drained::default();
-            let spliced = splice_in_xdp(
-                shared,
-                &meta,
-                &client_stream,
-                &origin_stream,
-                origin_addr,
-                &mut drained,
-            )
-            .await;
+            // Boxed, and only for the apps that ask for it: its state would make
+            // every connection's task larger.
+            let spliced = if meta.app.tcp_fastpath == TcpFastpath::Xdp {
+                Box::pin(splice_in_xdp(
+                    shared,
+                    &meta,
+                    &client_stream,
+                    &origin_stream,
+                    origin_addr,
+                    &mut drained,
+                ))
+                .await
+            } else {
+                None
+            };
             match spliced {
                 Some(outcome) => {
                     counters.add_client_bytes(outcome.client_bytes);

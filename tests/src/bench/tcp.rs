@@ -352,7 +352,8 @@ impl CpuCap {
 
     fn write(&self, file: &str, value: &str) -> Result<()> {
         let path = self.dir.join(file);
-        std::fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))
+        std::fs::write(&path, value)
+            .with_context(|| format!("writing {value} to {}", path.display()))
     }
 
     /// Moves process `pid` (all its threads) into the group until the guard drops;
@@ -364,7 +365,10 @@ impl CpuCap {
             .find_map(|l| {
                 let mut f = l.splitn(3, ':');
                 let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-                controllers.split(',').any(|c| c == "cpu").then(|| path.to_string())
+                controllers
+                    .split(',')
+                    .any(|c| c == "cpu")
+                    .then(|| path.to_string())
             })
             .context("the process has no cgroup v1 cpu group")?;
         let back = std::path::Path::new("/sys/fs/cgroup/cpu")
@@ -390,7 +394,11 @@ pub(super) struct CapGuard {
 impl Drop for CapGuard {
     fn drop(&mut self) {
         if let Err(e) = std::fs::write(&self.back, self.pid.to_string()) {
-            eprintln!("   could not move {} back to {}: {e}", self.pid, self.back.display());
+            eprintln!(
+                "   could not move {} back to {}: {e}",
+                self.pid,
+                self.back.display()
+            );
         }
     }
 }
