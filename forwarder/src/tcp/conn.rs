@@ -584,18 +584,21 @@ async fn pump(
         Some((up, down)) => (Some(up), Some(down)),
         None => (None, None),
     };
+    // The caller closes both sockets as soon as this returns: the last FIN is
+    // the close's (copy::Ends).
+    let ends = copy::Ends::default();
     let client_to_origin = async {
         let on_bytes = activity.client_counter(counters);
         match up.as_mut() {
             Some(pipe) => splice::forward(client, origin, pipe, on_bytes).await,
-            None => copy::forward(client, origin, on_bytes).await,
+            None => copy::forward_ending(client, origin, Some(&ends), on_bytes).await,
         }
     };
     let origin_to_client = async {
         let on_bytes = activity.origin_counter(counters);
         match down.as_mut() {
             Some(pipe) => splice::forward(origin, client, pipe, on_bytes).await,
-            None => copy::forward(origin, client, on_bytes).await,
+            None => copy::forward_ending(origin, client, Some(&ends), on_bytes).await,
         }
     };
     let end = run_directions(shared, activity, close, client_to_origin, origin_to_client).await;

@@ -216,7 +216,15 @@ pub fn rfc3339(time: SystemTime) -> String {
     put(14, ((rem % 3600) / 60) as u64, 2);
     put(17, (rem % 60) as u64, 2);
     put(20, u64::from(micros), 6);
-    for (at, c) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (26, b'Z')] {
+    for (at, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
         out[at] = c;
     }
     // ASCII digits and separators only.
