@@ -104,8 +104,15 @@ impl TcpLab {
             None
         };
         let [ec, eo] = lab.edge_ifaces();
+        // `FORWARDER_BENCH_TCP_SPLICE=on|off|auto`: the agent's engine (diagnostics;
+        // the default is the agent's own default).
+        let engine = std::env::var("FORWARDER_BENCH_TCP_SPLICE")
+            .ok()
+            .filter(|e| ["on", "off", "auto"].contains(&e.as_str()))
+            .map(|e| format!("tcp_splice = \"{e}\"\n"))
+            .unwrap_or_default();
         let config = format!(
-            "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\n\
+            "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\n{engine}\
              pass = [\"tcp/{}\", \"tcp/{}\"]\n\n\
              [[apps]]\nid = \"iperf\"\nprotocol = \"tcp/{IPERF_PORT}\"\n\
              origin_direct = [\"tcp://{ORIGIN_V4}:{IPERF_PORT}\"]\n\n\
@@ -785,6 +792,11 @@ impl Scenario for TcpThroughput {
             higher_is_better: true,
         }];
         m.extend(cpu_metrics("µs proxy CPU/MB", "µs edge CPU/MB"));
+        m.push(Metric {
+            name: "packets",
+            unit: "packets/MB at the edge",
+            higher_is_better: false,
+        });
         m
     }
 
@@ -837,21 +849,27 @@ impl Scenario for TcpThroughput {
         let pid = tl.proxies.pid(variant);
         let _capped = self.capping.hold(variant, pid)?;
         let tag = format!("tcp-throughput-{variant}-{round}");
+        let packets0 = tl.edge_packets()?;
         let (out, cpu) = with_round_cpu(pid, opts, &tag, || {
             forwarder_tests::OutputOk::output_ok(&mut cmd).context("iperf3 client")
         })?;
+        let packets = tl.edge_packets()?.saturating_sub(packets0);
         let mbps = iperf_receiver_mbps(&out)?;
         // Megabytes moved: the receiver's rate over the run.
         let megabytes = mbps * secs as f64 / 8.0;
         let mut values = vec![mbps / 1000.0];
         values.extend(cpu_values(&cpu, megabytes));
+        values.push(packets as f64 / megabytes.max(1e-9));
         Ok(values)
     }
 
     fn notes(&self, opts: &Options) -> Vec<String> {
         vec![
             format!(
-                "iperf3 -c … -t {} (one TCP stream, client → origin), receiver-side rate.",
+                "iperf3 -c … -t {} (one TCP stream, client → origin), receiver-side rate. \
+                 packets/MB: what the edge's veths ec and eo received and sent during the \
+                 run (both legs, data and ACKs; a routed packet crosses both) per MB \
+                 received.",
                 TcpThroughput::seconds(opts)
             ),
             cpu_note(opts),
