@@ -410,6 +410,28 @@ impl Drop for CapGuard {
     }
 }
 
+/// Context switches of process `pid` so far, all its threads: (voluntary: it
+/// slept, e.g. in epoll_wait, and was woken; involuntary: it was preempted).
+fn context_switches(pid: u32) -> Result<(u64, u64)> {
+    let (mut voluntary, mut involuntary) = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            let value = |l: &str| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            if line.starts_with("voluntary_ctxt_switches:") {
+                voluntary += value(line).unwrap_or(0);
+            } else if line.starts_with("nonvoluntary_ctxt_switches:") {
+                involuntary += value(line).unwrap_or(0);
+            }
+        }
+    }
+    Ok((voluntary, involuntary))
+}
+
 /// What one round cost: the proxy process's CPU (`None` without one), the busy
 /// time of the whole edge CPU and of the generator CPU (`/proc/stat`), in seconds,
 /// and the round's wall time.
@@ -959,6 +981,16 @@ impl Scenario for TcpConnRate {
             unit: "packets/conn at the edge",
             higher_is_better: false,
         });
+        m.push(Metric {
+            name: "wakeups",
+            unit: "proxy wake-ups/conn",
+            higher_is_better: false,
+        });
+        m.push(Metric {
+            name: "preempted",
+            unit: "proxy preemptions/conn",
+            higher_is_better: false,
+        });
         m
     }
 
@@ -1010,10 +1042,21 @@ impl Scenario for TcpConnRate {
         let _capped = self.capping.hold(variant, pid)?;
         let tag = format!("tcp-connrate-{variant}-{round}");
         let packets0 = tl.edge_packets()?;
+        let switches0 = pid.map(context_switches).transpose()?;
         let ((ok, failed, elapsed), cpu) = with_round_cpu(pid, opts, &tag, || {
             conn_loop(&tl.lab, addr, TcpConnRate::duration(opts), opts.gen_cpu)
         })?;
         let packets = tl.edge_packets()?.saturating_sub(packets0);
+        let switches = match (pid, switches0) {
+            (Some(pid), Some((v0, i0))) => {
+                let (v, i) = context_switches(pid)?;
+                (
+                    v.saturating_sub(v0) as f64 / ok.max(1) as f64,
+                    i.saturating_sub(i0) as f64 / ok.max(1) as f64,
+                )
+            }
+            _ => (f64::NAN, f64::NAN),
+        };
         if ok == 0 {
             bail!("no connection succeeded ({failed} failed)");
         }
@@ -1026,6 +1069,8 @@ impl Scenario for TcpConnRate {
         let mut values = vec![ok as f64 / elapsed.as_secs_f64()];
         values.extend(cpu_values(&cpu, ok as f64));
         values.push(packets as f64 / ok as f64);
+        values.push(switches.0);
+        values.push(switches.1);
         Ok(values)
     }
 
@@ -1036,7 +1081,9 @@ impl Scenario for TcpConnRate {
                  {ECHO_LEN} bytes, read them back, read EOF, close, for {:.1} s; origin: a \
                  tokio echo server that closes after answering. packets/conn: what the \
                  edge's veths ec and eo received and sent during the round, per connection \
-                 (a routed packet crosses both: the direct path counts each twice).",
+                 (a routed packet crosses both: the direct path counts each twice). \
+                 wake-ups / preemptions: the proxy process's voluntary / involuntary \
+                 context switches (/proc/PID/task/*/status) per connection.",
                 TcpConnRate::duration(opts).as_secs_f64()
             ),
             cpu_note(opts),
