@@ -622,10 +622,13 @@ fn tcp_variants(direct: bool, capped: bool) -> Vec<Variant> {
     v
 }
 
-/// The CPU-cap state of a scenario with `-capped` variants.
+/// The CPU-cap state of a scenario with `-capped` variants, and how busy the two
+/// CPUs were in each variant's rounds (for the report's note on what the limit
+/// was).
 #[derive(Default)]
 struct Capping {
     cap: Option<Result<CpuCap, String>>,
+    busy: std::collections::BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 impl Capping {
@@ -642,6 +645,57 @@ impl Capping {
             Some(Err(e)) => Some(format!("no CPU cap: {e}")),
             None => Some("no CPU cap".into()),
         }
+    }
+
+    /// Records one round's busy shares (edge, generator) of `variant`.
+    fn record(&mut self, variant: &str, cpu: &RoundCpu) {
+        self.busy
+            .entry(variant.to_string())
+            .or_default()
+            .push(cpu.busy_percent());
+    }
+
+    /// Per variant, what limited it, from the median busy shares: a CPU at 90 %
+    /// or more was the limit; with neither, a capped proxy's budget was.
+    fn limit_note(&self) -> String {
+        let mut parts = Vec::new();
+        for (variant, rounds) in &self.busy {
+            let edge: Vec<f64> = rounds.iter().map(|r| r.0).collect();
+            let generator: Vec<f64> = rounds.iter().map(|r| r.1).collect();
+            let (edge, generator) = (
+                sys::median_min_max(&edge).0,
+                sys::median_min_max(&generator).0,
+            );
+            let limit = match (edge >= 90.0, generator >= 90.0) {
+                (true, true) => "both CPUs (the lab)",
+                (true, false) => "the edge CPU",
+                (false, true) => "the generator CPU, not the proxy",
+                (false, false) if variant.ends_with(CAPPED) => "the proxy's CPU budget",
+                (false, false) => "neither CPU (latency, or the proxy)",
+            };
+            parts.push(format!(
+                "{variant}: {limit} (edge {edge:.0} %, generator {generator:.0} % busy)"
+            ));
+        }
+        // The direct path costs the edge a quarter to a half of its CPU: a busy
+        // edge there means something else ran on the machine.
+        let disturbed = self
+            .busy
+            .get("direct")
+            .map(|rounds| rounds.iter().map(|r| r.0).collect::<Vec<f64>>())
+            .map(|edge| sys::median_min_max(&edge).0)
+            .filter(|&edge| edge >= 75.0)
+            .map(|edge| {
+                format!(
+                    " DISTURBED RUN: the edge CPU was {edge:.0} % busy on the direct path, \
+                     which costs it 25–50 %: something else ran on the machine."
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "What limited each variant (median busy; 90 % or more counts as the limit): {}.{disturbed}",
+            parts.join("; ")
+        )
     }
 
     /// Holds the proxy of `variant` in the cap while the guard lives (capped
@@ -869,13 +923,15 @@ impl Scenario for TcpThroughput {
         let secs = TcpThroughput::seconds(opts);
         let mut cmd = iperf_client(&tl.lab, addr, secs, opts.gen_cpu);
         let pid = tl.proxies.pid(variant);
-        let _capped = self.capping.hold(variant, pid)?;
+        let capped = self.capping.hold(variant, pid)?;
         let tag = format!("tcp-throughput-{variant}-{round}");
         let packets0 = tl.edge_packets()?;
         let (out, cpu) = with_round_cpu(pid, opts, &tag, || {
             forwarder_tests::OutputOk::output_ok(&mut cmd).context("iperf3 client")
         })?;
         let packets = tl.edge_packets()?.saturating_sub(packets0);
+        drop(capped);
+        self.capping.record(variant, &cpu);
         let mbps = iperf_receiver_mbps(&out)?;
         // Megabytes moved: the receiver's rate over the run.
         let megabytes = mbps * secs as f64 / 8.0;
@@ -895,6 +951,7 @@ impl Scenario for TcpThroughput {
                 TcpThroughput::seconds(opts)
             ),
             cpu_note(opts),
+            self.capping.limit_note(),
             pinning_note(opts),
         ]
     }
@@ -1039,7 +1096,7 @@ impl Scenario for TcpConnRate {
         let tl = self.tl.as_ref().context("no lab")?;
         let addr = tl.variant_addr(variant, ECHO_PORT)?;
         let pid = tl.proxies.pid(variant);
-        let _capped = self.capping.hold(variant, pid)?;
+        let capped = self.capping.hold(variant, pid)?;
         let tag = format!("tcp-connrate-{variant}-{round}");
         let packets0 = tl.edge_packets()?;
         let switches0 = pid.map(context_switches).transpose()?;
@@ -1047,6 +1104,8 @@ impl Scenario for TcpConnRate {
             conn_loop(&tl.lab, addr, TcpConnRate::duration(opts), opts.gen_cpu)
         })?;
         let packets = tl.edge_packets()?.saturating_sub(packets0);
+        drop(capped);
+        self.capping.record(variant, &cpu);
         let switches = match (pid, switches0) {
             (Some(pid), Some((v0, i0))) => {
                 let (v, i) = context_switches(pid)?;
@@ -1087,6 +1146,7 @@ impl Scenario for TcpConnRate {
                 TcpConnRate::duration(opts).as_secs_f64()
             ),
             cpu_note(opts),
+            self.capping.limit_note(),
             pinning_note(opts),
         ]
     }
