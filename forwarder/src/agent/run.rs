@@ -35,14 +35,23 @@ pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
         Ok((_, limit)) => info!("open-file limit {limit}"),
         Err(err) => warn!("could not raise the open-file limit: {err}"),
     }
-    // One worker per CPU the agent may run on (its affinity): an agent pinned to
-    // one CPU then runs one worker, without cross-thread wake-ups.
+    // One worker per CPU the agent may run on (its affinity). An agent pinned to
+    // one CPU runs everything on one thread (tokio's current-thread scheduler): no
+    // second thread to wake, no work-stealing bookkeeping per task (docs/tcp.md,
+    // "Runtime").
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    info!("async runtime: {workers} worker thread(s)");
     runtime.block_on(run(options))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -228,8 +228,17 @@ pub(crate) async fn serve(
     };
     match terminator {
         None => serve_plain(&shared, meta, &counters, client_stream).await,
+        // Boxed: the TLS state would make every connection's task as large (a
+        // task's future is moved into place when spawned).
         Some(terminator) => {
-            super::conn_tls::serve(&shared, meta, &counters, &terminator, client_stream).await;
+            Box::pin(super::conn_tls::serve(
+                &shared,
+                meta,
+                &counters,
+                &terminator,
+                client_stream,
+            ))
+            .await;
         }
     }
 }
@@ -363,15 +372,21 @@ async fn serve_plain(
         // 3. In XDP (`tcp_fastpath = "xdp"`, when eligible), or splice both ways.
         Ok(origin_stream) => {
             let mut drained = Drained::default();
-            let spliced = splice_in_xdp(
-                shared,
-                &meta,
-                &client_stream,
-                &origin_stream,
-                origin_addr,
-                &mut drained,
-            )
-            .await;
+            // Boxed, and only for the apps that ask for it: its state would make
+            // every connection's task larger.
+            let spliced = if meta.app.tcp_fastpath == TcpFastpath::Xdp {
+                Box::pin(splice_in_xdp(
+                    shared,
+                    &meta,
+                    &client_stream,
+                    &origin_stream,
+                    origin_addr,
+                    &mut drained,
+                ))
+                .await
+            } else {
+                None
+            };
             match spliced {
                 Some(outcome) => {
                     counters.add_client_bytes(outcome.client_bytes);
@@ -569,18 +584,21 @@ async fn pump(
         Some((up, down)) => (Some(up), Some(down)),
         None => (None, None),
     };
+    // The caller closes both sockets as soon as this returns: the last FIN is
+    // the close's (copy::Ends).
+    let ends = copy::Ends::default();
     let client_to_origin = async {
         let on_bytes = activity.client_counter(counters);
         match up.as_mut() {
             Some(pipe) => splice::forward(client, origin, pipe, on_bytes).await,
-            None => copy::forward(client, origin, on_bytes).await,
+            None => copy::forward_ending(client, origin, Some(&ends), on_bytes).await,
         }
     };
     let origin_to_client = async {
         let on_bytes = activity.origin_counter(counters);
         match down.as_mut() {
             Some(pipe) => splice::forward(origin, client, pipe, on_bytes).await,
-            None => copy::forward(origin, client, on_bytes).await,
+            None => copy::forward_ending(origin, client, Some(&ends), on_bytes).await,
         }
     };
     let end = run_directions(shared, activity, close, client_to_origin, origin_to_client).await;

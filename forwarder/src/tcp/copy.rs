@@ -14,6 +14,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -75,12 +76,38 @@ enum Step {
     WriteFailed(io::Error),
 }
 
+/// The two directions of one connection, for the FIN of the last one: once the
+/// other direction has ended, the caller closes both sockets as soon as this one
+/// ends, and that close sends the FIN; a `shutdown` first would be one syscall
+/// more per connection for nothing. (Its receive queue is empty: the other
+/// direction read it to its EOF, so the close sends FIN, not RST.)
+#[derive(Debug, Default)]
+pub struct Ends(AtomicBool);
+
+impl Ends {
+    /// Marks one direction ended; `true` when the other one had ended already.
+    fn last(&self) -> bool {
+        self.0.swap(true, Ordering::Relaxed)
+    }
+}
+
 /// Moves everything `src` sends to `dst` until `src` sends FIN; then sends FIN to
 /// `dst` (half-close) and returns the byte count. `on_bytes` is called with each
 /// chunk's size as it is read from `src`.
 pub async fn forward(
     src: &TcpStream,
     dst: &TcpStream,
+    on_bytes: impl FnMut(u64),
+) -> Result<u64, Fault> {
+    forward_ending(src, dst, None, on_bytes).await
+}
+
+/// As [`forward`]; with `ends`, the direction that ends last leaves its FIN to
+/// the caller's close (see [`Ends`]): the caller must close `dst` right after.
+pub async fn forward_ending(
+    src: &TcpStream,
+    dst: &TcpStream,
+    ends: Option<&Ends>,
     mut on_bytes: impl FnMut(u64),
 ) -> Result<u64, Fault> {
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
@@ -149,7 +176,9 @@ pub async fn forward(
         match step.take() {
             None => continue,
             Some(Step::Eof) => {
-                shutdown_write(dst).map_err(Fault::Write)?;
+                if !ends.is_some_and(Ends::last) {
+                    shutdown_write(dst).map_err(Fault::Write)?;
+                }
                 return Ok(total);
             }
             Some(Step::WriteFailed(e)) => return Err(Fault::Write(e)),
@@ -203,6 +232,40 @@ mod tests {
         });
         assert_eq!(moved.unwrap(), 5);
         assert_eq!(reply, b"reply");
+    }
+
+    /// With `Ends`, the first direction to end half-closes at once; the last leaves
+    /// its FIN to the close that follows, and the peer then reads everything and
+    /// a clean EOF.
+    #[tokio::test]
+    async fn the_last_direction_leaves_its_fin_to_the_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, a_in) = pair(&listener).await;
+        let (b_out, mut server) = pair(&listener).await;
+        let ends = Ends::default();
+        // The origin answers and closes first: its direction ends first.
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let down = forward_ending(&b_out, &a_in, Some(&ends), |_| {}).await;
+        assert_eq!(down.unwrap(), 5);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"reply", "the first FIN was passed on at once");
+        client.write_all(b"last").await.unwrap();
+        client.shutdown().await.unwrap();
+        let up = forward_ending(&a_in, &b_out, Some(&ends), |_| {}).await;
+        assert_eq!(up.unwrap(), 4);
+        // No shutdown yet: the origin has the bytes but no EOF until the close.
+        let mut buf = [0u8; 8];
+        let n = server.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"last");
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(200), server.read(&mut buf))
+                .await;
+        assert!(early.is_err(), "EOF before the close: {early:?}");
+        drop(b_out);
+        drop(a_in);
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0, "a clean EOF (FIN)");
     }
 
     /// A destination that reads slowly: the stash path carries every byte, in order.

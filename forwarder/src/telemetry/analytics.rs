@@ -243,11 +243,14 @@ pub fn parse_rfc3339_micros(text: &str) -> Option<i64> {
     let micros = match frac.strip_prefix('.') {
         None if frac.is_empty() => 0,
         Some(digits) if !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()) => {
-            let mut padded: String = digits.chars().take(6).collect();
-            while padded.len() < 6 {
-                padded.push('0');
+            // The first six digits, padded with zeros (no allocation: this runs for
+            // every connection's end).
+            let mut micros = 0i64;
+            let mut bytes = digits.bytes();
+            for _ in 0..6 {
+                micros = micros * 10 + bytes.next().map_or(0, |c| i64::from(c - b'0'));
             }
-            padded.parse::<i64>().ok()?
+            micros
         }
         _ => return None,
     };

@@ -381,19 +381,42 @@ pub struct CpuBudget {
     pid: u32,
 }
 
+/// The share of one CPU every capped proxy gets (`tls`, and the `-capped`
+/// variants of `tcp-throughput` and `tcp-connrate`): low enough that the proxy
+/// process, not the lab's clients or generator CPU, is the limit.
+pub const PROXY_CPU_SHARE: f64 = 0.15;
+/// The CFS period of that budget: short, so the proxy runs in short slices
+/// instead of the bursts of the 100 ms default.
+pub const PROXY_CPU_PERIOD: Duration = Duration::from_millis(10);
+
 impl CpuBudget {
-    pub fn new(tag: &str, pid: u32, share: f64, period: Duration) -> Result<CpuBudget> {
-        let period_us = period.as_micros().max(1000) as u64;
-        let quota_us = ((period_us as f64 * share) as u64).max(1000);
-        let (mount, v2) = if Path::new("/sys/fs/cgroup/cpu/cgroup.procs").exists() {
-            (PathBuf::from("/sys/fs/cgroup/cpu"), false)
+    /// The cgroup hierarchy with the cpu controller: (mount point, whether v2).
+    fn hierarchy() -> Result<(PathBuf, bool)> {
+        if Path::new("/sys/fs/cgroup/cpu/cgroup.procs").exists() {
+            Ok((PathBuf::from("/sys/fs/cgroup/cpu"), false))
         } else if std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
             .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
         {
-            (PathBuf::from("/sys/fs/cgroup"), true)
+            Ok((PathBuf::from("/sys/fs/cgroup"), true))
         } else {
-            bail!("no cgroup cpu controller (neither v1 /sys/fs/cgroup/cpu nor v2 cpu.max)");
-        };
+            bail!("no cgroup cpu controller (neither v1 /sys/fs/cgroup/cpu nor v2 cpu.max)")
+        }
+    }
+
+    /// Whether budgets can be set on this machine (the reason if not).
+    pub fn available() -> Result<()> {
+        CpuBudget::hierarchy().map(|_| ())
+    }
+
+    /// [`PROXY_CPU_SHARE`] of a CPU for process `pid`.
+    pub fn proxy(tag: &str, pid: u32) -> Result<CpuBudget> {
+        CpuBudget::new(tag, pid, PROXY_CPU_SHARE, PROXY_CPU_PERIOD)
+    }
+
+    pub fn new(tag: &str, pid: u32, share: f64, period: Duration) -> Result<CpuBudget> {
+        let period_us = period.as_micros().max(1000) as u64;
+        let quota_us = ((period_us as f64 * share) as u64).max(1000);
+        let (mount, v2) = CpuBudget::hierarchy()?;
         // The process's own cgroup of that hierarchy, to go back to.
         let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .with_context(|| format!("/proc/{pid}/cgroup"))?;
@@ -441,7 +464,13 @@ impl CpuBudget {
 
 impl Drop for CpuBudget {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
+        if let Err(e) = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string()) {
+            eprintln!(
+                "   could not move {} back to {}: {e}",
+                self.pid,
+                self.home.display()
+            );
+        }
         // Threads started while in the budget follow the process back; rmdir only
         // succeeds once the cgroup is empty.
         for _ in 0..50 {

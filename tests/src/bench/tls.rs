@@ -35,12 +35,10 @@ const NAME: &str = "bench.example";
 /// own handshakes).
 const HANDSHAKE_CLIENTS: usize = 4;
 /// The proxy-bound handshake run: each proxy gets the same share of one CPU
-/// (a CFS quota, `sys::CpuBudget`), and enough parallel clients that the clients,
+/// (`sys::CpuBudget::proxy`), and enough parallel clients that the clients,
 /// with the whole generator CPU, can go faster than either proxy. Without it the
 /// four clients above set the rate (they spend about as much CPU per handshake as
 /// a proxy) and both proxies idle part of the time.
-const BUDGET_SHARE: f64 = 0.15;
-const BUDGET_PERIOD: Duration = Duration::from_millis(5);
 const BUDGET_CLIENTS: usize = 12;
 /// The one cipher suite both proxies are asked for.
 const SUITE: &str = "TLS_AES_256_GCM_SHA384";
@@ -267,7 +265,7 @@ impl TlsLab {
 pub struct TlsTermination {
     tl: Option<TlsLab>,
     /// Per variant: the share of one CPU the proxy process used during its last
-    /// budget run (near `BUDGET_SHARE` when the proxy, not the clients, was the
+    /// budget run (near `sys::PROXY_CPU_SHARE` when the proxy, not the clients, was the
     /// limit).
     budget_used: Vec<(String, f64)>,
 }
@@ -390,8 +388,8 @@ impl Scenario for TlsTermination {
         }
         let budget_rate = {
             let pid = pid.context("no pid for the proxy")?;
-            let _budget = sys::CpuBudget::new(variant, pid, BUDGET_SHARE, BUDGET_PERIOD)
-                .context("a CPU budget for the proxy")?;
+            let _budget =
+                sys::CpuBudget::proxy(variant, pid).context("a CPU budget for the proxy")?;
             let ((n, elapsed), cpu) = with_process_cpu(Some(pid), || {
                 tl.handshakes(port, secs, opts.gen_cpu, BUDGET_CLIENTS)
             })?;
@@ -431,8 +429,8 @@ impl Scenario for TlsTermination {
                  both proxies; the clients can then go faster than either proxy, so the rate \
                  is what the proxy's own CPU per handshake allows. Kernel TCP work in \
                  softirq is not charged to the quota.",
-                BUDGET_SHARE * 100.0,
-                BUDGET_PERIOD.as_millis()
+                sys::PROXY_CPU_SHARE * 100.0,
+                sys::PROXY_CPU_PERIOD.as_millis()
             ),
             format!(
                 "CPU the proxies used during their last budget run (process utime + stime \
