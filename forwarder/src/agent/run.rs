@@ -39,8 +39,11 @@ pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
     // one CPU runs everything on one thread (tokio's current-thread scheduler): no
     // second thread to wake, no work-stealing bookkeeping per task (docs/tcp.md,
     // "Runtime").
+    // `FORWARDER_RUNTIME=multi-thread` keeps the work-stealing scheduler on one CPU
+    // too (for comparisons; docs/tcp.md, "Runtime").
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-    let mut builder = if workers == 1 {
+    let multi_on_one = std::env::var("FORWARDER_RUNTIME").is_ok_and(|v| v == "multi-thread");
+    let mut builder = if workers == 1 && !multi_on_one {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -51,7 +54,14 @@ pub fn run_cli(options: RunOptions) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    info!("async runtime: {workers} worker thread(s)");
+    info!(
+        "async runtime: {workers} worker thread(s), {}",
+        if workers == 1 && !multi_on_one {
+            "current-thread scheduler"
+        } else {
+            "multi-thread scheduler"
+        }
+    );
     runtime.block_on(run(options))?;
     Ok(ExitCode::SUCCESS)
 }
