@@ -15,15 +15,26 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::conn::{End, Side};
-use super::fastpath::{Ineligible, LegState, eligibility, splice_entries};
-use super::quiet::{Drained, NotQuiet, drain_until_quiet};
+use super::fastpath::{Ineligible, LegState, eligibility, hold_entry, splice_entries, splice_keys};
+use super::quiet::{Drained, NotQuiet, drain_until_quiet, forward_until_moved};
 use super::repair;
 use crate::telemetry::events::status;
 
-/// How long a connection may take to go quiet, and how many bytes may be forwarded
-/// on the way, before it stays on the socket path.
+/// The handoff rule: a connection is handed to XDP only once it has moved this
+/// many bytes (both ways together) on the socket path, within `HANDOFF_WINDOW` of
+/// its start. Shorter connections (a request and its answer, the bench's 64-byte
+/// echo) never pay for a handoff: no repair call, no map update, no hold. Chosen
+/// from the cost of a handoff (about 20 socket calls, four map updates, the
+/// 10 ms commit wait and a retransmission stall of the held peer, docs/tcp.md)
+/// against what splicing saves per byte: below a few hundred KiB the socket path
+/// finishes the connection before a splice would pay off.
+pub const HANDOFF_AFTER: u64 = 256 * 1024;
+const HANDOFF_WINDOW: Duration = Duration::from_secs(2);
+/// How long a held connection may take to go quiet, and how many bytes may be
+/// forwarded on the way (what was queued before the hold), before it stays on the
+/// socket path.
 const QUIET_WAIT: Duration = Duration::from_millis(200);
-const QUIET_BUDGET: u64 = 256 * 1024;
+const QUIET_BUDGET: u64 = 4 * 1024 * 1024;
 /// After FIN both ways, the entries stay this long for the last ACK (and a
 /// retransmitted FIN) to pass.
 const FIN_GRACE: Duration = Duration::from_secs(2);
@@ -102,7 +113,12 @@ impl Splicer {
         if let Some(i) = Ineligible::ALL.iter().position(|r| *r == reason) {
             self.fallbacks[i].fetch_add(1, Ordering::Relaxed);
         }
-        info!("app {app}: {client} stays on the socket path ({reason})");
+        if reason == Ineligible::Short {
+            // The common case of short connections: counted, not logged each.
+            debug!("app {app}: {client} stays on the socket path ({reason})");
+        } else {
+            info!("app {app}: {client} stays on the socket path ({reason})");
+        }
         reason
     }
 
@@ -119,6 +135,23 @@ impl Splicer {
         drained: &mut Drained,
     ) -> Result<oneshot::Receiver<Outcome>, Ineligible> {
         let fail = |reason| self.fallback(app, addrs.client, reason);
+        // The rule: only a connection that moves `HANDOFF_AFTER` bytes within
+        // `HANDOFF_WINDOW` is worth a handoff; until then it is forwarded here.
+        match forward_until_moved(client, origin, HANDOFF_WINDOW, HANDOFF_AFTER, drained).await {
+            Ok(()) => {}
+            Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::Short)),
+            Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
+        }
+        // Hold it: from here the peers' data (and SYN/FIN) is dropped in XDP and
+        // retransmitted by them later, so what the sockets have queued can be
+        // forwarded and acknowledged and the legs go quiet even on a busy stream.
+        let keys = splice_keys(addrs.client, addrs.edge, addrs.local, addrs.origin);
+        let hold = [(keys[0], hold_entry()), (keys[1], hold_entry())];
+        if self.insert(&hold).is_err() {
+            return Err(fail(Ineligible::MapFull));
+        }
+        // Every way out that does not splice takes the hold away again.
+        let unhold = || self.remove(&keys);
         let deadline = Instant::now() + QUIET_WAIT;
         let mut attempts = 0;
         let (pair, client_leg) = loop {
@@ -126,8 +159,14 @@ impl Splicer {
             let wait = deadline.saturating_duration_since(Instant::now());
             match drain_until_quiet(client, origin, wait, QUIET_BUDGET, drained).await {
                 Ok(()) => {}
-                Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::NotQuiet)),
-                Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
+                Err(NotQuiet::Busy | NotQuiet::Closed) => {
+                    unhold();
+                    return Err(fail(Ineligible::NotQuiet));
+                }
+                Err(NotQuiet::Failed(_)) => {
+                    unhold();
+                    return Err(fail(Ineligible::Repair));
+                }
             }
             let app_index = self
                 .app_indices
@@ -140,29 +179,36 @@ impl Splicer {
                 self.ifindex_to(addrs.client.ip()).await,
                 self.ifindex_to(addrs.origin.ip()).await,
             ) else {
+                unhold();
                 return Err(fail(Ineligible::Repair));
             };
             let client_leg =
                 match repair::enter_and_read(client, addrs.edge, addrs.client, client_ifindex) {
                     Ok(leg) => leg,
-                    Err(_) => return Err(fail(Ineligible::Repair)),
+                    Err(_) => {
+                        unhold();
+                        return Err(fail(Ineligible::Repair));
+                    }
                 };
             let origin_leg =
                 match repair::enter_and_read(origin, addrs.local, addrs.origin, origin_ifindex) {
                     Ok(leg) => leg,
                     Err(_) => {
                         let _ = repair::resume(client);
+                        unhold();
                         return Err(fail(Ineligible::Repair));
                     }
                 };
             let resume_both = || {
                 let _ = repair::resume(client);
                 let _ = repair::resume(origin);
+                unhold();
             };
             if let Err(reason) = eligibility(&client_leg, &origin_leg) {
                 resume_both();
                 return Err(fail(reason));
             }
+            // Overwrites the hold: from here the program translates.
             let pair = splice_entries(&client_leg, &origin_leg, app_index);
             if self.insert(&pair).is_err() {
                 resume_both();
@@ -180,11 +226,15 @@ impl Splicer {
             };
             if !unchanged(client, &client_leg) || !unchanged(origin, &origin_leg) {
                 let translated = self.translated(&[pair[0].0, pair[1].0]);
-                self.remove(&[pair[0].0, pair[1].0]);
                 resume_both();
                 if translated == 0 {
-                    // Nothing crossed XDP yet: forward what landed and try again.
+                    // Nothing crossed XDP yet: hold again, forward what landed and
+                    // try again.
                     if attempts < MAX_HANDOFF_ATTEMPTS && Instant::now() < deadline {
+                        if self.insert(&hold).is_err() {
+                            unhold();
+                            return Err(fail(Ineligible::MapFull));
+                        }
                         continue;
                     }
                     return Err(fail(Ineligible::NotQuiet));

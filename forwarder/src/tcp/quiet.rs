@@ -71,6 +71,36 @@ pub async fn drain_until_quiet(
     }
 }
 
+/// Forwards what arrives until `bytes` have moved (both ways together, counted in
+/// `drained`), for at most `wait`: the socket path of a connection before its
+/// handoff is worth trying. `Busy`: fewer bytes by the deadline; `Closed`: a peer
+/// closed or reset first (EOF and errors stay on the socket for its next read).
+/// Waits on readability only: no timer runs while the connection idles.
+pub async fn forward_until_moved(
+    client: &TcpStream,
+    origin: &TcpStream,
+    wait: Duration,
+    bytes: u64,
+    drained: &mut Drained,
+) -> Result<(), NotQuiet> {
+    let deadline = Instant::now() + wait;
+    let mut buf = vec![0u8; CHUNK];
+    while drained.client_bytes + drained.origin_bytes < bytes {
+        tokio::select! {
+            r = client.readable() => {
+                r.map_err(|_| NotQuiet::Closed)?;
+                drained.client_bytes += move_some(client, origin, &mut buf).await?;
+            }
+            r = origin.readable() => {
+                r.map_err(|_| NotQuiet::Closed)?;
+                drained.origin_bytes += move_some(origin, client, &mut buf).await?;
+            }
+            _ = tokio::time::sleep_until(deadline) => return Err(NotQuiet::Busy),
+        }
+    }
+    Ok(())
+}
+
 /// Reads what `from` has (without waiting) and writes all of it to `to`.
 async fn move_some(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> Result<u64, NotQuiet> {
     let n = match from.try_read(buf) {

@@ -214,15 +214,11 @@ impl TcpLab {
         &self.lab
     }
 
-    /// Connections the agent handed to XDP so far (`forwarder_tcp_fastpath_connections`).
-    pub(super) fn spliced(&self) -> Result<u64> {
+    /// The agent's `tcp_fastpath = "xdp"` connections so far by outcome
+    /// (`forwarder_tcp_fastpath_connections`: `spliced`, or why not).
+    pub(super) fn fastpath_outcomes(&self) -> Result<std::collections::BTreeMap<String, u64>> {
         let agent = self.proxies.agent.as_ref().context("no agent")?;
-        Ok(agent
-            .stats()?
-            .tcp_fastpath
-            .get("spliced")
-            .copied()
-            .unwrap_or(0))
+        Ok(agent.stats()?.tcp_fastpath)
     }
 
     pub(super) fn finish(mut self) {
