@@ -484,6 +484,7 @@ fn a_short_connection_is_not_handed_over() {
     let (echo, err) = read_all(&mut client);
     assert!(err.is_none(), "{err:?}");
     assert_eq!(echo, vec![5u8; 64]);
+    drop(client);
     let d = wait_disconnect(&agent, "short", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
     assert_eq!(d.num("ClientBytes"), Some(64));

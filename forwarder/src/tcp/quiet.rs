@@ -15,7 +15,7 @@ use super::repair;
 /// again this often while bytes are in flight.
 const POLL: Duration = Duration::from_millis(2);
 /// Bytes forwarded at most per read.
-const CHUNK: usize = 16 * 1024;
+const CHUNK: usize = 64 * 1024;
 
 /// Payload bytes forwarded on the way to the quiet point.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -350,6 +350,18 @@ pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
+/// CPU seconds (user + system) of the children this process has waited for
+/// (`getrusage(RUSAGE_CHILDREN)`): a finished command's cost, taken before and
+/// after it.
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 /// Interrupt and softirq time of CPU `cpu` in seconds (`/proc/stat` irq and
 /// softirq): receive and transmit work that ran in no task's name (threaded NAPI
 /// runs in its threads and is counted there).

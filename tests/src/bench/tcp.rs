@@ -214,6 +214,11 @@ impl TcpLab {
         &self.lab
     }
 
+    /// The origin's iperf3 server process.
+    pub(super) fn iperf_server_pid(&self) -> Option<u32> {
+        self.iperf.as_ref().map(|p| p.child.id())
+    }
+
     /// The agent's `tcp_fastpath = "xdp"` connections so far by outcome
     /// (`forwarder_tcp_fastpath_connections`: `spliced`, or why not).
     pub(super) fn fastpath_outcomes(&self) -> Result<std::collections::BTreeMap<String, u64>> {

@@ -72,6 +72,11 @@ impl Scenario for TcpSplice {
                 unit: "µs edge CPU busy/MB",
                 higher_is_better: false,
             },
+            Metric {
+                name: "gen_load",
+                unit: "generator CPUs busy",
+                higher_is_better: false,
+            },
         ]
     }
 
@@ -88,6 +93,14 @@ impl Scenario for TcpSplice {
             Variant {
                 name: "haproxy",
                 label: "HAProxy mode tcp, splice-auto",
+            },
+            Variant {
+                name: "forwarder-xdp-samehost",
+                label: "forwarder-xdp, same-host peers (partial checksums)",
+            },
+            Variant {
+                name: "haproxy-samehost",
+                label: "HAProxy, same-host peers (partial checksums)",
             },
         ]
     }
@@ -131,10 +144,96 @@ impl Scenario for TcpSplice {
     }
 
     fn unavailable(&mut self, variant: &str, _opts: &Options) -> Option<String> {
-        self.tl.as_ref()?.unavailable(variant)
+        self.tl.as_ref()?.unavailable(peers(variant).0)
     }
 
-    fn measure(&mut self, variant: &str, _round: usize, opts: &Options) -> Result<Vec<f64>> {
+    fn measure(&mut self, variant: &str, round: usize, opts: &Options) -> Result<Vec<f64>> {
+        let (base, same_host) = peers(variant);
+        if !same_host {
+            return self.measure_base(base, round, opts);
+        }
+        // Same-host peers (SPEC §8): tx checksum offload on at cl and oe for this
+        // variant only, so their segments reach the edge with partial checksums
+        // (CHECKSUM_PARTIAL), as from containers on the edge's own host; the
+        // lab's wire-like setting is restored after.
+        set_peer_tx(self.tl.as_ref().context("no lab")?.lab(), "on")?;
+        let result = self.measure_base(base, round, opts);
+        set_peer_tx(self.tl.as_ref().context("no lab")?.lab(), "off")?;
+        result
+    }
+
+    fn notes(&self, opts: &Options) -> Vec<String> {
+        vec![
+            format!(
+                "Throughput: iperf3 -c … -t {} (one stream, client → origin), receiver-side \
+                 rate. Edge CPU: CPU time of the edge's own work over the iperf3 run, per MB \
+                 received: the NAPI threads of ec and eo (XDP, and the receive stack after \
+                 XDP_PASS), the proxy process (agent or HAProxy) and the irq/softirq time of \
+                 CPU {cpu} — not the CPU's whole busy time, which on a shared machine counts \
+                 whatever else runs there (edge_busy, kept for comparison with older runs). \
+                 Setup: connect + 64-byte echo + close, 8 loops, for {:.1} s (below the \
+                 handoff threshold: the forwarder-xdp connections stay on the socket path).",
+                TcpSplice::seconds(opts),
+                TcpSplice::setup_time(opts).as_secs_f64(),
+                cpu = opts.edge_cpu,
+            ),
+            "gen_load: CPU time of the generator side's work over the iperf3 run (the NAPI \
+             threads of cl and oe, the iperf3 server and client) per second of the run, in \
+             CPUs: near 1.0 the one generator CPU, not the edge, bounds the throughput of \
+             that variant."
+                .to_string(),
+            "Peers: wire-like (the lab's default, SPEC §8: tx checksum offload off at cl and \
+             oe, full checksums, as hosts across a real link) for the variants the targets \
+             use; *-samehost: tx checksum offload on at cl and oe during that variant \
+             (partial checksums, as containers on the edge's host: the XDP splice must \
+             complete each segment's checksum in software)."
+                .to_string(),
+            format!(
+                "forwarder-xdp rounds (both peer kinds) whose iperf3 data connection was \
+                 spliced: {} of {} \
+                 (a round where it was not measured the socket path).",
+                self.iperf_spliced, self.xdp_rounds
+            ),
+            format!(
+                "tcp_fastpath outcomes of the agent by the end of the last forwarder-xdp \
+                 round: {} (all rounds, iperf3's and the setup connections); of that round's \
+                 setup connections alone: {}.",
+                outcomes_text(&self.outcomes),
+                outcomes_text(&self.setup_outcomes)
+            ),
+            pinning_note(opts),
+        ]
+    }
+
+    fn finish(&mut self) {
+        if let Some(tl) = self.tl.take() {
+            tl.finish();
+        }
+    }
+}
+
+/// `ethtool -K … tx on|off` at the client's and the origin's veth ends.
+fn set_peer_tx(lab: &forwarder_tests::Lab, on: &str) -> Result<()> {
+    for (ns, ifname) in [
+        (lab.client(), &lab.ifaces().client),
+        (lab.origin(), &lab.ifaces().origin),
+    ] {
+        ns.run("ethtool", &["-K", ifname, "tx", on])
+            .with_context(|| format!("tx {on} at {ifname}"))?;
+    }
+    Ok(())
+}
+
+/// The variant's proxy and whether its peers are same-host ones (`-samehost`).
+fn peers(variant: &str) -> (&str, bool) {
+    match variant.strip_suffix("-samehost") {
+        Some(base) => (base, true),
+        None => (variant, false),
+    }
+}
+
+impl TcpSplice {
+    fn measure_base(&mut self, variant: &str, _round: usize, opts: &Options) -> Result<Vec<f64>> {
         let tl = self.tl.as_ref().context("no lab")?;
         let secs = TcpSplice::seconds(opts);
         let addr = tl.variant_addr(variant, IPERF_PORT)?;
@@ -156,6 +255,26 @@ impl Scenario for TcpSplice {
                 .map(|&pid| sys::process_cpu_seconds(pid as u32))
                 .sum()
         };
+        // The generator side's work (client and origin): their veths' NAPI
+        // threads, the iperf3 server and (once reaped) the client.
+        let lab = tl.lab();
+        let mut gen_tasks: Vec<u32> = [&lab.ifaces().client, &lab.ifaces().origin]
+            .iter()
+            .flat_map(|i| sys::napi_threads(i))
+            .map(|p| p as u32)
+            .chain(tl.iperf_server_pid())
+            .collect();
+        gen_tasks.sort_unstable();
+        gen_tasks.dedup();
+        let gen_seconds = || -> Result<f64> {
+            let tasks: f64 = gen_tasks
+                .iter()
+                .map(|&pid| sys::process_cpu_seconds(pid))
+                .sum::<Result<f64>>()?;
+            Ok(tasks + sys::children_cpu_seconds())
+        };
+        let gen_before = gen_seconds()?;
+        let wall = std::time::Instant::now();
         let busy_before = sys::cpu_busy_seconds(opts.edge_cpu)?;
         let irq_before = sys::cpu_irq_seconds(opts.edge_cpu)?;
         let napi_before = napi_seconds()?;
@@ -163,6 +282,7 @@ impl Scenario for TcpSplice {
             forwarder_tests::OutputOk::output_ok(&mut cmd).context("iperf3 client")
         })?;
         let edge_busy = sys::cpu_busy_seconds(opts.edge_cpu)? - busy_before;
+        let gen_load = (gen_seconds()? - gen_before) / wall.elapsed().as_secs_f64();
         let edge_cpu = (napi_seconds()? - napi_before)
             + (sys::cpu_irq_seconds(opts.edge_cpu)? - irq_before)
             + proxy_cpu.context("no proxy process")?;
@@ -208,44 +328,8 @@ impl Scenario for TcpSplice {
             edge_cpu * 1e6 / megabytes.max(1e-9),
             ok as f64 / elapsed.as_secs_f64(),
             edge_busy * 1e6 / megabytes.max(1e-9),
+            gen_load,
         ])
-    }
-
-    fn notes(&self, opts: &Options) -> Vec<String> {
-        vec![
-            format!(
-                "Throughput: iperf3 -c … -t {} (one stream, client → origin), receiver-side \
-                 rate. Edge CPU: CPU time of the edge's own work over the iperf3 run, per MB \
-                 received: the NAPI threads of ec and eo (XDP, and the receive stack after \
-                 XDP_PASS), the proxy process (agent or HAProxy) and the irq/softirq time of \
-                 CPU {cpu} — not the CPU's whole busy time, which on a shared machine counts \
-                 whatever else runs there (edge_busy, kept for comparison with older runs). \
-                 Setup: connect + 64-byte echo + close, 8 loops, for {:.1} s (below the \
-                 handoff threshold: the forwarder-xdp connections stay on the socket path).",
-                TcpSplice::seconds(opts),
-                TcpSplice::setup_time(opts).as_secs_f64(),
-                cpu = opts.edge_cpu,
-            ),
-            format!(
-                "forwarder-xdp rounds whose iperf3 data connection was spliced: {} of {} \
-                 (a round where it was not measured the socket path).",
-                self.iperf_spliced, self.xdp_rounds
-            ),
-            format!(
-                "tcp_fastpath outcomes of the agent by the end of the last forwarder-xdp \
-                 round: {} (all rounds, iperf3's and the setup connections); of that round's \
-                 setup connections alone: {}.",
-                outcomes_text(&self.outcomes),
-                outcomes_text(&self.setup_outcomes)
-            ),
-            pinning_note(opts),
-        ]
-    }
-
-    fn finish(&mut self) {
-        if let Some(tl) = self.tl.take() {
-            tl.finish();
-        }
     }
 }
 
