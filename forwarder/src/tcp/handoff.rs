@@ -154,8 +154,13 @@ impl Splicer {
         if self.insert(&hold).is_err() {
             return Err(fail(Ineligible::MapFull));
         }
-        // Every way out that does not splice takes the hold away again.
-        let unhold = || self.remove(&keys);
+        // Every way out that does not splice takes the hold away again, also
+        // when this future is dropped mid-handoff.
+        let mut held = Held {
+            splicer: self,
+            keys,
+            armed: true,
+        };
         let deadline = Instant::now() + QUIET_WAIT;
         let mut attempts = 0;
         let (pair, client_leg) = loop {
@@ -163,14 +168,8 @@ impl Splicer {
             let wait = deadline.saturating_duration_since(Instant::now());
             match drain_until_quiet(client, origin, wait, QUIET_BUDGET, drained).await {
                 Ok(()) => {}
-                Err(NotQuiet::Busy | NotQuiet::Closed) => {
-                    unhold();
-                    return Err(fail(Ineligible::NotQuiet));
-                }
-                Err(NotQuiet::Failed(_)) => {
-                    unhold();
-                    return Err(fail(Ineligible::Repair));
-                }
+                Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::NotQuiet)),
+                Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
             }
             let app_index = self
                 .app_indices
@@ -183,30 +182,24 @@ impl Splicer {
                 self.ifindex_to(addrs.client.ip()).await,
                 self.ifindex_to(addrs.origin.ip()).await,
             ) else {
-                unhold();
                 return Err(fail(Ineligible::Repair));
             };
             let client_leg =
                 match repair::enter_and_read(client, addrs.edge, addrs.client, client_ifindex) {
                     Ok(leg) => leg,
-                    Err(_) => {
-                        unhold();
-                        return Err(fail(Ineligible::Repair));
-                    }
+                    Err(_) => return Err(fail(Ineligible::Repair)),
                 };
             let origin_leg =
                 match repair::enter_and_read(origin, addrs.local, addrs.origin, origin_ifindex) {
                     Ok(leg) => leg,
                     Err(_) => {
                         let _ = repair::resume(client);
-                        unhold();
                         return Err(fail(Ineligible::Repair));
                     }
                 };
             let resume_both = || {
                 let _ = repair::resume(client);
                 let _ = repair::resume(origin);
-                unhold();
             };
             if let Err(reason) = eligibility(&client_leg, &origin_leg) {
                 resume_both();
@@ -236,7 +229,6 @@ impl Splicer {
                     // try again.
                     if attempts < MAX_HANDOFF_ATTEMPTS && Instant::now() < deadline {
                         if self.insert(&hold).is_err() {
-                            unhold();
                             return Err(fail(Ineligible::MapFull));
                         }
                         continue;
@@ -261,6 +253,8 @@ impl Splicer {
             }
             break (pair, client_leg);
         };
+        // The entries now belong to the spliced connection (the sweep removes them).
+        held.armed = false;
         // Out of the kernel's tables; nothing on the wire.
         if repair::retire(client).is_err() || repair::retire(origin).is_err() {
             // Half retired cannot be undone: the connection ends (the sweep sees
@@ -405,6 +399,22 @@ impl Splicer {
             }
         }
         *watched = kept;
+    }
+}
+
+/// A connection's entries during a handoff: removed when this is dropped while
+/// `armed` (every way out that does not splice).
+struct Held<'a> {
+    splicer: &'a Splicer,
+    keys: [SpliceKey; 2],
+    armed: bool,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.splicer.remove(&self.keys);
+        }
     }
 }
 
