@@ -16,6 +16,8 @@ use super::repair;
 const POLL: Duration = Duration::from_millis(2);
 /// Bytes forwarded at most per read.
 const CHUNK: usize = 64 * 1024;
+/// Bytes forwarded at most per read before the handoff threshold.
+const SHORT_CHUNK: usize = 16 * 1024;
 
 /// Payload bytes forwarded on the way to the quiet point.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -83,8 +85,11 @@ pub async fn forward_until_moved(
     bytes: u64,
     drained: &mut Drained,
 ) -> Result<(), NotQuiet> {
-    let deadline = Instant::now() + wait;
-    let mut buf = vec![0u8; CHUNK];
+    // Every connection of the app passes here, most of them short: one timer
+    // for the whole wait, and a buffer sized for a request and its answer.
+    let deadline = tokio::time::sleep_until(Instant::now() + wait);
+    tokio::pin!(deadline);
+    let mut buf = vec![0u8; SHORT_CHUNK];
     while drained.client_bytes + drained.origin_bytes < bytes {
         tokio::select! {
             r = client.readable() => {
@@ -95,7 +100,7 @@ pub async fn forward_until_moved(
                 r.map_err(|_| NotQuiet::Closed)?;
                 drained.origin_bytes += move_some(origin, client, &mut buf).await?;
             }
-            _ = tokio::time::sleep_until(deadline) => return Err(NotQuiet::Busy),
+            _ = &mut deadline => return Err(NotQuiet::Busy),
         }
     }
     Ok(())
