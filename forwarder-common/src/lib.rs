@@ -640,6 +640,12 @@ pub const SPLICE_SACK: u8 = 2;
 /// This entry carries the client's segments to the origin (`DIR_INGRESS` in
 /// `APP_STATS`); without it, the origin's to the client.
 pub const SPLICE_TO_ORIGIN: u8 = 4;
+/// Held, not spliced yet: the agent is bringing a busy connection to a quiet
+/// point (docs/tcp.md, "XDP splice"). Segments carrying data, SYN or FIN are
+/// dropped (counted `Held`; the peer retransmits them, into the splice once it is
+/// in place or to the socket if the handoff falls back); pure ACKs and RSTs pass to
+/// the socket, which still owns the connection. Nothing else of the entry is used.
+pub const SPLICE_HOLD: u8 = 8;
 
 /// `SpliceEntry::seen`: a FIN has been translated in this direction.
 pub const SEEN_FIN: u8 = 1;
@@ -657,10 +663,13 @@ pub enum SpliceCounter {
     /// offset, truncated options) or no route. Never passed to the kernel, which
     /// has no socket for them any more and would answer with an RST.
     Dropped = 1,
+    /// Segments with data, SYN or FIN dropped while their connection was held
+    /// (`SPLICE_HOLD`) on its way to a handoff.
+    Held = 2,
 }
 
 impl SpliceCounter {
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 3;
 }
 
 /// PROXY v2 (HAProxy's proxy-protocol.txt §2.2): the 12-byte signature, then

@@ -15,7 +15,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use forwarder_common::{
-    DIR_EGRESS, DIR_INGRESS, HINT_SPLICE, PROTO_TCP, SEEN_FIN, SEEN_RST, SPLICE_SACK,
+    DIR_EGRESS, DIR_INGRESS, HINT_SPLICE, PROTO_TCP, SEEN_FIN, SEEN_RST, SPLICE_HOLD, SPLICE_SACK,
     SPLICE_TIMESTAMPS, SPLICE_TO_ORIGIN, SpliceCounter, SpliceEntry, SpliceKey,
 };
 
@@ -36,6 +36,7 @@ use crate::{
 const TTL: u8 = 64;
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
@@ -59,6 +60,10 @@ pub fn established(ctx: &XdpContext, s: &mut Scratch) -> Option<u32> {
     key.sport = pkt.sport;
     key.dport = pkt.dport;
     let entry = SPLICES.get_ptr_mut(key)?;
+    // SAFETY: a live map value; `flags` is written by the agent only.
+    if unsafe { (*entry).flags } & SPLICE_HOLD != 0 {
+        return held(ctx, s);
+    }
     Some(match translate(ctx, s, entry) {
         Some(verdict) => verdict,
         None => {
@@ -66,6 +71,29 @@ pub fn established(ctx: &XdpContext, s: &mut Scratch) -> Option<u32> {
             aya_ebpf::bindings::xdp_action::XDP_DROP
         }
     })
+}
+
+/// A segment of a held connection (`SPLICE_HOLD`): dropped when it carries data,
+/// SYN or FIN (the sender retransmits it); `None` for a pure ACK or an RST, which
+/// the classifier passes to the socket as for any established connection (and
+/// for what cannot be parsed here: the socket still owns the connection).
+#[inline(always)]
+fn held(ctx: &XdpContext, s: &Scratch) -> Option<u32> {
+    let pkt = &s.pkt;
+    let l4 = pkt.l4 & 0xfff;
+    let l3_len = l3_length(ctx, pkt.family)? as usize;
+    let ip_len = l4.checked_sub(ETH_HLEN)?;
+    let h = ptr_at::<[u8; 14]>(ctx, l4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*h };
+    let header_len = ((h[12] >> 4) as usize) * 4;
+    let tcp_flags = h[13];
+    let carries = l3_len > ip_len + header_len || tcp_flags & (TCP_SYN | TCP_FIN) != 0;
+    if !carries || tcp_flags & TCP_RST != 0 {
+        return None;
+    }
+    count(SpliceCounter::Held);
+    Some(aya_ebpf::bindings::xdp_action::XDP_DROP)
 }
 
 #[inline(always)]

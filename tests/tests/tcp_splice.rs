@@ -6,9 +6,11 @@
 //! status, an ineligible connection (timestamps on one leg only) falls back to the
 //! socket path and still works.
 //!
-//! The handoff happens at a quiet point (docs/tcp.md): most peers here wait a
-//! moment after connecting; one speaks first (a request and its answer are
-//! forwarded on the way to the quiet point). Whether a connection was spliced
+//! The handoff is tried once a connection has moved `HANDOFF_AFTER` bytes on the
+//! socket path (docs/tcp.md): the bulk transfers are spliced while they run (the
+//! connection held, its queues drained, then handed over), the small exchanges
+//! first send `WARM` bytes; a connection that stays below the threshold is never
+//! handed over (`short`). Whether a connection was spliced
 //! is read from the agent's log (one line per handoff or fallback, with the
 //! reason), and the spliced path is checked to carry the bytes: the edge has no
 //! socket of the connection any more while data still flows.
@@ -21,15 +23,18 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use forwarder::tcp::handoff::HANDOFF_AFTER;
 use forwarder_tests::agent::AgentProcess;
 use forwarder_tests::{EDGE_CLIENT_V4, EDGE_CLIENT_V6, Lab, ORIGIN_V4, ORIGIN_V6, require_root};
 use tcp_support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
-/// How long peers stay silent after connecting: the handoff's window.
+/// How long the fastpath-off test lets the connection sit before it looks.
 const QUIET: Duration = Duration::from_millis(500);
 /// Bytes each way of the bulk transfers (see docs/tcp.md, Tests, for the size).
 const BULK: u64 = 200 * 1024 * 1024;
+/// What a small exchange sends first so that its connection is handed over.
+const WARM: usize = HANDOFF_AFTER as usize + 16 * 1024;
 
 fn app(id: &str, port: u16, origin: SocketAddr) -> String {
     let origin = match origin {
@@ -93,24 +98,28 @@ fn bulk_both_ways(
         stream.set_read_timeout(Some(WAIT)).unwrap();
         let mut reader = stream.try_clone().unwrap();
         let rx = std::thread::spawn(move || receive_sum(&mut reader).unwrap());
-        std::thread::sleep(QUIET);
         let mut writer = stream;
         let sent = send_random(&mut writer, 2, BULK).unwrap();
         writer.shutdown(Shutdown::Write).unwrap();
         (sent, rx.join().unwrap())
     });
+    // Both ways from the start: the handoff takes the connection while busy.
     let client = client_connect(lab, edge, WAIT).unwrap();
     let local = client.local_addr().unwrap();
-    wait_log(agent, local, "spliced in XDP");
     let mut reader = client.try_clone().unwrap();
     let rx = std::thread::spawn(move || receive_sum(&mut reader).unwrap());
-    std::thread::sleep(QUIET);
-    // The agent's sockets are retired: nothing of the connection at the edge.
-    assert_eq!(edge_sockets(lab, edge.port()), 0, "no socket at the edge");
     let mut writer = client;
     let started = Instant::now();
-    let sent = send_random(&mut writer, 1, BULK).unwrap();
-    writer.shutdown(Shutdown::Write).unwrap();
+    let tx = std::thread::spawn(move || {
+        let sent = send_random(&mut writer, 1, BULK).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+        sent
+    });
+    wait_log(agent, local, "spliced in XDP");
+    // The agent's sockets are retired: nothing of the connection at the edge,
+    // while the transfer goes on.
+    assert_eq!(edge_sockets(lab, edge.port()), 0, "no socket at the edge");
+    let sent = tx.join().unwrap();
     let received = rx.join().unwrap();
     let (origin_sent, origin_received) = origin_side.join().unwrap();
     eprintln!(
@@ -193,11 +202,12 @@ fn loss_on_each_leg_is_recovered_end_to_end() {
     let mut client =
         client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7103), WAIT).unwrap();
     let local = client.local_addr().unwrap();
-    wait_log(&agent, local, "spliced in XDP");
     let sent = send_random(&mut client, 3, LEN).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     let received = receive_sum(&mut client).unwrap();
     let (origin_got, origin_sent) = origin_side.join().unwrap();
+    // Handed over while the client's bytes flowed (held, drained, spliced).
+    wait_log(&agent, local, "spliced in XDP");
     // The loss was real: each namespace's rules dropped segments.
     for ns in [lab.client(), lab.origin()] {
         let rules = ns.run("nft", &["list", "table", "inet", "loss"]).unwrap();
@@ -218,11 +228,15 @@ fn half_close_both_ways() {
     let origin = SocketAddr::new(ORIGIN_V4.into(), 7104);
     let (lab, agent) = lab_and_agent(&app("half", 7104, origin));
     let listener = origin_listener(&lab, origin);
-    // The origin half-closes first and keeps reading; then the client does.
+    // After a first `WARM` bytes (the handoff), the origin half-closes first and
+    // keeps reading; then the client does.
+    let (spliced_tx, spliced_rx) = std::sync::mpsc::channel::<()>();
     let origin_side = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
-        std::thread::sleep(QUIET * 2);
+        let mut warm = vec![0u8; WARM];
+        s.read_exact(&mut warm).unwrap();
+        spliced_rx.recv_timeout(WAIT).unwrap();
         s.write_all(b"origin done").unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         let (request, err) = read_all(&mut s);
@@ -232,7 +246,9 @@ fn half_close_both_ways() {
     let mut client =
         client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7104), WAIT).unwrap();
     let local = client.local_addr().unwrap();
+    client.write_all(&vec![0u8; WARM]).unwrap();
     wait_log(&agent, local, "spliced in XDP");
+    spliced_tx.send(()).unwrap();
     let (reply, err) = read_all(&mut client);
     assert!(err.is_none(), "{err:?}");
     assert_eq!(
@@ -250,7 +266,7 @@ fn half_close_both_ways() {
     );
     let d = wait_disconnect(&agent, "half", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
-    assert_eq!(d.num("ClientBytes"), Some(100_000), "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(WARM as u64 + 100_000), "{d:?}");
     assert_eq!(d.num("OriginBytes"), Some(11), "{d:?}");
 }
 
@@ -265,6 +281,8 @@ fn rst_either_way_reaches_the_other_peer_with_its_status() {
     let listener = origin_listener(&lab, origin);
     let (tx, rx) = std::sync::mpsc::channel();
     serve(listener, move |mut s: TcpStream| {
+        let mut warm = vec![0u8; WARM];
+        s.read_exact(&mut warm).unwrap();
         let mut hello = [0u8; 5];
         s.read_exact(&mut hello).unwrap();
         if &hello == b"reset" {
@@ -283,6 +301,7 @@ fn rst_either_way_reaches_the_other_peer_with_its_status() {
     // The client resets: the origin gets the RST, status 499.
     let mut client = client_connect(&lab, edge, WAIT).unwrap();
     let local = client.local_addr().unwrap();
+    client.write_all(&vec![0u8; WARM]).unwrap();
     wait_log(&agent, local, "spliced in XDP");
     client.write_all(b"hello").unwrap();
     let mut ok = [0u8; 2];
@@ -300,6 +319,7 @@ fn rst_either_way_reaches_the_other_peer_with_its_status() {
     // The origin resets: the client gets the RST, status 444.
     let mut client = client_connect(&lab, edge, WAIT).unwrap();
     let local = client.local_addr().unwrap();
+    client.write_all(&vec![0u8; WARM]).unwrap();
     wait_log(&agent, local, "spliced in XDP");
     client.write_all(b"reset").unwrap();
     let (data, err) = read_all(&mut client);
@@ -308,7 +328,7 @@ fn rst_either_way_reaches_the_other_peer_with_its_status() {
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
     let d = wait_disconnect(&agent, "rst", local, WAIT);
     assert_eq!(d.status(), 444, "{d:?}");
-    assert_eq!(d.num("ClientBytes"), Some(5));
+    assert_eq!(d.num("ClientBytes"), Some(WARM as u64 + 5));
     assert_eq!(d.num("OriginBytes"), Some(3));
 }
 
@@ -332,17 +352,18 @@ fn an_ineligible_connection_falls_back_to_the_socket_path() {
     let mut client =
         client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7106), WAIT).unwrap();
     let local = client.local_addr().unwrap();
+    // Enough for a handoff to be tried (held, then found ineligible).
+    client.write_all(&vec![7u8; WARM]).unwrap();
     let line = wait_log(&agent, local, "stays on the socket path");
     assert!(line.contains("timestamps_differ"), "{line}");
-    client.write_all(&[7u8; 50_000]).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     let (echo, err) = read_all(&mut client);
     assert!(err.is_none(), "{err:?}");
-    assert_eq!(echo, vec![7u8; 50_000]);
+    assert_eq!(echo, vec![7u8; WARM]);
     let d = wait_disconnect(&agent, "fallback", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
-    assert_eq!(d.num("ClientBytes"), Some(50_000));
-    assert_eq!(d.num("OriginBytes"), Some(50_000));
+    assert_eq!(d.num("ClientBytes"), Some(WARM as u64));
+    assert_eq!(d.num("OriginBytes"), Some(WARM as u64));
     let stats = agent.stats().unwrap();
     assert_eq!(stats.tcp_fastpath.get("timestamps_differ"), Some(&1));
     assert_eq!(stats.tcp_fastpath.get("spliced"), Some(&0));
@@ -426,16 +447,57 @@ fn a_client_that_speaks_first_is_spliced_after_the_first_exchange() {
     let mut answer = [0u8; 5];
     client.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"world");
-    wait_log(&agent, local, "spliced in XDP");
     client.write_all(b"go").unwrap();
     let received = receive_sum(&mut client).unwrap();
+    // Handed over during the origin's bulk, after the exchange.
+    wait_log(&agent, local, "spliced in XDP");
     client.shutdown(Shutdown::Write).unwrap();
     let (sent, rest) = origin_side.join().unwrap();
     assert_eq!(received, sent, "origin -> client differs");
     assert_eq!(rest, 0);
     let d = wait_disconnect(&agent, "first", local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
-    // The request and its answer went through the agent, the rest through XDP.
+    // The request, its answer and the go-ahead went through the agent, the rest
+    // through XDP.
     assert_eq!(d.num("ClientBytes"), Some(7), "{d:?}");
     assert!(d.num("OriginBytes").unwrap() >= LEN + 5, "{d:?}");
+}
+
+#[test]
+fn a_short_connection_is_not_handed_over() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7109);
+    let (lab, agent) = lab_and_agent(&app("short", 7109, origin));
+    let listener = origin_listener(&lab, origin);
+    serve(listener, |mut s: TcpStream| {
+        let mut request = [0u8; 64];
+        s.read_exact(&mut request).unwrap();
+        s.write_all(&request).unwrap();
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7109), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(&[5u8; 64]).unwrap();
+    let (echo, err) = read_all(&mut client);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(echo, vec![5u8; 64]);
+    drop(client);
+    let d = wait_disconnect(&agent, "short", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(64));
+    assert_eq!(d.num("OriginBytes"), Some(64));
+    // Below the threshold: no handoff tried (no hold, no repair), counted.
+    let stats = agent.stats().unwrap();
+    assert_eq!(
+        stats.tcp_fastpath.get("short"),
+        Some(&1),
+        "{:?}",
+        stats.tcp_fastpath
+    );
+    assert_eq!(stats.tcp_fastpath.get("spliced"), Some(&0));
+    let log = agent.stderr();
+    assert!(!log.contains("spliced in XDP"), "{log}");
 }

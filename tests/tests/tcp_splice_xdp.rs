@@ -20,7 +20,7 @@ use forwarder::config::Config;
 use forwarder::datapath::test_run::{TestRunOptions, TestRunOutput, test_run_xdp};
 use forwarder::datapath::{Datapath, PROG_XDP, Plan, ifindex};
 use forwarder::route::route_to;
-use forwarder::tcp::fastpath::{LegState, splice_entries};
+use forwarder::tcp::fastpath::{LegState, hold_entry, splice_entries, splice_keys};
 use forwarder_common::{SEEN_FIN, SEEN_RST, SpliceCounter, SpliceEntry, SpliceKey};
 use forwarder_tests::frames::*;
 use forwarder_tests::xdp_wires::{Family, V4, V6, Wires, assert_frame, wires};
@@ -33,6 +33,7 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
@@ -551,6 +552,120 @@ fn untranslatable_segments_of_a_spliced_connection_are_dropped_not_passed() {
                 "{what}: counted"
             );
         }
+    });
+}
+
+/// A held connection (`SPLICE_HOLD`, the agent bringing a busy connection to a
+/// quiet point): segments with data, SYN or FIN are dropped and counted `Held`,
+/// pure ACKs and RSTs reach the kernel untouched, both ways; once the real entries
+/// replace the hold, the same segment is translated.
+fn held_then_spliced(h: &mut Harness, f: &Family) {
+    let (c, o) = legs(h, f, EDGE_PORT);
+    let pair = splice_entries(&c, &o, 0);
+    let keys = splice_keys(c.peer, c.local, o.local, o.peer);
+    assert_eq!(keys, [pair[0].0, pair[1].0], "hold and splice keys agree");
+    h.datapath
+        .insert_splice(&[(keys[0], hold_entry()), (keys[1], hold_entry())])
+        .expect("insert hold");
+    let w = h.w.clone();
+    let from_client = |flags: u8, payload: &'static [u8]| TcpFields {
+        sport: CLIENT_PORT,
+        dport: EDGE_PORT,
+        seq: c.rcv_nxt,
+        ack: c.snd_nxt,
+        flags,
+        window: 100,
+        options: &[],
+        payload,
+    };
+    let from_origin = |flags: u8, payload: &'static [u8]| TcpFields {
+        sport: ORIGIN_PORT,
+        dport: LOCAL_PORT,
+        seq: o.rcv_nxt,
+        ack: o.snd_nxt,
+        flags,
+        window: 100,
+        options: &[],
+        payload,
+    };
+    let client_frame = |seg: &TcpFields| tcp_frame(w.ec_mac, w.cl_mac, f.client, f.edge, seg);
+    let origin_frame = |seg: &TcpFields| tcp_frame(w.eo_mac, w.oe_mac, f.origin, f.local, seg);
+    let cases = [
+        (
+            "client data",
+            client_frame(&from_client(TCP_ACK | TCP_PSH, b"data")),
+            h.ec_index,
+            true,
+        ),
+        (
+            "client FIN",
+            client_frame(&from_client(TCP_ACK | TCP_FIN, b"")),
+            h.ec_index,
+            true,
+        ),
+        (
+            "client SYN",
+            client_frame(&from_client(TCP_SYN, b"")),
+            h.ec_index,
+            true,
+        ),
+        (
+            "client ACK",
+            client_frame(&from_client(TCP_ACK, b"")),
+            h.ec_index,
+            false,
+        ),
+        (
+            "client RST",
+            client_frame(&from_client(TCP_RST | TCP_ACK, b"")),
+            h.ec_index,
+            false,
+        ),
+        (
+            "origin data",
+            origin_frame(&from_origin(TCP_ACK, b"answer")),
+            h.eo_index,
+            true,
+        ),
+        (
+            "origin ACK",
+            origin_frame(&from_origin(TCP_ACK, b"")),
+            h.eo_index,
+            false,
+        ),
+    ];
+    for (what, frame, ingress, dropped) in cases {
+        let before = h.counters();
+        let out = h.run(&frame, ingress);
+        let after = h.counters();
+        let held = after[SpliceCounter::Held as usize] - before[SpliceCounter::Held as usize];
+        if dropped {
+            assert_eq!(out.verdict, XDP_DROP, "{what}: dropped while held");
+            assert_eq!(held, 1, "{what}: counted as held");
+        } else {
+            assert_eq!(out.verdict, XDP_PASS, "{what}: to the socket");
+            assert_eq!(out.frame, frame, "{what}: untouched");
+            assert_eq!(held, 0, "{what}: not counted");
+        }
+        assert_eq!(
+            after[SpliceCounter::Translated as usize],
+            before[SpliceCounter::Translated as usize],
+            "{what}: nothing translated"
+        );
+    }
+    // The handoff replaces the hold: the data segment the peer retransmits is
+    // translated.
+    h.datapath.insert_splice(&pair).expect("insert splice");
+    let seg = from_client(TCP_ACK | TCP_PSH, b"data");
+    let (frame, _) = client_to_origin(h, f, &seg, &to_origin(&seg, &c, &o));
+    h.splice("client data after the handoff", &frame, true);
+}
+
+#[test]
+fn a_held_connection_drops_what_carries_data_and_passes_acks_ipv4_and_ipv6() {
+    with_harness(|h| {
+        held_then_spliced(h, &V4);
+        held_then_spliced(h, &V6);
     });
 }
 

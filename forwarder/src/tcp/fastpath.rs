@@ -5,7 +5,9 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use forwarder_common::{SPLICE_SACK, SPLICE_TIMESTAMPS, SPLICE_TO_ORIGIN, SpliceEntry, SpliceKey};
+use forwarder_common::{
+    SPLICE_HOLD, SPLICE_SACK, SPLICE_TIMESTAMPS, SPLICE_TO_ORIGIN, SpliceEntry, SpliceKey,
+};
 
 use crate::datapath::addr16;
 
@@ -39,6 +41,10 @@ pub struct LegState {
 /// Why a connection stays on the socket path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Ineligible {
+    /// The connection ended, or moved fewer than the handoff's byte threshold
+    /// within its window, on the socket path: not worth a handoff (no repair
+    /// call, no map update was made).
+    Short,
     /// One leg is IPv4, the other IPv6.
     MixedFamilies,
     /// One leg negotiated timestamps, the other did not.
@@ -61,7 +67,8 @@ pub enum Ineligible {
 }
 
 impl Ineligible {
-    pub const ALL: [Ineligible; 9] = [
+    pub const ALL: [Ineligible; 10] = [
+        Ineligible::Short,
         Ineligible::MixedFamilies,
         Ineligible::Timestamps,
         Ineligible::Sack,
@@ -76,6 +83,7 @@ impl Ineligible {
     /// The metric label and log word.
     pub const fn label(self) -> &'static str {
         match self {
+            Ineligible::Short => "short",
             Ineligible::MixedFamilies => "mixed_families",
             Ineligible::Timestamps => "timestamps_differ",
             Ineligible::Sack => "sack_differs",
@@ -152,6 +160,33 @@ pub fn splice_entries(
         app,
     );
     [to_origin, to_client]
+}
+
+/// The keys of a connection's two entries (client → origin first): the
+/// 4-tuples its segments arrive with at the edge.
+pub fn splice_keys(
+    client: SocketAddr,
+    edge: SocketAddr,
+    local: SocketAddr,
+    origin: SocketAddr,
+) -> [SpliceKey; 2] {
+    let key = |from: SocketAddr, to: SocketAddr| SpliceKey {
+        src: addr16(from.ip()),
+        dst: addr16(to.ip()),
+        sport: from.port(),
+        dport: to.port(),
+    };
+    [key(client, edge), key(origin, local)]
+}
+
+/// The entry that holds a connection (`SPLICE_HOLD`) while the agent brings it
+/// to a quiet point: the program drops its segments with data, SYN or FIN and
+/// passes the rest to the socket. Nothing else of it is read.
+pub fn hold_entry() -> SpliceEntry {
+    SpliceEntry {
+        flags: SPLICE_HOLD,
+        ..Default::default()
+    }
 }
 
 /// The entry for segments arriving on leg `from` and leaving on leg `to`.

@@ -15,15 +15,30 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::conn::{End, Side};
-use super::fastpath::{Ineligible, LegState, eligibility, splice_entries};
-use super::quiet::{Drained, NotQuiet, drain_until_quiet};
+use super::fastpath::{Ineligible, LegState, eligibility, hold_entry, splice_entries, splice_keys};
+use super::quiet::{Drained, NotQuiet, drain_until_quiet, forward_until_moved};
 use super::repair;
 use crate::telemetry::events::status;
 
-/// How long a connection may take to go quiet, and how many bytes may be forwarded
-/// on the way, before it stays on the socket path.
-const QUIET_WAIT: Duration = Duration::from_millis(200);
-const QUIET_BUDGET: u64 = 256 * 1024;
+/// The handoff rule: a connection is handed to XDP only once it has moved this
+/// many bytes (both ways together) on the socket path, within `HANDOFF_WINDOW` of
+/// its start. Shorter connections (a request and its answer, the bench's 64-byte
+/// echo) never pay for a handoff: no repair call, no map update, no hold. Chosen
+/// from the cost of a handoff (about 20 socket calls, four map updates, the
+/// 10 ms commit wait and a retransmission stall of the held peer, docs/tcp.md)
+/// against what splicing saves per byte: below a few hundred KiB the socket path
+/// finishes the connection before a splice would pay off.
+pub const HANDOFF_AFTER: u64 = 256 * 1024;
+const HANDOFF_WINDOW: Duration = Duration::from_secs(2);
+/// How long a held connection may take to go quiet, and how many bytes (counted
+/// from the connection's start) may be forwarded on the way, before it stays on
+/// the socket path. What is forwarded while held is what the four socket queues
+/// held when the hold began: up to the buffer sizes (several MiB each way with
+/// autotuning) plus the peers' last ACKs, within 1 s even on a loaded two-CPU
+/// machine with both directions busy (200 ms was not always enough there: the
+/// `tcp_splice` bulk test of both ways at once fell back now and then).
+const QUIET_WAIT: Duration = Duration::from_secs(1);
+const QUIET_BUDGET: u64 = 64 * 1024 * 1024;
 /// After FIN both ways, the entries stay this long for the last ACK (and a
 /// retransmitted FIN) to pass.
 const FIN_GRACE: Duration = Duration::from_secs(2);
@@ -102,7 +117,12 @@ impl Splicer {
         if let Some(i) = Ineligible::ALL.iter().position(|r| *r == reason) {
             self.fallbacks[i].fetch_add(1, Ordering::Relaxed);
         }
-        info!("app {app}: {client} stays on the socket path ({reason})");
+        if reason == Ineligible::Short {
+            // The common case of short connections: counted, not logged each.
+            debug!("app {app}: {client} stays on the socket path ({reason})");
+        } else {
+            info!("app {app}: {client} stays on the socket path ({reason})");
+        }
         reason
     }
 
@@ -119,6 +139,28 @@ impl Splicer {
         drained: &mut Drained,
     ) -> Result<oneshot::Receiver<Outcome>, Ineligible> {
         let fail = |reason| self.fallback(app, addrs.client, reason);
+        // The rule: only a connection that moves `HANDOFF_AFTER` bytes within
+        // `HANDOFF_WINDOW` is worth a handoff; until then it is forwarded here.
+        match forward_until_moved(client, origin, HANDOFF_WINDOW, HANDOFF_AFTER, drained).await {
+            Ok(()) => {}
+            Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::Short)),
+            Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
+        }
+        // Hold it: from here the peers' data (and SYN/FIN) is dropped in XDP and
+        // retransmitted by them later, so what the sockets have queued can be
+        // forwarded and acknowledged and the legs go quiet even on a busy stream.
+        let keys = splice_keys(addrs.client, addrs.edge, addrs.local, addrs.origin);
+        let hold = [(keys[0], hold_entry()), (keys[1], hold_entry())];
+        if self.insert(&hold).is_err() {
+            return Err(fail(Ineligible::MapFull));
+        }
+        // Every way out that does not splice takes the hold away again, also
+        // when this future is dropped mid-handoff.
+        let mut held = Held {
+            splicer: self,
+            keys,
+            armed: true,
+        };
         let deadline = Instant::now() + QUIET_WAIT;
         let mut attempts = 0;
         let (pair, client_leg) = loop {
@@ -163,6 +205,7 @@ impl Splicer {
                 resume_both();
                 return Err(fail(reason));
             }
+            // Overwrites the hold: from here the program translates.
             let pair = splice_entries(&client_leg, &origin_leg, app_index);
             if self.insert(&pair).is_err() {
                 resume_both();
@@ -180,11 +223,14 @@ impl Splicer {
             };
             if !unchanged(client, &client_leg) || !unchanged(origin, &origin_leg) {
                 let translated = self.translated(&[pair[0].0, pair[1].0]);
-                self.remove(&[pair[0].0, pair[1].0]);
                 resume_both();
                 if translated == 0 {
-                    // Nothing crossed XDP yet: forward what landed and try again.
+                    // Nothing crossed XDP yet: hold again, forward what landed and
+                    // try again.
                     if attempts < MAX_HANDOFF_ATTEMPTS && Instant::now() < deadline {
+                        if self.insert(&hold).is_err() {
+                            return Err(fail(Ineligible::MapFull));
+                        }
                         continue;
                     }
                     return Err(fail(Ineligible::NotQuiet));
@@ -207,6 +253,8 @@ impl Splicer {
             }
             break (pair, client_leg);
         };
+        // The entries now belong to the spliced connection (the sweep removes them).
+        held.armed = false;
         // Out of the kernel's tables; nothing on the wire.
         if repair::retire(client).is_err() || repair::retire(origin).is_err() {
             // Half retired cannot be undone: the connection ends (the sweep sees
@@ -351,6 +399,22 @@ impl Splicer {
             }
         }
         *watched = kept;
+    }
+}
+
+/// A connection's entries during a handoff: removed when this is dropped while
+/// `armed` (every way out that does not splice).
+struct Held<'a> {
+    splicer: &'a Splicer,
+    keys: [SpliceKey; 2],
+    armed: bool,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.splicer.remove(&self.keys);
+        }
     }
 }
 

@@ -31,6 +31,9 @@ use anyhow::{Result, bail};
 pub struct Options {
     /// Run only these scenarios (all when empty).
     pub scenarios: Vec<String>,
+    /// Run only these variants of each scenario (all when empty): for profiling
+    /// one variant; ratios need the baseline selected too.
+    pub variants: Vec<String>,
     /// One short round per scenario (the smoke test of tests/tests/bench_quick.rs).
     pub quick: bool,
     /// Rounds per variant (≥ 5 for a full run).
@@ -47,10 +50,11 @@ pub struct Options {
 
 impl Options {
     pub const USAGE: &'static str = "\
-usage: bench [--scenario NAME]... [--quick] [--rounds N] [--time-scale X] [--out DIR]
+usage: bench [--scenario NAME]... [--variant NAME]... [--quick] [--rounds N] [--time-scale X] [--out DIR]
              [--gen-cpu N] [--edge-cpu N] [--list] [--probe]
 
   --scenario NAME  run only NAME (repeatable); see --list
+  --variant NAME   run only variant NAME of the scenarios (repeatable; profiling)
   --quick          one short round per scenario (smoke test; numbers mean little)
   --rounds N       rounds per variant (default 5; --quick: 1)
   --time-scale X   multiply every per-round duration by X (default 1)
@@ -65,6 +69,7 @@ usage: bench [--scenario NAME]... [--quick] [--rounds N] [--time-scale X] [--out
     pub fn parse(args: &[String]) -> Result<Option<Options>> {
         let mut opts = Options {
             scenarios: Vec::new(),
+            variants: Vec::new(),
             quick: false,
             rounds: 0,
             time_scale: 1.0,
@@ -82,6 +87,7 @@ usage: bench [--scenario NAME]... [--quick] [--rounds N] [--time-scale X] [--out
         while let Some(arg) = it.next() {
             match arg.as_str() {
                 "--scenario" => opts.scenarios.push(value(&mut it, arg)?),
+                "--variant" => opts.variants.push(value(&mut it, arg)?),
                 "--quick" => opts.quick = true,
                 "--rounds" => opts.rounds = value(&mut it, arg)?.parse()?,
                 "--time-scale" => opts.time_scale = value(&mut it, arg)?.parse()?,
@@ -252,7 +258,13 @@ fn run_scenario(scenario: &mut dyn Scenario, opts: &Options) -> report::Scenario
         }
     } else {
         for row in &mut rows {
-            row.unavailable = scenario.unavailable(row.variant.name, opts);
+            row.unavailable = if opts.variants.is_empty()
+                || opts.variants.iter().any(|v| v == row.variant.name)
+            {
+                scenario.unavailable(row.variant.name, opts)
+            } else {
+                Some("not selected (--variant)".into())
+            };
             if let Some(why) = &row.unavailable {
                 eprintln!("   {}: unavailable: {why}", row.variant.name);
             }

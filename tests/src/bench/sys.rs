@@ -73,6 +73,12 @@ fn kthreads_named(prefix: &str) -> Vec<libc::pid_t> {
     out
 }
 
+/// The NAPI threads of `ifname` (threaded NAPI; see `threaded_napi`). Interfaces
+/// whose names share the 15-byte prefix share the answer.
+pub fn napi_threads(ifname: &str) -> Vec<libc::pid_t> {
+    kthreads_named(&napi_comm_prefix(ifname))
+}
+
 /// Switches `ifname` (in `ns`) to threaded NAPI and pins its NAPI threads to `cpu`:
 /// the interface's receive processing (its XDP program, and the stack after
 /// XDP_PASS) then runs on `cpu` instead of on whichever CPU woke it. The interface
@@ -344,10 +350,35 @@ pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
+/// CPU seconds (user + system) of the children this process has waited for
+/// (`getrusage(RUSAGE_CHILDREN)`): a finished command's cost, taken before and
+/// after it.
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Interrupt and softirq time of CPU `cpu` in seconds (`/proc/stat` irq and
+/// softirq): receive and transmit work that ran in no task's name (threaded NAPI
+/// runs in its threads and is counted there).
+pub fn cpu_irq_seconds(cpu: usize) -> Result<f64> {
+    cpu_stat_seconds(cpu, &[5, 6])
+}
+
 /// Busy time of CPU `cpu` in seconds (`/proc/stat`: user, nice, system, irq,
 /// softirq and steal; idle and iowait left out): what everything pinned there,
 /// interrupts and NAPI included, cost.
 pub fn cpu_busy_seconds(cpu: usize) -> Result<f64> {
+    // user nice system idle iowait irq softirq steal
+    cpu_stat_seconds(cpu, &[0, 1, 2, 5, 6, 7])
+}
+
+/// The sum of the `/proc/stat` fields `fields` (0: user) of CPU `cpu`, in seconds.
+fn cpu_stat_seconds(cpu: usize, fields: &[usize]) -> Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let name = format!("cpu{cpu}");
     let line = stat
@@ -359,8 +390,7 @@ pub fn cpu_busy_seconds(cpu: usize) -> Result<f64> {
         .skip(1)
         .map(|v| v.parse().unwrap_or(0))
         .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: u64 = [0, 1, 2, 5, 6, 7]
+    let busy: u64 = fields
         .iter()
         .map(|&i| ticks.get(i).copied().unwrap_or(0))
         .sum();

@@ -184,6 +184,15 @@ impl TcpLab {
         })?
     }
 
+    /// CPU seconds the proxy of `variant` spent while `run` ran, and its result.
+    pub(super) fn with_proxy_cpu<T>(
+        &self,
+        variant: &str,
+        run: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Option<f64>)> {
+        with_process_cpu(self.proxies.pid(variant), run)
+    }
+
     pub(super) fn variant_addr(&self, variant: &str, port: u16) -> Result<SocketAddr> {
         Ok(match uncapped(variant) {
             "forwarder-xdp" => {
@@ -224,15 +233,16 @@ impl TcpLab {
         Ok(total)
     }
 
-    /// Connections the agent handed to XDP so far (`forwarder_tcp_fastpath_connections`).
-    pub(super) fn spliced(&self) -> Result<u64> {
+    /// The origin's iperf3 server process.
+    pub(super) fn iperf_server_pid(&self) -> Option<u32> {
+        self.iperf.as_ref().map(|p| p.child.id())
+    }
+
+    /// The agent's `tcp_fastpath = "xdp"` connections so far by outcome
+    /// (`forwarder_tcp_fastpath_connections`: `spliced`, or why not).
+    pub(super) fn fastpath_outcomes(&self) -> Result<std::collections::BTreeMap<String, u64>> {
         let agent = self.proxies.agent.as_ref().context("no agent")?;
-        Ok(agent
-            .stats()?
-            .tcp_fastpath
-            .get("spliced")
-            .copied()
-            .unwrap_or(0))
+        Ok(agent.stats()?.tcp_fastpath)
     }
 
     pub(super) fn finish(mut self) {
