@@ -501,3 +501,135 @@ fn a_short_connection_is_not_handed_over() {
     let log = agent.stderr();
     assert!(!log.contains("spliced in XDP"), "{log}");
 }
+
+/// An origin for the block test: after the warm-up bytes it echoes what it reads;
+/// while `poke` is set and nothing arrives it sends 4 bytes of its own every
+/// 100 ms. How its connection failed goes to `ended`.
+fn echo_after_warm(
+    lab: &Lab,
+    origin: SocketAddr,
+    poke: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ended: std::sync::mpsc::Sender<ErrorKind>,
+) {
+    let listener = origin_listener(lab, origin);
+    serve(listener, move |mut s: TcpStream| {
+        let mut warm = vec![0u8; WARM];
+        s.read_exact(&mut warm).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = Instant::now() + WAIT + WAIT;
+        let mut buf = [0u8; 64];
+        let kind = loop {
+            if Instant::now() > deadline {
+                break ErrorKind::TimedOut;
+            }
+            match s.read(&mut buf) {
+                Ok(0) => break ErrorKind::UnexpectedEof,
+                Ok(n) => {
+                    if let Err(e) = s.write_all(&buf[..n]) {
+                        break e.kind();
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if poke.load(std::sync::atomic::Ordering::Relaxed)
+                        && let Err(e) = s.write_all(b"poke")
+                    {
+                        break e.kind();
+                    }
+                }
+                Err(e) => break e.kind(),
+            }
+        };
+        let _ = ended.send(kind);
+    });
+}
+
+/// A spliced connection, warmed up and answering; the client's local address.
+fn spliced_echo(lab: &Lab, agent: &AgentProcess, edge: SocketAddr) -> (TcpStream, SocketAddr) {
+    let mut client = client_connect(lab, edge, WAIT).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(&vec![0u8; WARM]).unwrap();
+    wait_log(agent, local, "spliced in XDP");
+    let mut echo = [0u8; 4];
+    client.write_all(b"ping").unwrap();
+    client.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping");
+    (client, local)
+}
+
+#[test]
+fn a_reload_that_blocks_the_client_ends_its_spliced_connections() {
+    init();
+    if !require_root() {
+        return;
+    }
+    // "guarded" has ip_firewall (the default), "open" has it off: the new rule
+    // concerns only the first one's connection.
+    let (guarded_origin, open_origin) = (
+        SocketAddr::new(ORIGIN_V4.into(), 7111),
+        SocketAddr::new(ORIGIN_V4.into(), 7112),
+    );
+    let apps = format!(
+        "{}\n{}ip_firewall = false\n",
+        app("guarded", 7111, guarded_origin),
+        app("open", 7112, open_origin)
+    );
+    let (lab, agent) = lab_and_agent(&apps);
+    let poke = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (guarded_ended, guarded_end) = std::sync::mpsc::channel();
+    echo_after_warm(&lab, guarded_origin, poke.clone(), guarded_ended);
+    let (open_ended, open_end) = std::sync::mpsc::channel();
+    let no_poke = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    echo_after_warm(&lab, open_origin, no_poke, open_ended);
+    let (mut guarded, guarded_local) =
+        spliced_echo(&lab, &agent, SocketAddr::new(EDGE_CLIENT_V4.into(), 7111));
+    let (mut open, _) = spliced_echo(&lab, &agent, SocketAddr::new(EDGE_CLIENT_V4.into(), 7112));
+
+    // The reload blocks the client's address.
+    let blocked = format!(
+        "{apps}\n[[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"{}\"\n",
+        forwarder_tests::CLIENT_V4
+    );
+    agent.write_config(&config(&lab, "", &blocked)).unwrap();
+    agent.sighup();
+    let d = wait_disconnect(&agent, "guarded", guarded_local, WAIT);
+    assert_eq!(d.status(), 403, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(WARM as u64 + 4), "{d:?}");
+    assert_eq!(d.num("OriginBytes"), Some(4), "{d:?}");
+    let log = agent.stderr();
+    assert!(
+        log.contains("reload: 1 spliced TCP connections of clients the access rules now block"),
+        "{log}"
+    );
+
+    // What the client sends now meets the firewall.
+    let firewall_before = forwarder_tests::agent::drops(&agent.stats().unwrap(), "firewall");
+    guarded.write_all(b"late").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while forwarder_tests::agent::drops(&agent.stats().unwrap(), "firewall") == firewall_before {
+        assert!(
+            Instant::now() < deadline,
+            "the client's late segment was not dropped by the firewall"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The origin's next segment finds no socket at the edge any more: reset.
+    poke.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kind = guarded_end
+        .recv_timeout(WAIT + WAIT + WAIT)
+        .expect("the guarded origin's connection ended");
+    assert_eq!(kind, ErrorKind::ConnectionReset, "origin side");
+
+    // The connection of the app without ip_firewall goes on, still spliced.
+    let mut echo = [0u8; 4];
+    open.write_all(b"more").unwrap();
+    open.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"more");
+    assert!(open_end.try_recv().is_err(), "the open app's origin ended");
+    assert_eq!(
+        edge_sockets(&lab, 7112),
+        0,
+        "the open app's connection is spliced"
+    );
+}

@@ -148,11 +148,17 @@ impl Agent {
             &plan.origins,
             &self.events,
         )?;
+        let blocked = self.tcp.end_blocked_splices(&config, &plan);
         for line in crate::reload::describe_changes(&self.config, &config) {
             info!("reload: {line}");
         }
         if ended > 0 {
             info!("reload: {ended} UDP flows of removed apps ended");
+        }
+        if blocked > 0 {
+            info!(
+                "reload: {blocked} spliced TCP connections of clients the access rules now block ended"
+            );
         }
         for key in crate::reload::restart_only_changes(&self.config, &config) {
             warn!("reload: a change of {key} takes effect at the next start");

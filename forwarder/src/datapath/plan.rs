@@ -617,6 +617,44 @@ fn free_range(used: &BTreeSet<u32>, len: u32, count: u32, max: u32) -> Option<u3
     (start + count <= max).then_some(start)
 }
 
+impl Plan {
+    /// Whether the access rules block `client`, as the XDP program decides for a
+    /// packet of an app with `ip_firewall = true` (`policy::firewall` in the eBPF
+    /// crate): the longest matching prefix, else `[firewall].default`. For what the
+    /// datapath does not see: spliced TCP connections (their segments bypass the
+    /// classifier), which a reload's new block rule must end by hand.
+    pub fn firewall_blocks(&self, client: IpAddr) -> bool {
+        let longest = match client {
+            IpAddr::V4(v4) => longest_match(&self.rules_v4, &v4.octets()),
+            IpAddr::V6(v6) => longest_match(&self.rules_v6, &v6.octets()),
+        };
+        match longest {
+            Some(verdict) => verdict.action == RULE_BLOCK,
+            None => self.settings.firewall_default == RULE_BLOCK,
+        }
+    }
+}
+
+/// The verdict of the longest prefix in `rules` that covers `addr`.
+fn longest_match<const N: usize>(
+    rules: &BTreeMap<(u32, [u8; N]), RuleVerdict>,
+    addr: &[u8; N],
+) -> Option<RuleVerdict> {
+    let covers = |len: u32, net: &[u8; N]| {
+        let (whole, rest) = ((len / 8) as usize, len % 8);
+        addr[..whole] == net[..whole]
+            && (rest == 0 || {
+                let mask = 0xffu8 << (8 - rest);
+                addr[whole] & mask == net[whole] & mask
+            })
+    };
+    rules
+        .iter()
+        .filter(|((len, net), _)| covers(*len, net))
+        .max_by_key(|((len, _), _)| *len)
+        .map(|(_, verdict)| *verdict)
+}
+
 /// Two rules for the same prefix: allow wins; otherwise the first one written stays.
 fn merge_rule<K: Ord>(rules: &mut BTreeMap<K, RuleVerdict>, key: K, verdict: RuleVerdict) {
     match rules.get(&key) {
@@ -683,6 +721,31 @@ mod tests {
         let plan = plan_for(&toml, &["10.0.1.1", "fd00:1::1"]);
         assert_eq!(plan.ports.len(), 1);
         assert_eq!(plan.apps[0].proxy, ProxyProtocol::Simple.code());
+    }
+
+    #[test]
+    fn the_firewall_verdict_of_a_client_is_the_longest_prefix_else_the_default() {
+        let toml = format!(
+            "{BASE}[firewall]\ndefault = \"allow\"\n\
+             [[access_rules]]\nmode = \"block\"\ntarget = \"ip_range\"\nvalue = \"10.0.1.0/24\"\n\
+             [[access_rules]]\nmode = \"allow\"\ntarget = \"ip_range\"\nvalue = \"10.0.1.128/25\"\n\
+             [[access_rules]]\nmode = \"block\"\ntarget = \"ip\"\nvalue = \"10.0.1.200\"\n\
+             [[access_rules]]\nmode = \"block\"\ntarget = \"ip_range\"\nvalue = \"2001:db8:80::/41\"\n"
+        );
+        let plan = plan_for(&toml, &["10.0.1.1"]);
+        let blocks = |ip: &str| plan.firewall_blocks(ip.parse().unwrap());
+        assert!(blocks("10.0.1.7"), "the /24 blocks");
+        assert!(!blocks("10.0.1.130"), "the longer /25 allows");
+        assert!(blocks("10.0.1.200"), "the /32 inside the /25 blocks");
+        assert!(!blocks("10.0.2.1"), "no rule: the default allows");
+        assert!(blocks("2001:db8:80::1"), "a /41 ends inside a byte");
+        assert!(blocks("2001:db8:ff::1"), "still inside the /41");
+        assert!(!blocks("2001:db8:0::1"), "outside the /41");
+        let closed = plan_for(
+            &format!("{BASE}[firewall]\ndefault = \"block\"\n"),
+            &["10.0.1.1"],
+        );
+        assert!(closed.firewall_blocks("192.0.2.1".parse().unwrap()));
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct Outcome {
 struct Watched {
     /// Client → origin, origin → client.
     keys: [SpliceKey; 2],
+    /// The app and the client (for `end_blocked`).
+    app: String,
+    client: IpAddr,
     done: oneshot::Sender<Outcome>,
     /// Segments both ways at the last sweep, and since when they have not moved.
     packets: u64,
@@ -267,6 +270,8 @@ impl Splicer {
             .unwrap_or_else(|e| e.into_inner())
             .push(Watched {
                 keys: [pair[0].0, pair[1].0],
+                app: app.to_string(),
+                client: addrs.client.ip().to_canonical(),
                 done,
                 packets: 0,
                 still_since: Instant::now(),
@@ -334,6 +339,36 @@ impl Splicer {
         for key in keys {
             let _ = map.remove(key);
         }
+    }
+
+    /// Ends at once the spliced connections whose client `blocked` says a reload's
+    /// access rules now block: their segments never reach the classifier, so the
+    /// datapath cannot. The entries go; the client's next segments meet the
+    /// firewall (dropped), the origin's reach the kernel, which has no socket for
+    /// them and resets the origin. Status 403, as the firewall's. How many ended.
+    pub fn end_blocked(&self, blocked: impl Fn(&str, IpAddr) -> bool) -> usize {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let (cut, kept): (Vec<Watched>, Vec<Watched>) =
+            watched.drain(..).partition(|w| blocked(&w.app, w.client));
+        *watched = kept;
+        drop(watched);
+        let ended = cut.len();
+        for w in cut {
+            let (up, down) = {
+                let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+                (map.get(&w.keys[0], 0).ok(), map.get(&w.keys[1], 0).ok())
+            };
+            self.remove(&w.keys);
+            let _ = w.done.send(Outcome {
+                end: End::Fault {
+                    side: Side::Client,
+                    status: status::CLIENT_BLOCKED,
+                },
+                client_bytes: up.map_or(0, |e| e.bytes),
+                origin_bytes: down.map_or(0, |e| e.bytes),
+            });
+        }
+        ended
     }
 
     /// One look at every spliced connection: those that ended (RST either way,

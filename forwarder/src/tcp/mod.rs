@@ -451,6 +451,24 @@ impl TcpProxy {
     /// The origins (address and port) that carry open connections now. The datapath
     /// must keep passing their segments even when a reload removed them from the
     /// config (the connections continue until they end).
+    /// Ends the spliced connections of apps with `ip_firewall` whose client the
+    /// plan's access rules now block (`handoff::Splicer::end_blocked`); how many.
+    pub fn end_blocked_splices(&self, config: &Config, plan: &crate::datapath::Plan) -> usize {
+        let Some(splicer) = self.shared.splicer() else {
+            return 0;
+        };
+        let filtered: BTreeSet<&str> = config
+            .apps
+            .iter()
+            .filter(|a| a.protocol == Protocol::Tcp && a.ip_firewall)
+            .map(|a| a.id.as_str())
+            .collect();
+        if filtered.is_empty() {
+            return 0;
+        }
+        splicer.end_blocked(|app, client| filtered.contains(app) && plan.firewall_blocks(client))
+    }
+
     /// Sets how each TCP app of `config` picks origins under `availability`.
     pub fn set_selections(&self, config: &Config, availability: &Availability) {
         let selections = config
