@@ -633,3 +633,61 @@ fn a_reload_that_blocks_the_client_ends_its_spliced_connections() {
         "the open app's connection is spliced"
     );
 }
+
+#[test]
+fn the_sweep_ends_an_idle_spliced_connection_and_a_drained_one() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7113);
+    let edge = SocketAddr::new(EDGE_CLIENT_V4.into(), 7113);
+    let apps = app("sweep", 7113, origin);
+    let lab = Lab::new().unwrap();
+    lab.attach_pass_stubs().expect("pass stubs");
+    let mut agent = forwarder_tests::agent::AgentProcess::start(
+        &lab,
+        &config(&lab, "tcp_idle_timeout = \"1s\"\n", &apps),
+    )
+    .expect("starting forwarder run");
+    let (ended, _end) = std::sync::mpsc::channel();
+    echo_after_warm(
+        &lab,
+        origin,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        ended,
+    );
+
+    // Idle: nothing moves for tcp_idle_timeout, the sweep sees the entry counters
+    // stand still and ends the connection (497, the bytes so far).
+    let (_idle, idle_local) = spliced_echo(&lab, &agent, edge);
+    let quiet_since = Instant::now();
+    let d = wait_disconnect(&agent, "sweep", idle_local, WAIT);
+    assert!(
+        quiet_since.elapsed() >= Duration::from_millis(900),
+        "ended before the idle timeout: {:?}",
+        quiet_since.elapsed()
+    );
+    assert_eq!(d.status(), 497, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(WARM as u64 + 4), "{d:?}");
+    assert_eq!(d.num("OriginBytes"), Some(4), "{d:?}");
+
+    // Drained: a spliced connection still open when the agent stops ends with the
+    // drain (999, as on the socket path), its bytes counted. An agent with the
+    // default idle timeout, so that the drain (1 s) is what ends it.
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "{status}\n{}", agent.logs());
+    let mut agent = start_agent(&lab, &apps);
+    let (mut open, open_local) = spliced_echo(&lab, &agent, edge);
+    let mut echo = [0u8; 4];
+    open.write_all(b"more").unwrap();
+    open.read_exact(&mut echo).unwrap();
+    // SAFETY: plain kill(2) to our own child.
+    unsafe { libc::kill(agent.pid() as libc::pid_t, libc::SIGTERM) };
+    let status = agent.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status}\n{}", agent.logs());
+    let d = wait_disconnect(&agent, "sweep", open_local, WAIT);
+    assert_eq!(d.status(), 999, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(WARM as u64 + 8), "{d:?}");
+    assert_eq!(d.num("OriginBytes"), Some(8), "{d:?}");
+}
