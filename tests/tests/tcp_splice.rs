@@ -370,6 +370,47 @@ fn an_ineligible_connection_falls_back_to_the_socket_path() {
 }
 
 #[test]
+fn a_narrower_origin_path_falls_back_to_the_socket_path() {
+    init();
+    if !require_root() {
+        return;
+    }
+    // The origin side's link carries 1400 bytes: the 1448-byte segments the client
+    // may send (MSS 1460 offered on a 1500 link) would not fit it untouched.
+    let lab = Lab::new().unwrap();
+    lab.attach_pass_stubs().expect("pass stubs");
+    let ifaces = lab.ifaces().clone();
+    lab.edge()
+        .run("ip", &["link", "set", &ifaces.edge_origin, "mtu", "1400"])
+        .expect("mtu at the edge");
+    lab.origin()
+        .run("ip", &["link", "set", &ifaces.origin, "mtu", "1400"])
+        .expect("mtu at the origin");
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7114);
+    let agent = start_agent(&lab, &app("narrow", 7114, origin));
+    let listener = origin_listener(&lab, origin);
+    serve(listener, |mut s: TcpStream| {
+        let (request, _) = read_all(&mut s);
+        s.write_all(&request).unwrap();
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7114), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(&vec![9u8; WARM]).unwrap();
+    let line = wait_log(&agent, local, "stays on the socket path");
+    assert!(line.contains("mss_too_big"), "{line}");
+    client.shutdown(Shutdown::Write).unwrap();
+    let (echo, err) = read_all(&mut client);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(echo, vec![9u8; WARM]);
+    let d = wait_disconnect(&agent, "narrow", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+    let stats = agent.stats().unwrap();
+    assert_eq!(stats.tcp_fastpath.get("mss_too_big"), Some(&1));
+    assert_eq!(stats.tcp_fastpath.get("spliced"), Some(&0));
+}
+
+#[test]
 fn fastpath_off_keeps_the_socket_path() {
     init();
     if !require_root() {

@@ -185,6 +185,8 @@ fn legs(h: &Harness, f: &Family, edge_port: u16) -> (LegState, LegState) {
         ts_clock: 0x1000_0000,
         urgent: false,
         ifindex: h.ec_index,
+        advmss: 1460,
+        path_mtu: 1500,
     };
     let origin = LegState {
         local: SocketAddr::new(f.local, LOCAL_PORT),
@@ -199,6 +201,8 @@ fn legs(h: &Harness, f: &Family, edge_port: u16) -> (LegState, LegState) {
         ts_clock: 0x2000_0000,
         urgent: false,
         ifindex: h.eo_index,
+        advmss: 1460,
+        path_mtu: 1500,
     };
     (client, origin)
 }

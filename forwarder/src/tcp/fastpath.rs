@@ -36,6 +36,17 @@ pub struct LegState {
     pub urgent: bool,
     /// Interface the leg's segments leave by.
     pub ifindex: u32,
+    /// The MSS the agent offered the peer (`tcpi_advmss`): the largest segment,
+    /// options included, the peer may send on this leg.
+    pub advmss: u32,
+    /// The MTU of the leg's route (`IP_MTU`/`IPV6_MTU`; 0: not known), which the
+    /// program's route cache checks every translated segment against.
+    pub path_mtu: u32,
+}
+
+/// IP and TCP header bytes (without options) of a segment of this leg's family.
+fn headers(leg: &LegState) -> u32 {
+    if leg.local.is_ipv4() { 40 } else { 60 }
 }
 
 /// Why a connection stays on the socket path.
@@ -55,6 +66,9 @@ pub enum Ineligible {
     WindowScaling,
     /// Urgent data on either leg.
     Urgent,
+    /// The client may send segments larger than the origin leg's route carries:
+    /// the program does not resize segments.
+    MssTooBig,
     /// The legs did not go quiet in time (bytes unread or unacknowledged).
     NotQuiet,
     /// Reading the sockets' repair state failed.
@@ -67,13 +81,14 @@ pub enum Ineligible {
 }
 
 impl Ineligible {
-    pub const ALL: [Ineligible; 10] = [
+    pub const ALL: [Ineligible; 11] = [
         Ineligible::Short,
         Ineligible::MixedFamilies,
         Ineligible::Timestamps,
         Ineligible::Sack,
         Ineligible::WindowScaling,
         Ineligible::Urgent,
+        Ineligible::MssTooBig,
         Ineligible::NotQuiet,
         Ineligible::Repair,
         Ineligible::MapFull,
@@ -89,6 +104,7 @@ impl Ineligible {
             Ineligible::Sack => "sack_differs",
             Ineligible::WindowScaling => "window_scaling_differs",
             Ineligible::Urgent => "urgent_data",
+            Ineligible::MssTooBig => "mss_too_big",
             Ineligible::NotQuiet => "not_quiet",
             Ineligible::Repair => "repair_failed",
             Ineligible::MapFull => "map_full",
@@ -120,6 +136,12 @@ pub fn eligibility(client: &LegState, origin: &LegState) -> Result<(), Ineligibl
     }
     if client.urgent || origin.urgent {
         return Err(Ineligible::Urgent);
+    }
+    // What the client may send must leave by the origin leg as it is. (The other
+    // way is bounded at connect: the origin leg offers at most the client leg's
+    // MSS.)
+    if origin.path_mtu != 0 && client.advmss + headers(origin) > origin.path_mtu {
+        return Err(Ineligible::MssTooBig);
     }
     Ok(())
 }
@@ -245,6 +267,8 @@ mod tests {
             ts_clock: 5000,
             urgent: false,
             ifindex: 3,
+            advmss: 1460,
+            path_mtu: 1500,
         }
     }
 
@@ -294,6 +318,33 @@ mod tests {
         assert_eq!(eligibility(&client, &o), Err(Ineligible::Urgent));
         let o = leg("[fd00:2::1]:50000", "[fd00:2::2]:8080", 1, 1);
         assert_eq!(eligibility(&client, &o), Err(Ineligible::MixedFamilies));
+    }
+
+    #[test]
+    fn what_the_client_may_send_must_fit_the_origin_legs_route() {
+        let client = leg("10.0.1.1:80", "10.0.1.2:40000", 1, 1);
+        let origin = leg("10.0.2.1:50000", "10.0.2.2:8080", 1, 1);
+        // 1460 + 40 fits a 1500 route exactly; a 1400 route does not.
+        let mut o = origin;
+        o.path_mtu = 1400;
+        assert_eq!(eligibility(&client, &o), Err(Ineligible::MssTooBig));
+        // The edge offered the client less: fits again.
+        let mut c = client;
+        c.advmss = 1360;
+        assert_eq!(eligibility(&c, &o), Ok(()));
+        // IPv6 headers are 20 bytes longer: 1440 + 60 fits 1500, 1460 does not.
+        let c6 = LegState {
+            advmss: 1440,
+            ..leg("[fd00:1::1]:80", "[fd00:1::2]:40000", 1, 1)
+        };
+        let o6 = leg("[fd00:2::1]:50000", "[fd00:2::2]:8080", 1, 1);
+        assert_eq!(eligibility(&c6, &o6), Ok(()));
+        let c6 = LegState { advmss: 1460, ..c6 };
+        assert_eq!(eligibility(&c6, &o6), Err(Ineligible::MssTooBig));
+        // An origin route whose MTU could not be read is not judged.
+        let mut o = origin;
+        o.path_mtu = 0;
+        assert_eq!(eligibility(&client, &o), Ok(()));
     }
 
     #[test]

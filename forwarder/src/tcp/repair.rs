@@ -49,18 +49,16 @@ pub(crate) fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int)
 
 /// `getsockopt(IPPROTO_TCP, option)` of a 4-byte value.
 pub(crate) fn getsockopt_u32(fd: RawFd, option: libc::c_int) -> io::Result<u32> {
+    getsockopt_at(fd, libc::IPPROTO_TCP, option)
+}
+
+/// `getsockopt(level, option)` of a 4-byte value.
+fn getsockopt_at(fd: RawFd, level: libc::c_int, option: libc::c_int) -> io::Result<u32> {
     let mut value = 0u32;
     let mut len = size_of::<u32>() as libc::socklen_t;
     // SAFETY: valid fd; pointer to a u32 and its length.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            option,
-            (&mut value as *mut u32).cast(),
-            &mut len,
-        )
-    };
+    let rc =
+        unsafe { libc::getsockopt(fd, level, option, (&mut value as *mut u32).cast(), &mut len) };
     if rc == 0 {
         Ok(value)
     } else {
@@ -137,11 +135,23 @@ pub fn enter_and_read(
             ts_clock,
             urgent: false,
             ifindex,
+            advmss: info.tcpi_advmss,
+            path_mtu: path_mtu(fd, local).unwrap_or(0),
         })
     };
     read().inspect_err(|_| {
         let _ = resume(sock);
     })
+}
+
+/// The MTU of a connected socket's route (`IP_MTU`, `IPV6_MTU`, by the family of
+/// its local address). An IPv4 client accepted on the agent's IPv6 socket may
+/// give an error here; callers take 0, not known.
+fn path_mtu(fd: RawFd, local: SocketAddr) -> io::Result<u32> {
+    match local {
+        SocketAddr::V4(_) => getsockopt_at(fd, libc::IPPROTO_IP, libc::IP_MTU),
+        SocketAddr::V6(_) => getsockopt_at(fd, libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    }
 }
 
 /// The send and receive queue sequence numbers of a socket in repair mode.

@@ -429,7 +429,7 @@ impl Collector for SnapshotCollector {
         counter(
             &mut encoder,
             names::TCP_FASTPATH,
-            "TCP connections of tcp_fastpath = \"xdp\" apps by outcome: spliced (handed to XDP), or why they stayed on the socket path (short, not_quiet, timestamps_differ, sack_differs, window_scaling_differs, mixed_families, urgent_data, repair_failed, map_full, handoff_raced).",
+            "TCP connections of tcp_fastpath = \"xdp\" apps by outcome: spliced (handed to XDP), or why they stayed on the socket path (short, not_quiet, timestamps_differ, sack_differs, window_scaling_differs, mixed_families, urgent_data, mss_too_big, repair_failed, map_full, handoff_raced).",
             s.tcp_fastpath
                 .iter()
                 .map(|(outcome, n)| (vec![("outcome", outcome.as_str())], *n)),
