@@ -30,6 +30,7 @@ pub use model::{
     PortSpec, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpFastpath, TcpSplice, UdpProbe,
     XdpMode,
 };
+pub(crate) use model::{prefix_mask_v4, prefix_mask_v6};
 pub(crate) use raw::{RawAccessRule, RawApp, RawCertificate, RawOrigin, app_location};
 pub use tls::{AppTls, CertificateFiles, TlsMode, TlsVersion};
 

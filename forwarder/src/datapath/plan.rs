@@ -14,7 +14,10 @@ use forwarder_common::{
     RuleVerdict, Settings, maglev_table_size,
 };
 
-use crate::config::{Config, IpFamily, Protocol, ProxyProtocol, RuleAction, TcpFastpath};
+use crate::config::{
+    Config, IpFamily, Protocol, ProxyProtocol, RuleAction, TcpFastpath, prefix_mask_v4,
+    prefix_mask_v6,
+};
 use crate::lb::Availability;
 use crate::route::OriginRoute;
 
@@ -625,8 +628,12 @@ impl Plan {
     /// classifier), which a reload's new block rule must end by hand.
     pub fn firewall_blocks(&self, client: IpAddr) -> bool {
         let longest = match client {
-            IpAddr::V4(v4) => longest_match(&self.rules_v4, &v4.octets()),
-            IpAddr::V6(v6) => longest_match(&self.rules_v6, &v6.octets()),
+            IpAddr::V4(v4) => longest_match(&self.rules_v4, |len, net| {
+                u32::from(v4) & prefix_mask_v4(len as u8) == u32::from_be_bytes(*net)
+            }),
+            IpAddr::V6(v6) => longest_match(&self.rules_v6, |len, net| {
+                u128::from(v6) & prefix_mask_v6(len as u8) == u128::from_be_bytes(*net)
+            }),
         };
         match longest {
             Some(verdict) => verdict.action == RULE_BLOCK,
@@ -635,19 +642,11 @@ impl Plan {
     }
 }
 
-/// The verdict of the longest prefix in `rules` that covers `addr`.
-fn longest_match<const N: usize>(
-    rules: &BTreeMap<(u32, [u8; N]), RuleVerdict>,
-    addr: &[u8; N],
+/// The verdict of the longest prefix in `rules` that `covers` the client.
+fn longest_match<N>(
+    rules: &BTreeMap<(u32, N), RuleVerdict>,
+    covers: impl Fn(u32, &N) -> bool,
 ) -> Option<RuleVerdict> {
-    let covers = |len: u32, net: &[u8; N]| {
-        let (whole, rest) = ((len / 8) as usize, len % 8);
-        addr[..whole] == net[..whole]
-            && (rest == 0 || {
-                let mask = 0xffu8 << (8 - rest);
-                addr[whole] & mask == net[whole] & mask
-            })
-    };
     rules
         .iter()
         .filter(|((len, net), _)| covers(*len, net))
