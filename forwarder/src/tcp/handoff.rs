@@ -326,12 +326,16 @@ impl Splicer {
     }
 
     /// Segments the entries of `keys` translated so far.
-    fn translated(&self, keys: &[SpliceKey]) -> u64 {
+    fn translated(&self, keys: &[SpliceKey; 2]) -> u64 {
+        let (up, down) = self.entries(keys);
+        [up, down].iter().flatten().map(|e| e.packets).sum()
+    }
+
+    /// Both entries of a spliced connection (client → origin, origin → client),
+    /// `None` where gone.
+    fn entries(&self, keys: &[SpliceKey; 2]) -> (Option<SpliceEntry>, Option<SpliceEntry>) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        keys.iter()
-            .filter_map(|k| map.get(k, 0).ok())
-            .map(|e| e.packets)
-            .sum()
+        (map.get(&keys[0], 0).ok(), map.get(&keys[1], 0).ok())
     }
 
     fn remove(&self, keys: &[SpliceKey]) {
@@ -354,10 +358,7 @@ impl Splicer {
         drop(watched);
         let ended = cut.len();
         for w in cut {
-            let (up, down) = {
-                let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-                (map.get(&w.keys[0], 0).ok(), map.get(&w.keys[1], 0).ok())
-            };
+            let (up, down) = self.entries(&w.keys);
             self.remove(&w.keys);
             let _ = w.done.send(Outcome {
                 end: End::Fault {
@@ -379,10 +380,7 @@ impl Splicer {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         let mut kept = Vec::with_capacity(watched.len());
         for mut w in watched.drain(..) {
-            let (to_origin, to_client) = {
-                let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-                (map.get(&w.keys[0], 0).ok(), map.get(&w.keys[1], 0).ok())
-            };
+            let (to_origin, to_client) = self.entries(&w.keys);
             let (Some(up), Some(down)) = (to_origin, to_client) else {
                 // Gone from the map (removed by hand): ended, counts unknown.
                 let _ = w.done.send(Outcome {
