@@ -647,7 +647,7 @@ fn cpu_metrics(per: &'static str, edge_per: &'static str) -> Vec<Metric> {
             higher_is_better: false,
         },
         Metric {
-            name: "edge_cpu",
+            name: "edge_cpu_busy",
             unit: edge_per,
             higher_is_better: false,
         },
@@ -795,7 +795,7 @@ impl Scenario for TcpThroughput {
             unit: "Gbit/s",
             higher_is_better: true,
         }];
-        m.extend(cpu_metrics("µs proxy CPU/MB", "µs edge CPU/MB"));
+        m.extend(cpu_metrics("µs proxy CPU/MB", "µs edge CPU busy/MB"));
         m.push(Metric {
             name: "packets",
             unit: "packets/MB at the edge",
@@ -960,7 +960,7 @@ impl Scenario for TcpConnRate {
             unit: "conn/s",
             higher_is_better: true,
         }];
-        m.extend(cpu_metrics("µs proxy CPU/conn", "µs edge CPU/conn"));
+        m.extend(cpu_metrics("µs proxy CPU/conn", "µs edge CPU busy/conn"));
         m.push(Metric {
             name: "packets",
             unit: "packets/conn at the edge",
