@@ -734,3 +734,43 @@ fn the_sweep_ends_an_idle_spliced_connection_and_a_drained_one() {
     assert_eq!(d.num("ClientBytes"), Some(WARM as u64 + 8), "{d:?}");
     assert_eq!(d.num("OriginBytes"), Some(8), "{d:?}");
 }
+
+#[test]
+fn a_short_connection_reset_by_the_client_is_reset_at_the_origin() {
+    init();
+    if !require_root() {
+        return;
+    }
+    // Below the handoff threshold the bytes go through the handoff's own
+    // forwarding: a client's RST there must still reach the origin as an RST and
+    // end with 499, as on the socket path.
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7115);
+    let (lab, agent) = lab_and_agent(&app("shortrst", 7115, origin));
+    let listener = origin_listener(&lab, origin);
+    let (tx, rx) = std::sync::mpsc::channel();
+    serve(listener, move |mut s: TcpStream| {
+        let mut hello = [0u8; 5];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(b"ok").unwrap();
+        let (_, err) = read_all(&mut s);
+        let _ = tx.send(err.map(|e| e.kind()));
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7115), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(b"hello").unwrap();
+    let mut ok = [0u8; 2];
+    client.read_exact(&mut ok).unwrap();
+    set_linger_zero(&client);
+    drop(client);
+    let origin_saw = rx.recv_timeout(WAIT).expect("origin connection ended");
+    assert_eq!(
+        origin_saw,
+        Some(ErrorKind::ConnectionReset),
+        "the origin must get the client's RST"
+    );
+    let d = wait_disconnect(&agent, "shortrst", local, WAIT);
+    assert_eq!(d.status(), 499, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(5), "{d:?}");
+    assert_eq!(d.num("OriginBytes"), Some(2), "{d:?}");
+}

@@ -107,6 +107,16 @@ pub enum Side {
     Origin,
 }
 
+impl Side {
+    /// The other leg.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Origin,
+            Side::Origin => Side::Client,
+        }
+    }
+}
+
 /// The status of an I/O error on `side` (`reading`: while receiving from it).
 pub fn io_error_status(side: Side, reading: bool, err: &io::Error) -> u16 {
     let code = err.raw_os_error();
@@ -391,7 +401,9 @@ async fn serve_plain(
                 Some(outcome) => {
                     counters.add_client_bytes(outcome.client_bytes);
                     counters.add_origin_bytes(outcome.origin_bytes);
-                    // Both sockets were retired: closing them sends nothing.
+                    // Both sockets were retired (closing them sends nothing), or
+                    // the connection ended during the handoff and the sockets
+                    // were set up to reset what the socket path would.
                     drop(origin_stream);
                     (outcome.end, outcome.client_bytes, outcome.origin_bytes)
                 }
@@ -608,6 +620,24 @@ async fn pump(
     end
 }
 
+/// The end of a connection whose bytes from `source` failed: a read fault is the
+/// source side's, a write fault the other side's.
+pub(super) fn fault_end(fault: Fault, source: Side) -> End {
+    match fault {
+        Fault::Read(e) => End::Fault {
+            side: source,
+            status: io_error_status(source, true, &e),
+        },
+        Fault::Write(e) => {
+            let destination = source.other();
+            End::Fault {
+                side: destination,
+                status: io_error_status(destination, false, &e),
+            }
+        }
+    }
+}
+
 /// Runs both directions of a connection against the idle timeout and the drain:
 /// a read fault is the source side's, a write fault the destination's.
 pub(super) async fn run_directions(
@@ -617,27 +647,15 @@ pub(super) async fn run_directions(
     client_to_origin: impl Future<Output = Result<u64, Fault>>,
     origin_to_client: impl Future<Output = Result<u64, Fault>>,
 ) -> End {
-    let fault = |source: Side, destination: Side| {
-        move |fault| match fault {
-            Fault::Read(e) => End::Fault {
-                side: source,
-                status: io_error_status(source, true, &e),
-            },
-            Fault::Write(e) => End::Fault {
-                side: destination,
-                status: io_error_status(destination, false, &e),
-            },
-        }
-    };
     let client_to_origin = async {
         client_to_origin
             .await
-            .map_err(fault(Side::Client, Side::Origin))
+            .map_err(|f| fault_end(f, Side::Client))
     };
     let origin_to_client = async {
         origin_to_client
             .await
-            .map_err(fault(Side::Origin, Side::Client))
+            .map_err(|f| fault_end(f, Side::Origin))
     };
     let idle = async {
         loop {

@@ -14,7 +14,7 @@ use log::{debug, info};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::conn::{End, Side};
+use super::conn::{End, Side, fault_end};
 use super::fastpath::{Ineligible, LegState, eligibility, hold_entry, splice_entries, splice_keys};
 use super::quiet::{Drained, NotQuiet, drain_until_quiet, forward_until_moved};
 use super::repair;
@@ -131,8 +131,9 @@ impl Splicer {
 
     /// Hands the connection to the datapath once both legs are quiet (bytes that
     /// arrive meanwhile are forwarded and added to `drained`). `Ok`: the sockets
-    /// are retired and the receiver reports the end; `Err`: the sockets are as
-    /// before and the caller forwards on them.
+    /// are retired and the receiver reports the end, or the connection already
+    /// ended on the way (a peer reset, a race) and the receiver says how; `Err`:
+    /// the sockets are as before and the caller forwards on them.
     pub async fn try_splice(
         &self,
         app: &str,
@@ -147,6 +148,10 @@ impl Splicer {
         match forward_until_moved(client, origin, HANDOFF_WINDOW, HANDOFF_AFTER, drained).await {
             Ok(()) => {}
             Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::Short)),
+            Err(NotQuiet::Fault { source, fault }) => {
+                fail(Ineligible::Short);
+                return Ok(end_on_fault(fault_end(fault, source), client, origin));
+            }
             Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
         }
         // Hold it: from here the peers' data (and SYN/FIN) is dropped in XDP and
@@ -172,6 +177,10 @@ impl Splicer {
             match drain_until_quiet(client, origin, wait, QUIET_BUDGET, drained).await {
                 Ok(()) => {}
                 Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::NotQuiet)),
+                Err(NotQuiet::Fault { source, fault }) => {
+                    fail(Ineligible::NotQuiet);
+                    return Ok(end_on_fault(fault_end(fault, source), client, origin));
+                }
                 Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
             }
             let app_index = self
@@ -243,16 +252,10 @@ impl Splicer {
                 fail(Ineligible::Raced);
                 super::conn::reset(client);
                 super::conn::reset(origin);
-                let (done, outcome) = oneshot::channel();
-                let _ = done.send(Outcome {
-                    end: End::Fault {
-                        side: Side::Client,
-                        status: status::UNKNOWN,
-                    },
-                    client_bytes: 0,
-                    origin_bytes: 0,
-                });
-                return Ok(outcome);
+                return Ok(ended(End::Fault {
+                    side: Side::Client,
+                    status: status::UNKNOWN,
+                }));
             }
             break (pair, client_leg);
         };
@@ -433,6 +436,26 @@ impl Splicer {
         }
         *watched = kept;
     }
+}
+
+/// The receiver of a connection that ended during its handoff with `end` (its
+/// bytes so far are the caller's `Drained`).
+fn ended(end: End) -> oneshot::Receiver<Outcome> {
+    let (done, outcome) = oneshot::channel();
+    let _ = done.send(Outcome {
+        end,
+        client_bytes: 0,
+        origin_bytes: 0,
+    });
+    outcome
+}
+
+/// A peer reset while the handoff forwarded its bytes: the other peer is reset
+/// as the socket path would (when the connection's task closes the sockets),
+/// and the connection ends with `end`.
+fn end_on_fault(end: End, client: &TcpStream, origin: &TcpStream) -> oneshot::Receiver<Outcome> {
+    super::conn::reset_after(end, client, origin);
+    ended(end)
 }
 
 /// A connection's entries during a handoff: removed when this is dropped while

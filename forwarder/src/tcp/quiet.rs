@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::conn::Side;
 use super::repair;
+use super::splice::Fault;
 
 /// Readiness is not reported for acknowledgements: the sockets are looked at
 /// again this often while bytes are in flight.
@@ -31,9 +33,13 @@ pub struct Drained {
 pub enum NotQuiet {
     /// Still busy at the deadline, or more than the budget moved.
     Busy,
-    /// A peer closed or reset its side: the socket path takes it from here (EOF
-    /// and errors stay on the socket for its next read).
+    /// A peer closed its side: the socket path takes it from here (the EOF stays
+    /// on the socket for its next read).
     Closed,
+    /// Reading from `source` or writing its bytes on failed (a peer reset). The
+    /// kernel reports a socket's error once, so the socket path would see a plain
+    /// EOF after this: the connection ends here, with this fault.
+    Fault { source: Side, fault: Fault },
     /// The socket state could not be read.
     Failed(io::Error),
 }
@@ -62,11 +68,11 @@ pub async fn drain_until_quiet(
         tokio::select! {
             r = client.readable() => {
                 r.map_err(|_| NotQuiet::Closed)?;
-                drained.client_bytes += move_some(client, origin, &mut buf).await?;
+                drained.client_bytes += move_some(client, origin, Side::Client, &mut buf).await?;
             }
             r = origin.readable() => {
                 r.map_err(|_| NotQuiet::Closed)?;
-                drained.origin_bytes += move_some(origin, client, &mut buf).await?;
+                drained.origin_bytes += move_some(origin, client, Side::Origin, &mut buf).await?;
             }
             _ = tokio::time::sleep_until(deadline.min(Instant::now() + POLL)) => {}
         }
@@ -94,11 +100,11 @@ pub async fn forward_until_moved(
         tokio::select! {
             r = client.readable() => {
                 r.map_err(|_| NotQuiet::Closed)?;
-                drained.client_bytes += move_some(client, origin, &mut buf).await?;
+                drained.client_bytes += move_some(client, origin, Side::Client, &mut buf).await?;
             }
             r = origin.readable() => {
                 r.map_err(|_| NotQuiet::Closed)?;
-                drained.origin_bytes += move_some(origin, client, &mut buf).await?;
+                drained.origin_bytes += move_some(origin, client, Side::Origin, &mut buf).await?;
             }
             _ = &mut deadline => return Err(NotQuiet::Busy),
         }
@@ -106,23 +112,28 @@ pub async fn forward_until_moved(
     Ok(())
 }
 
-/// Reads what `from` has (without waiting) and writes all of it to `to`.
-async fn move_some(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> Result<u64, NotQuiet> {
+/// Reads what `from` (the `source` side) has, without waiting, and writes all of
+/// it to `to`.
+async fn move_some(
+    from: &TcpStream,
+    to: &TcpStream,
+    source: Side,
+    buf: &mut [u8],
+) -> Result<u64, NotQuiet> {
+    let fault = |fault| NotQuiet::Fault { source, fault };
     let n = match from.try_read(buf) {
         Ok(0) => return Err(NotQuiet::Closed),
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-        Err(_) => return Err(NotQuiet::Closed),
+        Err(e) => return Err(fault(Fault::Read(e))),
     };
     let mut rest = &buf[..n];
     while !rest.is_empty() {
-        to.writable().await.map_err(|_| NotQuiet::Closed)?;
+        to.writable().await.map_err(|e| fault(Fault::Write(e)))?;
         match to.try_write(rest) {
             Ok(k) => rest = &rest[k..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            // The bytes read are lost with the connection: the socket path sees
-            // the same error on its next write and resets the other side.
-            Err(_) => return Err(NotQuiet::Closed),
+            Err(e) => return Err(fault(Fault::Write(e))),
         }
     }
     Ok(n as u64)
