@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::copy;
-use super::handoff::{LegAddrs, Outcome};
+use super::handoff::{HANDOFF_AFTER, HANDOFF_WINDOW, LegAddrs, Outcome};
 use super::origin;
 use super::quiet::Drained;
 use super::splice::{self, Fault};
@@ -379,58 +379,70 @@ async fn serve_plain(
             reset(&client_stream);
             header_fault(&meta, origin_addr, &err)
         }
-        // 3. In XDP (`tcp_fastpath = "xdp"`, when eligible), or splice both ways.
+        // 3. Copied (or spliced) both ways; with `tcp_fastpath = "xdp"`, handed to
+        // the datapath once the handoff rule says so and the connection allows.
         Ok(origin_stream) => {
-            let mut drained = Drained::default();
-            // Boxed, and only for the apps that ask for it: its state would make
-            // every connection's task larger.
-            let spliced = if meta.app.tcp_fastpath == TcpFastpath::Xdp {
-                Box::pin(splice_in_xdp(
+            let handoff = (meta.app.tcp_fastpath == TcpFastpath::Xdp && shared.splicer().is_some())
+                .then(|| copy::Handoff::new(HANDOFF_AFTER, HANDOFF_WINDOW));
+            let activity = Activity::new();
+            let mut handed = false;
+            loop {
+                let pumped = pump(
                     shared,
-                    &meta,
+                    counters,
                     &client_stream,
                     &origin_stream,
-                    origin_addr,
-                    &mut drained,
-                ))
-                .await
-            } else {
-                None
-            };
-            match spliced {
-                Some(outcome) => {
-                    counters.add_client_bytes(outcome.client_bytes);
-                    counters.add_origin_bytes(outcome.origin_bytes);
-                    // Both sockets were retired (closing them sends nothing), or
-                    // the connection ended during the handoff and the sockets
-                    // were set up to reset what the socket path would.
-                    drop(origin_stream);
-                    (outcome.end, outcome.client_bytes, outcome.origin_bytes)
+                    &activity,
+                    &mut close,
+                    handoff.as_ref(),
+                )
+                .await;
+                let end = match pumped {
+                    Pumped::Ended(end) => end,
+                    Pumped::HandoffDue => {
+                        handed = true;
+                        if let Some(h) = &handoff {
+                            // One handoff per connection: if it falls back, the
+                            // connection is copied to its end.
+                            h.stop();
+                        }
+                        let mut drained = Drained::default();
+                        // Boxed: its state would make every connection's task larger.
+                        let spliced = Box::pin(splice_in_xdp(
+                            shared,
+                            &meta,
+                            &client_stream,
+                            &origin_stream,
+                            origin_addr,
+                            &mut drained,
+                        ))
+                        .await;
+                        // Bytes forwarded on the way to the quiet point.
+                        counters.add_client_bytes(drained.client_bytes);
+                        counters.add_origin_bytes(drained.origin_bytes);
+                        activity.add(drained);
+                        match spliced {
+                            // Both sockets were retired (closing them sends nothing),
+                            // or the connection ended during the handoff and the
+                            // sockets were set up to reset what the socket path would.
+                            Some(outcome) => {
+                                counters.add_client_bytes(outcome.client_bytes);
+                                counters.add_origin_bytes(outcome.origin_bytes);
+                                activity.add(Drained {
+                                    client_bytes: outcome.client_bytes,
+                                    origin_bytes: outcome.origin_bytes,
+                                });
+                                break activity.totals(outcome.end);
+                            }
+                            None => continue,
+                        }
+                    }
+                };
+                if !handed && let Some(splicer) = handoff.as_ref().and(shared.splicer()) {
+                    splicer.count_short(&meta.app.id, meta.client);
                 }
-                None => {
-                    // Bytes forwarded on the way to a quiet point not reached.
-                    counters.add_client_bytes(drained.client_bytes);
-                    counters.add_origin_bytes(drained.origin_bytes);
-                    let activity = Activity::new();
-                    activity
-                        .client_bytes
-                        .store(drained.client_bytes, Ordering::Relaxed);
-                    activity
-                        .origin_bytes
-                        .store(drained.origin_bytes, Ordering::Relaxed);
-                    let end = pump(
-                        shared,
-                        counters,
-                        &client_stream,
-                        &origin_stream,
-                        &activity,
-                        &mut close,
-                    )
-                    .await;
-                    reset_after(end, &client_stream, &origin_stream);
-                    drop(origin_stream);
-                    activity.totals(end)
-                }
+                reset_after(end, &client_stream, &origin_stream);
+                break activity.totals(end);
             }
         }
     };
@@ -438,10 +450,11 @@ async fn serve_plain(
     emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
 }
 
-/// `tcp_fastpath = "xdp"`: hands the connection to the datapath once both legs
-/// are quiet and eligible, then waits for its end (docs/tcp.md, "XDP splice").
-/// `None`: not asked for, or it fell back; the sockets are as before. Bytes
-/// forwarded on the way to the quiet point are in `drained` either way.
+/// `tcp_fastpath = "xdp"`, the handoff due: hands the connection to the datapath
+/// once both legs are quiet and eligible, then waits for its end (docs/tcp.md,
+/// "XDP splice"). `None`: it fell back; the sockets are as before. Bytes
+/// forwarded on the way to the quiet point are in `drained` either way (not in
+/// the outcome).
 async fn splice_in_xdp(
     shared: &Shared,
     meta: &Meta,
@@ -465,16 +478,11 @@ async fn splice_in_xdp(
         .try_splice(&meta.app.id, client, origin, addrs, drained)
         .await
         .ok()?;
-    let outcome = done.await.unwrap_or(Outcome {
+    Some(done.await.unwrap_or(Outcome {
         end: End::Drained,
         client_bytes: 0,
         origin_bytes: 0,
-    });
-    Some(Outcome {
-        client_bytes: outcome.client_bytes + drained.client_bytes,
-        origin_bytes: outcome.origin_bytes + drained.origin_bytes,
-        ..outcome
-    })
+    }))
 }
 
 /// The end of a connection whose PROXY header could not be written.
@@ -556,6 +564,14 @@ impl Activity {
         }
     }
 
+    /// Adds bytes moved outside the copy engine (by the handoff, or in XDP).
+    pub(super) fn add(&self, moved: Drained) {
+        self.client_bytes
+            .fetch_add(moved.client_bytes, Ordering::Relaxed);
+        self.origin_bytes
+            .fetch_add(moved.origin_bytes, Ordering::Relaxed);
+    }
+
     /// How it ended, with the bytes each side sent.
     pub(super) fn totals(&self, end: End) -> (End, u64, u64) {
         (
@@ -566,8 +582,17 @@ impl Activity {
     }
 }
 
+/// How the socket path of a connection stopped.
+enum Pumped {
+    Ended(End),
+    /// The handoff rule's threshold was reached: both directions paused with
+    /// nothing read left unsent.
+    HandoffDue,
+}
+
 /// Moves both directions (spliced or copied, `tcp_splice`) until both ended, one
-/// failed, the connection idled out or the drain time is over.
+/// failed, the connection idled out, the drain time is over, or `handoff` (an
+/// app with `tcp_fastpath = "xdp"`, always copied) is due.
 async fn pump(
     shared: &Shared,
     counters: &AppCounters,
@@ -575,18 +600,20 @@ async fn pump(
     origin: &TcpStream,
     activity: &Activity,
     close: &mut tokio::sync::watch::Receiver<bool>,
-) -> End {
+    handoff: Option<&copy::Handoff>,
+) -> Pumped {
     // Pipes only for the splice engine (two per connection, four fds), from the
-    // pool and back to it.
-    let pipes = if shared.splices() {
+    // pool and back to it. A connection that may be handed to XDP is copied: a
+    // pipe would hold bytes the handoff cannot see.
+    let pipes = if shared.splices() && handoff.is_none() {
         match (shared.pipes.take(), shared.pipes.take()) {
             (Ok(up), Ok(down)) => Some((up, down)),
             (Err(err), _) | (_, Err(err)) => {
                 log::warn!("pipe: {err}");
-                return End::Fault {
+                return Pumped::Ended(End::Fault {
                     side: Side::Client,
                     status: status::UNKNOWN,
-                };
+                });
             }
         }
     } else {
@@ -596,28 +623,38 @@ async fn pump(
         Some((up, down)) => (Some(up), Some(down)),
         None => (None, None),
     };
-    // The caller closes both sockets as soon as this returns: the last FIN is
-    // the close's (copy::Ends).
+    // The caller closes both sockets as soon as this returns an end: the last FIN
+    // is the close's (copy::Ends).
     let ends = copy::Ends::default();
     let client_to_origin = async {
         let on_bytes = activity.client_counter(counters);
         match up.as_mut() {
-            Some(pipe) => splice::forward(client, origin, pipe, on_bytes).await,
-            None => copy::forward_ending(client, origin, Some(&ends), on_bytes).await,
+            Some(pipe) => splice::forward(client, origin, pipe, on_bytes)
+                .await
+                .map(copy::Stop::Eof),
+            None => copy::forward_ending(client, origin, Some(&ends), handoff, on_bytes).await,
         }
     };
     let origin_to_client = async {
         let on_bytes = activity.origin_counter(counters);
         match down.as_mut() {
-            Some(pipe) => splice::forward(origin, client, pipe, on_bytes).await,
-            None => copy::forward_ending(origin, client, Some(&ends), on_bytes).await,
+            Some(pipe) => splice::forward(origin, client, pipe, on_bytes)
+                .await
+                .map(copy::Stop::Eof),
+            None => copy::forward_ending(origin, client, Some(&ends), handoff, on_bytes).await,
         }
     };
-    let end = run_directions(shared, activity, close, client_to_origin, origin_to_client).await;
+    let directions =
+        run_directions(shared, activity, close, client_to_origin, origin_to_client).await;
     for pipe in [up, down].into_iter().flatten() {
         shared.pipes.give(pipe);
     }
-    end
+    match directions {
+        // Both pause together (the watch turns off when a direction ends first).
+        Ok((copy::Stop::Paused(_), _) | (_, copy::Stop::Paused(_))) => Pumped::HandoffDue,
+        Ok(_) => Pumped::Ended(End::Normal),
+        Err(end) => Pumped::Ended(end),
+    }
 }
 
 /// The end of a connection whose bytes from `source` failed: a read fault is the
@@ -639,14 +676,15 @@ pub(super) fn fault_end(fault: Fault, source: Side) -> End {
 }
 
 /// Runs both directions of a connection against the idle timeout and the drain:
-/// a read fault is the source side's, a write fault the destination's.
-pub(super) async fn run_directions(
+/// a read fault is the source side's, a write fault the destination's. `Ok`:
+/// both directions finished, with what they returned.
+pub(super) async fn run_directions<A, B>(
     shared: &Shared,
     activity: &Activity,
     close: &mut tokio::sync::watch::Receiver<bool>,
-    client_to_origin: impl Future<Output = Result<u64, Fault>>,
-    origin_to_client: impl Future<Output = Result<u64, Fault>>,
-) -> End {
+    client_to_origin: impl Future<Output = Result<A, Fault>>,
+    origin_to_client: impl Future<Output = Result<B, Fault>>,
+) -> Result<(A, B), End> {
     let client_to_origin = async {
         client_to_origin
             .await
@@ -673,15 +711,11 @@ pub(super) async fn run_directions(
             tokio::time::sleep_until(deadline).await;
         }
     };
-    let end = tokio::select! {
-        r = async { tokio::try_join!(client_to_origin, origin_to_client) } => match r {
-            Ok(_) => End::Normal,
-            Err(end) => end,
-        },
-        end = idle => end,
-        _ = close.wait_for(|c| *c) => End::Drained,
-    };
-    end
+    tokio::select! {
+        r = async { tokio::try_join!(client_to_origin, origin_to_client) } => r,
+        end = idle => Err(end),
+        _ = close.wait_for(|c| *c) => Err(End::Drained),
+    }
 }
 
 #[cfg(test)]

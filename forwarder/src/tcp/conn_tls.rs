@@ -290,7 +290,8 @@ async fn pump_tls<O: OverTcp>(
             activity.origin_counter(counters),
         ),
     )
-    .await;
+    .await
+    .map_or_else(|end| end, |_| End::Normal);
     let client = client_read.unsplit(client_write);
     let origin = origin_read.unsplit(origin_write);
     reset_after(end, client.tcp(), origin.tcp());

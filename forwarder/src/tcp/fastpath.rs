@@ -52,9 +52,9 @@ fn headers(leg: &LegState) -> u32 {
 /// Why a connection stays on the socket path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Ineligible {
-    /// The connection ended, or moved fewer than the handoff's byte threshold
-    /// within its window, on the socket path: not worth a handoff (no repair
-    /// call, no map update was made).
+    /// The connection ended without moving the handoff's byte threshold within
+    /// its window (counted at its end): not worth a handoff (no repair call, no
+    /// map update was made).
     Short,
     /// One leg is IPv4, the other IPv6.
     MixedFamilies,

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::conn::{End, Side, fault_end};
 use super::fastpath::{Ineligible, LegState, eligibility, hold_entry, splice_entries, splice_keys};
-use super::quiet::{Drained, NotQuiet, drain_until_quiet, forward_until_moved};
+use super::quiet::{Drained, NotQuiet, drain_until_quiet};
 use super::repair;
 use crate::telemetry::events::status;
 
@@ -28,8 +28,9 @@ use crate::telemetry::events::status;
 /// 10 ms commit wait and a retransmission stall of the held peer, docs/tcp.md)
 /// against what splicing saves per byte: below a few hundred KiB the socket path
 /// finishes the connection before a splice would pay off.
+/// Until then the copy engine forwards it (`copy::Handoff` watches the rule).
 pub const HANDOFF_AFTER: u64 = 256 * 1024;
-const HANDOFF_WINDOW: Duration = Duration::from_secs(2);
+pub const HANDOFF_WINDOW: Duration = Duration::from_secs(2);
 /// How long a held connection may take to go quiet, and how many bytes (counted
 /// from the connection's start) may be forwarded on the way, before it stays on
 /// the socket path. What is forwarded while held is what the four socket queues
@@ -129,11 +130,18 @@ impl Splicer {
         reason
     }
 
-    /// Hands the connection to the datapath once both legs are quiet (bytes that
-    /// arrive meanwhile are forwarded and added to `drained`). `Ok`: the sockets
-    /// are retired and the receiver reports the end, or the connection already
-    /// ended on the way (a peer reset, a race) and the receiver says how; `Err`:
-    /// the sockets are as before and the caller forwards on them.
+    /// A connection of `app` that ended, or stayed below the handoff rule, without
+    /// a handoff: counted (`short`), logged at debug level only.
+    pub fn count_short(&self, app: &str, client: SocketAddr) {
+        self.fallback(app, client, Ineligible::Short);
+    }
+
+    /// Hands the connection, which the handoff rule found worth it, to the
+    /// datapath once both legs are quiet (bytes that arrive meanwhile are
+    /// forwarded and added to `drained`). `Ok`: the sockets are retired and the
+    /// receiver reports the end, or the connection already ended on the way (a
+    /// peer reset, a race) and the receiver says how; `Err`: the sockets are as
+    /// before and the caller forwards on them.
     pub async fn try_splice(
         &self,
         app: &str,
@@ -143,16 +151,12 @@ impl Splicer {
         drained: &mut Drained,
     ) -> Result<oneshot::Receiver<Outcome>, Ineligible> {
         let fail = |reason| self.fallback(app, addrs.client, reason);
-        // The rule: only a connection that moves `HANDOFF_AFTER` bytes within
-        // `HANDOFF_WINDOW` is worth a handoff; until then it is forwarded here.
-        match forward_until_moved(client, origin, HANDOFF_WINDOW, HANDOFF_AFTER, drained).await {
-            Ok(()) => {}
-            Err(NotQuiet::Busy | NotQuiet::Closed) => return Err(fail(Ineligible::Short)),
-            Err(NotQuiet::Fault { source, fault }) => {
-                fail(Ineligible::Short);
-                return Ok(end_on_fault(fault_end(fault, source), client, origin));
-            }
-            Err(NotQuiet::Failed(_)) => return Err(fail(Ineligible::Repair)),
+        // A peer that closed its side (its FIN unread when the copy engine paused)
+        // leaves no quiet point to reach: not worth a hold.
+        match (repair::peer_closed(client), repair::peer_closed(origin)) {
+            (Ok(false), Ok(false)) => {}
+            (Ok(_), Ok(_)) => return Err(fail(Ineligible::NotQuiet)),
+            _ => return Err(fail(Ineligible::Repair)),
         }
         // Hold it: from here the peers' data (and SYN/FIN) is dropped in XDP and
         // retransmitted by them later, so what the sockets have queued can be

@@ -18,8 +18,6 @@ use super::splice::Fault;
 const POLL: Duration = Duration::from_millis(2);
 /// Bytes forwarded at most per read.
 const CHUNK: usize = 64 * 1024;
-/// Bytes forwarded at most per read before the handoff threshold.
-const SHORT_CHUNK: usize = 16 * 1024;
 
 /// Payload bytes forwarded on the way to the quiet point.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -77,39 +75,6 @@ pub async fn drain_until_quiet(
             _ = tokio::time::sleep_until(deadline.min(Instant::now() + POLL)) => {}
         }
     }
-}
-
-/// Forwards what arrives until `bytes` have moved (both ways together, counted in
-/// `drained`), for at most `wait`: the socket path of a connection before its
-/// handoff is worth trying. `Busy`: fewer bytes by the deadline; `Closed`: a peer
-/// closed or reset first (EOF and errors stay on the socket for its next read).
-/// Waits on readability only: no timer runs while the connection idles.
-pub async fn forward_until_moved(
-    client: &TcpStream,
-    origin: &TcpStream,
-    wait: Duration,
-    bytes: u64,
-    drained: &mut Drained,
-) -> Result<(), NotQuiet> {
-    // Every connection of the app passes here, most of them short: one timer
-    // for the whole wait, and a buffer sized for a request and its answer.
-    let deadline = tokio::time::sleep_until(Instant::now() + wait);
-    tokio::pin!(deadline);
-    let mut buf = vec![0u8; SHORT_CHUNK];
-    while drained.client_bytes + drained.origin_bytes < bytes {
-        tokio::select! {
-            r = client.readable() => {
-                r.map_err(|_| NotQuiet::Closed)?;
-                drained.client_bytes += move_some(client, origin, Side::Client, &mut buf).await?;
-            }
-            r = origin.readable() => {
-                r.map_err(|_| NotQuiet::Closed)?;
-                drained.origin_bytes += move_some(origin, client, Side::Origin, &mut buf).await?;
-            }
-            _ = &mut deadline => return Err(NotQuiet::Busy),
-        }
-    }
-    Ok(())
 }
 
 /// Reads what `from` (the `source` side) has, without waiting, and writes all of

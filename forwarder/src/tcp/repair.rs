@@ -99,6 +99,15 @@ fn queued(fd: RawFd, request: libc::Ioctl) -> io::Result<u32> {
     }
 }
 
+/// Whether the peer's FIN has arrived (`CLOSE_WAIT` or later): a half-closed
+/// connection cannot be handed over (its FIN would sit in the retired socket).
+pub fn peer_closed(sock: &impl AsRawFd) -> io::Result<bool> {
+    // include/net/tcp_states.h: ESTABLISHED, FIN_WAIT1, FIN_WAIT2 (libc has no names).
+    const STILL_OPEN_FROM_THE_PEER: [u8; 3] = [1, 4, 5];
+    let state = tcp_info(sock.as_raw_fd())?.tcpi_state;
+    Ok(!STILL_OPEN_FROM_THE_PEER.contains(&state))
+}
+
 /// Whether the socket is quiet: nothing unread, nothing unacknowledged.
 pub fn is_quiet(sock: &impl AsRawFd) -> io::Result<bool> {
     let fd = sock.as_raw_fd();
@@ -220,6 +229,18 @@ mod tests {
         a.write_all(&vec![2u8; n]).unwrap();
         c.read_exact(&mut buf).unwrap();
         (c, a)
+    }
+
+    /// The peer's FIN, and only that, makes a socket peer-closed; our own
+    /// half-close does not.
+    #[test]
+    fn peer_closed_is_the_peers_fin() {
+        let (c, a) = pair(10);
+        assert!(!peer_closed(&a).unwrap());
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!peer_closed(&a).unwrap(), "our own FIN (FIN_WAIT2)");
+        assert!(peer_closed(&c).unwrap(), "the peer's FIN (CLOSE_WAIT)");
     }
 
     #[test]
