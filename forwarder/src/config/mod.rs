@@ -28,7 +28,7 @@ pub use host::interface_addresses;
 pub use model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortRange,
     PortSpec, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpFastpath, TcpSplice, UdpProbe,
-    XdpMode,
+    XdpMode, origin_label,
 };
 pub(crate) use model::{prefix_mask_v4, prefix_mask_v6};
 pub(crate) use raw::{RawAccessRule, RawApp, RawCertificate, RawOrigin, app_location};

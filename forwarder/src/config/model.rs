@@ -664,6 +664,14 @@ pub struct Origin {
     pub weight: u32,
 }
 
+/// An origin's label (`forwarder origins`, metrics): `ADDR:PORTS`, IPv6 in brackets.
+pub fn origin_label(addr: IpAddr, ports: PortRange) -> String {
+    match addr {
+        IpAddr::V4(addr) => format!("{addr}:{ports}"),
+        IpAddr::V6(addr) => format!("[{addr}]:{ports}"),
+    }
+}
+
 impl Origin {
     /// Weight of an origin given as a plain URL.
     pub const DEFAULT_WEIGHT: u32 = 1;
@@ -674,10 +682,7 @@ impl Origin {
     /// its name in `forwarder origins`, `drain`, metrics and events, and the
     /// identity its place in the origin table is derived from.
     pub fn label(&self) -> String {
-        match self.addr {
-            IpAddr::V4(addr) => format!("{addr}:{}", self.ports),
-            IpAddr::V6(addr) => format!("[{addr}]:{}", self.ports),
-        }
+        origin_label(self.addr, self.ports)
     }
 
     /// Whether `other` is the same address and ports (whatever the weights).

@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -270,8 +271,7 @@ pub(super) async fn connect_origin(
     for (offset, candidate) in
         origin::candidates(&meta.app, &selection, meta.client.ip(), meta.edge.port())
     {
-        let origin_counters =
-            shared.origin_counters(&meta.app.id, &meta.app.origins[offset].label());
+        let origin_counters = shared.origin_counters(&meta.app.id, &meta.app.origins[offset]);
         let started = Instant::now();
         let attempt = tokio::select! {
             r = origin::connect_clamped(candidate, timeout, mss) => r,
@@ -337,7 +337,7 @@ pub(super) fn emit_disconnect(
         o.addr == origin.ip() && meta.app.origin_port(o, meta.edge.port()) == origin.port()
     }) {
         shared
-            .origin_counters(&meta.app.id, &o.label())
+            .origin_counters(&meta.app.id, o)
             .closed(client_bytes, origin_bytes);
     }
     let code = end.status();
@@ -626,26 +626,30 @@ async fn pump(
     // The caller closes both sockets as soon as this returns an end: the last FIN
     // is the close's (copy::Ends).
     let ends = copy::Ends::default();
-    let client_to_origin = async {
-        let on_bytes = activity.client_counter(counters);
-        match up.as_mut() {
-            Some(pipe) => splice::forward(client, origin, pipe, on_bytes)
-                .await
-                .map(copy::Stop::Eof),
-            None => copy::forward_ending(client, origin, Some(&ends), handoff, on_bytes).await,
-        }
+    let directions = {
+        // Pinned here, in this future's state, and run by reference: moved into
+        // `run_directions`, each would be copied into its state once more (a task's
+        // future is copied whole when spawned, so its size is paid per connection).
+        let client_to_origin = std::pin::pin!(async {
+            let on_bytes = activity.client_counter(counters);
+            match up.as_mut() {
+                Some(pipe) => splice::forward(client, origin, pipe, on_bytes)
+                    .await
+                    .map(copy::Stop::Eof),
+                None => copy::forward_ending(client, origin, Some(&ends), handoff, on_bytes).await,
+            }
+        });
+        let origin_to_client = std::pin::pin!(async {
+            let on_bytes = activity.origin_counter(counters);
+            match down.as_mut() {
+                Some(pipe) => splice::forward(origin, client, pipe, on_bytes)
+                    .await
+                    .map(copy::Stop::Eof),
+                None => copy::forward_ending(origin, client, Some(&ends), handoff, on_bytes).await,
+            }
+        });
+        run_directions(shared, activity, close, client_to_origin, origin_to_client).await
     };
-    let origin_to_client = async {
-        let on_bytes = activity.origin_counter(counters);
-        match down.as_mut() {
-            Some(pipe) => splice::forward(origin, client, pipe, on_bytes)
-                .await
-                .map(copy::Stop::Eof),
-            None => copy::forward_ending(origin, client, Some(&ends), handoff, on_bytes).await,
-        }
-    };
-    let directions =
-        run_directions(shared, activity, close, client_to_origin, origin_to_client).await;
     for pipe in [up, down].into_iter().flatten() {
         shared.pipes.give(pipe);
     }
@@ -677,13 +681,14 @@ pub(super) fn fault_end(fault: Fault, source: Side) -> End {
 
 /// Runs both directions of a connection against the idle timeout and the drain:
 /// a read fault is the source side's, a write fault the destination's. `Ok`:
-/// both directions finished, with what they returned.
+/// both directions finished, with what they returned. The directions are the
+/// caller's, pinned where they are (see `pump`).
 pub(super) async fn run_directions<A, B>(
     shared: &Shared,
     activity: &Activity,
     close: &mut tokio::sync::watch::Receiver<bool>,
-    client_to_origin: impl Future<Output = Result<A, Fault>>,
-    origin_to_client: impl Future<Output = Result<B, Fault>>,
+    client_to_origin: Pin<&mut impl Future<Output = Result<A, Fault>>>,
+    origin_to_client: Pin<&mut impl Future<Output = Result<B, Fault>>>,
 ) -> Result<(A, B), End> {
     let client_to_origin = async {
         client_to_origin

@@ -275,23 +275,21 @@ async fn pump_tls<O: OverTcp>(
     let activity = Activity::new();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut origin_read, mut origin_write) = tokio::io::split(origin);
-    let end = run_directions(
-        shared,
-        &activity,
-        close,
-        crate::tls::pump::forward(
+    let end = {
+        let client_to_origin = std::pin::pin!(crate::tls::pump::forward(
             &mut client_read,
             &mut origin_write,
             activity.client_counter(counters),
-        ),
-        crate::tls::pump::forward(
+        ));
+        let origin_to_client = std::pin::pin!(crate::tls::pump::forward(
             &mut origin_read,
             &mut client_write,
             activity.origin_counter(counters),
-        ),
-    )
-    .await
-    .map_or_else(|end| end, |_| End::Normal);
+        ));
+        run_directions(shared, &activity, close, client_to_origin, origin_to_client)
+            .await
+            .map_or_else(|end| end, |_| End::Normal)
+    };
     let client = client_read.unsplit(client_write);
     let origin = origin_read.unsplit(origin_write);
     reset_after(end, client.tcp(), origin.tcp());

@@ -27,7 +27,7 @@ pub mod splice;
 pub mod stats;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -63,6 +63,11 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_APP: usize = 65_536;
 pub const LISTEN_BACKLOG: i32 = 65_535;
 
 /// Settings shared by every connection, changeable at run time.
+type OriginStats = BTreeMap<
+    String,
+    std::collections::HashMap<(IpAddr, crate::config::PortRange), Arc<stats::OriginCounters>>,
+>;
+
 pub(crate) struct Shared {
     /// Current TCP apps by id (a connection keeps the `Arc` it started with, so a
     /// reload changes only new connections).
@@ -87,7 +92,9 @@ pub(crate) struct Shared {
     /// How each app picks origins (health, drain, weights); set by the agent.
     selections: RwLock<BTreeMap<String, Arc<Selection>>>,
     /// Per-origin counters by (app id, origin label); kept after a removal.
-    origin_stats: Mutex<BTreeMap<OriginRef, Arc<stats::OriginCounters>>>,
+    /// Per-origin figures by app id, then origin address and ports (looked up
+    /// twice per connection: no label is formatted, nothing allocated on a hit).
+    origin_stats: Mutex<OriginStats>,
     /// Open connections of all apps, and a wake-up when one ends.
     live: AtomicU64,
     ended: Notify,
@@ -164,11 +171,20 @@ impl Shared {
         }
     }
 
-    pub(crate) fn origin_counters(&self, app: &str, origin: &str) -> Arc<stats::OriginCounters> {
-        self.origin_stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((app.to_string(), origin.to_string()))
+    pub(crate) fn origin_counters(
+        &self,
+        app: &str,
+        origin: &crate::config::Origin,
+    ) -> Arc<stats::OriginCounters> {
+        let key = (origin.addr, origin.ports);
+        let mut stats = self.origin_stats.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(counters) = stats.get(app).and_then(|by_origin| by_origin.get(&key)) {
+            return counters.clone();
+        }
+        stats
+            .entry(app.to_string())
+            .or_default()
+            .entry(key)
             .or_default()
             .clone()
     }
@@ -491,7 +507,14 @@ impl TcpProxy {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(k, c)| (k.clone(), c.snapshot()))
+            .flat_map(|(app, by_origin)| {
+                by_origin.iter().map(|(&(addr, ports), c)| {
+                    (
+                        (app.clone(), crate::config::origin_label(addr, ports)),
+                        c.snapshot(),
+                    )
+                })
+            })
             .collect()
     }
 
