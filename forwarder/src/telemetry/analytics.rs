@@ -206,12 +206,23 @@ impl Group {
 }
 
 /// Counts by (event, status) and the duration histogram of one app.
-type AppTotals = (BTreeMap<(String, u16), u64>, Histogram);
+type AppTotals = (BTreeMap<(&'static str, u16), u64>, Histogram);
 
+/// Keyed by app id first, so that recording an event of a known app allocates
+/// nothing (it happens twice per proxied connection).
 #[derive(Debug, Default)]
 struct Inner {
     totals: BTreeMap<String, AppTotals>,
-    groups: BTreeMap<(String, String, u8), Group>,
+    /// By app id, then (event, IP version).
+    groups: BTreeMap<String, BTreeMap<(&'static str, u8), Group>>,
+}
+
+/// The value of `key` in `map`, made (default) if missing; the key is copied only then.
+fn value_of<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 /// Everything the agent derives from its events. Shared (`Arc`) between the event
@@ -267,8 +278,9 @@ pub fn parse_rfc3339_micros(text: &str) -> Option<i64> {
 
 /// The duration of a connection or flow from its event (connect to disconnect).
 pub fn event_duration(event: &Event) -> Option<Duration> {
-    let start = parse_rfc3339_micros(event.connect_timestamp.as_deref()?)?;
+    // The end first: a `connect` event has none, and is not parsed at all.
     let end = parse_rfc3339_micros(event.disconnect_timestamp.as_deref()?)?;
+    let start = parse_rfc3339_micros(event.connect_timestamp.as_deref()?)?;
     Some(Duration::from_micros(u64::try_from(end - start).ok()?))
 }
 
@@ -335,21 +347,18 @@ impl EventStats {
         // A summary line stands for the flows it counts.
         let stands_for = event.flows.unwrap_or(1);
         if event.event != EventKind::ClientFiltered {
-            let totals = inner.totals.entry(event.application.clone()).or_default();
+            let totals = value_of(&mut inner.totals, &event.application);
             *totals
                 .0
-                .entry((event.event.as_str().to_string(), event.status))
+                .entry((event.event.as_str(), event.status))
                 .or_insert(0) += stands_for;
             if let Some(d) = duration {
                 totals.1.observe(d.as_secs_f64());
             }
         }
-        let key = (
-            event.application.clone(),
-            event.event.as_str().to_string(),
-            ip_version(event),
-        );
-        let group = inner.groups.entry(key).or_default();
+        let group = value_of(&mut inner.groups, &event.application)
+            .entry((event.event.as_str(), ip_version(event)))
+            .or_default();
         // A clientFiltered summary stands for the packets it counts.
         let count = match event.event {
             EventKind::ClientFiltered => event.client_packets.unwrap_or(1),
@@ -396,7 +405,7 @@ impl EventStats {
                         events: events
                             .iter()
                             .map(|((event, status), count)| ConnectionCount {
-                                event: event.clone(),
+                                event: event.to_string(),
                                 status: *status,
                                 count: *count,
                             })
@@ -419,37 +428,40 @@ impl EventStats {
         let oldest = self.oldest_second(self.second(at));
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut rows = Vec::new();
-        inner.groups.retain(|(app, event, ip_version), group| {
-            group.prune(oldest);
-            if group.seconds.is_empty() {
-                return false;
-            }
-            let (count, bytes_ingress, bytes_egress) =
-                group.seconds.iter().fold((0, 0, 0), |acc, s| {
-                    (
-                        acc.0 + s.count,
-                        acc.1 + s.bytes_ingress,
-                        acc.2 + s.bytes_egress,
-                    )
+        for (app, by_event) in inner.groups.iter_mut() {
+            by_event.retain(|(event, ip_version), group| {
+                group.prune(oldest);
+                if group.seconds.is_empty() {
+                    return false;
+                }
+                let (count, bytes_ingress, bytes_egress) =
+                    group.seconds.iter().fold((0, 0, 0), |acc, s| {
+                        (
+                            acc.0 + s.count,
+                            acc.1 + s.bytes_ingress,
+                            acc.2 + s.bytes_egress,
+                        )
+                    });
+                let mut durations: Vec<f64> = group.durations.iter().map(|d| d.1).collect();
+                durations.sort_by(f64::total_cmp);
+                let avg = (!durations.is_empty())
+                    .then(|| durations.iter().sum::<f64>() / durations.len() as f64);
+                rows.push(AnalyticsRow {
+                    app: app.clone(),
+                    event: event.to_string(),
+                    ip_version: *ip_version,
+                    count,
+                    bytes_ingress,
+                    bytes_egress,
+                    duration_avg: avg,
+                    duration_median: quantile(&durations, 0.5),
+                    duration_90th: quantile(&durations, 0.9),
+                    duration_99th: quantile(&durations, 0.99),
                 });
-            let mut durations: Vec<f64> = group.durations.iter().map(|d| d.1).collect();
-            durations.sort_by(f64::total_cmp);
-            let avg = (!durations.is_empty())
-                .then(|| durations.iter().sum::<f64>() / durations.len() as f64);
-            rows.push(AnalyticsRow {
-                app: app.clone(),
-                event: event.clone(),
-                ip_version: *ip_version,
-                count,
-                bytes_ingress,
-                bytes_egress,
-                duration_avg: avg,
-                duration_median: quantile(&durations, 0.5),
-                duration_90th: quantile(&durations, 0.9),
-                duration_99th: quantile(&durations, 0.99),
+                true
             });
-            true
-        });
+        }
+        inner.groups.retain(|_, by_event| !by_event.is_empty());
         Analytics {
             window_seconds: self.window.as_secs(),
             rows,
