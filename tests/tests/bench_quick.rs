@@ -83,6 +83,7 @@ fn quick_bench_produces_every_row() {
         "xdp-spp",
         "nginx",
         "haproxy",
+        "uring-floor",
     ] {
         assert!(
             stdout

@@ -183,6 +183,10 @@ fn lab_binary(name: &str, args: Vec<String>) -> Result<()> {
         ));
     }
     build()?;
+    // The lab's own helper programs too (the bench's `uring_floor`).
+    step("cargo build --release -p forwarder-tests --bins");
+    run(command("cargo").args(["build", "--release", "-p", "forwarder-tests", "--bins"]))
+        .context("building forwarder-tests' programs")?;
     step(format!(
         "{name}: cargo run --release -p forwarder-tests --bin {name}"
     ));

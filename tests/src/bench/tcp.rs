@@ -30,6 +30,8 @@ pub(super) const ECHO_PORT: u16 = 8000;
 const XDP_OFFSET: u16 = 1;
 /// HAProxy listens on the origin port + this.
 const HAPROXY_OFFSET: u16 = 10000;
+/// The `uring_floor` measurement proxy listens on the echo port + this.
+const FLOOR_OFFSET: u16 = 20000;
 /// Bytes each short connection sends and gets back.
 const ECHO_LEN: usize = 64;
 /// Concurrent connections of the connection-rate client.
@@ -40,6 +42,8 @@ pub(super) struct Proxies {
     pub(super) agent: Option<AgentProc>,
     pub(super) haproxy: Result<Proc, String>,
     pub(super) forwarder: Result<(), String>,
+    /// The `uring_floor` proxy (`tcp-connrate` only).
+    pub(super) floor: Result<Proc, String>,
 }
 
 impl Proxies {
@@ -48,6 +52,7 @@ impl Proxies {
         match uncapped(variant) {
             "forwarder" | "forwarder-xdp" => self.agent.as_ref()?.pid(),
             "haproxy" => self.haproxy.as_ref().ok().map(|p| p.child.id()),
+            "uring-floor" => self.floor.as_ref().ok().map(|p| p.child.id()),
             _ => None,
         }
     }
@@ -56,6 +61,7 @@ impl Proxies {
         match uncapped(variant) {
             "forwarder" | "forwarder-xdp" => self.forwarder.clone().err(),
             "haproxy" => self.haproxy.as_ref().err().cloned(),
+            "uring-floor" => self.floor.as_ref().err().cloned(),
             _ => None,
         }
     }
@@ -113,7 +119,7 @@ impl TcpLab {
             .unwrap_or_default();
         let config = format!(
             "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\n{engine}\
-             pass = [\"tcp/{}\", \"tcp/{}\"]\n\n\
+             pass = [\"tcp/{}\", \"tcp/{}\", \"tcp/{}\"]\n\n\
              [[apps]]\nid = \"iperf\"\nprotocol = \"tcp/{IPERF_PORT}\"\n\
              origin_direct = [\"tcp://{ORIGIN_V4}:{IPERF_PORT}\"]\n\n\
              [[apps]]\nid = \"echo\"\nprotocol = \"tcp/{ECHO_PORT}\"\n\
@@ -124,6 +130,7 @@ impl TcpLab {
              origin_direct = [\"tcp://{ORIGIN_V4}:{ECHO_PORT}\"]\ntcp_fastpath = \"xdp\"\n",
             IPERF_PORT + HAPROXY_OFFSET,
             ECHO_PORT + HAPROXY_OFFSET,
+            ECHO_PORT + FLOOR_OFFSET,
             IPERF_PORT + XDP_OFFSET,
             ECHO_PORT + XDP_OFFSET
         );
@@ -134,6 +141,7 @@ impl TcpLab {
                 agent: Some(agent),
                 haproxy: Err(String::new()),
                 forwarder: Ok(()),
+                floor: Err("not started".into()),
             },
             _echo: echo,
             iperf,
@@ -154,6 +162,38 @@ impl TcpLab {
                 format!("the forwarder's TCP proxy does not relay (connect + echo through {EDGE_CLIENT_V4}:{ECHO_PORT}): {e:#}")
             });
         Ok(tl)
+    }
+
+    /// The `uring_floor` proxy (built beside this binary: `cargo xtask bench`
+    /// builds every binary of forwarder-tests) on the echo port + `FLOOR_OFFSET`.
+    fn start_floor(&self, opts: &Options) -> Result<Proc> {
+        let bin = std::env::current_exe()?.with_file_name("uring_floor");
+        if !bin.is_file() {
+            bail!(
+                "{} not built (cargo build --release -p forwarder-tests --bin uring_floor)",
+                bin.display()
+            );
+        }
+        let port = ECHO_PORT + FLOOR_OFFSET;
+        let mut p = Proc::spawn(
+            self.lab.edge(),
+            opts.edge_cpu,
+            &bin.display().to_string(),
+            &[
+                &format!("{EDGE_CLIENT_V4}:{port}"),
+                &format!("{ORIGIN_V4}:{ECHO_PORT}"),
+            ],
+            self.dir.path().join("uring-floor.log"),
+        )?;
+        let addr = SocketAddr::from((EDGE_CLIENT_V4, port));
+        let up = super::wait_for(Duration::from_secs(5), Duration::from_millis(50), || {
+            self.echo_probe(addr).ok()
+        });
+        p.check_running("uring_floor")?;
+        if up.is_none() {
+            bail!("uring_floor does not relay through {addr}");
+        }
+        Ok(p)
     }
 
     fn start_haproxy(&self, opts: &Options) -> Result<Proc> {
@@ -208,6 +248,7 @@ impl TcpLab {
                 SocketAddr::from((EDGE_CLIENT_V4, port))
             }
             "haproxy" => SocketAddr::from((EDGE_CLIENT_V4, port + HAPROXY_OFFSET)),
+            "uring-floor" => SocketAddr::from((EDGE_CLIENT_V4, port + FLOOR_OFFSET)),
             "direct" => SocketAddr::from((ORIGIN_V4, port)),
             other => bail!("unknown variant {other}"),
         })
@@ -980,7 +1021,18 @@ impl Scenario for TcpConnRate {
     }
 
     fn variants(&self) -> Vec<Variant> {
-        tcp_variants(true, true)
+        let mut v = tcp_variants(true, true);
+        v.extend([
+            Variant {
+                name: "uring-floor",
+                label: "io_uring floor: a minimal proxy (tests/src/bin/uring_floor.rs)",
+            },
+            Variant {
+                name: "uring-floor-capped",
+                label: "io_uring floor, process capped at 15% of a CPU",
+            },
+        ]);
+        v
     }
 
     fn baseline(&self) -> &'static str {
@@ -1010,7 +1062,9 @@ impl Scenario for TcpConnRate {
 
     fn prepare(&mut self, opts: &Options) -> Result<()> {
         self.capping.prepare();
-        self.tl = Some(TcpLab::new(opts, false)?);
+        let mut tl = TcpLab::new(opts, false)?;
+        tl.proxies.floor = tl.start_floor(opts).map_err(|e| format!("{e:#}"));
+        self.tl = Some(tl);
         Ok(())
     }
 
@@ -1073,6 +1127,12 @@ impl Scenario for TcpConnRate {
                  context switches (/proc/PID/task/*/status) per connection.",
                 TcpConnRate::duration(opts).as_secs_f64()
             ),
+            "uring-floor: not a product, a measurement (tests/src/bin/uring_floor.rs): a \
+             minimal proxy whose per-connection syscalls (accept, connect, recv, send, \
+             shutdown, close) go to io_uring in batches. It does less than the agent (no \
+             getsockname, origin choice, timeouts, PROXY header, RST passing, events or \
+             counters): read it as the floor an io_uring engine could reach."
+                .to_string(),
             cpu_note(opts),
             self.capping.limit_note(),
             pinning_note(opts),

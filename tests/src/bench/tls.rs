@@ -135,6 +135,7 @@ impl TlsLab {
                 agent: Some(agent),
                 haproxy,
                 forwarder: Ok(()),
+                floor: Err("not in this scenario".into()),
             },
             _origin: origin,
             ca: ca.cert.display().to_string(),
