@@ -774,3 +774,53 @@ fn a_short_connection_reset_by_the_client_is_reset_at_the_origin() {
     assert_eq!(d.num("ClientBytes"), Some(5), "{d:?}");
     assert_eq!(d.num("OriginBytes"), Some(2), "{d:?}");
 }
+
+/// An origin that sends past the handoff threshold and half-closes at once, while
+/// the client is still open: the copy engine pauses at the threshold with the
+/// origin's last bytes and FIN unread or on their way. Whether the handoff then
+/// finds the origin closed (`not_quiet`) or reaches a quiet point before the FIN
+/// arrives and splices, every byte arrives once, in order, and the client's reply
+/// after the EOF reaches the origin.
+#[test]
+fn an_origin_that_half_closes_at_the_threshold_loses_no_byte() {
+    init();
+    if !require_root() {
+        return;
+    }
+    const ANSWER: usize = HANDOFF_AFTER as usize + 44 * 1024;
+    let pattern = |len: usize| -> Vec<u8> { (0..len).map(|i| (i * 13 % 251) as u8).collect() };
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7116);
+    let (lab, agent) = lab_and_agent(&app("halfclose-at", 7116, origin));
+    let listener = origin_listener(&lab, origin);
+    let (got_tx, got_rx) = std::sync::mpsc::channel();
+    serve(listener, move |mut s: TcpStream| {
+        s.write_all(&pattern(ANSWER)).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let (reply, err) = read_all(&mut s);
+        let _ = got_tx.send((reply, err.map(|e| e.kind())));
+    });
+    let mut client =
+        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7116), WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    let (answer, err) = read_all(&mut client);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(answer.len(), ANSWER);
+    assert!(answer == pattern(ANSWER), "the answer differs");
+    client.write_all(b"bye").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (reply, err) = got_rx.recv_timeout(WAIT).expect("the origin's read");
+    assert_eq!(err, None);
+    assert_eq!(reply, b"bye");
+    let d = wait_disconnect(&agent, "halfclose-at", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+    assert_eq!(d.num("ClientBytes"), Some(3), "{d:?}");
+    assert_eq!(d.num("OriginBytes"), Some(ANSWER as u64), "{d:?}");
+    // A handoff was due (the threshold was crossed) and was tried once.
+    let stats = agent.stats().unwrap();
+    let tried = ["spliced", "not_quiet"]
+        .iter()
+        .filter_map(|o| stats.tcp_fastpath.get(*o))
+        .sum::<u64>();
+    assert_eq!(tried, 1, "{:?}", stats.tcp_fastpath);
+    assert_eq!(stats.tcp_fastpath.get("short"), Some(&0));
+}
