@@ -399,16 +399,18 @@ fn cpu_stat_seconds(cpu: usize, fields: &[usize]) -> Result<f64> {
     Ok(busy as f64 / hz)
 }
 
-/// A CPU budget for one process while alive: a cgroup of its own with a CFS quota
-/// (`share` of one CPU per `period`), the cgroup v1 `cpu` controller or cgroup v2's
-/// `cpu.max`. Only the process's own CPU time is charged (its threads' user and
-/// system time); softirq work such as the TCP stack in NAPI is not. Dropping it
-/// moves the process back to the cgroup it came from and removes the cgroup.
+/// A CPU budget for a group of tasks while alive: a cgroup of its own with a CFS
+/// quota (`share` of one CPU per `period`), the cgroup v1 `cpu` controller or
+/// cgroup v2's `cpu.max`. Members are processes (all their threads move) or kernel
+/// threads such as threaded NAPI's (cgroup v1 lets them move; v2 keeps most
+/// kernel threads in the root, and the budget then fails with the reason). Only
+/// the members' own CPU time is charged. Dropping it moves every member back to
+/// the cgroup it came from and removes the cgroup.
 #[derive(Debug)]
 pub struct CpuBudget {
     dir: PathBuf,
-    home: PathBuf,
-    pid: u32,
+    /// Each member and the cgroup it came from.
+    members: Vec<(u32, PathBuf)>,
 }
 
 /// The share of one CPU every capped proxy gets (`tls`, and the `-capped`
@@ -440,41 +442,25 @@ impl CpuBudget {
 
     /// [`PROXY_CPU_SHARE`] of a CPU for process `pid`.
     pub fn proxy(tag: &str, pid: u32) -> Result<CpuBudget> {
-        CpuBudget::new(tag, pid, PROXY_CPU_SHARE, PROXY_CPU_PERIOD)
+        CpuBudget::new(tag, &[pid], PROXY_CPU_SHARE, PROXY_CPU_PERIOD)
     }
 
-    pub fn new(tag: &str, pid: u32, share: f64, period: Duration) -> Result<CpuBudget> {
+    /// `share` of one CPU per `period` for `pids` together (the first names the
+    /// cgroup).
+    pub fn new(tag: &str, pids: &[u32], share: f64, period: Duration) -> Result<CpuBudget> {
+        let first = *pids.first().context("a budget for no task")?;
         let period_us = period.as_micros().max(1000) as u64;
         let quota_us = ((period_us as f64 * share) as u64).max(1000);
         let (mount, v2) = CpuBudget::hierarchy()?;
-        // The process's own cgroup of that hierarchy, to go back to.
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .with_context(|| format!("/proc/{pid}/cgroup"))?;
-        let own = cgroups
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.splitn(3, ':');
-                let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-                let wanted = if v2 {
-                    controllers.is_empty()
-                } else {
-                    controllers.split(',').any(|c| c == "cpu")
-                };
-                wanted.then(|| path.trim_start_matches('/').to_string())
-            })
-            .next()
-            .context("the process is in no cgroup of the cpu hierarchy")?;
-        let home = mount.join(own);
-        let dir = mount.join(format!("forwarder-bench-{tag}-{pid}"));
+        let dir = mount.join(format!("forwarder-bench-{tag}-{first}"));
         if v2 {
             // The controller must be enabled for the root's children.
             let _ = std::fs::write(mount.join("cgroup.subtree_control"), "+cpu");
         }
         std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let budget = CpuBudget {
+        let mut budget = CpuBudget {
             dir: dir.clone(),
-            home,
-            pid,
+            members: Vec::new(),
         };
         if v2 {
             std::fs::write(dir.join("cpu.max"), format!("{quota_us} {period_us}"))
@@ -485,21 +471,43 @@ impl CpuBudget {
             std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())
                 .context("cpu.cfs_quota_us")?;
         }
-        // Writing the pid to cgroup.procs moves every thread of the process.
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
-            .with_context(|| format!("moving {pid} into {}", dir.display()))?;
+        for &pid in pids {
+            let home = mount.join(own_cgroup(pid, v2)?);
+            // Writing the pid to cgroup.procs moves every thread of the process.
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+                .with_context(|| format!("moving {pid} into {}", dir.display()))?;
+            budget.members.push((pid, home));
+        }
         Ok(budget)
     }
 }
 
+/// The cgroup of the cpu hierarchy task `pid` is in, relative to its mount.
+fn own_cgroup(pid: u32, v2: bool) -> Result<String> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .with_context(|| format!("/proc/{pid}/cgroup"))?;
+    cgroups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let wanted = if v2 {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == "cpu")
+            };
+            wanted.then(|| path.trim_start_matches('/').to_string())
+        })
+        .next()
+        .with_context(|| format!("task {pid} is in no cgroup of the cpu hierarchy"))
+}
+
 impl Drop for CpuBudget {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string()) {
-            eprintln!(
-                "   could not move {} back to {}: {e}",
-                self.pid,
-                self.home.display()
-            );
+        for (pid, home) in &self.members {
+            if let Err(e) = std::fs::write(home.join("cgroup.procs"), pid.to_string()) {
+                eprintln!("   could not move {pid} back to {}: {e}", home.display());
+            }
         }
         // Threads started while in the budget follow the process back; rmdir only
         // succeeds once the cgroup is empty.

@@ -258,6 +258,11 @@ impl TcpLab {
         self.proxies.unavailable(variant)
     }
 
+    /// The proxy process of `variant` (none for `direct`).
+    pub(super) fn proxy_pid(&self, variant: &str) -> Option<u32> {
+        self.proxies.pid(variant)
+    }
+
     pub(super) fn lab(&self) -> &Lab {
         &self.lab
     }
