@@ -136,22 +136,22 @@ impl Handoff {
         self.state.load(Ordering::Relaxed) == DUE
     }
 
-    /// Counts `n` bytes moved; `true` when they made the handoff due.
-    fn add(&self, n: u64) -> bool {
+    /// Counts `n` bytes moved; at the threshold (within the window) the handoff
+    /// is due and the other direction is woken to pause.
+    fn add(&self, n: u64) {
         if !self.watching() {
-            return false;
+            return;
         }
         let moved = self.moved.fetch_add(n, Ordering::Relaxed) + n;
         if moved < self.bytes {
-            return false;
+            return;
         }
         if Instant::now() > self.deadline {
             self.stop();
-            return false;
+            return;
         }
         self.state.store(DUE, Ordering::Relaxed);
         self.due.notify_waiters();
-        true
     }
 
     /// No handoff for this connection (any more): copy it to its end.
