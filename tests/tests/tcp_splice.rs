@@ -346,28 +346,43 @@ fn an_ineligible_connection_falls_back_to_the_socket_path() {
     lab.client()
         .run("sysctl", &["-qw", "net.ipv4.tcp_timestamps=0"])
         .expect("sysctl in client");
-    let listener = origin_listener(&lab, origin);
+    warm_echo_falls_back(&lab, &agent, origin, 7106, "fallback", "timestamps_differ");
+}
+
+/// `WARM` bytes through the app `app` on edge port `port` to an echoing origin at
+/// `origin`: enough for a handoff to be tried (held, then found ineligible for
+/// `reason`). The connection then stays on the socket path: the echo comes back
+/// whole, disconnect 200 with exact byte counts, `reason` counted, nothing spliced.
+fn warm_echo_falls_back(
+    lab: &Lab,
+    agent: &AgentProcess,
+    origin: SocketAddr,
+    port: u16,
+    app: &str,
+    reason: &str,
+) {
+    let listener = origin_listener(lab, origin);
     serve(listener, |mut s: TcpStream| {
         let (request, _) = read_all(&mut s);
         s.write_all(&request).unwrap();
     });
     let mut client =
-        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7106), WAIT).unwrap();
+        client_connect(lab, SocketAddr::new(EDGE_CLIENT_V4.into(), port), WAIT).unwrap();
     let local = client.local_addr().unwrap();
-    // Enough for a handoff to be tried (held, then found ineligible).
-    client.write_all(&vec![7u8; WARM]).unwrap();
-    let line = wait_log(&agent, local, "stays on the socket path");
-    assert!(line.contains("timestamps_differ"), "{line}");
+    let fill = port as u8;
+    client.write_all(&vec![fill; WARM]).unwrap();
+    let line = wait_log(agent, local, "stays on the socket path");
+    assert!(line.contains(reason), "{line}");
     client.shutdown(Shutdown::Write).unwrap();
     let (echo, err) = read_all(&mut client);
     assert!(err.is_none(), "{err:?}");
-    assert_eq!(echo, vec![7u8; WARM]);
-    let d = wait_disconnect(&agent, "fallback", local, WAIT);
+    assert_eq!(echo, vec![fill; WARM]);
+    let d = wait_disconnect(agent, app, local, WAIT);
     assert_eq!(d.status(), 200, "{d:?}");
     assert_eq!(d.num("ClientBytes"), Some(WARM as u64));
     assert_eq!(d.num("OriginBytes"), Some(WARM as u64));
     let stats = agent.stats().unwrap();
-    assert_eq!(stats.tcp_fastpath.get("timestamps_differ"), Some(&1));
+    assert_eq!(stats.tcp_fastpath.get(reason), Some(&1));
     assert_eq!(stats.tcp_fastpath.get("spliced"), Some(&0));
 }
 
@@ -390,26 +405,7 @@ fn a_narrower_origin_path_falls_back_to_the_socket_path() {
         .expect("mtu at the origin");
     let origin = SocketAddr::new(ORIGIN_V4.into(), 7114);
     let agent = start_agent(&lab, &app("narrow", 7114, origin));
-    let listener = origin_listener(&lab, origin);
-    serve(listener, |mut s: TcpStream| {
-        let (request, _) = read_all(&mut s);
-        s.write_all(&request).unwrap();
-    });
-    let mut client =
-        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7114), WAIT).unwrap();
-    let local = client.local_addr().unwrap();
-    client.write_all(&vec![9u8; WARM]).unwrap();
-    let line = wait_log(&agent, local, "stays on the socket path");
-    assert!(line.contains("mss_too_big"), "{line}");
-    client.shutdown(Shutdown::Write).unwrap();
-    let (echo, err) = read_all(&mut client);
-    assert!(err.is_none(), "{err:?}");
-    assert_eq!(echo, vec![9u8; WARM]);
-    let d = wait_disconnect(&agent, "narrow", local, WAIT);
-    assert_eq!(d.status(), 200, "{d:?}");
-    let stats = agent.stats().unwrap();
-    assert_eq!(stats.tcp_fastpath.get("mss_too_big"), Some(&1));
-    assert_eq!(stats.tcp_fastpath.get("spliced"), Some(&0));
+    warm_echo_falls_back(&lab, &agent, origin, 7114, "narrow", "mss_too_big");
 }
 
 #[test]
@@ -741,29 +737,18 @@ fn a_short_connection_reset_by_the_client_is_reset_at_the_origin() {
     if !require_root() {
         return;
     }
-    // Below the handoff threshold the bytes go through the handoff's own
-    // forwarding: a client's RST there must still reach the origin as an RST and
-    // end with 499, as on the socket path.
+    // Below the handoff threshold a tcp_fastpath app's bytes go through the copy
+    // engine under the handoff's watch: a client's RST there must still reach the
+    // origin as an RST and end with 499, as on the socket path.
     let origin = SocketAddr::new(ORIGIN_V4.into(), 7115);
     let (lab, agent) = lab_and_agent(&app("shortrst", 7115, origin));
     let listener = origin_listener(&lab, origin);
-    let (tx, rx) = std::sync::mpsc::channel();
-    serve(listener, move |mut s: TcpStream| {
-        let mut hello = [0u8; 5];
-        s.read_exact(&mut hello).unwrap();
-        s.write_all(b"ok").unwrap();
-        let (_, err) = read_all(&mut s);
-        let _ = tx.send(err.map(|e| e.kind()));
-    });
-    let mut client =
-        client_connect(&lab, SocketAddr::new(EDGE_CLIENT_V4.into(), 7115), WAIT).unwrap();
-    let local = client.local_addr().unwrap();
-    client.write_all(b"hello").unwrap();
-    let mut ok = [0u8; 2];
-    client.read_exact(&mut ok).unwrap();
-    set_linger_zero(&client);
-    drop(client);
-    let origin_saw = rx.recv_timeout(WAIT).expect("origin connection ended");
+    let (local, origin_saw) = hello_then_client_reset(
+        &lab,
+        listener,
+        SocketAddr::new(EDGE_CLIENT_V4.into(), 7115),
+        WAIT,
+    );
     assert_eq!(
         origin_saw,
         Some(ErrorKind::ConnectionReset),

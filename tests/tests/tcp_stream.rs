@@ -232,22 +232,8 @@ fn client_rst_is_passed_on_as_rst_with_status_499() {
         &lab,
         "[[apps]]\nid = \"crst\"\nprotocol = \"tcp/7004\"\norigin_direct = [\"tcp://10.0.2.2:7004\"]\n",
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    serve(listener, move |mut s: TcpStream| {
-        let mut hello = [0u8; 5];
-        s.read_exact(&mut hello).unwrap();
-        s.write_all(b"ok").unwrap();
-        let (_, err) = read_all(&mut s);
-        let _ = tx.send(err.map(|e| e.kind()));
-    });
-    let mut client = client_connect(&lab, sa(EDGE_CLIENT_V4, 7004), WAIT).unwrap();
-    let local = client.local_addr().unwrap();
-    client.write_all(b"hello").unwrap();
-    let mut ok = [0u8; 2];
-    client.read_exact(&mut ok).unwrap();
-    set_linger_zero(&client);
-    drop(client);
-    let origin_saw = rx.recv_timeout(WAIT).expect("origin connection ended");
+    let (local, origin_saw) =
+        hello_then_client_reset(&lab, listener, sa(EDGE_CLIENT_V4, 7004), WAIT);
     assert_eq!(
         origin_saw,
         Some(ErrorKind::ConnectionReset),

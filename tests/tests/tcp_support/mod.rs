@@ -231,6 +231,34 @@ pub fn read_all(stream: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
     }
 }
 
+/// A client says `hello` (5 bytes) through `edge`, the origin behind `listener`
+/// answers `ok` (2 bytes), then the client resets (`SO_LINGER` 0). Returns the
+/// client's address and how the origin's next read ended (the error kind, if any).
+pub fn hello_then_client_reset(
+    lab: &Lab,
+    listener: TcpListener,
+    edge: SocketAddr,
+    timeout: Duration,
+) -> (SocketAddr, Option<std::io::ErrorKind>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    serve(listener, move |mut s: TcpStream| {
+        let mut hello = [0u8; 5];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(b"ok").unwrap();
+        let (_, err) = read_all(&mut s);
+        let _ = tx.send(err.map(|e| e.kind()));
+    });
+    let mut client = client_connect(lab, edge, timeout).unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(b"hello").unwrap();
+    let mut ok = [0u8; 2];
+    client.read_exact(&mut ok).unwrap();
+    set_linger_zero(&client);
+    drop(client);
+    let origin_saw = rx.recv_timeout(timeout).expect("origin connection ended");
+    (local, origin_saw)
+}
+
 /// Sends RST instead of FIN when `stream` is closed.
 pub fn set_linger_zero(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
