@@ -156,6 +156,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.agent.event_log != new.agent.event_log {
         keys.push("agent.event_log");
     }
+    if old.agent.tcp_engine != new.agent.tcp_engine {
+        keys.push("agent.tcp_engine");
+    }
     keys
 }
 
@@ -254,6 +257,13 @@ mod tests {
             ]
         );
         assert_eq!(restart_only_changes(&old, &new), ["agent.metrics_listen"]);
+        let engine = Config::parse(&format!(
+            "{BASE}metrics_listen = \"127.0.0.1:9477\"\ntcp_engine = \"epoll\"\n{}{}",
+            app("b", 1001, "10.0.0.2"),
+            app("c", 1002, "10.0.0.1")
+        ))
+        .unwrap();
+        assert_eq!(restart_only_changes(&new, &engine), ["agent.tcp_engine"]);
         assert!(describe_changes(&old, &old).is_empty());
     }
 

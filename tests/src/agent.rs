@@ -80,6 +80,9 @@ pub struct AgentOptions {
     /// what an agent started with only the capabilities it needs sees, e.g. the
     /// per-user pipe limits.
     pub without_cap_sys_resource: bool,
+    /// Run under a seccomp filter that fails `io_uring_setup` with `ENOSYS`, as
+    /// container runtimes' default profiles do.
+    pub without_io_uring: bool,
     /// Extra environment (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
 }
@@ -296,6 +299,57 @@ impl AgentProcess {
             unsafe {
                 cmd.pre_exec(|| {
                     if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if options.without_io_uring {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: prctl is async-signal-safe; the filter lives on this stack frame
+            // for the call (the kernel copies it); `ip netns exec` and the agent
+            // inherit it.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let errno = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+                    let mut filter = [
+                        // The syscall number (`seccomp_data.nr`, offset 0).
+                        libc::sock_filter {
+                            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                            jt: 0,
+                            jf: 0,
+                            k: 0,
+                        },
+                        libc::sock_filter {
+                            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                            jt: 0,
+                            jf: 1,
+                            k: libc::SYS_io_uring_setup as u32,
+                        },
+                        libc::sock_filter {
+                            code: (libc::BPF_RET | libc::BPF_K) as u16,
+                            jt: 0,
+                            jf: 0,
+                            k: errno,
+                        },
+                        libc::sock_filter {
+                            code: (libc::BPF_RET | libc::BPF_K) as u16,
+                            jt: 0,
+                            jf: 0,
+                            k: libc::SECCOMP_RET_ALLOW,
+                        },
+                    ];
+                    let program = libc::sock_fprog {
+                        len: filter.len() as u16,
+                        filter: filter.as_mut_ptr(),
+                    };
+                    if libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &program as *const libc::sock_fprog,
+                    ) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

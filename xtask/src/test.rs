@@ -188,8 +188,9 @@ pub fn test() -> Result<()> {
             .env("FORWARDER_BIN", util::forwarder_bin())
             .args(["test", "-p", "forwarder-tests", "--", "--test-threads=2"]);
         outcomes.push(outcome("integration", run_cargo_test(&mut cmd)));
-        // The TCP tests once more with the other forwarding engine (the default,
-        // `auto`, copies; `on` splices): both must pass everything.
+        // The TCP tests once more with the other way of moving bytes (the default,
+        // `auto`, copies; `on` splices, on the epoll engine): both must pass
+        // everything.
         let mut cmd = command("cargo");
         cmd.env("FORWARDER_INTEGRATION", "1")
             .env("FORWARDER_BIN", util::forwarder_bin())
@@ -200,6 +201,18 @@ pub fn test() -> Result<()> {
         }
         cmd.args(["--", "--test-threads=2"]);
         outcomes.push(outcome("tcp (splice)", run_cargo_test(&mut cmd)));
+        // And on the epoll engine (the default, `auto`, is io_uring here), with the
+        // apps io_uring hands to it (TLS, the XDP splice) served by it directly.
+        let mut cmd = command("cargo");
+        cmd.env("FORWARDER_INTEGRATION", "1")
+            .env("FORWARDER_BIN", util::forwarder_bin())
+            .env("FORWARDER_TEST_TCP_ENGINE", "epoll")
+            .args(["test", "-p", "forwarder-tests"]);
+        for test in TCP_TESTS.iter().chain(&["tcp_tls", "tcp_splice"]) {
+            cmd.args(["--test", test]);
+        }
+        cmd.args(["--", "--test-threads=2"]);
+        outcomes.push(outcome("tcp (epoll)", run_cargo_test(&mut cmd)));
         outcomes.push(package_step());
     } else {
         eprintln!(

@@ -27,8 +27,8 @@ pub use duration::{format_duration, parse_duration};
 pub use host::interface_addresses;
 pub use model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortRange,
-    PortSpec, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpFastpath, TcpSplice, UdpProbe,
-    XdpMode, origin_label,
+    PortSpec, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpEngine, TcpFastpath, TcpSplice,
+    UdpProbe, XdpMode, origin_label,
 };
 pub(crate) use model::{prefix_mask_v4, prefix_mask_v6};
 pub(crate) use raw::{RawAccessRule, RawApp, RawCertificate, RawOrigin, app_location};
@@ -294,6 +294,7 @@ fn raw_agent(agent: &AgentConfig) -> RawAgent {
         udp_new_flows_per_source: agent.udp_new_flows_per_source.map(i64::from),
         tcp_idle_timeout: Some(format_duration(agent.tcp_idle_timeout)),
         tcp_splice: Some(agent.tcp_splice.to_string()),
+        tcp_engine: Some(agent.tcp_engine.to_string()),
     }
 }
 

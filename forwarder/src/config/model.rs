@@ -39,6 +39,57 @@ pub struct AgentConfig {
     pub udp_new_flows_per_source: Option<u32>,
     pub tcp_idle_timeout: Duration,
     pub tcp_splice: TcpSplice,
+    pub tcp_engine: TcpEngine,
+}
+
+/// What drives the agent's TCP connections (`tcp_engine`): see docs/tcp.md, "Engines".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TcpEngine {
+    /// `io_uring` where the kernel allows a ring and `tcp_splice` is not `"on"`,
+    /// else `epoll`.
+    #[default]
+    Auto,
+    /// tokio's readiness loop (epoll): a task per connection.
+    Epoll,
+    /// One thread whose io_uring carries every per-connection syscall of apps
+    /// without TLS and without `tcp_fastpath` (their connections stay on epoll).
+    IoUring,
+}
+
+impl TcpEngine {
+    pub const ALL: [TcpEngine; 3] = [TcpEngine::Auto, TcpEngine::Epoll, TcpEngine::IoUring];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpEngine::Auto => "auto",
+            TcpEngine::Epoll => "epoll",
+            TcpEngine::IoUring => "io_uring",
+        }
+    }
+
+    /// Whether the agent tries the io_uring engine, given `tcp_splice` (which
+    /// only the epoll engine does).
+    pub fn tries_io_uring(self, splice: TcpSplice) -> bool {
+        match self {
+            TcpEngine::Auto => !splice.splices(),
+            TcpEngine::Epoll => false,
+            TcpEngine::IoUring => true,
+        }
+    }
+}
+
+impl fmt::Display for TcpEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TcpEngine {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_keyword(text, &Self::ALL, |s| s.as_str())
+    }
 }
 
 /// How the agent moves a TCP connection's bytes (`tcp_splice`): see docs/tcp.md.
@@ -107,6 +158,7 @@ impl AgentConfig {
             udp_new_flows_per_source: None,
             tcp_idle_timeout: Self::DEFAULT_TCP_IDLE_TIMEOUT,
             tcp_splice: TcpSplice::default(),
+            tcp_engine: TcpEngine::default(),
         }
     }
 }

@@ -54,6 +54,8 @@ pub(crate) struct RawAgent {
     pub tcp_idle_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_splice: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_engine: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, serde::Deserialize, Serialize)]

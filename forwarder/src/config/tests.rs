@@ -189,6 +189,7 @@ fn minimal_config_gets_every_default() {
             udp_new_flows_per_source: None,
             tcp_idle_timeout: Duration::from_secs(3600),
             tcp_splice: TcpSplice::Auto,
+            tcp_engine: TcpEngine::Auto,
         }
     );
     assert_eq!(config.firewall.default, RuleAction::Allow);
@@ -664,6 +665,54 @@ fn tcp_splice_takes_auto_on_off() {
         "tcp_splice",
         "'yes' is not one of auto, on, off",
     );
+}
+
+#[test]
+fn tcp_engine_takes_auto_epoll_io_uring() {
+    assert_eq!(parse_ok(AGENT).agent.tcp_engine, TcpEngine::Auto);
+    for (text, want) in [
+        ("auto", TcpEngine::Auto),
+        ("epoll", TcpEngine::Epoll),
+        ("io_uring", TcpEngine::IoUring),
+    ] {
+        let config = parse_ok(&format!("{AGENT}tcp_engine = \"{text}\"\n"));
+        assert_eq!(config.agent.tcp_engine, want);
+    }
+    assert_problem(
+        &format!("{AGENT}tcp_engine = \"uring\"\n"),
+        "agent",
+        "tcp_engine",
+        "'uring' is not one of auto, epoll, io_uring",
+    );
+}
+
+#[test]
+fn splicing_needs_the_epoll_engine() {
+    assert_problem(
+        &format!("{AGENT}tcp_engine = \"io_uring\"\ntcp_splice = \"on\"\n"),
+        "agent",
+        "tcp_splice",
+        "\"on\" needs tcp_engine = \"epoll\"",
+    );
+    // `auto` gives way to the splice; copying is every engine's.
+    let config = parse_ok(&format!("{AGENT}tcp_splice = \"on\"\n"));
+    assert!(
+        !config
+            .agent
+            .tcp_engine
+            .tries_io_uring(config.agent.tcp_splice)
+    );
+    let config = parse_ok(&format!(
+        "{AGENT}tcp_engine = \"io_uring\"\ntcp_splice = \"off\"\n"
+    ));
+    assert!(
+        config
+            .agent
+            .tcp_engine
+            .tries_io_uring(config.agent.tcp_splice)
+    );
+    assert!(TcpEngine::Auto.tries_io_uring(TcpSplice::Auto));
+    assert!(!TcpEngine::Epoll.tries_io_uring(TcpSplice::Off));
 }
 
 #[test]

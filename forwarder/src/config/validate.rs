@@ -11,8 +11,8 @@ use super::duration::format_duration;
 use super::duration::parse_duration;
 use super::model::{
     AccessRule, AgentConfig, App, Config, FirewallConfig, HealthCheck, IpFamily, Origin, PortSpec,
-    Prefix, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpFastpath, TcpSplice, UdpProbe,
-    XdpMode, proxy_supports,
+    Prefix, Protocol, ProxyProtocol, RuleAction, RuleTarget, TcpEngine, TcpFastpath, TcpSplice,
+    UdpProbe, XdpMode, proxy_supports,
 };
 use super::raw::{
     RawAccessRule, RawAgent, RawApp, RawFirewall, RawHealthCheck, RawOrigin, RawSections,
@@ -291,7 +291,7 @@ impl Validator<'_> {
             );
         }
 
-        AgentConfig {
+        let agent = AgentConfig {
             interfaces,
             xdp_mode,
             edge_addresses,
@@ -335,7 +335,22 @@ impl Validator<'_> {
                 raw.tcp_splice.as_ref(),
                 TcpSplice::default(),
             ),
+            tcp_engine: self.parse_or(
+                AGENT,
+                "tcp_engine",
+                raw.tcp_engine.as_ref(),
+                TcpEngine::default(),
+            ),
+        };
+        // The io_uring engine copies; it has no pipes to splice through.
+        if agent.tcp_engine == TcpEngine::IoUring && agent.tcp_splice == TcpSplice::On {
+            self.problem(
+                AGENT,
+                "tcp_splice",
+                "\"on\" needs tcp_engine = \"epoll\" (the io_uring engine copies)",
+            );
         }
+        agent
     }
 
     fn firewall(&mut self, raw: &RawFirewall) -> FirewallConfig {

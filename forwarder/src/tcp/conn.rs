@@ -84,7 +84,7 @@ impl Drop for OriginGuard {
 
 /// Arms `SO_LINGER` with a zero timeout: closing the socket then sends RST instead
 /// of FIN (how a reset is passed on, and how refused connections are closed).
-pub fn reset(stream: &TcpStream) {
+pub fn reset(stream: &impl AsRawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -299,13 +299,24 @@ pub(super) async fn connect_origin(
             }
         }
     }
+    emit_origin_error(shared, meta, counters, failure);
+    None
+}
+
+/// The `originError` event of a connection no origin took: the last origin tried
+/// and why it failed (`None`: there was none to try).
+pub(super) fn emit_origin_error(
+    shared: &Shared,
+    meta: &Meta,
+    counters: &AppCounters,
+    failure: Option<(SocketAddr, u16)>,
+) {
     let (origin_addr, code) =
         failure.map_or((None, status::ORIGIN_UNKNOWN_ERROR), |(a, c)| (Some(a), c));
     let mut event = meta.event(EventKind::OriginError, origin_addr, code);
     event.disconnect_timestamp = Some(event.timestamp.clone());
     shared.events().emit(&event);
     counters.event(EventKind::OriginError, code, Some(meta.accepted.elapsed()));
-    None
 }
 
 /// The `connect` event; returns its timestamp for the `disconnect` event.

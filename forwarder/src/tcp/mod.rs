@@ -8,6 +8,8 @@
 //! * [`conn`]: one connection's life, its events and counters; `conn_tls` the
 //!   same for apps that terminate TLS (`crate::tls`);
 //! * [`stats`]: per-app counters and the duration histogram;
+//! * `uring`: the io_uring engine (`tcp_engine = "io_uring"`), which serves the
+//!   apps without TLS and without `tcp_fastpath` on one thread and one ring;
 //! * `tcp_fastpath = "xdp"`: [`quiet`] (reaching a quiet point), [`repair`]
 //!   (`TCP_REPAIR`), [`fastpath`] (eligibility, the `SPLICES` entries) and
 //!   [`handoff`] (the handoff to XDP and the sweep that ends spliced connections).
@@ -25,6 +27,7 @@ pub mod quiet;
 pub mod repair;
 pub mod splice;
 pub mod stats;
+mod uring;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -38,7 +41,7 @@ use tokio::net::TcpListener as TokioListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{App, Config, Protocol};
+use crate::config::{App, Config, Protocol, TcpEngine};
 use crate::datapath::Datapath;
 use crate::lb::{Availability, OriginRef, Selection};
 use crate::telemetry::events::EventLog;
@@ -205,14 +208,23 @@ impl Shared {
     }
 }
 
-/// One app's listening socket and its accept loop.
+/// One app's listening socket and what accepts on it.
 struct ListenerHandle {
     /// The app index whose sockmap slot holds this socket.
     index: u32,
     /// A duplicate of the listening socket's fd, for the sockmap.
     fd: std::net::TcpListener,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    accepting: Accepting,
+}
+
+enum Accepting {
+    /// A tokio task (the epoll engine).
+    Task {
+        stop: watch::Sender<bool>,
+        task: JoinHandle<()>,
+    },
+    /// The io_uring engine's thread.
+    Ring { app_id: String },
 }
 
 /// The TCP side of the agent: listeners, connections, their events and counters.
@@ -222,6 +234,9 @@ pub struct TcpProxy {
     runtime: tokio::runtime::Handle,
     /// Re-reads TLS certificates whose files changed.
     certificate_watch: JoinHandle<()>,
+    /// `tcp_engine = "io_uring"`, when the kernel allowed a ring: every listener
+    /// is its (it hands the connections of apps it does not serve to epoll).
+    engine: Option<uring::Engine>,
 }
 
 impl TcpProxy {
@@ -280,11 +295,35 @@ impl TcpProxy {
         if shared.splicer.is_some() {
             runtime.spawn(sweep_splices(shared.clone()));
         }
+        let agent = &config.agent;
+        let engine = match agent.tcp_engine.tries_io_uring(agent.tcp_splice) {
+            false => None,
+            true => match uring::Engine::start(shared.clone(), runtime.clone()) {
+                Ok(engine) => Some(engine),
+                Err(err) => {
+                    let text = format!(
+                        "the kernel refused an io_uring ({err}): every TCP connection takes \
+                         the epoll engine"
+                    );
+                    // Asked for by name: worth a warning; `auto` says what it chose.
+                    match agent.tcp_engine {
+                        TcpEngine::IoUring => warn!("tcp_engine = \"io_uring\": {text}"),
+                        _ => info!("tcp_engine = \"{}\": {text}", agent.tcp_engine),
+                    }
+                    None
+                }
+            },
+        };
+        match engine {
+            Some(_) => info!("TCP engine: io_uring (apps without TLS and tcp_fastpath)"),
+            None => info!("TCP engine: epoll"),
+        }
         let mut proxy = TcpProxy {
             shared,
             listeners: BTreeMap::new(),
             runtime,
             certificate_watch,
+            engine,
         };
         proxy.apply(config, datapath)?;
         datapath.attach_sk_lookup()?;
@@ -367,7 +406,7 @@ impl TcpProxy {
                     datapath.clear_tcp_listener(handle.index)?;
                 }
                 info!("app {id}: removed; no new connections (open ones continue)");
-                stop_listener(handle);
+                self.stop_listener(handle);
             }
         }
         // Indices no TCP app uses any more (an app moved away, a UDP app took it).
@@ -415,15 +454,26 @@ impl TcpProxy {
             .context("duplicating the listener fd")?;
         datapath.set_tcp_listener(index, &fd)?;
         let local = std_listener.local_addr().ok();
-        let (stop, stop_rx) = watch::channel(false);
-        let shared = self.shared.clone();
         let app_id = id.to_string();
-        let task = {
-            let _guard = self.runtime.enter();
-            let listener = TokioListener::from_std(std_listener)
-                .context("registering the listener with the runtime")?;
-            self.runtime
-                .spawn(accept_loop(listener, app_id, shared, stop_rx))
+        let accepting = match &self.engine {
+            Some(engine) => {
+                engine.send(uring::Command::Listen {
+                    app_id: app_id.clone(),
+                    listener: std_listener,
+                });
+                Accepting::Ring { app_id }
+            }
+            None => {
+                let (stop, stop_rx) = watch::channel(false);
+                let shared = self.shared.clone();
+                let _guard = self.runtime.enter();
+                let listener = TokioListener::from_std(std_listener)
+                    .context("registering the listener with the runtime")?;
+                let task = self
+                    .runtime
+                    .spawn(accept_loop(listener, app_id, shared, stop_rx));
+                Accepting::Task { stop, task }
+            }
         };
         info!(
             "app {id}: listening (socket {}, sockmap slot {index})",
@@ -432,8 +482,7 @@ impl TcpProxy {
         Ok(ListenerHandle {
             index,
             fd,
-            stop,
-            task,
+            accepting,
         })
     }
 
@@ -563,7 +612,7 @@ impl TcpProxy {
             if let Err(err) = datapath.clear_tcp_listener(handle.index) {
                 warn!("app {id}: {err:#}");
             }
-            stop_listener(handle);
+            self.stop_listener(handle);
         }
     }
 
@@ -588,6 +637,9 @@ impl TcpProxy {
         let left = self.live_connections();
         warn!("drain time over: closing {left} TCP connections");
         let _ = self.shared.close_all.send(true);
+        if let Some(engine) = &self.engine {
+            engine.send(uring::Command::CloseAll);
+        }
         // The tasks close their sockets at once; give them a moment to report.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
@@ -607,16 +659,30 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.certificate_watch.abort();
         for (_, handle) in std::mem::take(&mut self.listeners) {
-            handle.task.abort();
+            if let Accepting::Task { task, .. } = handle.accepting {
+                task.abort();
+            }
         }
         let _ = self.shared.close_all.send(true);
+        // The engine's thread closes its connections and ends (`uring::Engine`'s drop).
     }
 }
 
-fn stop_listener(handle: ListenerHandle) {
-    // The accept loop takes what is queued, then drops (closes) the socket.
-    let _ = handle.stop.send(true);
-    drop(handle.fd);
+impl TcpProxy {
+    fn stop_listener(&self, handle: ListenerHandle) {
+        // What accepts takes what is queued, then closes the socket.
+        match handle.accepting {
+            Accepting::Task { stop, .. } => {
+                let _ = stop.send(true);
+            }
+            Accepting::Ring { app_id } => {
+                if let Some(engine) = &self.engine {
+                    engine.send(uring::Command::Unlisten { app_id });
+                }
+            }
+        }
+        drop(handle.fd);
+    }
 }
 
 /// Accepts until told to stop; then takes what is already queued and closes.
@@ -732,41 +798,9 @@ fn dispatch(
         conn::reset(&stream);
         return;
     };
-    let counters = shared.counters(&app.id);
-    let limit = shared.max_connections.load(Ordering::Relaxed) as u64;
-    let capacity = shared.capacity.load(Ordering::Relaxed);
-    let why = if counters.live() >= limit {
-        Some(format!("the app has {limit} connections open"))
-    } else if shared.live.load(Ordering::Relaxed) >= capacity {
-        Some(format!(
-            "{capacity} connections open fill the open-file limit (less {} fds kept for \
-             stats, metrics and the agent itself)",
-            crate::fd_limit::RESERVED_FDS
-        ))
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        // Refused before it costs an fd more: a RST, counted; logged at most every
-        // 10 s (a flood must not flood the log).
-        counters.reject();
-        conn::reset(&stream);
-        let now = shared.started.elapsed().as_millis() as u64;
-        let last = shared.refusal_logged_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 10_000)
-            && shared
-                .refusal_logged_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            warn!(
-                "app {}: refusing {peer} (and any more for 10 s without a log line): {why}",
-                app.id
-            );
-        }
+    let Some((counters, guard)) = admit(shared, &app, peer, &stream) else {
         return;
-    }
-    let guard = conn::LiveGuard::new(shared.clone(), counters.clone());
+    };
     // An app that terminates TLS without its TLS state (only while a reload turns
     // `tls` on) is not served in clear.
     let terminator = match app.tls.mode.terminates() {
@@ -789,6 +823,53 @@ fn dispatch(
         peer,
         local,
     ));
+}
+
+/// Counts a new connection of `app` as open, or refuses it (reset, counted, logged
+/// at most every 10 s) when the app's limit or the fd limit is reached: before it
+/// costs an fd more. Both engines ask this.
+fn admit(
+    shared: &Arc<Shared>,
+    app: &App,
+    peer: SocketAddr,
+    socket: &impl std::os::fd::AsRawFd,
+) -> Option<(Arc<stats::AppCounters>, conn::LiveGuard)> {
+    let counters = shared.counters(&app.id);
+    let limit = shared.max_connections.load(Ordering::Relaxed) as u64;
+    let capacity = shared.capacity.load(Ordering::Relaxed);
+    let why = if counters.live() >= limit {
+        Some(format!("the app has {limit} connections open"))
+    } else if shared.live.load(Ordering::Relaxed) >= capacity {
+        Some(format!(
+            "{capacity} connections open fill the open-file limit (less {} fds kept for \
+             stats, metrics and the agent itself)",
+            crate::fd_limit::RESERVED_FDS
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        // Refused before it costs an fd more: a RST, counted; logged at most every
+        // 10 s (a flood must not flood the log).
+        counters.reject();
+        conn::reset(socket);
+        let now = shared.started.elapsed().as_millis() as u64;
+        let last = shared.refusal_logged_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 10_000)
+            && shared
+                .refusal_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(
+                "app {}: refusing {peer} (and any more for 10 s without a log line): {why}",
+                app.id
+            );
+        }
+        return None;
+    }
+    let guard = conn::LiveGuard::new(shared.clone(), counters.clone());
+    Some((counters, guard))
 }
 
 /// Ends spliced connections (see `handoff::Splicer::sweep`) for as long as the

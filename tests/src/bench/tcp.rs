@@ -117,6 +117,14 @@ impl TcpLab {
             .filter(|e| ["on", "off", "auto"].contains(&e.as_str()))
             .map(|e| format!("tcp_splice = \"{e}\"\n"))
             .unwrap_or_default();
+        // `FORWARDER_BENCH_TCP_ENGINE=epoll|io_uring`: the agent's `tcp_engine`
+        // (the default is the agent's own default).
+        let engine = engine
+            + &std::env::var("FORWARDER_BENCH_TCP_ENGINE")
+                .ok()
+                .filter(|e| ["epoll", "io_uring"].contains(&e.as_str()))
+                .map(|e| format!("tcp_engine = \"{e}\"\n"))
+                .unwrap_or_default();
         let config = format!(
             "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\n{engine}\
              pass = [\"tcp/{}\", \"tcp/{}\", \"tcp/{}\"]\n\n\

@@ -47,13 +47,21 @@ pub fn init() {
 /// default and again with `on`).
 pub const ENGINE_ENV: &str = "FORWARDER_TEST_TCP_SPLICE";
 
-/// The agent's config: both edge veths, events to stdout, the engine of
-/// `ENGINE_ENV` if set, then `apps` (TOML).
+/// Environment variable that runs the TCP tests on another engine: its value
+/// becomes `[agent] tcp_engine` (`cargo xtask test` runs them on the default,
+/// `auto`, and once more with `epoll`).
+pub const TCP_ENGINE_ENV: &str = "FORWARDER_TEST_TCP_ENGINE";
+
+/// The agent's config: both edge veths, events to stdout, the settings of
+/// `ENGINE_ENV` and `TCP_ENGINE_ENV` if set, then `apps` (TOML).
 pub fn config(lab: &Lab, extra_agent: &str, apps: &str) -> String {
     let [ec, eo] = lab.edge_ifaces();
-    let engine = std::env::var(ENGINE_ENV)
+    let mut engine = std::env::var(ENGINE_ENV)
         .map(|e| format!("tcp_splice = \"{e}\"\n"))
         .unwrap_or_default();
+    if let Ok(e) = std::env::var(TCP_ENGINE_ENV) {
+        engine.push_str(&format!("tcp_engine = \"{e}\"\n"));
+    }
     format!(
         "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\nevent_log = \"-\"\n{engine}{extra_agent}\n\n{apps}\n"
     )

@@ -1,0 +1,205 @@
+//! The TCP engines (`[agent] tcp_engine`, docs/tcp.md "Engines"): with `io_uring`
+//! (and with the default, `auto`, where the kernel allows a ring) connections of
+//! plain apps go through the agent's ring, in its own thread (the ring's completion
+//! counter moves with every connection); `epoll`, `auto` with `tcp_splice = "on"`,
+//! and a kernel that refuses io_uring (a seccomp filter, as in containers) open no
+//! ring and still serve every connection. Every other TCP test runs on the default
+//! and once more on `epoll` in `cargo xtask test` (its "tcp (epoll)" pass).
+//!
+//! Root, after `cargo build -p forwarder`: `cargo test -p forwarder-tests --test tcp_engine`.
+
+mod tcp_support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::Duration;
+
+use forwarder_tests::agent::{AgentOptions, AgentProcess};
+use forwarder_tests::{EDGE_CLIENT_V4, Lab, ORIGIN_V4, require_root};
+use tcp_support::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+/// Short connections sent through the ring.
+const CONNECTIONS: u64 = 200;
+
+fn sa(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// The agent's io_uring instances: (fd, completions so far: `CqTail` of its fdinfo).
+fn rings(agent: &AgentProcess) -> Vec<(String, u64)> {
+    let dir = format!("/proc/{}/fd", agent.pid());
+    let mut rings = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.to_string_lossy() != "anon_inode:[io_uring]" {
+            continue;
+        }
+        let fd = entry.file_name().to_string_lossy().to_string();
+        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", agent.pid())).unwrap();
+        let tail = info
+            .lines()
+            .find_map(|l| l.strip_prefix("CqTail:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no CqTail in the fdinfo of a ring:\n{info}"));
+        rings.push((fd, tail));
+    }
+    rings
+}
+
+/// The names of the agent's threads.
+fn threads(agent: &AgentProcess) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
+/// One short exchange: `hello` up, the origin's `ok:hello` down, then both close.
+fn exchange(lab: &Lab, edge: SocketAddr) -> SocketAddr {
+    let mut client = client_connect(lab, edge, WAIT).unwrap();
+    let local = client.local_addr().unwrap();
+    client.write_all(b"hello").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (reply, err) = read_all(&mut client);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(reply, b"ok:hello");
+    local
+}
+
+fn answer(mut stream: std::net::TcpStream) {
+    let mut request = Vec::new();
+    if stream.read_to_end(&mut request).is_ok() {
+        let mut reply = b"ok:".to_vec();
+        reply.extend_from_slice(&request);
+        let _ = stream.write_all(&reply);
+    }
+}
+
+/// The agent's config with exactly these `[agent]` settings (whatever the test
+/// pass's environment says) and one plain app on `port`.
+fn agent_config(lab: &Lab, settings: &str, port: u16) -> String {
+    let [ec, eo] = lab.edge_ifaces();
+    format!(
+        "[agent]\ninterfaces = [\"{ec}\", \"{eo}\"]\nevent_log = \"-\"\n{settings}\n\
+         [[apps]]\nid = \"plain\"\nprotocol = \"tcp/{port}\"\n\
+         origin_direct = [\"tcp://10.0.2.2:{port}\"]\n"
+    )
+}
+
+/// Starts the agent with `settings`, sends `n` short connections through it and
+/// checks each one's bytes and events; returns the agent.
+fn run(port: u16, settings: &str, options: &AgentOptions, n: u64) -> (Lab, AgentProcess) {
+    let lab = Lab::new().unwrap();
+    serve(origin_listener(&lab, sa(ORIGIN_V4, port)), answer);
+    let agent =
+        AgentProcess::start_with(&lab, &agent_config(&lab, settings, port), options).unwrap();
+    let before = rings(&agent);
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(exchange(&lab, sa(EDGE_CLIENT_V4, port)));
+    }
+    let evs = wait_events(&agent, "plain", WAIT, |evs| {
+        evs.iter().filter(|e| e.event() == "disconnect").count() as u64 == n
+    });
+    for client in &clients {
+        let d = event_for(&evs, "disconnect", *client).expect("disconnect event");
+        assert_eq!(d.status(), 200, "{d:?}");
+        assert_eq!(d.num("ClientBytes"), Some(5));
+        assert_eq!(d.num("OriginBytes"), Some(8));
+        assert!(event_for(&evs, "connect", *client).is_some());
+    }
+    let after = rings(&agent);
+    if let ([(_, b)], [(_, a)]) = (before.as_slice(), after.as_slice()) {
+        // Each connection completes at least accept, connect (and its timeout), two
+        // receives with data, two with EOF, two sends, a half-close and two closes.
+        let done = a.wrapping_sub(*b);
+        assert!(done >= n * 10, "{done} completions for {n} connections");
+    }
+    (lab, agent)
+}
+
+fn on_the_ring(agent: &AgentProcess) {
+    assert!(
+        agent.logs().contains("TCP engine: io_uring"),
+        "{}",
+        agent.logs()
+    );
+    assert!(threads(agent).iter().any(|t| t == "tcp-uring"));
+    assert_eq!(rings(agent).len(), 1, "one ring");
+}
+
+fn on_epoll(agent: &AgentProcess) {
+    assert!(
+        agent.logs().contains("TCP engine: epoll"),
+        "{}",
+        agent.logs()
+    );
+    assert!(!threads(agent).iter().any(|t| t == "tcp-uring"));
+    assert!(rings(agent).is_empty(), "no ring");
+}
+
+#[test]
+fn io_uring_carries_plain_apps_on_its_ring() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let (_lab, agent) = run(
+        7401,
+        "tcp_engine = \"io_uring\"",
+        &AgentOptions::default(),
+        CONNECTIONS,
+    );
+    on_the_ring(&agent);
+}
+
+#[test]
+fn auto_is_io_uring_where_the_kernel_allows_it() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let (_lab, agent) = run(7402, "", &AgentOptions::default(), 20);
+    on_the_ring(&agent);
+}
+
+#[test]
+fn epoll_and_auto_with_splicing_open_no_ring() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let (_lab, agent) = run(7403, "tcp_engine = \"epoll\"", &AgentOptions::default(), 20);
+    on_epoll(&agent);
+    drop(agent);
+    let (_lab, agent) = run(7404, "tcp_splice = \"on\"", &AgentOptions::default(), 20);
+    on_epoll(&agent);
+}
+
+#[test]
+fn a_kernel_that_refuses_io_uring_leaves_every_connection_on_epoll() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let options = AgentOptions {
+        without_io_uring: true,
+        ..AgentOptions::default()
+    };
+    // Asked for by name: a warning says why it is not used.
+    let (_lab, agent) = run(7405, "tcp_engine = \"io_uring\"", &options, 20);
+    on_epoll(&agent);
+    let logs = agent.logs();
+    assert!(
+        logs.contains("WARN") && logs.contains("the kernel refused an io_uring"),
+        "{logs}"
+    );
+    drop(agent);
+    let (_lab, agent) = run(7406, "", &options, 20);
+    on_epoll(&agent);
+}
