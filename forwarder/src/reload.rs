@@ -156,7 +156,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.agent.event_log != new.agent.event_log {
         keys.push("agent.event_log");
     }
-    if old.agent.tcp_engine != new.agent.tcp_engine {
+    // The engine is chosen at start (with `tcp_splice`, which `auto` gives way to).
+    let ring = |c: &Config| c.agent.tcp_engine.tries_io_uring(c.agent.tcp_splice);
+    if ring(old) != ring(new) {
         keys.push("agent.tcp_engine");
     }
     keys

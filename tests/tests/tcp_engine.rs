@@ -203,3 +203,103 @@ fn a_kernel_that_refuses_io_uring_leaves_every_connection_on_epoll() {
     let (_lab, agent) = run(7406, "", &options, 20);
     on_epoll(&agent);
 }
+
+#[test]
+fn connections_that_wait_for_buffers_lose_no_byte() {
+    init();
+    if !require_root() {
+        return;
+    }
+    // Four receive buffers for six connections moving 4 MB each way at once:
+    // receives wait for buffers to come back (ENOBUFS) and must resume in order.
+    const LEN: u64 = 4 * 1024 * 1024;
+    const PARALLEL: u64 = 6;
+    let lab = Lab::new().unwrap();
+    let listener = origin_listener(&lab, sa(ORIGIN_V4, 7407));
+    let options = AgentOptions {
+        env: vec![
+            ("FORWARDER_TCP_URING_BUFFERS".into(), "4".into()),
+            ("RUST_LOG".into(), "info,forwarder::tcp::uring=debug".into()),
+        ],
+        ..AgentOptions::default()
+    };
+    let agent = AgentProcess::start_with(
+        &lab,
+        &agent_config(&lab, "tcp_engine = \"io_uring\"", 7407),
+        &options,
+    )
+    .unwrap();
+    on_the_ring(&agent);
+    assert!(
+        agent.logs().contains("at most 4 receive buffers"),
+        "{}",
+        agent.logs()
+    );
+    // The origin: for each connection, its own stream down and the client's summed.
+    let origin = std::thread::spawn(move || {
+        let mut sums = Vec::new();
+        for seed in 0..PARALLEL {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = stream.try_clone().unwrap();
+            let rx = std::thread::spawn(move || receive_sum(&mut reader).unwrap());
+            let tx = std::thread::spawn(move || {
+                let mut writer = stream;
+                let sent = send_random(&mut writer, 100 + seed, LEN).unwrap();
+                writer.shutdown(Shutdown::Write).unwrap();
+                sent
+            });
+            sums.push((tx, rx));
+        }
+        sums.into_iter()
+            .map(|(tx, rx)| (tx.join().unwrap(), rx.join().unwrap()))
+            .collect::<Vec<_>>()
+    });
+    let clients: Vec<_> = (0..PARALLEL)
+        .map(|seed| {
+            let client = client_connect(&lab, sa(EDGE_CLIENT_V4, 7407), WAIT).unwrap();
+            let mut reader = client.try_clone().unwrap();
+            let rx = std::thread::spawn(move || receive_sum(&mut reader).unwrap());
+            let tx = std::thread::spawn(move || {
+                let mut writer = client;
+                let sent = send_random(&mut writer, seed, LEN).unwrap();
+                writer.shutdown(Shutdown::Write).unwrap();
+                sent
+            });
+            (tx, rx)
+        })
+        .collect();
+    let mut up_sent = Vec::new();
+    let mut down_received = Vec::new();
+    for (tx, rx) in clients {
+        up_sent.push(tx.join().unwrap());
+        down_received.push(rx.join().unwrap());
+    }
+    let at_origin = origin.join().unwrap();
+    // Connections reach the origin in any order: compare as sets of sums.
+    let mut up_received: Vec<_> = at_origin.iter().map(|(_, rx)| *rx).collect();
+    let mut down_sent: Vec<_> = at_origin.iter().map(|(tx, _)| *tx).collect();
+    for v in [
+        &mut up_sent,
+        &mut up_received,
+        &mut down_sent,
+        &mut down_received,
+    ] {
+        v.sort();
+    }
+    assert_eq!(up_received, up_sent, "client -> origin differs");
+    assert_eq!(down_received, down_sent, "origin -> client differs");
+    assert!(up_sent.iter().all(|s| s.1 == LEN));
+    let evs = wait_events(&agent, "plain", WAIT, |evs| {
+        evs.iter().filter(|e| e.event() == "disconnect").count() as u64 == PARALLEL
+    });
+    for d in evs.iter().filter(|e| e.event() == "disconnect") {
+        assert_eq!(d.status(), 200, "{d:?}");
+        assert_eq!(d.num("ClientBytes"), Some(LEN));
+        assert_eq!(d.num("OriginBytes"), Some(LEN));
+    }
+    // The case this test is for did happen.
+    assert!(
+        agent.logs().contains("a receive waits for one"),
+        "no receive ever waited for a buffer"
+    );
+}

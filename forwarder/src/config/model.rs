@@ -52,7 +52,8 @@ pub enum TcpEngine {
     /// tokio's readiness loop (epoll): a task per connection.
     Epoll,
     /// One thread whose io_uring carries every per-connection syscall of apps
-    /// without TLS and without `tcp_fastpath` (their connections stay on epoll).
+    /// without TLS (TLS apps' connections are handed to epoll; `tcp_fastpath =
+    /// "xdp"` ones at their handoff).
     IoUring,
 }
 

@@ -396,69 +396,148 @@ async fn serve_plain(
             let handoff = (meta.app.tcp_fastpath == TcpFastpath::Xdp && shared.splicer().is_some())
                 .then(|| copy::Handoff::new(HANDOFF_AFTER, HANDOFF_WINDOW));
             let activity = Activity::new();
-            let mut handed = false;
-            loop {
-                let pumped = pump(
-                    shared,
-                    counters,
-                    &client_stream,
-                    &origin_stream,
-                    &activity,
-                    &mut close,
-                    handoff.as_ref(),
-                )
-                .await;
-                let end = match pumped {
-                    Pumped::Ended(end) => end,
-                    Pumped::HandoffDue => {
-                        handed = true;
-                        if let Some(h) = &handoff {
-                            // One handoff per connection: if it falls back, the
-                            // connection is copied to its end.
-                            h.stop();
-                        }
-                        let mut drained = Drained::default();
-                        // Boxed: its state would make every connection's task larger.
-                        let spliced = Box::pin(splice_in_xdp(
-                            shared,
-                            &meta,
-                            &client_stream,
-                            &origin_stream,
-                            origin_addr,
-                            &mut drained,
-                        ))
-                        .await;
-                        // Bytes forwarded on the way to the quiet point.
-                        counters.add_client_bytes(drained.client_bytes);
-                        counters.add_origin_bytes(drained.origin_bytes);
-                        activity.add(drained);
-                        match spliced {
-                            // Both sockets were retired (closing them sends nothing),
-                            // or the connection ended during the handoff and the
-                            // sockets were set up to reset what the socket path would.
-                            Some(outcome) => {
-                                counters.add_client_bytes(outcome.client_bytes);
-                                counters.add_origin_bytes(outcome.origin_bytes);
-                                activity.add(Drained {
-                                    client_bytes: outcome.client_bytes,
-                                    origin_bytes: outcome.origin_bytes,
-                                });
-                                break activity.totals(outcome.end);
-                            }
-                            None => continue,
-                        }
-                    }
-                };
-                if !handed && let Some(splicer) = handoff.as_ref().and(shared.splicer()) {
-                    splicer.count_short(&meta.app.id, meta.client);
-                }
-                reset_after(end, &client_stream, &origin_stream);
-                break activity.totals(end);
-            }
+            forward_to_end(
+                shared,
+                &meta,
+                counters,
+                (&client_stream, &origin_stream, origin_addr),
+                &activity,
+                &mut close,
+                handoff.as_ref(),
+                false,
+            )
+            .await
         }
     };
     drop(client_stream);
     emit_disconnect(shared, &meta, counters, origin_addr, connect_ts, end);
+}
+
+/// Moves a connection's bytes to its end (`pump`); with `handoff` (an app with
+/// `tcp_fastpath = "xdp"`), hands it to the datapath when the handoff is due
+/// (`due`: it is due already), once, and copies it to its end if that falls back.
+/// Passes a fault on as RST; returns how it ended with the bytes each side sent.
+#[allow(clippy::too_many_arguments)]
+async fn forward_to_end(
+    shared: &Arc<Shared>,
+    meta: &Meta,
+    counters: &AppCounters,
+    (client_stream, origin_stream, origin_addr): (&TcpStream, &TcpStream, SocketAddr),
+    activity: &Activity,
+    close: &mut tokio::sync::watch::Receiver<bool>,
+    handoff: Option<&copy::Handoff>,
+    mut due: bool,
+) -> (End, u64, u64) {
+    let mut handed = false;
+    loop {
+        let pumped = if std::mem::take(&mut due) {
+            Pumped::HandoffDue
+        } else {
+            pump(
+                shared,
+                counters,
+                client_stream,
+                origin_stream,
+                activity,
+                close,
+                handoff,
+            )
+            .await
+        };
+        let end = match pumped {
+            Pumped::Ended(end) => end,
+            Pumped::HandoffDue => {
+                handed = true;
+                if let Some(h) = handoff {
+                    // One handoff per connection: if it falls back, the
+                    // connection is copied to its end.
+                    h.stop();
+                }
+                let mut drained = Drained::default();
+                // Boxed: its state would make every connection's task larger.
+                let spliced = Box::pin(splice_in_xdp(
+                    shared,
+                    meta,
+                    client_stream,
+                    origin_stream,
+                    origin_addr,
+                    &mut drained,
+                ))
+                .await;
+                // Bytes forwarded on the way to the quiet point.
+                counters.add_client_bytes(drained.client_bytes);
+                counters.add_origin_bytes(drained.origin_bytes);
+                activity.add(drained);
+                match spliced {
+                    // Both sockets were retired (closing them sends nothing),
+                    // or the connection ended during the handoff and the
+                    // sockets were set up to reset what the socket path would.
+                    Some(outcome) => {
+                        counters.add_client_bytes(outcome.client_bytes);
+                        counters.add_origin_bytes(outcome.origin_bytes);
+                        activity.add(Drained {
+                            client_bytes: outcome.client_bytes,
+                            origin_bytes: outcome.origin_bytes,
+                        });
+                        return activity.totals(outcome.end);
+                    }
+                    None => continue,
+                }
+            }
+        };
+        if !handed && let Some(splicer) = handoff.and(shared.splicer()) {
+            splicer.count_short(&meta.app.id, meta.client);
+        }
+        reset_after(end, client_stream, origin_stream);
+        return activity.totals(end);
+    }
+}
+
+/// What the io_uring engine hands over when a connection of a `tcp_fastpath =
+/// "xdp"` app reached its handoff point: both legs quiet, the handoff due.
+pub(super) struct DueConn {
+    pub(super) meta: Meta,
+    pub(super) counters: Arc<AppCounters>,
+    pub(super) live: LiveGuard,
+    pub(super) origin_live: OriginGuard,
+    pub(super) client: TcpStream,
+    pub(super) origin: TcpStream,
+    pub(super) origin_addr: SocketAddr,
+    pub(super) connect_ts: String,
+    /// What the engine moved and when (its `Activity` so far).
+    pub(super) activity: Activity,
+}
+
+/// The rest of a connection the io_uring engine carried to its handoff point:
+/// the handoff, and on a fallback the copy to its end, its `disconnect` event.
+pub(super) async fn continue_due(shared: Arc<Shared>, due: DueConn) {
+    let DueConn {
+        meta,
+        counters,
+        live: _live,
+        origin_live: _origin_live,
+        client,
+        origin,
+        origin_addr,
+        connect_ts,
+        activity,
+    } = due;
+    let mut close = shared.close_signal();
+    let handoff = copy::Handoff::new(HANDOFF_AFTER, HANDOFF_WINDOW);
+    let end = forward_to_end(
+        &shared,
+        &meta,
+        &counters,
+        (&client, &origin, origin_addr),
+        &activity,
+        &mut close,
+        Some(&handoff),
+        true,
+    )
+    .await;
+    drop(client);
+    drop(origin);
+    emit_disconnect(&shared, &meta, &counters, origin_addr, connect_ts, end);
 }
 
 /// `tcp_fastpath = "xdp"`, the handoff due: hands the connection to the datapath
@@ -547,6 +626,22 @@ pub(super) async fn write_proxy_header(
 }
 
 impl Activity {
+    /// A connection's progress so far, as another engine kept it: `start` and the
+    /// nanoseconds since it of the last bytes from each side (0: none).
+    pub(super) fn resumed(
+        start: Instant,
+        (client_bytes, origin_bytes): (u64, u64),
+        (last_client, last_origin): (u64, u64),
+    ) -> Activity {
+        Activity {
+            start,
+            client_bytes: AtomicU64::new(client_bytes),
+            origin_bytes: AtomicU64::new(origin_bytes),
+            last_client: AtomicU64::new(last_client),
+            last_origin: AtomicU64::new(last_origin),
+        }
+    }
+
     pub(super) fn new() -> Activity {
         Activity {
             start: Instant::now(),

@@ -8,8 +8,8 @@
 //! * [`conn`]: one connection's life, its events and counters; `conn_tls` the
 //!   same for apps that terminate TLS (`crate::tls`);
 //! * [`stats`]: per-app counters and the duration histogram;
-//! * `uring`: the io_uring engine (`tcp_engine = "io_uring"`), which serves the
-//!   apps without TLS and without `tcp_fastpath` on one thread and one ring;
+//! * `uring`: the io_uring engine (`tcp_engine`), which serves the apps without
+//!   TLS on one thread and one ring (`tcp_fastpath` apps up to their handoff);
 //! * `tcp_fastpath = "xdp"`: [`quiet`] (reaching a quiet point), [`repair`]
 //!   (`TCP_REPAIR`), [`fastpath`] (eligibility, the `SPLICES` entries) and
 //!   [`handoff`] (the handoff to XDP and the sweep that ends spliced connections).
@@ -234,8 +234,8 @@ pub struct TcpProxy {
     runtime: tokio::runtime::Handle,
     /// Re-reads TLS certificates whose files changed.
     certificate_watch: JoinHandle<()>,
-    /// `tcp_engine = "io_uring"`, when the kernel allowed a ring: every listener
-    /// is its (it hands the connections of apps it does not serve to epoll).
+    /// The io_uring engine, when `tcp_engine` asked for it and the kernel allowed a
+    /// ring: every listener is its (it hands TLS apps' connections to epoll).
     engine: Option<uring::Engine>,
 }
 
@@ -315,7 +315,7 @@ impl TcpProxy {
             },
         };
         match engine {
-            Some(_) => info!("TCP engine: io_uring (apps without TLS and tcp_fastpath)"),
+            Some(_) => info!("TCP engine: io_uring (TLS apps on epoll)"),
             None => info!("TCP engine: epoll"),
         }
         let mut proxy = TcpProxy {

@@ -1,7 +1,8 @@
 //! The io_uring engine (`[agent] tcp_engine = "io_uring"`; docs/tcp.md, "Engines").
 //!
-//! One thread owns a ring and every connection of the apps it serves (no TLS, no
-//! `tcp_fastpath`). Each connection is a state machine driven by completions; every
+//! One thread owns a ring and every connection of the apps it serves (no TLS;
+//! `tcp_fastpath = "xdp"` ones up to their handoff, then `conn::continue_due`).
+//! Each connection is a state machine driven by completions; every
 //! per-connection syscall of the data path (accept, connect and its timeout, the
 //! PROXY header, recv and send both ways, half-close, cancel, close) is a ring
 //! entry, and a loop turn submits what the last turn's completions asked for in one
@@ -12,8 +13,8 @@
 //! The connection's rules are the epoll engine's (`conn`): the same admission and
 //! limits (`super::admit`), origin order and failover, status codes, events and
 //! counters, half-close (the last FIN goes with the close), RST passed on, the idle
-//! timeout (checked on a tick), and the drain. Connections of apps it does not serve
-//! are handed to the epoll engine as they are accepted.
+//! timeout (checked on a tick), and the drain. TLS apps' connections are handed to
+//! the epoll engine as they are accepted.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,9 +30,10 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::conn::{
-    self, End, LiveGuard, Meta, OriginGuard, Side, emit_connect, emit_disconnect,
-    emit_origin_error, idle_status, io_error_status,
+    self, Activity, DueConn, End, LiveGuard, Meta, OriginGuard, Side, emit_connect,
+    emit_disconnect, emit_origin_error, idle_status, io_error_status,
 };
+use super::handoff::{HANDOFF_AFTER, HANDOFF_WINDOW};
 use super::origin;
 use super::stats::AppCounters;
 use crate::config::{App, ProxyProtocol, TcpFastpath};
@@ -48,6 +50,31 @@ const RING_ENTRIES: u32 = 4096;
 const CQ_ENTRIES: u32 = 65_536;
 /// Accepts pending per listener: each turn can take this many new connections.
 const ACCEPTS: usize = 8;
+
+/// Environment variable that sets how many receive buffers the engine may
+/// allocate (a power of two up to 32768, the default): small values let tests
+/// make connections wait for buffers.
+pub const BUFFERS_ENV: &str = "FORWARDER_TCP_URING_BUFFERS";
+
+/// The most receive buffers: [`BUFFERS_ENV`] when set and valid.
+fn max_buffers() -> usize {
+    let Ok(text) = std::env::var(BUFFERS_ENV) else {
+        return buffers::MAX_BUFFERS;
+    };
+    match text.parse::<usize>() {
+        Ok(n) if n.is_power_of_two() && n <= buffers::MAX_BUFFERS => {
+            info!("io_uring TCP engine: at most {n} receive buffers (from {BUFFERS_ENV})");
+            n
+        }
+        _ => {
+            warn!(
+                "{BUFFERS_ENV}={text:?} is not a power of two up to {}; using that",
+                buffers::MAX_BUFFERS
+            );
+            buffers::MAX_BUFFERS
+        }
+    }
+}
 
 /// What the proxy asks of the engine.
 pub(super) enum Command {
@@ -94,15 +121,21 @@ impl Engine {
             .name("tcp-uring".into())
             .spawn(move || {
                 // Created here: with `SINGLE_ISSUER` only this thread may submit.
-                let ring = match build_ring() {
-                    Ok(ring) => ring,
+                // Everything that can fail is set up before the proxy is told the
+                // engine runs (it then sends every listener here).
+                let set_up = build_ring().and_then(|ring| {
+                    let buffers = Buffers::register(&ring, max_buffers())?;
+                    Ok((ring, buffers))
+                });
+                let (ring, buffers) = match set_up {
+                    Ok(set_up) => set_up,
                     Err(err) => {
                         let _ = ready_tx.send(Err(err));
                         return;
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                Engine::run(ring, shared, runtime, received, thread_wake);
+                Engine::run(ring, buffers, shared, runtime, received, thread_wake);
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Engine {
@@ -120,19 +153,13 @@ impl Engine {
 
     fn run(
         ring: IoUring,
+        buffers: Buffers,
         shared: Arc<Shared>,
         runtime: tokio::runtime::Handle,
         commands: mpsc::Receiver<Command>,
         wake: Arc<OwnedFd>,
     ) {
         let tick = tick_interval(shared.idle_timeout());
-        let buffers = match Buffers::register(&ring, buffers::MAX_BUFFERS) {
-            Ok(buffers) => buffers,
-            Err(err) => {
-                error!("the io_uring TCP engine cannot register its buffers: {err}");
-                return;
-            }
-        };
         let mut engine = Ring {
             ring,
             shared,
@@ -181,6 +208,9 @@ impl Drop for Engine {
     }
 }
 
+/// The ring. Its flags need Linux 6.1 (`DEFER_TASKRUN`), which also has every
+/// operation the engine uses (cancel by fd: 6.0; provided-buffer rings: 5.19): an
+/// older kernel refuses here, and the agent stays on epoll.
 fn build_ring() -> io::Result<IoUring> {
     IoUring::builder()
         .setup_single_issuer()
@@ -309,6 +339,24 @@ struct Direction {
     buf: Option<BufferId>,
     len: usize,
     sent: usize,
+    /// A receive from its source is in flight.
+    recv_pending: bool,
+}
+
+/// The handoff rule's watch over a connection of a `tcp_fastpath = "xdp"` app,
+/// as `copy::Handoff` keeps it on epoll: `HANDOFF_AFTER` bytes (both ways) within
+/// `HANDOFF_WINDOW` make the handoff due; a direction that ends first, or the
+/// window passing, turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    Off,
+    Watching {
+        deadline: Instant,
+        moved: u64,
+    },
+    /// Both directions pause (no new receive); once nothing is in flight the
+    /// connection goes to the epoll engine for the handoff (`conn::continue_due`).
+    Due,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,6 +403,11 @@ struct Conn {
     last_origin: u64,
     end: Option<End>,
     in_flight: u32,
+    /// `tcp_fastpath = "xdp"`: the origin leg's MSS clamp (the client's MSS).
+    mss: Option<u32>,
+    watch: Watch,
+    /// It had a watch (a connection that ends without a handoff counts as `short`).
+    watched: bool,
 }
 
 impl Conn {
@@ -675,6 +728,11 @@ impl Ring {
             self.to_epoll(client, peer, listener_app);
             return;
         }
+        // A leg that may be spliced in XDP carries no segment the client leg could
+        // not (as on epoll: `conn::serve_plain`).
+        let mss = (app.tcp_fastpath == TcpFastpath::Xdp)
+            .then(|| origin::maxseg(&client).ok())
+            .flatten();
         let Some((counters, live)) = super::admit(&self.shared, &app, peer, &client) else {
             return;
         };
@@ -723,6 +781,9 @@ impl Ring {
             last_origin: 0,
             end: None,
             in_flight: 0,
+            mss,
+            watch: Watch::Off,
+            watched: false,
         });
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -759,7 +820,7 @@ impl Ring {
         };
         while let Some(&(offset, candidate)) = c.candidates.get(c.next) {
             c.next += 1;
-            match origin_socket(candidate) {
+            match origin_socket(candidate, c.mss) {
                 Ok(socket) => {
                     c.attempt = Some((offset, candidate));
                     c.attempt_started = Instant::now();
@@ -828,6 +889,11 @@ impl Ring {
             return;
         };
         c.in_flight -= 1;
+        match op {
+            Op::RecvClient => c.up.recv_pending = false,
+            Op::RecvOrigin => c.down.recv_pending = false,
+            _ => {}
+        }
         if let Some(id) = filled {
             let dir = match op {
                 Op::RecvClient => &mut c.up,
@@ -851,6 +917,7 @@ impl Ring {
             Op::ConnectTimeout | Op::Shutdown | Op::Cancel | Op::Close => {}
             Op::Wake | Op::Tick | Op::Accept | Op::CancelAccepts => {}
         }
+        self.hand_over_if_quiet(slot);
     }
 
     fn connect_done(&mut self, slot: usize, res: i32) {
@@ -957,6 +1024,13 @@ impl Ring {
             return;
         };
         c.phase = Phase::Forwarding;
+        if c.meta.app.tcp_fastpath == TcpFastpath::Xdp && self.shared.splicer().is_some() {
+            c.watch = Watch::Watching {
+                deadline: Instant::now() + HANDOFF_WINDOW,
+                moved: 0,
+            };
+            c.watched = true;
+        }
         self.recv(slot, Side::Client);
         self.recv(slot, Side::Origin);
     }
@@ -967,10 +1041,11 @@ impl Ring {
             return;
         };
         let fd = c.fd(source);
-        let op = match source {
-            Side::Client => Op::RecvClient,
-            Side::Origin => Op::RecvOrigin,
+        let (op, dir) = match source {
+            Side::Client => (Op::RecvClient, &mut c.up),
+            Side::Origin => (Op::RecvOrigin, &mut c.down),
         };
+        dir.recv_pending = true;
         let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUFFER_LEN as u32)
             .buf_group(buffers::GROUP)
             .build()
@@ -1006,11 +1081,22 @@ impl Ring {
         let Some(c) = self.conns.get_mut(slot).and_then(Option::as_deref_mut) else {
             return;
         };
+        if c.watch == Watch::Due && matches!(-res, 0 | libc::ECANCELED | libc::ENOBUFS) {
+            // Paused for the handoff: nothing read (an EOF stays with the socket,
+            // for the epoll engine to read again).
+            if let Some(id) = c.up.buf.take().filter(|_| source == Side::Client) {
+                self.buffers.give(id);
+            } else if let Some(id) = c.down.buf.take().filter(|_| source == Side::Origin) {
+                self.buffers.give(id);
+            }
+            return;
+        }
         if res == -libc::ENOBUFS {
             // Every buffer is in use: more if the limit allows, else wait for one.
             if self.buffers.top_up() {
                 self.recv(slot, source);
             } else {
+                debug!("io_uring: every receive buffer is in use; a receive waits for one");
                 self.starved.push((slot, source));
             }
             return;
@@ -1038,6 +1124,8 @@ impl Ring {
             return;
         }
         if res == 0 {
+            // A direction that ends before the threshold: no handoff.
+            c.watch = Watch::Off;
             c.eofs += 1;
             if c.eofs == 2 {
                 // The last FIN goes with the close.
@@ -1054,6 +1142,29 @@ impl Ring {
         }
         let n = res as usize;
         let now = c.since_accept();
+        if let Watch::Watching { deadline, moved } = &mut c.watch {
+            *moved += n as u64;
+            if *moved >= HANDOFF_AFTER {
+                if Instant::now() > *deadline {
+                    c.watch = Watch::Off;
+                } else {
+                    // Due: the other direction's receive stops (what it already
+                    // read is still sent), and neither receives again.
+                    c.watch = Watch::Due;
+                    let (other, op) = match source {
+                        Side::Client => (&c.down, Op::RecvOrigin),
+                        Side::Origin => (&c.up, Op::RecvClient),
+                    };
+                    if other.recv_pending {
+                        let entry = opcode::AsyncCancel::new(op.tag(slot))
+                            .build()
+                            .user_data(Op::Cancel.tag(slot));
+                        c.in_flight += 1;
+                        self.queue.push(entry);
+                    }
+                }
+            }
+        }
         match source {
             Side::Client => {
                 c.up.len = n;
@@ -1100,20 +1211,109 @@ impl Ring {
             self.send(slot, source);
             return;
         }
+        let paused = c.watch == Watch::Due;
         if let Some(id) = dir.buf.take() {
             self.buffers.give(id);
             self.unstarve();
         }
-        self.recv(slot, source);
+        // Paused for the handoff: no new receive.
+        if !paused {
+            self.recv(slot, source);
+        }
+    }
+
+    /// A connection whose handoff is due, once nothing is in flight on it: to
+    /// the epoll engine, which hands it to the datapath (or, if that falls back,
+    /// copies it to its end) and reports its end.
+    fn hand_over_if_quiet(&mut self, slot: usize) {
+        let ready = self
+            .conns
+            .get(slot)
+            .and_then(Option::as_deref)
+            .is_some_and(|c| c.watch == Watch::Due && c.end.is_none() && c.in_flight == 0);
+        if !ready {
+            return;
+        }
+        let Some(c) = self.conns.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(slot);
+        self.starved.retain(|&(s, _)| s != slot);
+        let c = *c;
+        let activity = Activity::resumed(
+            c.meta.accepted,
+            (c.client_bytes, c.origin_bytes),
+            (c.last_client, c.last_origin),
+        );
+        let streams = |fd: Option<OwnedFd>| -> io::Result<tokio::net::TcpStream> {
+            let fd = fd.ok_or_else(|| io::Error::other("no socket"))?;
+            let stream = std::net::TcpStream::from(fd);
+            stream.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(stream)
+        };
+        let _runtime = self.runtime.enter();
+        let (client, origin) = match (streams(c.client), streams(c.origin)) {
+            (Ok(client), Ok(origin)) => (client, origin),
+            (Err(err), _) | (_, Err(err)) => {
+                // Not expected (the fds are open sockets): the connection is lost
+                // with the sockets just closed, and its end reported as such.
+                warn!(
+                    "app {}: handing a connection to epoll: {err}",
+                    c.meta.app.id
+                );
+                if let (Some((_, origin_addr)), Some(connect_ts)) = (c.attempt, c.connect_ts) {
+                    let end = End::Fault {
+                        side: Side::Client,
+                        status: status::UNKNOWN,
+                    };
+                    let totals = (end, c.client_bytes, c.origin_bytes);
+                    emit_disconnect(
+                        &self.shared,
+                        &c.meta,
+                        &c.counters,
+                        origin_addr,
+                        connect_ts,
+                        totals,
+                    );
+                }
+                return;
+            }
+        };
+        let (Some((_, origin_addr)), Some(connect_ts), Some(origin_live)) =
+            (c.attempt, c.connect_ts, c._origin_live)
+        else {
+            return;
+        };
+        let due = DueConn {
+            meta: c.meta,
+            counters: c.counters,
+            live: c._live,
+            origin_live,
+            client,
+            origin,
+            origin_addr,
+            connect_ts,
+            activity,
+        };
+        self.runtime
+            .spawn(conn::continue_due(self.shared.clone(), due));
     }
 
     /// A buffer came back: the receive that waited longest for one is rearmed.
     fn unstarve(&mut self) {
-        if self.starved.is_empty() {
-            return;
+        while !self.starved.is_empty() {
+            let (slot, side) = self.starved.remove(0);
+            // One paused for its handoff meanwhile stays paused.
+            let paused = self
+                .conns
+                .get(slot)
+                .and_then(Option::as_deref)
+                .is_none_or(|c| c.watch == Watch::Due);
+            if !paused {
+                self.recv(slot, side);
+                return;
+            }
         }
-        let (slot, side) = self.starved.remove(0);
-        self.recv(slot, side);
     }
 
     /// Ends a connection: what is pending on its sockets is cancelled, then both
@@ -1200,6 +1400,12 @@ impl Ring {
         let Some(c) = self.conns.get_mut(slot).and_then(Option::take) else {
             return;
         };
+        if c.watched
+            && let Some(splicer) = shared.splicer()
+        {
+            // Ended on the socket path without a handoff.
+            splicer.count_short(&c.meta.app.id, c.meta.client);
+        }
         if let (Some(origin_addr), Some(connect_ts)) = (c.attempt.map(|a| a.1), c.connect_ts) {
             emit_disconnect(
                 &shared,
@@ -1262,19 +1468,23 @@ impl Drop for Ring {
     }
 }
 
-/// Whether the io_uring engine serves `app`'s connections (the others, TLS and the
-/// XDP splice, need what only the epoll engine has).
+/// Whether the io_uring engine serves `app`'s connections (TLS needs what only the
+/// epoll engine has; `tcp_fastpath = "xdp"` apps are served up to their handoff).
 pub(super) fn serves(app: &App) -> bool {
-    !app.tls.mode.terminates() && app.tcp_fastpath != TcpFastpath::Xdp
+    !app.tls.mode.terminates()
 }
 
-/// A socket for the origin leg (blocking: the ring drives it without readiness).
-fn origin_socket(origin: SocketAddr) -> io::Result<OwnedFd> {
+/// A socket for the origin leg (blocking: the ring drives it without readiness),
+/// its MSS clamped to `mss` when given.
+fn origin_socket(origin: SocketAddr, mss: Option<u32>) -> io::Result<OwnedFd> {
     let socket = Socket::new(
         Domain::for_address(origin),
         Type::STREAM.cloexec(),
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
+    if let Some(mss) = mss {
+        socket.set_tcp_mss(mss)?;
+    }
     Ok(socket.into())
 }
