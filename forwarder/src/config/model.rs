@@ -51,7 +51,7 @@ pub enum TcpEngine {
     Auto,
     /// tokio's readiness loop (epoll): a task per connection.
     Epoll,
-    /// One thread whose io_uring carries every per-connection syscall of apps
+    /// A thread per CPU whose io_uring carries every per-connection syscall of apps
     /// without TLS (TLS apps' connections are handed to epoll; `tcp_fastpath =
     /// "xdp"` ones at their handoff).
     IoUring,

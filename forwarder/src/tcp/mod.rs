@@ -9,7 +9,7 @@
 //!   same for apps that terminate TLS (`crate::tls`);
 //! * [`stats`]: per-app counters and the duration histogram;
 //! * `uring`: the io_uring engine (`tcp_engine`), which serves the apps without
-//!   TLS on one thread and one ring (`tcp_fastpath` apps up to their handoff);
+//!   TLS on a ring per CPU (`tcp_fastpath` apps up to their handoff);
 //! * `tcp_fastpath = "xdp"`: [`quiet`] (reaching a quiet point), [`repair`]
 //!   (`TCP_REPAIR`), [`fastpath`] (eligibility, the `SPLICES` entries) and
 //!   [`handoff`] (the handoff to XDP and the sweep that ends spliced connections).
@@ -298,7 +298,12 @@ impl TcpProxy {
         let agent = &config.agent;
         let engine = match agent.tcp_engine.tries_io_uring(agent.tcp_splice) {
             false => None,
-            true => match uring::Engine::start(shared.clone(), runtime.clone()) {
+            // A ring per worker of the runtime: one per CPU the agent may run on.
+            true => match uring::Engine::start(
+                shared.clone(),
+                runtime.clone(),
+                runtime.metrics().num_workers(),
+            ) {
                 Ok(engine) => Some(engine),
                 Err(err) => {
                     let text = format!(
@@ -314,8 +319,11 @@ impl TcpProxy {
                 }
             },
         };
-        match engine {
-            Some(_) => info!("TCP engine: io_uring (TLS apps on epoll)"),
+        match &engine {
+            Some(engine) => info!(
+                "TCP engine: io_uring, {} ring(s) (TLS apps on epoll)",
+                engine.rings()
+            ),
             None => info!("TCP engine: epoll"),
         }
         let mut proxy = TcpProxy {
@@ -457,10 +465,7 @@ impl TcpProxy {
         let app_id = id.to_string();
         let accepting = match &self.engine {
             Some(engine) => {
-                engine.send(uring::Command::Listen {
-                    app_id: app_id.clone(),
-                    listener: std_listener,
-                });
+                engine.listen(&app_id, std_listener);
                 Accepting::Ring { app_id }
             }
             None => {
@@ -638,7 +643,7 @@ impl TcpProxy {
         warn!("drain time over: closing {left} TCP connections");
         let _ = self.shared.close_all.send(true);
         if let Some(engine) = &self.engine {
-            engine.send(uring::Command::CloseAll);
+            engine.close_all();
         }
         // The tasks close their sockets at once; give them a moment to report.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -677,7 +682,7 @@ impl TcpProxy {
             }
             Accepting::Ring { app_id } => {
                 if let Some(engine) = &self.engine {
-                    engine.send(uring::Command::Unlisten { app_id });
+                    engine.unlisten(&app_id);
                 }
             }
         }

@@ -14,9 +14,9 @@ use io_uring::types::BufRingEntry;
 use io_uring::{IoUring, cqueue};
 
 /// Bytes per buffer: what one receive reads at most.
-pub(super) const BUFFER_LEN: usize = 128 * 1024;
+pub(super) const BUFFER_LEN: usize = 256 * 1024;
 /// Entries of the ring, and so the most buffers (32768 is the kernel's limit).
-pub(super) const MAX_BUFFERS: usize = 8_192;
+pub(super) const MAX_BUFFERS: usize = 4_096;
 /// Buffers allocated at once when the ring runs low.
 const BATCH: usize = 256;
 /// The ring is topped up when it holds fewer buffers than this.

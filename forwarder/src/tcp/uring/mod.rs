@@ -1,6 +1,7 @@
 //! The io_uring engine (`[agent] tcp_engine = "io_uring"`; docs/tcp.md, "Engines").
 //!
-//! One thread owns a ring and every connection of the apps it serves (no TLS;
+//! A thread per CPU (`Engine`), each with a ring that accepts on every listener
+//! and owns every connection it accepted of the apps it serves (no TLS;
 //! `tcp_fastpath = "xdp"` ones up to their handoff, then `conn::continue_due`).
 //! Each connection is a state machine driven by completions; every
 //! per-connection syscall of the data path (accept, connect and its timeout, the
@@ -92,21 +93,76 @@ pub(super) enum Command {
     Exit,
 }
 
-/// The engine's thread and how to reach it.
+/// The engine: one thread and ring per CPU the agent may run on, each accepting on
+/// every listener (an accept is exclusive: one ring takes each connection) and
+/// owning the connections it accepted.
 pub(super) struct Engine {
+    rings: Vec<RingThread>,
+}
+
+/// One ring's thread and how to reach it.
+struct RingThread {
     commands: mpsc::Sender<Command>,
     wake: Arc<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Engine {
-    /// Starts the thread and its ring. Fails when the kernel refuses io_uring
-    /// (too old, `kernel.io_uring_disabled`, a seccomp filter): the caller keeps
-    /// every connection on the epoll engine.
+    /// Starts `rings` threads, each with its ring. Fails when the kernel refuses
+    /// io_uring (too old, `kernel.io_uring_disabled`, a seccomp filter): the
+    /// caller keeps every connection on the epoll engine.
     pub(super) fn start(
         shared: Arc<Shared>,
         runtime: tokio::runtime::Handle,
+        rings: usize,
     ) -> io::Result<Engine> {
+        let mut engine = Engine { rings: Vec::new() };
+        for _ in 0..rings.max(1) {
+            // A failure drops the rings already started (their threads end).
+            engine
+                .rings
+                .push(RingThread::start(shared.clone(), runtime.clone())?);
+        }
+        Ok(engine)
+    }
+
+    /// How many rings run.
+    pub(super) fn rings(&self) -> usize {
+        self.rings.len()
+    }
+
+    /// Accept `app_id`'s connections on every ring (each gets its own fd).
+    pub(super) fn listen(&self, app_id: &str, listener: std::net::TcpListener) {
+        for ring in &self.rings {
+            match listener.try_clone() {
+                Ok(listener) => ring.send(Command::Listen {
+                    app_id: app_id.to_string(),
+                    listener,
+                }),
+                Err(err) => error!("app {app_id}: duplicating the listener for a ring: {err}"),
+            }
+        }
+    }
+
+    /// Stop accepting `app_id`'s connections (see [`Command::Unlisten`]).
+    pub(super) fn unlisten(&self, app_id: &str) {
+        for ring in &self.rings {
+            ring.send(Command::Unlisten {
+                app_id: app_id.to_string(),
+            });
+        }
+    }
+
+    /// The drain time is over (see [`Command::CloseAll`]).
+    pub(super) fn close_all(&self) {
+        for ring in &self.rings {
+            ring.send(Command::CloseAll);
+        }
+    }
+}
+
+impl RingThread {
+    fn start(shared: Arc<Shared>, runtime: tokio::runtime::Handle) -> io::Result<RingThread> {
         // SAFETY: eventfd(2) with flags; checked below.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
@@ -138,7 +194,7 @@ impl Engine {
                 Engine::run(ring, buffers, shared, runtime, received, thread_wake);
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Engine {
+            Ok(Ok(())) => Ok(RingThread {
                 commands,
                 wake,
                 thread: Some(thread),
@@ -151,6 +207,33 @@ impl Engine {
         }
     }
 
+    /// Sends `command` and wakes the thread.
+    fn send(&self, command: Command) {
+        if self.commands.send(command).is_err() {
+            return;
+        }
+        let one: u64 = 1;
+        // SAFETY: our eventfd, an 8-byte buffer.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+}
+
+impl Drop for RingThread {
+    fn drop(&mut self) {
+        self.send(Command::Exit);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Engine {
     fn run(
         ring: IoUring,
         buffers: Buffers,
@@ -179,31 +262,6 @@ impl Engine {
         };
         if let Err(err) = engine.run() {
             error!("the io_uring TCP engine stopped: {err:#}; its connections are closed");
-        }
-    }
-
-    /// Sends `command` and wakes the thread.
-    pub(super) fn send(&self, command: Command) {
-        if self.commands.send(command).is_err() {
-            return;
-        }
-        let one: u64 = 1;
-        // SAFETY: our eventfd, an 8-byte buffer.
-        unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.send(Command::Exit);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
         }
     }
 }
