@@ -1517,6 +1517,18 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        // Every request ends before the buffers and addresses it points to are
+        // freed (closing the ring cancels them only later, from a kernel worker).
+        let cancel = self.ring.submitter().register_sync_cancel(
+            Some(timespec(Duration::from_secs(1))),
+            types::CancelBuilder::any(),
+        );
+        if let Err(err) = cancel {
+            // ENOENT: nothing was pending.
+            if err.raw_os_error() != Some(libc::ENOENT) {
+                warn!("io_uring TCP engine: cancelling what was pending at exit: {err}");
+            }
+        }
         // The listeners' queued connections are not taken: the agent is stopping
         // without a drain (the epoll engine's accept loops are aborted alike).
         let open = self.conns.iter().flatten().count();
