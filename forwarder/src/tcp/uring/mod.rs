@@ -343,6 +343,20 @@ impl Op {
     }
 }
 
+/// Puts `item` in slot `free` (an empty one) or a new slot at the end; its slot.
+fn place<T>(slots: &mut Vec<Option<T>>, free: Option<usize>, item: T) -> usize {
+    match free {
+        Some(slot) => {
+            slots[slot] = Some(item);
+            slot
+        }
+        None => {
+            slots.push(Some(item));
+            slots.len() - 1
+        }
+    }
+}
+
 /// The address in `storage` (as accept wrote it), if IPv4 or IPv6.
 fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
     let len = len as usize;
@@ -637,16 +651,8 @@ impl Ring {
             resting: Vec::new(),
             closing: false,
         });
-        let slot = match self.listeners.iter().position(Option::is_none) {
-            Some(slot) => {
-                self.listeners[slot] = Some(listener);
-                slot
-            }
-            None => {
-                self.listeners.push(Some(listener));
-                self.listeners.len() - 1
-            }
-        };
+        let free = self.listeners.iter().position(Option::is_none);
+        let slot = place(&mut self.listeners, free, listener);
         for k in 0..ACCEPTS {
             self.arm_accept(slot, k);
         }
@@ -843,16 +849,8 @@ impl Ring {
             watch: Watch::Off,
             watched: false,
         });
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.conns[slot] = Some(conn);
-                slot
-            }
-            None => {
-                self.conns.push(Some(conn));
-                self.conns.len() - 1
-            }
-        };
+        let free = self.free.pop();
+        let slot = place(&mut self.conns, free, conn);
         self.connect_next(slot);
     }
 
@@ -1017,16 +1015,9 @@ impl Ring {
                 self.send_header(slot);
             }
             Err(err) => {
-                debug!("app {}: {err}", c.meta.app.id);
-                let err = io::Error::other(err.clone());
-                let status = io_error_status(Side::Origin, false, &err);
-                self.end(
-                    slot,
-                    End::Fault {
-                        side: Side::Origin,
-                        status,
-                    },
-                );
+                let (end, ..) =
+                    conn::header_fault(&c.meta, origin_addr, &io::Error::other(err.clone()));
+                self.end(slot, end);
             }
         }
     }
@@ -1056,16 +1047,10 @@ impl Ring {
             return;
         };
         if res < 0 {
+            let origin_addr = c.attempt.map_or(c.meta.edge, |a| a.1);
             let err = io::Error::from_raw_os_error(-res);
-            debug!("app {}: PROXY header: {err}", c.meta.app.id);
-            let status = io_error_status(Side::Origin, false, &err);
-            self.end(
-                slot,
-                End::Fault {
-                    side: Side::Origin,
-                    status,
-                },
-            );
+            let (end, ..) = conn::header_fault(&c.meta, origin_addr, &err);
+            self.end(slot, end);
             return;
         }
         c.header_sent += res as usize;
