@@ -565,8 +565,8 @@ impl Ring {
                     if unsafe { sq.push(entry) }.is_err() {
                         break;
                     }
+                    start += 1;
                 }
-                start = end;
             }
             if start < self.queue.len() {
                 match self.ring.submit() {
