@@ -117,8 +117,9 @@ fn an_agent_started_under_a_soft_limit_of_1024_holds_3000_idle_connections() {
     assert_eq!(origin_saw, IDLE + 1, "the origin saw every connection");
 }
 
-/// At the open-file capacity (hard limit 1024: (1024 − 256 reserved) / 2 fds = 384
-/// connections) further connections are refused at once with a RST and counted,
+/// At the open-file capacity (hard limit 1024: (1024 − 256 reserved − the
+/// listener's fds) / 2 fds ≈ 382 connections) further connections are refused at
+/// once with a RST and counted,
 /// while `stats` and `/metrics` still answer and the held connections still work;
 /// when some close, new ones are served again.
 #[test]
@@ -143,10 +144,19 @@ fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
         1024,
     )
     .expect("forwarder run starts with a hard fd limit of 1024");
-    // (1024 − 256 reserved) / fds per connection: 2 copying; splicing 6, and the
-    // pipe pool's 64 idle pipes (128 fds) are held back too: 640 / 6.
+    // (1024 − 256 reserved − the listener's fds) / fds per connection: 2 copying;
+    // splicing 6, and the pipe pool's 64 idle pipes (128 fds) are held back too.
+    // The listener: the sockmap's fd and the accepting ones, one on epoll (which
+    // splicing takes), one per ring on io_uring (a ring per CPU).
     let splicing = std::env::var(tcp_support::ENGINE_ENV).is_ok_and(|e| e == "on");
-    let capacity: usize = if splicing { 106 } else { 384 };
+    let epoll = splicing || std::env::var(tcp_support::TCP_ENGINE_ENV).is_ok_and(|e| e == "epoll");
+    let rings = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+    let listener_fds = 1 + if epoll { 1 } else { rings };
+    let capacity: usize = if splicing {
+        (1024 - 256 - 128 - listener_fds) / 6
+    } else {
+        (1024 - 256 - listener_fds) / 2
+    };
     let edge = SocketAddr::from((EDGE_CLIENT_V4, 7301));
     let greet = move || greeted(edge);
     let mut idle: Vec<TcpStream> = lab

@@ -275,7 +275,8 @@ impl TcpProxy {
             connect_timeout: RwLock::new(connect_timeout),
             splice: std::sync::atomic::AtomicBool::new(config.agent.tcp_splice.splices()),
             max_connections: AtomicUsize::new(DEFAULT_MAX_CONNECTIONS_PER_APP),
-            capacity: AtomicU64::new(fd_capacity(config.agent.tcp_splice.splices())),
+            // Set again by `apply`, which knows the listeners' fds.
+            capacity: AtomicU64::new(fd_capacity(config.agent.tcp_splice.splices(), 0)),
             refusal_logged_ms: AtomicU64::new(0),
             started: Instant::now(),
             events: RwLock::new(events),
@@ -369,8 +370,12 @@ impl TcpProxy {
         self.shared
             .splice
             .store(config.agent.tcp_splice.splices(), Ordering::Relaxed);
+        // Each app's listener: the sockmap's fd, and the accepting one (the tokio
+        // task's, or one per ring).
+        let accepting = self.engine.as_ref().map_or(1, |e| e.rings()) as u64;
+        let listener_fds = tcp_apps.len() as u64 * (1 + accepting);
         self.shared.capacity.store(
-            fd_capacity(config.agent.tcp_splice.splices()),
+            fd_capacity(config.agent.tcp_splice.splices(), listener_fds),
             Ordering::Relaxed,
         );
 
@@ -769,8 +774,8 @@ async fn watch_certificates(shared: Arc<Shared>) {
 }
 
 /// Connections the open-file limit allows: two sockets each, two pipes more when
-/// splicing.
-fn fd_capacity(splices: bool) -> u64 {
+/// splicing, after the listeners' `listener_fds`.
+fn fd_capacity(splices: bool, listener_fds: u64) -> u64 {
     let (per_connection, pooled) = if splices {
         (6, 2 * splice::PipePool::MAX as u64)
     } else {
@@ -778,9 +783,10 @@ fn fd_capacity(splices: bool) -> u64 {
     };
     match crate::fd_limit::soft() {
         // The pool's idle pipes hold fds too.
-        Ok(soft) => {
-            crate::fd_limit::connection_capacity(soft.saturating_sub(pooled), per_connection)
-        }
+        Ok(soft) => crate::fd_limit::connection_capacity(
+            soft.saturating_sub(pooled + listener_fds),
+            per_connection,
+        ),
         Err(_) => u64::MAX,
     }
 }
