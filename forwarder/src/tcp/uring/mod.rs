@@ -17,6 +17,7 @@
 //! timeout (checked on a tick), and the drain. TLS apps' connections are handed to
 //! the epoll engine as they are accepted.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -256,7 +257,7 @@ impl Engine {
             conns: Vec::new(),
             free: Vec::new(),
             buffers,
-            starved: Vec::new(),
+            starved: VecDeque::new(),
             queue: Vec::new(),
             exiting: false,
         };
@@ -512,7 +513,7 @@ struct Ring {
     buffers: Buffers,
     /// Directions whose receive found no buffer (all in use, at the limit): their
     /// receive is rearmed as buffers come back.
-    starved: Vec<(usize, Side)>,
+    starved: VecDeque<(usize, Side)>,
     /// Entries for the next submission.
     queue: Vec<squeue::Entry>,
     exiting: bool,
@@ -1140,7 +1141,7 @@ impl Ring {
                 self.recv(slot, source);
             } else {
                 debug!("io_uring: every receive buffer is in use; a receive waits for one");
-                self.starved.push((slot, source));
+                self.starved.push_back((slot, source));
             }
             return;
         }
@@ -1344,8 +1345,7 @@ impl Ring {
 
     /// A buffer came back: the receive that waited longest for one is rearmed.
     fn unstarve(&mut self) {
-        while !self.starved.is_empty() {
-            let (slot, side) = self.starved.remove(0);
+        while let Some((slot, side)) = self.starved.pop_front() {
             // One paused for its handoff meanwhile stays paused.
             let paused = self
                 .conns
