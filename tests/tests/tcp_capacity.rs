@@ -149,7 +149,9 @@ fn at_the_fd_capacity_connections_are_refused_cleanly_and_stats_still_answer() {
     // The listener: the sockmap's fd and the accepting ones, one on epoll (which
     // splicing takes), one per ring on io_uring (a ring per CPU).
     let splicing = std::env::var(tcp_support::ENGINE_ENV).is_ok_and(|e| e == "on");
-    let epoll = splicing || std::env::var(tcp_support::TCP_ENGINE_ENV).is_ok_and(|e| e == "epoll");
+    let epoll = splicing
+        || std::env::var(tcp_support::TCP_ENGINE_ENV).is_ok_and(|e| e == "epoll")
+        || !forwarder::tcp::io_uring_available();
     let rings = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
     let listener_fds = 1 + if epoll { 1 } else { rings };
     let capacity: usize = if splicing {

@@ -125,8 +125,16 @@ fn run(port: u16, settings: &str, options: &AgentOptions, n: u64) -> (Lab, Agent
     (lab, agent)
 }
 
-/// A ring per CPU the agent may run on, each in its own thread.
+/// A ring per CPU the agent may run on, each in its own thread; on a kernel that
+/// refuses io_uring (where this test process cannot set up the agent's ring
+/// either), epoll with the log line that says why.
 fn on_the_ring(agent: &AgentProcess) {
+    if !forwarder::tcp::io_uring_available() {
+        eprintln!("this kernel refuses io_uring: checking the fallback instead");
+        on_epoll(agent);
+        assert!(agent.logs().contains("the kernel refused an io_uring"));
+        return;
+    }
     assert!(
         agent.logs().contains("TCP engine: io_uring"),
         "{}",
@@ -215,15 +223,16 @@ fn connections_that_wait_for_buffers_lose_no_byte() {
     if !require_root() {
         return;
     }
-    // Four receive buffers for six connections moving 4 MB each way at once:
-    // receives wait for buffers to come back (ENOBUFS) and must resume in order.
+    // Two receive buffers per ring for eight connections moving 4 MB each way at
+    // once: receives wait for buffers to come back (ENOBUFS) and must resume in
+    // order.
     const LEN: u64 = 4 * 1024 * 1024;
-    const PARALLEL: u64 = 6;
+    const PARALLEL: u64 = 8;
     let lab = Lab::new().unwrap();
     let listener = origin_listener(&lab, sa(ORIGIN_V4, 7407));
     let options = AgentOptions {
         env: vec![
-            ("FORWARDER_TCP_URING_BUFFERS".into(), "4".into()),
+            ("FORWARDER_TCP_URING_BUFFERS".into(), "2".into()),
             ("RUST_LOG".into(), "info,forwarder::tcp::uring=debug".into()),
         ],
         ..AgentOptions::default()
@@ -236,7 +245,7 @@ fn connections_that_wait_for_buffers_lose_no_byte() {
     .unwrap();
     on_the_ring(&agent);
     assert!(
-        agent.logs().contains("at most 4 receive buffers"),
+        agent.logs().contains("at most 2 receive buffers"),
         "{}",
         agent.logs()
     );
@@ -302,9 +311,9 @@ fn connections_that_wait_for_buffers_lose_no_byte() {
         assert_eq!(d.num("ClientBytes"), Some(LEN));
         assert_eq!(d.num("OriginBytes"), Some(LEN));
     }
-    // The case this test is for did happen.
+    // The case this test is for did happen (on a kernel that allows the ring).
     assert!(
-        agent.logs().contains("a receive waits for one"),
+        !forwarder::tcp::io_uring_available() || agent.logs().contains("a receive waits for one"),
         "no receive ever waited for a buffer"
     );
 }

@@ -49,6 +49,7 @@ use crate::tls::Terminator;
 use crate::wire::unmap_socket_addr as unmap;
 
 pub use stats::{EventCount, TcpAppStats};
+pub use uring::available as io_uring_available;
 
 /// How long the agent waits for an origin to accept a connection before trying the
 /// next origin (status 522 when it was the last).

@@ -267,6 +267,14 @@ impl Engine {
     }
 }
 
+/// Whether this process may set up the engine's ring and its buffers (what `auto`
+/// depends on; tests ask it to know which engine an agent will run).
+pub fn available() -> bool {
+    build_ring()
+        .and_then(|ring| Buffers::register(&ring, 2))
+        .is_ok()
+}
+
 /// The ring. Its flags need Linux 6.1 (`DEFER_TASKRUN`), which also has every
 /// operation the engine uses (cancel by fd: 6.0; provided-buffer rings: 5.19): an
 /// older kernel refuses here, and the agent stays on epoll.
