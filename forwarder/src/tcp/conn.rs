@@ -590,7 +590,7 @@ pub(super) fn header_fault(meta: &Meta, origin: SocketAddr, err: &io::Error) -> 
 }
 
 /// Passes a fault on as RST to the other side; both sides when drained.
-pub(super) fn reset_after(end: End, client: &TcpStream, origin: &TcpStream) {
+pub(super) fn reset_after(end: End, client: &impl AsRawFd, origin: &impl AsRawFd) {
     match end {
         End::Fault {
             side: Side::Client, ..
@@ -606,18 +606,26 @@ pub(super) fn reset_after(end: End, client: &TcpStream, origin: &TcpStream) {
     }
 }
 
+/// The PROXY header a connection of `meta`'s app sends its origin before any
+/// payload (empty: the app sends none). Both engines write it.
+pub(super) fn proxy_header_bytes(meta: &Meta) -> io::Result<Vec<u8>> {
+    let kind = match meta.app.proxy_protocol {
+        ProxyProtocol::V1 => ProxyKind::V1,
+        ProxyProtocol::V2 => ProxyKind::V2,
+        ProxyProtocol::Off | ProxyProtocol::Simple => return Ok(Vec::new()),
+    };
+    proxy_header(kind, Transport::Stream, meta.client, meta.edge)
+        .map_err(|err| io::Error::other(format!("PROXY header: {err}")))
+}
+
 pub(super) async fn write_proxy_header(
     meta: &Meta,
     mut origin: TcpStream,
 ) -> Result<TcpStream, (TcpStream, io::Error)> {
-    let kind = match meta.app.proxy_protocol {
-        ProxyProtocol::V1 => ProxyKind::V1,
-        ProxyProtocol::V2 => ProxyKind::V2,
-        ProxyProtocol::Off | ProxyProtocol::Simple => return Ok(origin),
-    };
-    let header = match proxy_header(kind, Transport::Stream, meta.client, meta.edge) {
+    let header = match proxy_header_bytes(meta) {
+        Ok(header) if header.is_empty() => return Ok(origin),
         Ok(header) => header,
-        Err(err) => return Err((origin, io::Error::other(format!("PROXY header: {err}")))),
+        Err(err) => return Err((origin, err)),
     };
     match origin.write_all(&header).await {
         Ok(()) => Ok(origin),

@@ -66,12 +66,13 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_APP: usize = 65_536;
 /// the agent raises to this value in its namespace). See `docs/tcp.md`.
 pub const LISTEN_BACKLOG: i32 = 65_535;
 
-/// Settings shared by every connection, changeable at run time.
+/// Per-origin counters by app id, then origin address and ports.
 type OriginStats = BTreeMap<
     String,
     std::collections::HashMap<(IpAddr, crate::config::PortRange), Arc<stats::OriginCounters>>,
 >;
 
+/// Settings shared by every connection, changeable at run time.
 pub(crate) struct Shared {
     /// Current TCP apps by id (a connection keeps the `Arc` it started with, so a
     /// reload changes only new connections).
@@ -95,9 +96,8 @@ pub(crate) struct Shared {
     origins_live: Mutex<BTreeMap<SocketAddr, u64>>,
     /// How each app picks origins (health, drain, weights); set by the agent.
     selections: RwLock<BTreeMap<String, Arc<Selection>>>,
-    /// Per-origin counters by (app id, origin label); kept after a removal.
-    /// Per-origin figures by app id, then origin address and ports (looked up
-    /// twice per connection: no label is formatted, nothing allocated on a hit).
+    /// Per-origin figures, kept after a removal (looked up twice per connection:
+    /// no label is formatted, nothing allocated on a hit).
     origin_stats: Mutex<OriginStats>,
     /// Open connections of all apps, and a wake-up when one ends.
     live: AtomicU64,
@@ -675,7 +675,8 @@ impl Drop for TcpProxy {
             }
         }
         let _ = self.shared.close_all.send(true);
-        // The engine's thread closes its connections and ends (`uring::Engine`'s drop).
+        // The engine's rings close their connections and their threads end (dropping
+        // `engine` joins them).
     }
 }
 

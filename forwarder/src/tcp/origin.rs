@@ -105,15 +105,7 @@ pub async fn connect_clamped(
 /// error (tokio's `TcpSocket::connect` reads it every time: one syscall more per
 /// connection, and this runs once per proxied connection).
 async fn connect_nonblocking(origin: SocketAddr, mss: Option<u32>) -> io::Result<TcpStream> {
-    let socket = Socket::new(
-        Domain::for_address(origin),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    if let Some(mss) = mss {
-        socket.set_tcp_mss(mss)?;
-    }
+    let socket = socket(origin, mss, true)?;
     match socket.connect(&origin.into()) {
         Ok(()) => {}
         Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -129,6 +121,26 @@ async fn connect_nonblocking(origin: SocketAddr, mss: Option<u32>) -> io::Result
         return Err(err);
     }
     Ok(stream)
+}
+
+/// A socket for a connection to `origin`: `TCP_NODELAY` (the proxy adds no Nagle
+/// delay to what the endpoints segmented), its MSS clamped to `mss` when given,
+/// non-blocking or not (the io_uring engine drives blocking sockets).
+pub fn socket(origin: SocketAddr, mss: Option<u32>, nonblocking: bool) -> io::Result<Socket> {
+    let kind = match nonblocking {
+        true => Type::STREAM.nonblocking(),
+        false => Type::STREAM,
+    };
+    let socket = Socket::new(
+        Domain::for_address(origin),
+        kind.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(mss) = mss {
+        socket.set_tcp_mss(mss)?;
+    }
+    Ok(socket)
 }
 
 /// `TCP_MAXSEG` of a socket: its current MSS (connected) or the clamp (set).
