@@ -1136,9 +1136,13 @@ impl Ring {
         if c.watch == Watch::Due && matches!(-res, 0 | libc::ECANCELED | libc::ENOBUFS) {
             // Paused for the handoff: nothing read (an EOF stays with the socket,
             // for the epoll engine to read again).
-            if let Some(id) = c.up.buf.take().filter(|_| source == Side::Client) {
-                self.buffers.give(id);
-            } else if let Some(id) = c.down.buf.take().filter(|_| source == Side::Origin) {
+            // Only this direction's buffer, if the kernel took one: the other may
+            // be sending from its own.
+            let dir = match source {
+                Side::Client => &mut c.up,
+                Side::Origin => &mut c.down,
+            };
+            if let Some(id) = dir.buf.take() {
                 self.buffers.give(id);
             }
             return;
