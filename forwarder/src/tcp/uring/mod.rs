@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use io_uring::{IoUring, opcode, squeue, types};
 use log::{debug, error, info, warn};
-use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+use socket2::{SockAddr, SockAddrStorage, SockRef};
 use tokio::time::Instant;
 
 use super::Shared;
@@ -38,9 +38,9 @@ use super::conn::{
 use super::handoff::{HANDOFF_AFTER, HANDOFF_WINDOW};
 use super::origin;
 use super::stats::AppCounters;
-use crate::config::{App, ProxyProtocol, TcpFastpath};
+use crate::config::{App, TcpFastpath};
 use crate::telemetry::events::{TlsFields, status};
-use crate::wire::{ProxyKind, Transport, proxy_header, unmap_socket_addr as unmap};
+use crate::wire::unmap_socket_addr as unmap;
 
 mod buffers;
 
@@ -53,9 +53,9 @@ const CQ_ENTRIES: u32 = 65_536;
 /// Accepts pending per listener: each turn can take this many new connections.
 const ACCEPTS: usize = 8;
 
-/// Environment variable that sets how many receive buffers the engine may
-/// allocate (a power of two up to 32768, the default): small values let tests
-/// make connections wait for buffers.
+/// Environment variable that sets how many receive buffers each ring may allocate
+/// (a power of two up to `buffers::MAX_BUFFERS`, the default): small values let
+/// tests make connections wait for buffers.
 pub const BUFFERS_ENV: &str = "FORWARDER_TCP_URING_BUFFERS";
 
 /// The most receive buffers: [`BUFFERS_ENV`] when set and valid.
@@ -78,8 +78,8 @@ fn max_buffers() -> usize {
     }
 }
 
-/// What the proxy asks of the engine.
-pub(super) enum Command {
+/// What the proxy asks of a ring's thread.
+enum Command {
     /// Accept the connections of `app_id`'s listener from now on.
     Listen {
         app_id: String,
@@ -192,7 +192,10 @@ impl RingThread {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                Engine::run(ring, buffers, shared, runtime, received, thread_wake);
+                let mut engine = Ring::new(ring, buffers, shared, runtime, received, thread_wake);
+                if let Err(err) = engine.run() {
+                    error!("the io_uring TCP engine stopped: {err:#}; its connections are closed");
+                }
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(RingThread {
@@ -234,17 +237,17 @@ impl Drop for RingThread {
     }
 }
 
-impl Engine {
-    fn run(
+impl Ring {
+    fn new(
         ring: IoUring,
         buffers: Buffers,
         shared: Arc<Shared>,
         runtime: tokio::runtime::Handle,
         commands: mpsc::Receiver<Command>,
         wake: Arc<OwnedFd>,
-    ) {
+    ) -> Ring {
         let tick = tick_interval(shared.idle_timeout());
-        let mut engine = Ring {
+        Ring {
             ring,
             shared,
             runtime,
@@ -260,9 +263,6 @@ impl Engine {
             starved: VecDeque::new(),
             queue: Vec::new(),
             exiting: false,
-        };
-        if let Err(err) = engine.run() {
-            error!("the io_uring TCP engine stopped: {err:#}; its connections are closed");
         }
     }
 }
@@ -368,31 +368,14 @@ fn place<T>(slots: &mut Vec<Option<T>>, free: Option<usize>, item: T) -> usize {
 
 /// The address in `storage` (as accept wrote it), if IPv4 or IPv6.
 fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
-    let len = len as usize;
-    match i32::from(storage.ss_family) {
-        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: an AF_INET address of that size is a sockaddr_in.
-            let sa =
-                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::new(
-                std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)).into(),
-                u16::from_be(sa.sin_port),
-            ))
-        }
-        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: an AF_INET6 address of that size is a sockaddr_in6.
-            let sa = unsafe {
-                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                sa.sin6_addr.s6_addr.into(),
-                u16::from_be(sa.sin6_port),
-                sa.sin6_flowinfo,
-                sa.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
+    let mut copy = SockAddrStorage::zeroed();
+    // SAFETY: `SockAddrStorage` is a `sockaddr_storage`; its first `len` bytes are
+    // what accept wrote.
+    let addr = unsafe {
+        *copy.view_as::<libc::sockaddr_storage>() = *storage;
+        SockAddr::new(copy, len)
+    };
+    addr.as_socket()
 }
 
 /// Where an accept writes the client's address.
@@ -472,7 +455,7 @@ struct Conn {
     connect_ts: Option<String>,
     /// The PROXY header (empty: none), or why it cannot be made (a fault once
     /// the origin answered, as on epoll).
-    header: Result<Vec<u8>, String>,
+    header: io::Result<Vec<u8>>,
     header_sent: usize,
     up: Direction,
     down: Direction,
@@ -494,6 +477,14 @@ struct Conn {
 impl Conn {
     fn since_accept(&self) -> u64 {
         (self.meta.accepted.elapsed().as_nanos() as u64).max(1)
+    }
+
+    /// The direction whose bytes come from `source`.
+    fn direction(&mut self, source: Side) -> &mut Direction {
+        match source {
+            Side::Client => &mut self.up,
+            Side::Origin => &mut self.down,
+        }
     }
 
     fn fd(&self, side: Side) -> RawFd {
@@ -811,24 +802,16 @@ impl Ring {
         };
         let selection = self.shared.selection(&app);
         let candidates = origin::candidates(&app, &selection, peer.ip(), local.port());
-        let header = match app.proxy_protocol {
-            ProxyProtocol::V1 => Some(ProxyKind::V1),
-            ProxyProtocol::V2 => Some(ProxyKind::V2),
-            ProxyProtocol::Off | ProxyProtocol::Simple => None,
+        let meta = Meta {
+            app,
+            client: peer,
+            edge: local,
+            accepted: Instant::now(),
+            tls: TlsFields::default(),
         };
-        let header = match header.map(|kind| proxy_header(kind, Transport::Stream, peer, local)) {
-            None => Ok(Vec::new()),
-            Some(Ok(header)) => Ok(header),
-            Some(Err(err)) => Err(format!("PROXY header: {err}")),
-        };
+        let header = conn::proxy_header_bytes(&meta);
         let conn = Box::new(Conn {
-            meta: Meta {
-                app,
-                client: peer,
-                edge: local,
-                accepted: Instant::now(),
-                tls: TlsFields::default(),
-            },
+            meta,
             counters,
             _live: live,
             client: Some(client),
@@ -885,7 +868,7 @@ impl Ring {
         };
         while let Some(&(offset, candidate)) = c.candidates.get(c.next) {
             c.next += 1;
-            match origin_socket(candidate, c.mss) {
+            match origin::socket(candidate, c.mss, false).map(OwnedFd::from) {
                 Ok(socket) => {
                     c.attempt = Some((offset, candidate));
                     c.attempt_started = Instant::now();
@@ -954,17 +937,15 @@ impl Ring {
             return;
         };
         c.in_flight -= 1;
-        match op {
-            Op::RecvClient => c.up.recv_pending = false,
-            Op::RecvOrigin => c.down.recv_pending = false,
-            _ => {}
-        }
-        if let Some(id) = filled {
-            let dir = match op {
-                Op::RecvClient => &mut c.up,
-                _ => &mut c.down,
-            };
-            dir.buf = Some(id);
+        let source = match op {
+            Op::RecvClient => Some(Side::Client),
+            Op::RecvOrigin => Some(Side::Origin),
+            _ => None,
+        };
+        if let Some(source) = source {
+            let dir = c.direction(source);
+            dir.recv_pending = false;
+            dir.buf = filled;
         }
         if c.end.is_some() {
             // Ending: what was pending completes (or is cancelled) and is ignored.
@@ -1024,8 +1005,7 @@ impl Ring {
                 self.send_header(slot);
             }
             Err(err) => {
-                let (end, ..) =
-                    conn::header_fault(&c.meta, origin_addr, &io::Error::other(err.clone()));
+                let (end, ..) = conn::header_fault(&c.meta, origin_addr, err);
                 self.end(slot, end);
             }
         }
@@ -1093,11 +1073,11 @@ impl Ring {
             return;
         };
         let fd = c.fd(source);
-        let (op, dir) = match source {
-            Side::Client => (Op::RecvClient, &mut c.up),
-            Side::Origin => (Op::RecvOrigin, &mut c.down),
+        let op = match source {
+            Side::Client => Op::RecvClient,
+            Side::Origin => Op::RecvOrigin,
         };
-        dir.recv_pending = true;
+        c.direction(source).recv_pending = true;
         let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), BUFFER_LEN as u32)
             .buf_group(buffers::GROUP)
             .build()
@@ -1135,14 +1115,9 @@ impl Ring {
         };
         if c.watch == Watch::Due && matches!(-res, 0 | libc::ECANCELED | libc::ENOBUFS) {
             // Paused for the handoff: nothing read (an EOF stays with the socket,
-            // for the epoll engine to read again).
-            // Only this direction's buffer, if the kernel took one: the other may
-            // be sending from its own.
-            let dir = match source {
-                Side::Client => &mut c.up,
-                Side::Origin => &mut c.down,
-            };
-            if let Some(id) = dir.buf.take() {
+            // for the epoll engine to read again). Only this direction's buffer,
+            // if the kernel took one: the other may be sending from its own.
+            if let Some(id) = c.direction(source).buf.take() {
                 self.buffers.give(id);
             }
             return;
@@ -1159,11 +1134,7 @@ impl Ring {
         }
         if res <= 0 {
             // Nothing read: a buffer the kernel took anyway goes back.
-            let dir = match source {
-                Side::Client => &mut c.up,
-                Side::Origin => &mut c.down,
-            };
-            if let Some(id) = dir.buf.take() {
+            if let Some(id) = c.direction(source).buf.take() {
                 self.buffers.give(id);
             }
         }
@@ -1258,16 +1229,13 @@ impl Ring {
             );
             return;
         }
-        let dir = match source {
-            Side::Client => &mut c.up,
-            Side::Origin => &mut c.down,
-        };
+        let paused = c.watch == Watch::Due;
+        let dir = c.direction(source);
         dir.sent += res as usize;
         if dir.sent < dir.len {
             self.send(slot, source);
             return;
         }
-        let paused = c.watch == Watch::Due;
         if let Some(id) = dir.buf.take() {
             self.buffers.give(id);
             self.unstarve();
@@ -1419,29 +1387,14 @@ impl Ring {
         };
         if c.phase != Phase::Closing {
             c.phase = Phase::Closing;
-            let connected = c.connect_ts.is_some();
-            let (reset_client, reset_origin) = match end {
-                // Never connected: the client is reset (as on epoll).
-                _ if !connected => (true, false),
-                End::Fault {
-                    side: Side::Client, ..
-                } => (false, true),
-                End::Fault {
-                    side: Side::Origin, ..
-                } => (true, false),
-                End::Drained => (true, true),
-                End::Normal | End::Idle { .. } => (false, false),
-            };
-            for (fd, reset) in [
-                (c.client.take(), reset_client),
-                (c.origin.take(), reset_origin),
-            ] {
-                let Some(fd) = fd else {
-                    continue;
-                };
-                if reset {
-                    conn::reset(&fd);
-                }
+            // RST where the end passes one on, as on epoll; a client no origin
+            // took is reset.
+            match (&c.client, &c.origin, c.connect_ts.is_some()) {
+                (Some(client), Some(origin), true) => conn::reset_after(end, client, origin),
+                (Some(client), _, _) => conn::reset(client),
+                _ => {}
+            }
+            for fd in [c.client.take(), c.origin.take()].into_iter().flatten() {
                 let entry = opcode::Close::new(types::Fd(fd.into_raw_fd()))
                     .build()
                     .user_data(Op::Close.tag(slot));
@@ -1474,7 +1427,6 @@ impl Ring {
         for id in [c.up.buf, c.down.buf].into_iter().flatten() {
             self.buffers.give(id);
         }
-        self.starved.retain(|&(s, _)| s != slot);
         self.free.push(slot);
     }
 
@@ -1539,19 +1491,4 @@ impl Drop for Ring {
 /// epoll engine has; `tcp_fastpath = "xdp"` apps are served up to their handoff).
 pub(super) fn serves(app: &App) -> bool {
     !app.tls.mode.terminates()
-}
-
-/// A socket for the origin leg (blocking: the ring drives it without readiness),
-/// its MSS clamped to `mss` when given.
-fn origin_socket(origin: SocketAddr, mss: Option<u32>) -> io::Result<OwnedFd> {
-    let socket = Socket::new(
-        Domain::for_address(origin),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    if let Some(mss) = mss {
-        socket.set_tcp_mss(mss)?;
-    }
-    Ok(socket.into())
 }
