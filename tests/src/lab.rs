@@ -113,6 +113,11 @@ pub struct Ifaces {
     pub edge_origin: String,
     /// `…-oe`, in `origin`, peer of `edge_origin`.
     pub origin: String,
+    /// The interface the client's stack uses, with its addresses and routes: `cl`
+    /// on direct links, `…-cw` on NIC-like ones (see [`Links`]).
+    pub client_host: String,
+    /// The origin's: `oe`, or `…-ow`.
+    pub origin_host: String,
 }
 
 /// How the client and origin hosts send (SPEC §8): both kinds exist in production
@@ -132,6 +137,23 @@ impl Peers {
     pub const BOTH: [Peers; 2] = [Peers::WireLike, Peers::SameHost];
 }
 
+/// How the edge's veths meet the client and the origin (docs/lab.md, "NIC-like
+/// links").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    /// `cl` ↔ `ec` and `eo` ↔ `oe`, the hosts' stacks on `cl` and `oe`. Frames a
+    /// host's stack sends reach the edge's XDP as that stack's skbs, which veth
+    /// copies into a page of its own first (a TCP sender's are clones).
+    Direct,
+    /// A second veth pair inside the client and the origin namespaces, joined to
+    /// the first by XDP redirects both ways: the host's stack sends on `cw` (`ow`),
+    /// `wc` (`wo`) redirects to `cl` (`oe`), and the edge's XDP receives XDP frames,
+    /// as from a NIC's driver, without veth's copy. The copy is paid on the
+    /// generator side instead. For wire-like peers only: same-host peers are
+    /// containers on a veth, where the copy is real.
+    NicLike,
+}
+
 /// A lab: namespaces `fwd-<pid>-<n>-{client,edge,origin}` joined by two veth pairs.
 /// Dropping it (also during a panic) detaches the stubs, kills every process left
 /// in its namespaces, deletes the veths and the namespaces.
@@ -145,7 +167,10 @@ pub struct Lab {
     /// Namespaces `ip netns add` has created so far (for cleanup of a half-built lab).
     created: Vec<Role>,
     stubs: Mutex<Vec<XdpStub>>,
+    /// The redirects and stubs of NIC-like links: kept for the lab's life.
+    wiring: Vec<XdpStub>,
     peers: Peers,
+    links: Links,
 }
 
 impl Lab {
@@ -157,17 +182,32 @@ impl Lab {
 
     /// Builds a lab whose client and origin are `peers`.
     pub fn with_peers(peers: Peers) -> Result<Lab> {
+        Lab::with_links(peers, Links::Direct)
+    }
+
+    /// Builds a lab whose client and origin are `peers`, joined to the edge by
+    /// `links` (NIC-like links need wire-like peers).
+    pub fn with_links(peers: Peers, links: Links) -> Result<Lab> {
+        if peers == Peers::SameHost && links == Links::NicLike {
+            bail!("same-host peers are on a veth: NIC-like links are for wire-like peers");
+        }
         if let Err(e) = cleanup_stale() {
             log::warn!("lab: removing stale namespaces: {e:#}");
         }
         let names = LabNames::next();
         let id = names.id.clone();
         let ifname = |suffix: &str| names.ifname(suffix);
+        let (client_host, origin_host) = match links {
+            Links::Direct => (ifname("cl")?, ifname("oe")?),
+            Links::NicLike => (ifname("cw")?, ifname("ow")?),
+        };
         let ifaces = Ifaces {
             client: ifname("cl")?,
             edge_client: ifname("ec")?,
             edge_origin: ifname("eo")?,
             origin: ifname("oe")?,
+            client_host,
+            origin_host,
         };
         let ns = |role: Role| names.netns(role.as_str());
         let mut lab = Lab {
@@ -178,7 +218,9 @@ impl Lab {
             ifaces,
             created: Vec::new(),
             stubs: Mutex::new(Vec::new()),
+            wiring: Vec::new(),
             peers,
+            links,
         };
         // On error `lab` is dropped here, which removes whatever was created.
         lab.build()
@@ -202,6 +244,8 @@ impl Lab {
             edge_client: ec,
             edge_origin: eo,
             origin: oe,
+            client_host: ch,
+            origin_host: oh,
         } = self.ifaces.clone();
         // Both ends are created directly inside the lab namespaces: nothing ever
         // appears in the host namespace.
@@ -233,14 +277,18 @@ impl Lab {
             }
             wire_like_offloads(ns, ifname)?;
         }
+        if self.links == Links::NicLike {
+            self.wire(Role::Client, &cl)?;
+            self.wire(Role::Origin, &oe)?;
+        }
 
         self.client.ip_batch(&[
             "link set lo up".to_owned(),
             format!("link set {cl} up"),
-            format!("addr add {CLIENT_V4}/{PREFIX_V4} dev {cl}"),
-            format!("addr add {CLIENT_V6}/{PREFIX_V6} dev {cl} nodad"),
-            format!("route add default via {EDGE_CLIENT_V4} dev {cl} src {CLIENT_V4}"),
-            format!("route add default via {EDGE_CLIENT_V6} dev {cl} src {CLIENT_V6}"),
+            format!("addr add {CLIENT_V4}/{PREFIX_V4} dev {ch}"),
+            format!("addr add {CLIENT_V6}/{PREFIX_V6} dev {ch} nodad"),
+            format!("route add default via {EDGE_CLIENT_V4} dev {ch} src {CLIENT_V4}"),
+            format!("route add default via {EDGE_CLIENT_V6} dev {ch} src {CLIENT_V6}"),
         ])?;
         self.edge.ip_batch(&[
             "link set lo up".to_owned(),
@@ -254,12 +302,78 @@ impl Lab {
         self.origin.ip_batch(&[
             "link set lo up".to_owned(),
             format!("link set {oe} up"),
-            format!("addr add {ORIGIN_V4}/{PREFIX_V4} dev {oe}"),
-            format!("addr add {ORIGIN_V6}/{PREFIX_V6} dev {oe} nodad"),
-            format!("route add default via {EDGE_ORIGIN_V4} dev {oe} src {ORIGIN_V4}"),
-            format!("route add default via {EDGE_ORIGIN_V6} dev {oe} src {ORIGIN_V6}"),
+            format!("addr add {ORIGIN_V4}/{PREFIX_V4} dev {oh}"),
+            format!("addr add {ORIGIN_V6}/{PREFIX_V6} dev {oh} nodad"),
+            format!("route add default via {EDGE_ORIGIN_V4} dev {oh} src {ORIGIN_V4}"),
+            format!("route add default via {EDGE_ORIGIN_V6} dev {oh} src {ORIGIN_V6}"),
         ])?;
         Ok(())
+    }
+
+    /// The NIC-like link's second pair in `role`'s namespace (see [`Links`]): the
+    /// host's end (`cw`/`ow`: wire-like offloads, an XDP_PASS stub so that it takes
+    /// redirected frames) and the wire's end (`wc`/`wo`), redirecting to `edge_side`
+    /// (`cl`/`oe`), which redirects back to it.
+    fn wire(&mut self, role: Role, edge_side: &str) -> Result<()> {
+        let (host, wire) = match role {
+            Role::Client => (
+                self.ifaces.client_host.clone(),
+                format!("{}-wc", self.tag()),
+            ),
+            Role::Origin => (
+                self.ifaces.origin_host.clone(),
+                format!("{}-wo", self.tag()),
+            ),
+            Role::Edge => bail!("the edge has no wire"),
+        };
+        let ns = self.netns(role).clone();
+        ns.ip_batch(&[
+            format!("link add {host} type veth peer name {wire}"),
+            format!("link set {wire} up"),
+            format!("link set {host} up"),
+        ])?;
+        for ifname in [&host, &wire] {
+            ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0")?;
+            ns.sysctl(&format!("net.ipv4.conf.{ifname}.rp_filter"), "0")?;
+        }
+        wire_like_offloads(&ns, &host)?;
+        self.wiring.push(ns.attach_xdp_pass(&host)?);
+        self.wiring.push(ns.attach_xdp_redirect(&wire, edge_side)?);
+        self.wiring.push(ns.attach_xdp_redirect(edge_side, &wire)?);
+        Ok(())
+    }
+
+    /// `f<pid36>-<n36>`: the start of every interface name of this lab.
+    fn tag(&self) -> &str {
+        self.ifaces
+            .client
+            .strip_suffix("-cl")
+            .unwrap_or(&self.ifaces.client)
+    }
+
+    /// How the edge meets the client and the origin.
+    pub fn links(&self) -> Links {
+        self.links
+    }
+
+    /// Every interface of the client and the origin namespaces, with its
+    /// namespace: `cl` and `oe`, and on NIC-like links `wc`, `cw`, `wo` and `ow`
+    /// (e.g. to pin all their NAPI threads to the generator CPU).
+    pub fn generator_ifaces(&self) -> Vec<(&Netns, String)> {
+        let mut all = vec![
+            (&self.client, self.ifaces.client.clone()),
+            (&self.origin, self.ifaces.origin.clone()),
+        ];
+        if self.links == Links::NicLike {
+            let tag = self.tag();
+            all.extend([
+                (&self.client, format!("{tag}-wc")),
+                (&self.client, self.ifaces.client_host.clone()),
+                (&self.origin, format!("{tag}-wo")),
+                (&self.origin, self.ifaces.origin_host.clone()),
+            ]);
+        }
+        all
     }
 
     /// What kind of hosts the client and origin are.
@@ -329,7 +443,12 @@ impl Lab {
     /// lands on `cl`, out of `eo` on `oe`; veth delivers such frames only when the
     /// receiving peer has an XDP program. Kept until the lab is dropped or
     /// [`Lab::detach_pass_stubs`].
+    /// On NIC-like links `cl` and `oe` already run the wire's redirect, which
+    /// serves the same purpose: nothing is attached.
     pub fn attach_pass_stubs(&self) -> Result<()> {
+        if self.links == Links::NicLike {
+            return Ok(());
+        }
         let client = self.client.attach_xdp_pass(&self.ifaces.client)?;
         let origin = self.origin.attach_xdp_pass(&self.ifaces.origin)?;
         let mut stubs = self.stubs.lock().unwrap_or_else(|e| e.into_inner());
@@ -375,13 +494,13 @@ impl Lab {
         let (addr, prefix) = parse_cidr(cidr)?;
         let (ifname, edge_ifname, net_v4, net_v6) = match role {
             Role::Client => (
-                &self.ifaces.client,
+                &self.ifaces.client_host,
                 &self.ifaces.edge_client,
                 CLIENT_NET_V4,
                 CLIENT_NET_V6,
             ),
             Role::Origin => (
-                &self.ifaces.origin,
+                &self.ifaces.origin_host,
                 &self.ifaces.edge_origin,
                 ORIGIN_NET_V4,
                 ORIGIN_NET_V6,
@@ -413,6 +532,7 @@ impl Lab {
 
     fn teardown(&mut self) -> Result<()> {
         self.detach_pass_stubs();
+        self.wiring.clear();
         let mut errors = Vec::new();
         let roles = std::mem::take(&mut self.created);
         for &role in &roles {

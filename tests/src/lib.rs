@@ -12,7 +12,7 @@ pub mod xdp_wires;
 
 pub use lab::{
     CLIENT_NET_V4, CLIENT_NET_V6, CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, EDGE_CLIENT_V4,
-    EDGE_CLIENT_V6, EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Ifaces, Lab, Netns, NsChild, NsTask,
+    EDGE_CLIENT_V6, EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Ifaces, Lab, Links, Netns, NsChild, NsTask,
     ORIGIN_NET_V4, ORIGIN_NET_V6, ORIGIN_V4, ORIGIN_V6, OutputOk, PREFIX_V4, PREFIX_V6, Peers,
     Role, XdpStub, cleanup_stale,
 };

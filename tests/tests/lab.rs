@@ -12,7 +12,8 @@ use std::{
 
 use forwarder_tests::{
     CLIENT_V4, CLIENT_V6, EDGE_CLIENT_V4, EDGE_CLIENT_V6, EDGE_ORIGIN_V4, EDGE_ORIGIN_V6, Lab,
-    Netns, NsTask, ORIGIN_V4, ORIGIN_V6, OutputOk as _, Role, cleanup_stale, require_root,
+    Links, Netns, NsTask, ORIGIN_V4, ORIGIN_V6, OutputOk as _, Peers, Role, cleanup_stale,
+    require_root,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -500,6 +501,75 @@ fn lab_is_isolated() {
         let links = lab.netns(role).ip(&["-o", "link", "show"]).unwrap();
         assert_eq!(links.lines().count(), count, "{links}");
     }
+}
+
+/// `ethtool -S` counter `name` of `ifname` in `ns`.
+fn veth_stat(ns: &Netns, ifname: &str, name: &str) -> u64 {
+    let out = ns.run("ethtool", &["-S", ifname]).unwrap();
+    out.lines()
+        .find_map(|l| {
+            let (key, value) = l.trim().split_once(':')?;
+            (key == name).then(|| value.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {name} in ethtool -S {ifname}:\n{out}"))
+}
+
+#[test]
+fn nic_like_links_hand_the_edge_xdp_frames() {
+    if !require_root() {
+        return;
+    }
+    assert!(Lab::with_links(Peers::SameHost, Links::NicLike).is_err());
+    let lab = Lab::with_links(Peers::WireLike, Links::NicLike).unwrap();
+    assert_eq!(lab.links(), Links::NicLike);
+    let ifaces = lab.ifaces().clone();
+    // The hosts' addresses are on their own ends of the wires.
+    let addrs = lab
+        .client()
+        .ip(&["addr", "show", "dev", ifaces.client_host.as_str()])
+        .unwrap();
+    assert!(addrs.contains(&CLIENT_V4.to_string()), "{addrs}");
+    let addrs = lab
+        .origin()
+        .ip(&["addr", "show", "dev", ifaces.origin_host.as_str()])
+        .unwrap();
+    assert!(addrs.contains(&ORIGIN_V6.to_string()), "{addrs}");
+    // Every generator-side end runs a program in driver mode.
+    let generator = lab.generator_ifaces();
+    assert_eq!(generator.len(), 6);
+    for (ns, ifname) in &generator {
+        let show = ns.ip(&["link", "show", ifname.as_str()]).unwrap();
+        assert!(show.contains("prog/xdp id"), "{show}");
+        assert!(!show.contains("xdpgeneric"), "{show}");
+    }
+    // Frames redirected into `cl` reach the edge only with a program on `ec`.
+    lab.attach_pass_stub(Role::Edge, &ifaces.edge_client)
+        .unwrap();
+    lab.attach_pass_stub(Role::Edge, &ifaces.edge_origin)
+        .unwrap();
+    let xmit = |ns: &Netns, ifname: &str| veth_stat(ns, ifname, "tx_queue_0_xdp_xmit");
+    let (cl0, oe0) = (
+        xmit(lab.client(), &ifaces.client),
+        xmit(lab.origin(), &ifaces.origin),
+    );
+    lab.client().ping(ORIGIN_V4.into()).unwrap();
+    lab.client().ping(ORIGIN_V6.into()).unwrap();
+    let echo = tcp_echo(lab.origin(), SocketAddr::new(ORIGIN_V4.into(), 8080));
+    tcp_roundtrip(
+        lab.client(),
+        SocketAddr::new(ORIGIN_V4.into(), 8080),
+        1 << 20,
+    );
+    // Both directions crossed the wires as XDP frames sent into the edge's veths
+    // (`ndo_xdp_xmit` of `cl` and `oe`), not as skbs of the hosts' stacks: well over
+    // the 1 MiB's 700-odd segments each way.
+    let (cl1, oe1) = (
+        xmit(lab.client(), &ifaces.client),
+        xmit(lab.origin(), &ifaces.origin),
+    );
+    assert!(cl1 - cl0 > 700, "cl sent {} XDP frames", cl1 - cl0);
+    assert!(oe1 - oe0 > 700, "oe sent {} XDP frames", oe1 - oe0);
+    drop(echo);
 }
 
 #[test]

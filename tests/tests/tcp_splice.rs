@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use forwarder::tcp::handoff::HANDOFF_AFTER;
 use forwarder_tests::agent::AgentProcess;
-use forwarder_tests::{EDGE_CLIENT_V4, EDGE_CLIENT_V6, Lab, ORIGIN_V4, ORIGIN_V6, require_root};
+use forwarder_tests::{
+    EDGE_CLIENT_V4, EDGE_CLIENT_V6, Lab, Links, ORIGIN_V4, ORIGIN_V6, Peers, require_root,
+};
 use tcp_support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -50,7 +52,12 @@ fn app(id: &str, port: u16, origin: SocketAddr) -> String {
 /// A lab whose edge veth peers carry the XDP stub (redirected frames are only
 /// delivered to a veth with a program), and the agent with `apps`.
 fn lab_and_agent(apps: &str) -> (Lab, AgentProcess) {
-    let lab = Lab::new().unwrap();
+    lab_and_agent_on(Links::Direct, apps)
+}
+
+/// Like `lab_and_agent`, the edge joined to its peers by `links`.
+fn lab_and_agent_on(links: Links, apps: &str) -> (Lab, AgentProcess) {
+    let lab = Lab::with_links(Peers::WireLike, links).unwrap();
     lab.attach_pass_stubs().expect("pass stubs");
     let agent = start_agent(&lab, apps);
     (lab, agent)
@@ -165,6 +172,26 @@ fn bulk_both_ways_through_a_spliced_connection_ipv4_and_ipv6() {
         "{:?}",
         stats.tcp_fastpath
     );
+}
+
+/// The benchmarks' NIC-like links (docs/lab.md): the edge's XDP receives XDP frames
+/// instead of skbs, and the translation redirects them on. The same bytes arrive.
+#[test]
+fn bulk_both_ways_through_a_spliced_connection_on_nic_like_links() {
+    init();
+    if !require_root() {
+        return;
+    }
+    let origin = SocketAddr::new(ORIGIN_V4.into(), 7103);
+    let (lab, agent) = lab_and_agent_on(Links::NicLike, &app("nic", 7103, origin));
+    let edge = SocketAddr::new(EDGE_CLIENT_V4.into(), 7103);
+    let local = bulk_both_ways(&lab, &agent, edge, origin);
+    let d = wait_disconnect(&agent, "nic", local, WAIT);
+    assert_eq!(d.status(), 200, "{d:?}");
+    assert!(d.num("ClientBytes").unwrap() >= BULK, "{d:?}");
+    assert!(d.num("OriginBytes").unwrap() >= BULK, "{d:?}");
+    let stats = agent.stats().unwrap();
+    assert_eq!(stats.tcp_fastpath.get("spliced"), Some(&1));
 }
 
 #[test]

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::agent::{AgentProc, Proc};
 use super::sys::{self, TempDir};
 use super::{Metric, Options, Scenario, Target, Variant};
-use forwarder_tests::{EDGE_CLIENT_V4, Lab, NsTask, ORIGIN_V4};
+use forwarder_tests::{EDGE_CLIENT_V4, Lab, Links, NsTask, ORIGIN_V4, Peers};
 
 /// Origin ports: iperf3 server, echo server.
 pub(super) const IPERF_PORT: u16 = 5201;
@@ -86,15 +86,15 @@ pub(super) struct TcpLab {
 
 impl TcpLab {
     /// The lab with the iperf3 server (which must be installed).
-    pub(super) fn with_iperf(opts: &Options) -> Result<TcpLab> {
+    pub(super) fn with_iperf(opts: &Options, links: Links) -> Result<TcpLab> {
         if !sys::have("iperf3") {
             bail!("iperf3 not installed");
         }
-        TcpLab::new(opts, true)
+        TcpLab::new(opts, true, links)
     }
 
-    pub(super) fn new(opts: &Options, with_iperf: bool) -> Result<TcpLab> {
-        let lab = proxy_lab(opts)?;
+    pub(super) fn new(opts: &Options, with_iperf: bool, links: Links) -> Result<TcpLab> {
+        let lab = proxy_lab(opts, links)?;
         let dir = TempDir::new("tcp")?;
         let echo = start_echo(&lab, opts.gen_cpu)?;
         let iperf = if with_iperf && sys::have("iperf3") {
@@ -305,18 +305,20 @@ impl TcpLab {
     }
 }
 
-/// A lab for comparing proxies: many short connections possible (`tcp_tw_reuse`, a
-/// wide port range in client and edge), XDP_PASS stubs on the client and origin
-/// veths, their NAPI threads on the generator CPU.
-pub(super) fn proxy_lab(opts: &Options) -> Result<Lab> {
-    let lab = Lab::new()?;
+/// A lab for comparing proxies, with wire-like peers on `links`: many short
+/// connections possible (`tcp_tw_reuse`, a wide port range in client and edge),
+/// XDP_PASS stubs on the client and origin veths (or the wires' redirects), all
+/// their NAPI threads on the generator CPU.
+pub(super) fn proxy_lab(opts: &Options, links: Links) -> Result<Lab> {
+    let lab = Lab::with_links(Peers::WireLike, links)?;
     for ns in [lab.client(), lab.edge()] {
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
     }
     lab.attach_pass_stubs()?;
-    sys::threaded_napi(lab.client(), &lab.ifaces().client, opts.gen_cpu)?;
-    sys::threaded_napi(lab.origin(), &lab.ifaces().origin, opts.gen_cpu)?;
+    for (ns, ifname) in lab.generator_ifaces() {
+        sys::threaded_napi(ns, &ifname, opts.gen_cpu)?;
+    }
     Ok(lab)
 }
 
@@ -889,7 +891,7 @@ impl Scenario for TcpThroughput {
 
     fn prepare(&mut self, opts: &Options) -> Result<()> {
         self.capping.prepare();
-        self.tl = Some(TcpLab::with_iperf(opts)?);
+        self.tl = Some(TcpLab::with_iperf(opts, Links::Direct)?);
         Ok(())
     }
 
@@ -1075,7 +1077,7 @@ impl Scenario for TcpConnRate {
 
     fn prepare(&mut self, opts: &Options) -> Result<()> {
         self.capping.prepare();
-        let mut tl = TcpLab::new(opts, false)?;
+        let mut tl = TcpLab::new(opts, false, Links::Direct)?;
         tl.proxies.floor = tl.start_floor(opts).map_err(|e| format!("{e:#}"));
         self.tl = Some(tl);
         Ok(())
@@ -1273,7 +1275,7 @@ impl Scenario for SynFlood {
     }
 
     fn prepare(&mut self, opts: &Options) -> Result<()> {
-        self.tl = Some(TcpLab::new(opts, false)?);
+        self.tl = Some(TcpLab::new(opts, false, Links::Direct)?);
         Ok(())
     }
 

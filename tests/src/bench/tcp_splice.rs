@@ -1,10 +1,11 @@
 //! Scenario `tcp-splice`: the XDP splice (`tcp_fastpath = "xdp"`) against the
-//! forwarder's socket path and HAProxy, in the `tcp-throughput` topology (one
-//! lab, the same agent: the splicing apps are the same origins on the port + 1).
-//! Throughput is one iperf3 stream; edge CPU is the busy time of the whole edge
-//! CPU (NAPI, XDP, the agent or HAProxy: what a splice moves out of the proxy
-//! process lands in softirq, so the process's own CPU would flatter it); setup is
-//! the short-connection rate of `tcp-connrate`.
+//! forwarder's socket path and HAProxy, in the `tcp-throughput` topology (the
+//! same agent: the splicing apps are the same origins on the port + 1), on
+//! NIC-like links for the target variants and on direct veths for the `-veth` and
+//! `-samehost` ones (two labs). Throughput is one iperf3 stream; edge CPU is the
+//! CPU time of the edge's own work (NAPI, XDP, the agent or HAProxy: what a splice
+//! moves out of the proxy process lands in softirq, so the process's own CPU
+//! would flatter it); setup is the short-connection rate of `tcp-connrate`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,6 +13,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 
 use super::sys;
+use forwarder_tests::Links;
+
 use super::tcp::{
     ECHO_PORT, IPERF_PORT, TcpLab, conn_loop, iperf_client, iperf_receiver_mbps, iperf_seconds,
     pinning_note,
@@ -20,7 +23,11 @@ use super::{Metric, Options, Scenario, Target, Variant};
 
 #[derive(Default)]
 pub struct TcpSplice {
-    tl: Option<TcpLab>,
+    /// The lab of the target variants: wire-like peers on NIC-like links (docs/lab.md).
+    nic: Option<TcpLab>,
+    /// Direct veths, for the `-veth` and `-samehost` variants: built at their first
+    /// round.
+    veth: Option<TcpLab>,
     /// The agent's fastpath outcomes (`spliced`, or why not) after the last
     /// `forwarder-xdp` round, and of that round's setup connections alone.
     outcomes: BTreeMap<String, u64>,
@@ -103,6 +110,14 @@ impl Scenario for TcpSplice {
                 label: "HAProxy, the edge (HAProxy + its NAPI threads) held to 25% of a CPU",
             },
             Variant {
+                name: "forwarder-xdp-veth",
+                label: "forwarder-xdp, wire-like peers on direct veths (veth copies each segment before XDP)",
+            },
+            Variant {
+                name: "haproxy-veth",
+                label: "HAProxy, wire-like peers on direct veths",
+            },
+            Variant {
                 name: "forwarder-xdp-samehost",
                 label: "forwarder-xdp, same-host peers (partial checksums)",
             },
@@ -157,31 +172,35 @@ impl Scenario for TcpSplice {
     }
 
     fn prepare(&mut self, opts: &Options) -> Result<()> {
-        self.tl = Some(TcpLab::with_iperf(opts)?);
+        self.nic = Some(TcpLab::with_iperf(opts, Links::NicLike)?);
         Ok(())
     }
 
     fn unavailable(&mut self, variant: &str, _opts: &Options) -> Option<String> {
-        let (base, budget) = edge_budget(variant);
-        if budget && let Err(e) = sys::CpuBudget::available() {
+        let v = Setting::of(variant);
+        if v.budget
+            && let Err(e) = sys::CpuBudget::available()
+        {
             return Some(format!("{e:#}"));
         }
-        self.tl.as_ref()?.unavailable(peers(base).0)
+        self.nic.as_ref()?.unavailable(v.proxy)
     }
 
     fn measure(&mut self, variant: &str, round: usize, opts: &Options) -> Result<Vec<f64>> {
-        let (variant, budget) = edge_budget(variant);
-        let (base, same_host) = peers(variant);
-        if !same_host {
-            return self.measure_base(base, round, opts, budget);
+        let v = Setting::of(variant);
+        if v.links == Links::Direct && self.veth.is_none() {
+            self.veth = Some(TcpLab::with_iperf(opts, Links::Direct)?);
+        }
+        if !v.same_host {
+            return self.measure_base(&v, round, opts);
         }
         // Same-host peers (SPEC §8): tx checksum offload on at cl and oe for this
         // variant only, so their segments reach the edge with partial checksums
         // (CHECKSUM_PARTIAL), as from containers on the edge's own host; the
         // lab's wire-like setting is restored after.
-        set_peer_tx(self.tl.as_ref().context("no lab")?.lab(), "on")?;
-        let result = self.measure_base(base, round, opts, budget);
-        set_peer_tx(self.tl.as_ref().context("no lab")?.lab(), "off")?;
+        set_peer_tx(self.veth.as_ref().context("no lab")?.lab(), "on")?;
+        let result = self.measure_base(&v, round, opts);
+        set_peer_tx(self.veth.as_ref().context("no lab")?.lab(), "off")?;
         result
     }
 
@@ -240,7 +259,7 @@ impl Scenario for TcpSplice {
     }
 
     fn finish(&mut self) {
-        if let Some(tl) = self.tl.take() {
+        for tl in [self.nic.take(), self.veth.take()].into_iter().flatten() {
             tl.finish();
         }
     }
@@ -265,33 +284,51 @@ fn set_peer_tx(lab: &forwarder_tests::Lab, on: &str) -> Result<()> {
 /// what each makes of the same edge CPU: "on the same edge CPU" (issue 16).
 const EDGE_CPU_SHARE: f64 = 0.25;
 
-/// The variant without `-edge-budget`, and whether it had it.
-fn edge_budget(variant: &str) -> (&str, bool) {
-    match variant.strip_suffix("-edge-budget") {
-        Some(base) => (base, true),
-        None => (variant, false),
-    }
+/// What a variant's name says: its proxy (`forwarder-xdp`, `forwarder` or
+/// `haproxy`) and the suffix's setting.
+struct Setting<'a> {
+    proxy: &'a str,
+    /// `-edge-budget`: the edge's own work held to `EDGE_CPU_SHARE` of a CPU during
+    /// the iperf3 run, no setup loop.
+    budget: bool,
+    /// `-veth` and `-samehost`: direct veths; else NIC-like links.
+    links: Links,
+    /// `-samehost`: the peers send partial checksums.
+    same_host: bool,
 }
 
-/// The variant's proxy and whether its peers are same-host ones (`-samehost`).
-fn peers(variant: &str) -> (&str, bool) {
-    match variant.strip_suffix("-samehost") {
-        Some(base) => (base, true),
-        None => (variant, false),
+impl<'a> Setting<'a> {
+    fn of(variant: &'a str) -> Self {
+        let mut v = Setting {
+            proxy: variant,
+            budget: false,
+            links: Links::NicLike,
+            same_host: false,
+        };
+        if let Some(p) = variant.strip_suffix("-edge-budget") {
+            v.proxy = p;
+            v.budget = true;
+        } else if let Some(p) = variant.strip_suffix("-veth") {
+            v.proxy = p;
+            v.links = Links::Direct;
+        } else if let Some(p) = variant.strip_suffix("-samehost") {
+            v.proxy = p;
+            v.links = Links::Direct;
+            v.same_host = true;
+        }
+        v
     }
 }
 
 impl TcpSplice {
-    /// One round; `budget`: the edge's own work is held to `EDGE_CPU_SHARE` of a
-    /// CPU during the iperf3 run, and the setup loop is left out.
-    fn measure_base(
-        &mut self,
-        variant: &str,
-        _round: usize,
-        opts: &Options,
-        budget: bool,
-    ) -> Result<Vec<f64>> {
-        let tl = self.tl.as_ref().context("no lab")?;
+    /// One round of `v`'s proxy in `v`'s lab.
+    fn measure_base(&mut self, v: &Setting, _round: usize, opts: &Options) -> Result<Vec<f64>> {
+        let (variant, budget) = (v.proxy, v.budget);
+        let tl = match v.links {
+            Links::NicLike => self.nic.as_ref(),
+            Links::Direct => self.veth.as_ref(),
+        }
+        .context("no lab")?;
         let secs = TcpSplice::seconds(opts);
         let addr = tl.variant_addr(variant, IPERF_PORT)?;
         let xdp = variant == "forwarder-xdp";
@@ -315,9 +352,10 @@ impl TcpSplice {
         // The generator side's work (client and origin): their veths' NAPI
         // threads, the iperf3 server and (once reaped) the client.
         let lab = tl.lab();
-        let mut gen_tasks: Vec<u32> = [&lab.ifaces().client, &lab.ifaces().origin]
+        let mut gen_tasks: Vec<u32> = lab
+            .generator_ifaces()
             .iter()
-            .flat_map(|i| sys::napi_threads(i))
+            .flat_map(|(_, i)| sys::napi_threads(i))
             .map(|p| p as u32)
             .chain(tl.iperf_server_pid())
             .collect();

@@ -91,7 +91,7 @@ fn start_origin(lab: &Lab, cpu: usize) -> Result<NsTask<()>> {
 
 impl TlsLab {
     fn new(opts: &Options) -> Result<TlsLab> {
-        let lab = proxy_lab(opts)?;
+        let lab = proxy_lab(opts, forwarder_tests::Links::Direct)?;
         let dir = TempDir::new("tls")?;
         let origin = start_origin(&lab, opts.gen_cpu)?;
         let pki = TestPki::new("bench");
