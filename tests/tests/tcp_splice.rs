@@ -34,7 +34,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// How long the fastpath-off test lets the connection sit before it looks.
 const QUIET: Duration = Duration::from_millis(500);
 /// Bytes each way of the bulk transfers (see docs/tcp.md, Tests, for the size).
-const BULK: u64 = 200 * 1024 * 1024;
+const BULK: u64 = 1 << 30;
 /// What a small exchange sends first so that its connection is handed over.
 const WARM: usize = HANDOFF_AFTER as usize + 16 * 1024;
 

@@ -287,81 +287,8 @@ pub fn set_linger_zero(stream: &TcpStream) {
     assert_eq!(rc, 0, "SO_LINGER");
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), 8 at a time.
-pub struct Stream64(u64);
-
-impl Stream64 {
-    pub fn new(seed: u64) -> Self {
-        Stream64(seed | 1)
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-/// A 64-bit checksum over a byte stream fed in pieces of any size (FNV-1a over
-/// 8-byte little-endian words; a last partial word is zero-padded at `finish`).
-#[derive(Default)]
-pub struct Sum64 {
-    hash: u64,
-    pending: Vec<u8>,
-    pub len: u64,
-}
-
-impl Sum64 {
-    pub fn new() -> Self {
-        Sum64 {
-            hash: 0xcbf2_9ce4_8422_2325,
-            pending: Vec::with_capacity(8),
-            len: 0,
-        }
-    }
-
-    pub fn update(&mut self, mut data: &[u8]) {
-        self.len += data.len() as u64;
-        if !self.pending.is_empty() {
-            let take = (8 - self.pending.len()).min(data.len());
-            self.pending.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.pending.len() == 8 {
-                let word = u64::from_le_bytes(self.pending[..].try_into().unwrap());
-                self.word(word);
-                self.pending.clear();
-            }
-        }
-        let mut chunks = data.chunks_exact(8);
-        for c in &mut chunks {
-            self.word(u64::from_le_bytes(c.try_into().unwrap()));
-        }
-        self.pending.extend_from_slice(chunks.remainder());
-    }
-
-    fn word(&mut self, w: u64) {
-        self.hash ^= w;
-        self.hash = self
-            .hash
-            .wrapping_mul(0x0000_0100_0000_01b3)
-            .rotate_left(17);
-    }
-
-    pub fn finish(mut self) -> (u64, u64) {
-        if !self.pending.is_empty() {
-            let mut word = [0u8; 8];
-            word[..self.pending.len()].copy_from_slice(&self.pending);
-            self.word(u64::from_le_bytes(word));
-        }
-        (self.hash, self.len)
-    }
-}
+/// The bulk transfers' bytes and checksum: a crate built optimised even here.
+pub use forwarder_testbytes::{Stream64, Sum64};
 
 /// Sends `len` pseudo-random bytes (seed `seed`) to `stream`; returns their checksum.
 pub fn send_random(stream: &mut TcpStream, seed: u64, len: u64) -> std::io::Result<(u64, u64)> {
