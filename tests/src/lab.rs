@@ -169,6 +169,8 @@ pub struct Lab {
     stubs: Mutex<Vec<XdpStub>>,
     /// The redirects and stubs of NIC-like links: kept for the lab's life.
     wiring: Vec<XdpStub>,
+    /// Its names (the interfaces of NIC-like links are named from them).
+    names: LabNames,
     peers: Peers,
     links: Links,
 }
@@ -219,6 +221,7 @@ impl Lab {
             created: Vec::new(),
             stubs: Mutex::new(Vec::new()),
             wiring: Vec::new(),
+            names: names.clone(),
             peers,
             links,
         };
@@ -316,14 +319,8 @@ impl Lab {
     /// (`cl`/`oe`), which redirects back to it.
     fn wire(&mut self, role: Role, edge_side: &str) -> Result<()> {
         let (host, wire) = match role {
-            Role::Client => (
-                self.ifaces.client_host.clone(),
-                format!("{}-wc", self.tag()),
-            ),
-            Role::Origin => (
-                self.ifaces.origin_host.clone(),
-                format!("{}-wo", self.tag()),
-            ),
+            Role::Client => (self.ifaces.client_host.clone(), self.names.ifname("wc")?),
+            Role::Origin => (self.ifaces.origin_host.clone(), self.names.ifname("wo")?),
             Role::Edge => bail!("the edge has no wire"),
         };
         let ns = self.netns(role).clone();
@@ -343,14 +340,6 @@ impl Lab {
         Ok(())
     }
 
-    /// `f<pid36>-<n36>`: the start of every interface name of this lab.
-    fn tag(&self) -> &str {
-        self.ifaces
-            .client
-            .strip_suffix("-cl")
-            .unwrap_or(&self.ifaces.client)
-    }
-
     /// How the edge meets the client and the origin.
     pub fn links(&self) -> Links {
         self.links
@@ -365,7 +354,7 @@ impl Lab {
             (&self.origin, self.ifaces.origin.clone()),
         ];
         if self.links == Links::NicLike {
-            let tag = self.tag();
+            let tag = &self.names.tag;
             all.extend([
                 (&self.client, format!("{tag}-wc")),
                 (&self.client, self.ifaces.client_host.clone()),

@@ -27,6 +27,7 @@ use forwarder::config::{Config, XdpMode};
 use forwarder::datapath::test_run::{TestRunOptions, test_run_xdp};
 use forwarder::datapath::{Datapath, PROG_XDP, PROG_XDP_PASS, Plan};
 use forwarder::route::{keep_neighbour_resolved, route_to};
+use forwarder::tcp::fastpath::{LegState, splice_entries};
 
 use super::bpf::{OneSlotMap, RawProg};
 use super::{Metric, Options, Scenario, Target, Variant, sys};
@@ -80,6 +81,81 @@ fn tcp_syn(dport: u16) -> Vec<u8> {
         forwarder_tests::frames::ETH_P_IPV4,
         &ipv4(CLIENT_V4, EDGE_CLIENT_V4, PROTO_TCP, &seg),
     )
+}
+
+/// The edge's port of the spliced app, and the agent's port on the origin leg of
+/// the spliced connection.
+const SPLICE_PORT: u16 = 8090;
+const SPLICE_LOCAL_PORT: u16 = 41000;
+/// Payload of the spliced segment: near a bulk transfer's full segment (1448 with
+/// timestamps) within the restorer's 1500-byte frames; the translation never
+/// reads the payload, so its size does not change the figure.
+const SPLICE_PAYLOAD: usize = 1400;
+
+/// A bulk data segment of the client on the spliced connection `splice_legs`
+/// describes, with Linux's timestamp option (what a translated segment carries).
+fn spliced_segment() -> Vec<u8> {
+    let mut options = vec![1, 1, 8, 10];
+    options.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    options.extend_from_slice(&0x0100_0000u32.to_be_bytes());
+    let payload = vec![0x5a; SPLICE_PAYLOAD];
+    let seg = forwarder_tests::frames::tcp_segment(
+        CLIENT_V4.into(),
+        EDGE_CLIENT_V4.into(),
+        &forwarder_tests::frames::TcpFields {
+            sport: CLIENT_PORT,
+            dport: SPLICE_PORT,
+            seq: 1000,
+            ack: 0x1000,
+            flags: 0x10,
+            window: 512,
+            options: &options,
+            payload: &payload,
+        },
+    );
+    ethernet(
+        forwarder_tests::frames::ETH_P_IPV4,
+        &ipv4(CLIENT_V4, EDGE_CLIENT_V4, PROTO_TCP, &seg),
+    )
+}
+
+/// The two legs of the spliced connection of `spliced_segment` (`ec`, `eo`: their
+/// ifindexes), as the agent reads them at a handoff: windows scaled differently on
+/// each leg, timestamps and SACK on both.
+fn splice_legs(ec: u32, eo: u32) -> (LegState, LegState) {
+    let client = LegState {
+        local: (EDGE_CLIENT_V4, SPLICE_PORT).into(),
+        peer: (CLIENT_V4, CLIENT_PORT).into(),
+        snd_nxt: 0x1000,
+        rcv_nxt: 1000,
+        wscale: true,
+        snd_wscale: 7,
+        rcv_wscale: 2,
+        timestamps: true,
+        sack: true,
+        ts_clock: 0x1000_0000,
+        urgent: false,
+        ifindex: ec,
+        advmss: 1460,
+        path_mtu: 1500,
+    };
+    let origin = LegState {
+        local: (EDGE_ORIGIN_V4, SPLICE_LOCAL_PORT).into(),
+        peer: (ORIGIN_V4, SPLICE_PORT).into(),
+        snd_nxt: 5_000_000,
+        rcv_nxt: 0x8000_0000,
+        wscale: true,
+        snd_wscale: 8,
+        rcv_wscale: 5,
+        timestamps: true,
+        sack: true,
+        ts_clock: 0x2000_0000,
+        urgent: false,
+        ifindex: eo,
+        advmss: 1460,
+        path_mtu: 1500,
+    };
+    (client, origin)
 }
 
 /// An SPP reply from the origin (from its MAC: replies are only accepted from the
@@ -206,6 +282,15 @@ fn branches(origin_mac: [u8; 6]) -> Vec<Branch> {
             method: Method::NewFlow,
         },
         Branch {
+            name: "tcp-splice",
+            label: "TCP segment of a spliced connection translated to origin (hot)",
+            program: PROG_XDP,
+            frame: spliced_segment(),
+            on_origin_side: false,
+            verdict: &[XDP_REDIRECT, XDP_TX],
+            method: Method::Hot,
+        },
+        Branch {
             name: "spp-rewrite-cold",
             label: "UDP SPP rewrite to origin (cold)",
             program: PROG_XDP,
@@ -229,6 +314,15 @@ fn branches(origin_mac: [u8; 6]) -> Vec<Branch> {
             program: PROG_XDP,
             frame: spp_reply(origin_mac),
             on_origin_side: true,
+            verdict: &[XDP_REDIRECT, XDP_TX],
+            method: Method::Cold,
+        },
+        Branch {
+            name: "tcp-splice-cold",
+            label: "TCP segment of a spliced connection translated to origin (cold)",
+            program: PROG_XDP,
+            frame: spliced_segment(),
+            on_origin_side: false,
             verdict: &[XDP_REDIRECT, XDP_TX],
             method: Method::Cold,
         },
@@ -266,6 +360,12 @@ origin_direct = ["udp://{ORIGIN_V4}:6001"]
 id = "web"
 protocol = "tcp/8080"
 origin_direct = ["tcp://{ORIGIN_V4}:8080"]
+
+[[apps]]
+id = "splice"
+protocol = "tcp/{SPLICE_PORT}"
+origin_direct = ["tcp://{ORIGIN_V4}:{SPLICE_PORT}"]
+tcp_fastpath = "xdp"
 "#
     )
 }
@@ -431,6 +531,14 @@ impl Scenario for XdpCost {
             datapath.apply(&plan)?;
             datapath.attach_xdp(&ec, XdpMode::Driver)?;
             datapath.attach_xdp(&eo, XdpMode::Driver)?;
+            // The spliced connection of the tcp-splice branches.
+            let index = |name: &str| {
+                std::ffi::CString::new(name)
+                    // SAFETY: a NUL-terminated name.
+                    .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
+            };
+            let (client, origin) = splice_legs(index(&ec)?, index(&eo)?);
+            datapath.insert_splice(&splice_entries(&client, &origin, 0))?;
             Ok(datapath)
         })??;
         let [ec, eo] = lab.edge_ifaces();
@@ -478,7 +586,7 @@ impl Scenario for XdpCost {
         let all = branches(self.origin_mac);
         let origin_mac = self.origin_mac;
         self.in_edge(opts.edge_cpu, |agent, ifindex| {
-            for name in ["spp-rewrite", "nat-rewrite", "spp-reply"] {
+            for name in ["spp-rewrite", "nat-rewrite", "spp-reply", "tcp-splice"] {
                 let b = all.iter().find(|b| b.name == name).expect("branch");
                 let ok =
                     super::wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
