@@ -7,6 +7,7 @@ pub mod demo_main;
 pub mod failover;
 pub mod frames;
 pub mod lab;
+pub mod raw_bpf;
 pub mod spp_origin;
 pub mod xdp_wires;
 

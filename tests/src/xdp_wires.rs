@@ -102,3 +102,63 @@ pub fn assert_frame(what: &str, got: &[u8], want: &[u8]) {
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// The ports of a spliced connection: the client's, the edge's (the app's), the
+/// agent's on the origin leg and the origin's.
+#[derive(Clone, Copy)]
+pub struct SplicePorts {
+    pub client: u16,
+    pub edge: u16,
+    pub local: u16,
+    pub origin: u16,
+}
+
+/// The two legs of a spliced connection of family `f` as the agent reads them at a
+/// handoff, leaving by the edge's interfaces `ec` and `eo` (ifindexes): the client
+/// leg's send sequence just below the 2^32 wrap, windows scaled differently on
+/// each leg, timestamps (clocks far apart) and SACK on both, MSS 1460, MTU 1500.
+pub fn splice_legs(
+    f: &Family,
+    ports: SplicePorts,
+    ec: u32,
+    eo: u32,
+) -> (
+    forwarder::tcp::fastpath::LegState,
+    forwarder::tcp::fastpath::LegState,
+) {
+    use forwarder::tcp::fastpath::LegState;
+    use std::net::SocketAddr;
+    let client = LegState {
+        local: SocketAddr::new(f.edge, ports.edge),
+        peer: SocketAddr::new(f.client, ports.client),
+        snd_nxt: 0xffff_fff0,
+        rcv_nxt: 1000,
+        wscale: true,
+        snd_wscale: 7,
+        rcv_wscale: 2,
+        timestamps: true,
+        sack: true,
+        ts_clock: 0x1000_0000,
+        urgent: false,
+        ifindex: ec,
+        advmss: 1460,
+        path_mtu: 1500,
+    };
+    let origin = LegState {
+        local: SocketAddr::new(f.local, ports.local),
+        peer: SocketAddr::new(f.origin, ports.origin),
+        snd_nxt: 5_000_000,
+        rcv_nxt: 0x8000_0000,
+        wscale: true,
+        snd_wscale: 8,
+        rcv_wscale: 5,
+        timestamps: true,
+        sack: true,
+        ts_clock: 0x2000_0000,
+        urgent: false,
+        ifindex: eo,
+        advmss: 1460,
+        path_mtu: 1500,
+    };
+    (client, origin)
+}

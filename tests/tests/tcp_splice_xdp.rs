@@ -14,7 +14,7 @@
 //! built by `splice_entries` from leg states; every expected field is computed here
 //! from those leg states directly (next byte ↔ next byte), not from the entries.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use forwarder::config::Config;
 use forwarder::datapath::test_run::{TestRunOptions, TestRunOutput, test_run_xdp};
@@ -23,7 +23,9 @@ use forwarder::route::route_to;
 use forwarder::tcp::fastpath::{LegState, hold_entry, splice_entries, splice_keys};
 use forwarder_common::{SEEN_FIN, SEEN_RST, SpliceCounter, SpliceEntry, SpliceKey};
 use forwarder_tests::frames::*;
-use forwarder_tests::xdp_wires::{Family, V4, V6, Wires, assert_frame, wires};
+use forwarder_tests::xdp_wires::{
+    Family, SplicePorts, V4, V6, Wires, assert_frame, splice_legs, wires,
+};
 use forwarder_tests::{
     CLIENT_V4, CLIENT_V6, EDGE_ADDRESSES, Lab, ORIGIN_V4, ORIGIN_V6, require_root,
 };
@@ -172,39 +174,13 @@ fn with_harness(body: impl FnOnce(&mut Harness) + Send) {
 /// The legs of the test connection: sequence numbers close to the 2^32 wrap on
 /// the client leg, different window shifts on every side.
 fn legs(h: &Harness, f: &Family, edge_port: u16) -> (LegState, LegState) {
-    let client = LegState {
-        local: SocketAddr::new(f.edge, edge_port),
-        peer: SocketAddr::new(f.client, CLIENT_PORT),
-        snd_nxt: 0xffff_fff0,
-        rcv_nxt: 1000,
-        wscale: true,
-        snd_wscale: 7,
-        rcv_wscale: 2,
-        timestamps: true,
-        sack: true,
-        ts_clock: 0x1000_0000,
-        urgent: false,
-        ifindex: h.ec_index,
-        advmss: 1460,
-        path_mtu: 1500,
+    let ports = SplicePorts {
+        client: CLIENT_PORT,
+        edge: edge_port,
+        local: LOCAL_PORT,
+        origin: ORIGIN_PORT,
     };
-    let origin = LegState {
-        local: SocketAddr::new(f.local, LOCAL_PORT),
-        peer: SocketAddr::new(f.origin, ORIGIN_PORT),
-        snd_nxt: 5_000_000,
-        rcv_nxt: 0x8000_0000,
-        wscale: true,
-        snd_wscale: 8,
-        rcv_wscale: 5,
-        timestamps: true,
-        sack: true,
-        ts_clock: 0x2000_0000,
-        urgent: false,
-        ifindex: h.eo_index,
-        advmss: 1460,
-        path_mtu: 1500,
-    };
-    (client, origin)
+    splice_legs(f, ports, h.ec_index, h.eo_index)
 }
 
 /// NOP, NOP, timestamps: Linux's layout.

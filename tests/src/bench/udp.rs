@@ -14,11 +14,12 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 
 use super::agent::{InProc, Proc};
-use super::bpf::{self, RawProg, XdpLink};
+use super::bpf;
 use super::sys::{self, TempDir};
 use super::{Metric, Options, Scenario, Target, Variant};
 use forwarder_common::DropReason;
 use forwarder_tests::frames::udp4_frame;
+use forwarder_tests::raw_bpf::{RawProg, XdpLink};
 use forwarder_tests::{CLIENT_V4, EDGE_CLIENT_V4, Lab, ORIGIN_V4, Role};
 
 const CLIENT_PORT: u16 = 40000;
@@ -62,7 +63,7 @@ struct Generator {
 impl Generator {
     fn new(lab: &Lab, frame: Vec<u8>) -> Result<Generator> {
         Ok(Generator {
-            prog: RawProg::generator(&frame)?,
+            prog: bpf::generator(&frame)?,
             ifindex: sys::ifindex(lab.client(), &lab.ifaces().client)?,
             frame,
         })
@@ -147,7 +148,7 @@ fn live_ns_per_packet(
     duration: Duration,
     datapath: &InProc,
 ) -> Result<f64> {
-    let _stats = bpf::enable_run_stats()?;
+    let _stats = forwarder_tests::raw_bpf::enable_run_stats()?;
     let (t0, n0) = datapath.run_stats()?;
     generator.run(lab, opts.gen_cpu, duration)?;
     std::thread::sleep(Duration::from_millis(100));
@@ -533,7 +534,7 @@ impl Scenario for UdpForward {
         // the generator's CPU.
         let oe = lab.ifaces().origin.clone();
         let oe_index = sys::ifindex(lab.origin(), &oe)?;
-        let sink = RawProg::sink()?;
+        let sink = bpf::sink()?;
         let link = lab.origin().run_in(|| sink.attach(oe_index))??;
         self.sink = Some(link);
         sys::threaded_napi(lab.origin(), &oe, opts.gen_cpu)?;

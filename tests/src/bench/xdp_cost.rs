@@ -27,11 +27,13 @@ use forwarder::config::{Config, XdpMode};
 use forwarder::datapath::test_run::{TestRunOptions, test_run_xdp};
 use forwarder::datapath::{Datapath, PROG_XDP, PROG_XDP_PASS, Plan};
 use forwarder::route::{keep_neighbour_resolved, route_to};
-use forwarder::tcp::fastpath::{LegState, splice_entries};
+use forwarder::tcp::fastpath::splice_entries;
+use forwarder_tests::xdp_wires::{self, SplicePorts, splice_legs};
 
-use super::bpf::{OneSlotMap, RawProg};
+use super::bpf;
 use super::{Metric, Options, Scenario, Target, Variant, sys};
 use forwarder_tests::frames::{PROTO_TCP, ethernet, ipv4, tcp, udp4_frame};
+use forwarder_tests::raw_bpf::{OneSlotMap, RawProg};
 use forwarder_tests::{CLIENT_V4, EDGE_CLIENT_V4, EDGE_ORIGIN_V4, Lab, ORIGIN_V4};
 
 const XDP_DROP: u32 = 1;
@@ -92,8 +94,9 @@ const SPLICE_LOCAL_PORT: u16 = 41000;
 /// reads the payload, so its size does not change the figure.
 const SPLICE_PAYLOAD: usize = 1400;
 
-/// A bulk data segment of the client on the spliced connection `splice_legs`
-/// describes, with Linux's timestamp option (what a translated segment carries).
+/// A bulk data segment of the client on the spliced connection of the
+/// `tcp-splice` branches, with Linux's timestamp option (what a translated
+/// segment carries).
 fn spliced_segment() -> Vec<u8> {
     let mut options = vec![1, 1, 8, 10];
     options.extend_from_slice(&0x1234_5678u32.to_be_bytes());
@@ -106,7 +109,7 @@ fn spliced_segment() -> Vec<u8> {
             sport: CLIENT_PORT,
             dport: SPLICE_PORT,
             seq: 1000,
-            ack: 0x1000,
+            ack: 0xffff_fff0,
             flags: 0x10,
             window: 512,
             options: &options,
@@ -117,45 +120,6 @@ fn spliced_segment() -> Vec<u8> {
         forwarder_tests::frames::ETH_P_IPV4,
         &ipv4(CLIENT_V4, EDGE_CLIENT_V4, PROTO_TCP, &seg),
     )
-}
-
-/// The two legs of the spliced connection of `spliced_segment` (`ec`, `eo`: their
-/// ifindexes), as the agent reads them at a handoff: windows scaled differently on
-/// each leg, timestamps and SACK on both.
-fn splice_legs(ec: u32, eo: u32) -> (LegState, LegState) {
-    let client = LegState {
-        local: (EDGE_CLIENT_V4, SPLICE_PORT).into(),
-        peer: (CLIENT_V4, CLIENT_PORT).into(),
-        snd_nxt: 0x1000,
-        rcv_nxt: 1000,
-        wscale: true,
-        snd_wscale: 7,
-        rcv_wscale: 2,
-        timestamps: true,
-        sack: true,
-        ts_clock: 0x1000_0000,
-        urgent: false,
-        ifindex: ec,
-        advmss: 1460,
-        path_mtu: 1500,
-    };
-    let origin = LegState {
-        local: (EDGE_ORIGIN_V4, SPLICE_LOCAL_PORT).into(),
-        peer: (ORIGIN_V4, SPLICE_PORT).into(),
-        snd_nxt: 5_000_000,
-        rcv_nxt: 0x8000_0000,
-        wscale: true,
-        snd_wscale: 8,
-        rcv_wscale: 5,
-        timestamps: true,
-        sack: true,
-        ts_clock: 0x2000_0000,
-        urgent: false,
-        ifindex: eo,
-        advmss: 1460,
-        path_mtu: 1500,
-    };
-    (client, origin)
 }
 
 /// An SPP reply from the origin (from its MAC: replies are only accepted from the
@@ -537,7 +501,13 @@ impl Scenario for XdpCost {
                     // SAFETY: a NUL-terminated name.
                     .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
             };
-            let (client, origin) = splice_legs(index(&ec)?, index(&eo)?);
+            let ports = SplicePorts {
+                client: CLIENT_PORT,
+                edge: SPLICE_PORT,
+                local: SPLICE_LOCAL_PORT,
+                origin: SPLICE_PORT,
+            };
+            let (client, origin) = splice_legs(&xdp_wires::V4, ports, index(&ec)?, index(&eo)?);
             datapath.insert_splice(&splice_entries(&client, &origin, 0))?;
             Ok(datapath)
         })??;
@@ -550,15 +520,15 @@ impl Scenario for XdpCost {
         for b in branches(self.origin_mac) {
             let restorers = match b.method {
                 Method::Hot => Restorers {
-                    datapath: RawProg::restorer(&b.frame, &to_datapath, None)?,
-                    trivial: RawProg::restorer(&b.frame, &to_trivial, None)?,
+                    datapath: bpf::restorer(&b.frame, &to_datapath, None)?,
+                    trivial: bpf::restorer(&b.frame, &to_trivial, None)?,
                     _counters: Vec::new(),
                 },
                 Method::NewFlow => {
                     let counters = vec![OneSlotMap::counter()?, OneSlotMap::counter()?];
                     Restorers {
-                        datapath: RawProg::restorer(&b.frame, &to_datapath, Some(&counters[0]))?,
-                        trivial: RawProg::restorer(&b.frame, &to_trivial, Some(&counters[1]))?,
+                        datapath: bpf::restorer(&b.frame, &to_datapath, Some(&counters[0]))?,
+                        trivial: bpf::restorer(&b.frame, &to_trivial, Some(&counters[1]))?,
                         _counters: counters,
                     }
                 }

@@ -2,8 +2,6 @@
 //! traffic, and the redirect program that joins the veths of a NIC-like link
 //! (`Links::NicLike`).
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
@@ -11,6 +9,7 @@ use aya::{
 };
 
 use super::Netns;
+use crate::raw_bpf::{self, RawProg, XdpLink};
 
 /// Name of the stub program in the forwarder's eBPF object.
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
@@ -32,7 +31,7 @@ enum Attached {
     Object { _ebpf: Ebpf },
     /// A program loaded from raw instructions: its bpf_link (closing it detaches)
     /// and the program.
-    Link { _link: OwnedFd, _prog: OwnedFd },
+    Link { _link: XdpLink, _prog: RawProg },
 }
 
 impl XdpStub {
@@ -109,8 +108,8 @@ impl Netns {
     /// every frame it receives out of `target`, another veth of this namespace,
     /// with `bpf_redirect`: the frame leaves as an XDP frame, so the veth at the
     /// other end of `target` takes it as a NIC driver hands frames to XDP (no skb).
-    /// Four instructions, loaded from this crate: the lab's wiring is not part of
-    /// the forwarder's object.
+    /// Four instructions (`raw_bpf::redirect`): the lab's wiring is not part of the
+    /// forwarder's object.
     pub fn attach_xdp_redirect(&self, ifname: &str, target: &str) -> Result<XdpStub> {
         let ifname_c = std::ffi::CString::new(ifname)?;
         let target_c = std::ffi::CString::new(target)?;
@@ -125,8 +124,10 @@ impl Netns {
             if from == 0 || to == 0 {
                 bail!("no interface {ifname} or {target} in {}", self.name());
             }
-            let prog = load_redirect(to)?;
-            let link = attach_link(&prog, from)?;
+            let prog = raw_bpf::redirect(to).context("loading the lab wire's redirect")?;
+            let link = prog
+                .attach(from)
+                .context("attaching the lab wire's redirect")?;
             Ok(Attached::Link {
                 _link: link,
                 _prog: prog,
@@ -138,97 +139,4 @@ impl Netns {
             ifname: ifname.to_owned(),
         })
     }
-}
-
-/// One eBPF instruction (`struct bpf_insn`).
-#[repr(C)]
-struct Insn {
-    code: u8,
-    /// dst_reg in the low nibble, src_reg in the high one.
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-const BPF_XDP: u32 = 37;
-const BPF_FUNC_REDIRECT: i32 = 23;
-const XDP_FLAGS_DRV_MODE: u32 = 4;
-
-/// `bpf(2)` with a zero-padded attribute block (the kernel requires the unused
-/// tail to be zero).
-fn bpf(cmd: libc::c_long, attr: &[u32; 32]) -> Result<OwnedFd> {
-    // SAFETY: `attr` is a valid, fully initialised attribute block of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_ptr(),
-            std::mem::size_of_val(attr) as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("bpf(2)");
-    }
-    // SAFETY: a new fd the kernel just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// `return bpf_redirect(ifindex, 0);` as an XDP program.
-fn load_redirect(ifindex: u32) -> Result<OwnedFd> {
-    let insns = [
-        // r1 = ifindex; r2 = 0
-        Insn {
-            code: 0xb7,
-            regs: 1,
-            off: 0,
-            imm: ifindex as i32,
-        },
-        Insn {
-            code: 0xb7,
-            regs: 2,
-            off: 0,
-            imm: 0,
-        },
-        // call bpf_redirect; exit (r0: its verdict)
-        Insn {
-            code: 0x85,
-            regs: 0,
-            off: 0,
-            imm: BPF_FUNC_REDIRECT,
-        },
-        Insn {
-            code: 0x95,
-            regs: 0,
-            off: 0,
-            imm: 0,
-        },
-    ];
-    let license = c"GPL";
-    let mut attr = [0u32; 32];
-    attr[0] = BPF_PROG_TYPE_XDP;
-    attr[1] = insns.len() as u32;
-    let insns_ptr = insns.as_ptr() as u64;
-    attr[2] = insns_ptr as u32;
-    attr[3] = (insns_ptr >> 32) as u32;
-    let license_ptr = license.as_ptr() as u64;
-    attr[4] = license_ptr as u32;
-    attr[5] = (license_ptr >> 32) as u32;
-    // log_level, log_size, log_buf (2 words), kern_version, prog_flags: zero;
-    // prog_name: 16 bytes at word 12; prog_ifindex at 16; expected_attach_type at 17.
-    attr[12..14].copy_from_slice(&[u32::from_ne_bytes(*b"lab_"), u32::from_ne_bytes(*b"wire")]);
-    attr[17] = BPF_XDP;
-    bpf(BPF_PROG_LOAD, &attr).context("loading the lab wire's redirect program")
-}
-
-/// A bpf_link attaching XDP program `prog` to interface `ifindex` in driver mode.
-fn attach_link(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
-    let mut attr = [0u32; 32];
-    attr[0] = prog.as_raw_fd() as u32;
-    attr[1] = ifindex;
-    attr[2] = BPF_XDP;
-    attr[3] = XDP_FLAGS_DRV_MODE;
-    bpf(BPF_LINK_CREATE, &attr).context("attaching the lab wire's redirect program")
 }
