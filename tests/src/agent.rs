@@ -85,6 +85,9 @@ pub struct AgentOptions {
     pub without_io_uring: bool,
     /// Extra environment (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// The CPUs the agent may run on (`sched_setaffinity` before exec): one CPU
+    /// gives one runtime worker, and one io_uring.
+    pub cpus: Option<Vec<usize>>,
 }
 
 /// The `forwarder` binary the tests run (see the module docs).
@@ -286,6 +289,24 @@ impl AgentProcess {
                     }
                     limit.rlim_cur = soft.min(limit.rlim_max);
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(cpus) = &options.cpus {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: a zeroed cpu_set_t filled with CPU_SET; sched_setaffinity is
+            // async-signal-safe, and `ip netns exec` and the agent inherit the mask.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            for &cpu in cpus {
+                // SAFETY: `set` is a valid cpu_set_t.
+                unsafe { libc::CPU_SET(cpu, &mut set) };
+            }
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

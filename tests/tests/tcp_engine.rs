@@ -317,3 +317,102 @@ fn connections_that_wait_for_buffers_lose_no_byte() {
         "no receive ever waited for a buffer"
     );
 }
+
+/// Writes to `stream` until a write has blocked for `stall` (the path behind it is
+/// full): the bytes written.
+fn fill(stream: &mut std::net::TcpStream, stall: Duration) -> u64 {
+    stream.set_write_timeout(Some(stall)).unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut written = 0u64;
+    // Bounded: 64 MiB fills any path of this lab many times over.
+    while written < 64 << 20 {
+        match stream.write(&chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    written
+}
+
+/// A buffer that comes back at a connection's end (not at a send's end) rearms a
+/// receive that waits for one. One ring (the agent on one CPU) with two buffers:
+/// connection X holds both, each in a send that cannot finish (neither peer
+/// reads); connection Y's receive then waits for a buffer. X's client resets: X
+/// ends and its buffers come back, with no send left anywhere to rearm Y, whose
+/// exchange must still complete. (Before the loop rearmed waiting receives every
+/// turn, Y waited for ever.)
+#[test]
+fn a_buffer_freed_by_a_connection_end_rearms_a_waiting_receive() {
+    init();
+    if !require_root() || !forwarder::tcp::io_uring_available() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let listener = origin_listener(&lab, sa(ORIGIN_V4, 7408));
+    let options = AgentOptions {
+        env: vec![
+            ("FORWARDER_TCP_URING_BUFFERS".into(), "2".into()),
+            ("RUST_LOG".into(), "info,forwarder::tcp::uring=debug".into()),
+        ],
+        cpus: Some(vec![0]),
+        ..AgentOptions::default()
+    };
+    let agent = AgentProcess::start_with(
+        &lab,
+        &agent_config(&lab, "tcp_engine = \"io_uring\"", 7408),
+        &options,
+    )
+    .unwrap();
+    assert_eq!(
+        threads(&agent).iter().filter(|t| *t == "tcp-uring").count(),
+        1,
+        "one ring"
+    );
+    let stall = Duration::from_secs(1);
+    // X: both peers write and never read, until each write blocks.
+    let origin_x = std::thread::spawn({
+        let listener = listener.try_clone().unwrap();
+        move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let written = fill(&mut stream, stall);
+            (stream, written)
+        }
+    });
+    let mut client_x = client_connect(&lab, sa(EDGE_CLIENT_V4, 7408), WAIT).unwrap();
+    let client_written = fill(&mut client_x, stall);
+    let (origin_x_stream, origin_written) = origin_x.join().unwrap();
+    assert!(client_written > 0 && origin_written > 0);
+    // Y: its receive finds no buffer.
+    let origin_y = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).unwrap();
+        stream.write_all(b"ok").unwrap();
+        got.len()
+    });
+    let mut client_y = client_connect(&lab, sa(EDGE_CLIENT_V4, 7408), WAIT).unwrap();
+    client_y.write_all(&[7u8; 1000]).unwrap();
+    client_y.shutdown(Shutdown::Write).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !agent.logs().contains("a receive waits for one") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Y's receive never waited: {}",
+            agent.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // X's client resets: X ends, and both buffers come back.
+    set_linger_zero(&client_x);
+    drop(client_x);
+    client_y.set_read_timeout(Some(WAIT)).unwrap();
+    let mut answer = Vec::new();
+    client_y
+        .read_to_end(&mut answer)
+        .expect("Y's answer (a receive left waiting beside free buffers?)");
+    assert_eq!(answer, b"ok");
+    assert_eq!(origin_y.join().unwrap(), 1000);
+    drop(origin_x_stream);
+}

@@ -95,6 +95,11 @@ impl Buffers {
         self.in_ring > 0
     }
 
+    /// Buffers in the ring, free for the kernel to fill.
+    pub(super) fn free(&self) -> usize {
+        self.in_ring
+    }
+
     /// The buffer a completion says the kernel filled (taken out of the ring).
     pub(super) fn taken(&mut self, flags: u32) -> Option<BufferId> {
         let id = cqueue::buffer_select(flags)?;

@@ -544,6 +544,7 @@ impl Ring {
                     self.completed(op, slot, res, flags);
                 }
             }
+            self.rearm_starved();
         }
         Ok(())
     }
@@ -1238,7 +1239,6 @@ impl Ring {
         }
         if let Some(id) = dir.buf.take() {
             self.buffers.give(id);
-            self.unstarve();
         }
         // Paused for the handoff: no new receive.
         if !paused {
@@ -1323,9 +1323,18 @@ impl Ring {
             .spawn(conn::continue_due(self.shared.clone(), due));
     }
 
-    /// A buffer came back: the receive that waited longest for one is rearmed.
-    fn unstarve(&mut self) {
-        while let Some((slot, side)) = self.starved.pop_front() {
+    /// Once per loop turn: receives that waited for a buffer are rearmed, the
+    /// longest-waiting first, as many as the ring holds free buffers. Buffers come
+    /// back in many places (a send's end, a connection's end, a receive that read
+    /// nothing, a pause for the handoff); rearming at only some of them left every
+    /// receive of a ring waiting beside a free buffer (a stall seen once in the
+    /// buffer-starvation test).
+    fn rearm_starved(&mut self) {
+        let mut free = self.buffers.free();
+        while free > 0 {
+            let Some((slot, side)) = self.starved.pop_front() else {
+                return;
+            };
             // One paused for its handoff meanwhile stays paused.
             let paused = self
                 .conns
@@ -1334,7 +1343,7 @@ impl Ring {
                 .is_none_or(|c| c.watch == Watch::Due);
             if !paused {
                 self.recv(slot, side);
-                return;
+                free -= 1;
             }
         }
     }
