@@ -10,6 +10,10 @@
 //!  │    fd00:1::2  │        │    fd00:1::1    fd00:2::1│        │    fd00:2::2  │
 //!  └───────────────┘        └──────────────────────────┘        └───────────────┘
 //! ```
+//!
+//! With [`Links::NicLike`] the client and the origin each get a second veth pair
+//! joined to `cl` / `oe` by XDP redirects, so that the edge's XDP receives XDP
+//! frames as from a NIC (docs/lab.md, "NIC-like links").
 
 mod child;
 pub mod fleet;
@@ -417,7 +421,8 @@ impl Lab {
         }
     }
 
-    /// All four interface names.
+    /// The interface names: the four veth ends around the edge, and the hosts'
+    /// own interfaces (the same as `cl` and `oe` on direct links).
     pub fn ifaces(&self) -> &Ifaces {
         &self.ifaces
     }
