@@ -230,19 +230,7 @@ fn connections_that_wait_for_buffers_lose_no_byte() {
     const PARALLEL: u64 = 8;
     let lab = Lab::new().unwrap();
     let listener = origin_listener(&lab, sa(ORIGIN_V4, 7407));
-    let options = AgentOptions {
-        env: vec![
-            ("FORWARDER_TCP_URING_BUFFERS".into(), "2".into()),
-            ("RUST_LOG".into(), "info,forwarder::tcp::uring=debug".into()),
-        ],
-        ..AgentOptions::default()
-    };
-    let agent = AgentProcess::start_with(
-        &lab,
-        &agent_config(&lab, "tcp_engine = \"io_uring\"", 7407),
-        &options,
-    )
-    .unwrap();
+    let agent = two_buffer_agent(&lab, 7407, None);
     on_the_ring(&agent);
     assert!(
         agent.logs().contains("at most 2 receive buffers"),
@@ -318,6 +306,25 @@ fn connections_that_wait_for_buffers_lose_no_byte() {
     );
 }
 
+/// The agent on `tcp_engine = "io_uring"` with two receive buffers per ring and
+/// the ring's debug log (it says when a receive waits for a buffer), on `cpus`.
+fn two_buffer_agent(lab: &Lab, port: u16, cpus: Option<Vec<usize>>) -> AgentProcess {
+    let options = AgentOptions {
+        env: vec![
+            ("FORWARDER_TCP_URING_BUFFERS".into(), "2".into()),
+            ("RUST_LOG".into(), "info,forwarder::tcp::uring=debug".into()),
+        ],
+        cpus,
+        ..AgentOptions::default()
+    };
+    AgentProcess::start_with(
+        lab,
+        &agent_config(lab, "tcp_engine = \"io_uring\"", port),
+        &options,
+    )
+    .unwrap()
+}
+
 /// Writes to `stream` until a write has blocked for `stall` (the path behind it is
 /// full): the bytes written.
 fn fill(stream: &mut std::net::TcpStream, stall: Duration) -> u64 {
@@ -350,20 +357,7 @@ fn a_buffer_freed_by_a_connection_end_rearms_a_waiting_receive() {
     }
     let lab = Lab::new().unwrap();
     let listener = origin_listener(&lab, sa(ORIGIN_V4, 7408));
-    let options = AgentOptions {
-        env: vec![
-            ("FORWARDER_TCP_URING_BUFFERS".into(), "2".into()),
-            ("RUST_LOG".into(), "info,forwarder::tcp::uring=debug".into()),
-        ],
-        cpus: Some(vec![0]),
-        ..AgentOptions::default()
-    };
-    let agent = AgentProcess::start_with(
-        &lab,
-        &agent_config(&lab, "tcp_engine = \"io_uring\"", 7408),
-        &options,
-    )
-    .unwrap();
+    let agent = two_buffer_agent(&lab, 7408, Some(vec![0]));
     assert_eq!(
         threads(&agent).iter().filter(|t| *t == "tcp-uring").count(),
         1,
