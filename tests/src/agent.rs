@@ -534,6 +534,22 @@ impl AgentProcess {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits until the agent's log (stderr) contains `text`, for at most
+    /// `timeout`; the error carries both outputs.
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(text) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "no {text:?} in the agent's log within {timeout:?}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Both outputs, labelled, for error messages.
     pub fn logs(&self) -> String {
         format!(

@@ -278,15 +278,7 @@ fn sighup_applies_a_new_config_and_keeps_the_old_one_on_error() {
         ))
         .unwrap();
     agent.sighup();
-    let deadline = std::time::Instant::now() + COUNT_TIMEOUT;
-    while !agent.stderr().contains("reload rejected") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no 'reload rejected' in the log\n{}",
-            agent.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.wait_log("reload rejected", COUNT_TIMEOUT).unwrap();
     assert!(
         agent.is_running(),
         "an invalid reload must not stop the agent"

@@ -389,15 +389,9 @@ fn a_buffer_freed_by_a_connection_end_rearms_a_waiting_receive() {
     let mut client_y = client_connect(&lab, sa(EDGE_CLIENT_V4, 7408), WAIT).unwrap();
     client_y.write_all(&[7u8; 1000]).unwrap();
     client_y.shutdown(Shutdown::Write).unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    while !agent.logs().contains("a receive waits for one") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "Y's receive never waited: {}",
-            agent.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent
+        .wait_log("a receive waits for one", WAIT)
+        .expect("Y's receive waits for a buffer");
     // X's client resets: X ends, and both buffers come back.
     set_linger_zero(&client_x);
     drop(client_x);

@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use forwarder::config::{Config, XdpMode};
 use forwarder::datapath::test_run::{TestRunOptions, test_run_xdp};
-use forwarder::datapath::{Datapath, PROG_XDP, PROG_XDP_PASS, Plan};
+use forwarder::datapath::{Datapath, PROG_XDP, PROG_XDP_PASS, Plan, ifindex};
 use forwarder::route::{keep_neighbour_resolved, route_to};
 use forwarder::tcp::fastpath::splice_entries;
 use forwarder_tests::xdp_wires::{self, SplicePorts, splice_legs};
@@ -496,18 +496,13 @@ impl Scenario for XdpCost {
             datapath.attach_xdp(&ec, XdpMode::Driver)?;
             datapath.attach_xdp(&eo, XdpMode::Driver)?;
             // The spliced connection of the tcp-splice branches.
-            let index = |name: &str| {
-                std::ffi::CString::new(name)
-                    // SAFETY: a NUL-terminated name.
-                    .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
-            };
             let ports = SplicePorts {
                 client: CLIENT_PORT,
                 edge: SPLICE_PORT,
                 local: SPLICE_LOCAL_PORT,
                 origin: SPLICE_PORT,
             };
-            let (client, origin) = splice_legs(&xdp_wires::V4, ports, index(&ec)?, index(&eo)?);
+            let (client, origin) = splice_legs(&xdp_wires::V4, ports, ifindex(&ec)?, ifindex(&eo)?);
             datapath.insert_splice(&splice_entries(&client, &origin, 0))?;
             Ok(datapath)
         })??;

@@ -111,19 +111,11 @@ impl Netns {
     /// Four instructions (`raw_bpf::redirect`): the lab's wiring is not part of the
     /// forwarder's object.
     pub fn attach_xdp_redirect(&self, ifname: &str, target: &str) -> Result<XdpStub> {
-        let ifname_c = std::ffi::CString::new(ifname)?;
-        let target_c = std::ffi::CString::new(target)?;
         let attached = self.run_in(|| -> Result<Attached> {
-            // SAFETY: NUL-terminated names.
-            let (from, to) = unsafe {
-                (
-                    libc::if_nametoindex(ifname_c.as_ptr()),
-                    libc::if_nametoindex(target_c.as_ptr()),
-                )
-            };
-            if from == 0 || to == 0 {
-                bail!("no interface {ifname} or {target} in {}", self.name());
-            }
+            let (from, to) = (
+                forwarder::datapath::ifindex(ifname)?,
+                forwarder::datapath::ifindex(target)?,
+            );
             let prog = raw_bpf::redirect(to).context("loading the lab wire's redirect")?;
             let link = prog
                 .attach(from)

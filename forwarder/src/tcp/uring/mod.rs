@@ -511,7 +511,8 @@ struct Ring {
     /// After `ring` (fields drop in order): the kernel's ring must go first.
     buffers: Buffers,
     /// Directions whose receive found no buffer (all in use, at the limit): their
-    /// receive is rearmed as buffers come back.
+    /// receive is rearmed at the end of a loop turn with free buffers
+    /// (`rearm_starved`).
     starved: VecDeque<(usize, Side)>,
     /// Entries for the next submission.
     queue: Vec<squeue::Entry>,
